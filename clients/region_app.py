@@ -1,0 +1,131 @@
+"""The region ClientApp: one per SuperNode, training only on that region's resident data.
+
+Deployment: the SuperNode says who it is,
+`flower-supernode ... --node-config "region='ap-chengdu' data-dir='/data/chengdu'"`.
+Simulation: the partition id indexes the region list the server sends, and the
+data lives in `<data-root>/<region>/` (the split tool's layout).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from cloudless_fl import protocol
+from cloudless_fl.data import ResidentData, check_labels, load_resident
+from cloudless_fl.errors import ConfigError, DataError
+from cloudless_fl.models import build_model
+from cloudless_fl.training import accumulate_gradient, evaluate, local_sgd, make_batches
+
+
+def make_client_app(data_root: str | Path | None = None, data_format: str = "auto") -> ClientApp:
+    """Build the region ClientApp; `data_root` holds `<region>/` folders in simulation."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records[protocol.CONFIG]
+        region, data = _resident(context, config, data_root, data_format)
+        spec = protocol.ModelSpec.from_config(config)
+        order = protocol.WorkOrder.from_config(config)
+        check_labels(data.train.y, spec.num_classes, f"region {region}")
+        model = build_model(spec.name, data.input_shape, spec.num_classes, **spec.options)
+        model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+        batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed,
+                               offset=order.start_position(len(data.train)),
+                               samples=order.samples(len(data.train)))
+        if order.mode == protocol.MODE_GRADIENT:
+            grads, stats = accumulate_gradient(model, data.train, batches)
+            arrays = ArrayRecord({k: v.numpy() for k, v in grads.items()})
+        else:
+            start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            stats = local_sgd(model, data.train, batches, lr=order.lr)
+            if order.mode == protocol.MODE_DELTA:
+                arrays = ArrayRecord({k: (start[k] - v).numpy() for k, v in model.state_dict().items()})
+            else:
+                arrays = ArrayRecord(model.state_dict())
+        metrics = MetricRecord({
+            "num-examples": stats.samples,
+            "steps": stats.steps,
+            "compute-seconds": stats.compute_seconds,
+            "train-loss": stats.loss,
+            "model-version": order.version,
+        })
+        info = ConfigRecord({"region": region})
+        return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_local(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records[protocol.CONFIG]
+        region, data = _resident(context, config, data_root, data_format)
+        if data.test is None:
+            raise DataError(f"region {region} holds no local test data (x_test/y_test); rely on central evaluation")
+        spec = protocol.ModelSpec.from_config(config)
+        check_labels(data.test.y, spec.num_classes, f"region {region} test data")
+        model = build_model(spec.name, data.input_shape, spec.num_classes, **spec.options)
+        model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+        loss, acc = evaluate(model, data.test)
+        metrics = MetricRecord({"num-examples": len(data.test), "loss": loss, "accuracy": acc})
+        return Message(RecordDict({protocol.METRICS: metrics, protocol.INFO: ConfigRecord({"region": region})}),
+                       reply_to=msg)
+
+    return app
+
+
+def locate_region(context: Context, config: ConfigRecord, data_root: str | Path | None) -> tuple[str, Path]:
+    """Work out which region this SuperNode is and where its resident data lies."""
+    regions = [r for r in str(config.get("regions", "")).split(",") if r]
+    node = context.node_config
+    if "region" in node:
+        region = str(node["region"])
+        if regions and region not in regions:
+            raise ConfigError(
+                f"node config names region {region!r}, which is not in the topology ({', '.join(regions)}); "
+                "fix --node-config \"region='...'\" on this SuperNode"
+            )
+        if "data-dir" in node:
+            return region, Path(str(node["data-dir"]))
+    elif "partition-id" in node:
+        pid = int(node["partition-id"])
+        if not 0 <= pid < len(regions):
+            raise ConfigError(
+                f"simulation partition {pid} has no region: the topology has {len(regions)} regions; "
+                "run as many SuperNodes as regions"
+            )
+        region = regions[pid]
+    else:
+        raise ConfigError("this SuperNode has no region; start it with --node-config \"region='...' data-dir='...'\"")
+    if data_root is None:
+        data_root = _data_root_from_run_config(context)
+    if data_root is None:
+        raise DataError(f"region {region} has no data-dir; set --node-config \"data-dir='/path'\" on its SuperNode")
+    return region, Path(data_root) / region
+
+
+def _resident(context: Context, config: ConfigRecord, data_root, data_format: str) -> tuple[str, ResidentData]:
+    region, data_dir = locate_region(context, config, data_root)
+    return region, _load_cached(str(data_dir), data_format)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(data_dir: str, data_format: str) -> ResidentData:
+    torch.set_num_threads(1)  # regions share the machine's cores in simulation
+    return load_resident(data_dir, data_format)
+
+
+def _data_root_from_run_config(context: Context) -> Path | None:
+    """Under `flwr run .` the run-config names the dataset; its split lives in the cache."""
+    if not context.run_config:
+        return None
+    from cloudless_fl.config import config_from_run_config, prepare_data
+
+    cfg = config_from_run_config(context.run_config)
+    return prepare_data(cfg).root
+
+
+app = make_client_app()

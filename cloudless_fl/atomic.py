@@ -1,0 +1,29 @@
+"""Write-then-rename, so a reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def atomic_write(file: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write` on a temporary file beside `file`, then rename it into place."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(file: str | Path, text: str) -> None:
+    atomic_write(file, lambda fh: fh.write(text.encode()))

@@ -1,0 +1,63 @@
+"""`cloudless-fl <command>`: run (Hydra), data split."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: cloudless-fl <command> [args]
+
+commands:
+  run [hydra overrides...]   run an experiment (e.g. strategy=fedavg topology=geo4 seed=2)
+  data split --out DIR ...   write per-region shards (see `cloudless-fl data split -h`)
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from .run import hydra_main
+
+        sys.argv = [sys.argv[0], *rest]
+        hydra_main()
+    elif command == "data":
+        data_command(rest)
+    else:
+        raise SystemExit(f"unknown command {command!r}\n\n{USAGE}")
+
+
+def data_command(argv: list[str]) -> None:
+    from .config import compose, topology_of
+    from .data import load_source, split_dataset
+    from .errors import CloudlessError
+    from .topology import load_topology
+
+    parser = argparse.ArgumentParser(prog="cloudless-fl data")
+    sub = parser.add_subparsers(dest="action", required=True)
+    split = sub.add_parser("split", help="write <out>/<region>/train.npz and <out>/test.npz")
+    split.add_argument("--out", required=True, help="output folder")
+    split.add_argument("--topology", default="geo4", help="preset name or topology YAML path (data shares)")
+    split.add_argument("--source", default="digits", help="digits, npz, mnist, fashionmnist, cifar10, imagefolder")
+    split.add_argument("--root", default=None, help="where the source dataset lies (not needed for digits)")
+    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--test-fraction", type=float, default=0.2)
+    split.add_argument("--test-seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if args.topology.endswith((".yaml", ".yml")):
+            topology = load_topology(args.topology)
+        else:
+            topology = topology_of(compose([f"topology={args.topology}"]))
+        sizes = split_dataset(load_source(args.source, args.root), topology.shares(), args.out,
+                              alpha=args.alpha, seed=args.seed, test_fraction=args.test_fraction,
+                              test_seed=args.test_seed)
+    except CloudlessError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for region, n in sizes.items():
+        print(f"{region}: {n} samples -> {args.out}/{region}/train.npz")
+    print(f"test split -> {args.out}/test.npz")

@@ -1,0 +1,143 @@
+"""From a Hydra config to what a run needs: topology, data layout, validated options.
+
+Hydra composes the config (`conf/`); this module resolves the parts Hydra cannot:
+a topology or dataset given as a file path, the on-disk split of the data, and
+the `flwr run .` run-config keys, which map onto the same Hydra config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from .data import Arrays, load_npz, load_source, read_manifest, split_dataset
+from .errors import ConfigError, DataError
+from .topology import Topology, load_topology
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ENGINES = ("simulation", "inprocess")
+
+
+def conf_dir() -> Path:
+    """The directory holding Hydra's config groups (a source checkout or the installed package)."""
+    if CONF_DIR.is_dir():
+        return CONF_DIR
+    from importlib.resources import files
+
+    return Path(str(files("cloudless_fl.conf")))
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose the Hydra config outside a Hydra app (tests, `flwr run`, `plan`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"invalid config override: {exc}") from exc
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> DictConfig:
+    """Map `[tool.flwr.app.config]` keys (or `flwr run --run-config`) onto the Hydra config."""
+    overrides = []
+    for key in ("strategy", "topology", "dataset", "model"):
+        if key in run_config:
+            overrides.append(f"{key}={run_config[key]}")
+    if "seed" in run_config:
+        overrides.append(f"seed={run_config['seed']}")
+    if "num-rounds" in run_config:
+        overrides.append(f"strategy.num_rounds={run_config['num-rounds']}")
+    overrides += shlex.split(str(run_config.get("overrides", "")))
+    return compose(overrides)
+
+
+def topology_of(cfg: DictConfig) -> Topology:
+    """The run's topology: `topology_file` when set, else the `topology` group."""
+    if cfg.get("topology_file"):
+        return load_topology(cfg.topology_file)
+    return load_topology(OmegaConf.to_container(cfg.topology, resolve=True))
+
+
+def dataset_cfg(cfg: DictConfig) -> DictConfig:
+    """The run's dataset section: `dataset_file` when set, else the `dataset` group."""
+    if cfg.get("dataset_file"):
+        path = Path(cfg.dataset_file)
+        if not path.is_file():
+            raise ConfigError(f"dataset_file {path} does not exist; pass the path of a dataset YAML")
+        return OmegaConf.create(yaml.safe_load(path.read_text()))
+    return cfg.dataset
+
+
+def validate(cfg: DictConfig) -> None:
+    """Top-level keys, checked before anything starts."""
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"engine={cfg.engine!r} is unknown; use one of {', '.join(ENGINES)}")
+    if not 0 < float(cfg.target_accuracy) <= 1:
+        raise ConfigError(f"target_accuracy={cfg.target_accuracy} must be in (0, 1]")
+    if int(cfg.eval_every) < 1:
+        raise ConfigError(f"eval_every={cfg.eval_every} must be ≥ 1")
+
+
+@dataclass
+class DataLayout:
+    """Where each region's resident data lies, and the coordinator's test set."""
+
+    root: Path
+    test: Arrays
+    num_classes: int
+    region_sizes: dict[str, int] | None  # known when the split tool wrote the folder
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.test.x.shape[1:])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLOUDLESS_FL_CACHE", Path.home() / ".cache" / "cloudless-fl"))
+
+
+def prepare_data(cfg: DictConfig) -> DataLayout:
+    """Resolve (and, for a source dataset, write once into the cache) the per-region split."""
+    ds = dataset_cfg(cfg)
+    topology = topology_of(cfg)
+    if ds.source == "presplit":
+        if ds.get("root") in (None, "???") or OmegaConf.is_missing(ds, "root"):
+            raise ConfigError("dataset=npz needs dataset.root=<folder with one sub-folder per region and test.npz>")
+        root = Path(ds.root)
+        missing = [r for r in topology.region_names if not (root / r).exists()]
+        if missing:
+            raise DataError(
+                f"{root} has no folder for region(s) {', '.join(missing)}; its sub-folders must match "
+                f"the topology's regions ({', '.join(topology.region_names)})"
+            )
+    else:
+        if OmegaConf.is_missing(ds, "root"):
+            raise ConfigError(f"dataset={ds.name} needs dataset.root=<folder holding the {ds.name} files>")
+        split = dict(ds.split)
+        key = json.dumps({"source": ds.source, "root": str(Path(ds.root).resolve()) if ds.root else None,
+                          "shares": topology.shares(), **split}, sort_keys=True)
+        root = cache_dir() / "splits" / f"{ds.source}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        if read_manifest(root) is None:
+            split_dataset(load_source(ds.source, ds.root), topology.shares(), root, **split)
+    test_file = root / "test.npz"
+    if not test_file.is_file():
+        raise DataError(f"{root} has no test.npz for central evaluation; write one (x, y) or use the split tool")
+    test, _ = load_npz(test_file)
+    num_classes = int(ds.num_classes) if ds.get("num_classes") else int(np.max(test.y)) + 1
+    manifest = read_manifest(root)
+    return DataLayout(root=root, test=test, num_classes=num_classes,
+                      region_sizes=dict(manifest["regions"]) if manifest else None)

@@ -1,0 +1,196 @@
+"""Time and price of work in a topology: the one model every strategy is charged by.
+
+A job on region r = download the model + compute + upload the reply. Compute
+takes `samples / (s_r * n_r * eta_r)` seconds times a seeded jitter; transfers
+take latency plus bits over the link's bandwidth at that time. The `Ledger`
+accumulates what was spent, per region:
+
+- `instance` billing: every rented worker is paid for all the time it is held,
+  idle (waiting at a barrier) included;
+- `serverless` billing: busy (compute) worker-seconds plus a cold-start charge
+  per invocation;
+- egress: bytes leaving a region, at that region's price; free inside one region.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bandwidth import FluctuatingBandwidth, TraceBandwidth, transfer_seconds
+from .topology import Region, Topology
+
+UP, DOWN = "up", "down"  # up: region → coordinator; down: coordinator → region
+COMPUTE_JITTER_SIGMA = 0.05
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    """When a job's phases happen, in seconds of (virtual) time."""
+
+    start: float
+    download_s: float
+    compute_s: float
+    upload_s: float
+
+    @property
+    def end(self) -> float:
+        return self.start + self.download_s + self.compute_s + self.upload_s
+
+
+class CostModel:
+    """Modelled durations and prices for one topology and seed.
+
+    Parameters
+    ----------
+    topology : Topology
+        Region profiles and links.
+    seed : int
+        Seeds bandwidth fluctuation and compute jitter: same seed, same figures.
+    compute_jitter : float
+        Lognormal sigma of the per-job compute-time jitter.
+    """
+
+    def __init__(self, topology: Topology, seed: int, compute_jitter: float = COMPUTE_JITTER_SIGMA) -> None:
+        self.topology = topology
+        self.seed = int(seed)
+        self.compute_jitter = compute_jitter
+        self._links = {}
+        for r in topology.regions:
+            for direction, mbps in ((UP, r.link.up_mbps), (DOWN, r.link.down_mbps)):
+                self._links[r.name, direction] = (
+                    TraceBandwidth.from_csv(r.link.trace) if r.link.trace
+                    else FluctuatingBandwidth(mbps, topology.fluctuation, seed, f"{r.name}/{direction}")
+                )
+
+    def crosses_wan(self, region: str) -> bool:
+        """Whether traffic between `region` and the coordinator leaves a region."""
+        return region != self.topology.coordinator and not self.topology.free_communication
+
+    def bandwidth_mbps(self, region: str, t: float, direction: str = DOWN) -> float:
+        return self._links[region, direction].segment(t)[0]
+
+    def transfer_seconds(self, region: str, start: float, nbytes: int, direction: str) -> float:
+        if self.topology.free_communication:
+            return 0.0
+        latency = self.topology.region(region).link.latency_ms / 1000.0
+        return transfer_seconds(self._links[region, direction], start, nbytes, latency)
+
+    def throughput(self, region: str, workers: int) -> float:
+        """Samples per second of `workers` workers in `region`."""
+        r = self.topology.region(region)
+        return r.samples_per_s * workers * r.efficiency
+
+    def compute_seconds(self, region: str, samples: int, workers: int, job_id: int) -> float:
+        base = samples / self.throughput(region, workers)
+        if self.compute_jitter == 0:
+            return base
+        rng = np.random.default_rng([self.seed, zlib.crc32(region.encode()), job_id])
+        return base * math.exp(self.compute_jitter * rng.standard_normal())
+
+    def job(self, region: str, start: float, *, bytes_down: int, samples: int, bytes_up: int,
+            workers: int, job_id: int) -> JobTiming:
+        """Timing of a job dispatched at `start`: download, compute, upload in sequence."""
+        down = self.transfer_seconds(region, start, bytes_down, DOWN)
+        compute = self.compute_seconds(region, samples, workers, job_id)
+        up = self.transfer_seconds(region, start + down + compute, bytes_up, UP)
+        return JobTiming(start, down, compute, up)
+
+    def egress_usd(self, region: str, nbytes: int, direction: str) -> float:
+        """Egress fee of a transfer: charged by the region the bytes leave."""
+        if not self.crosses_wan(region):
+            return 0.0
+        payer = self.topology.region(region if direction == UP else self.topology.coordinator)
+        return nbytes / 1e9 * payer.egress_usd_per_gb
+
+
+@dataclass
+class RegionAccount:
+    """What one region used and paid so far."""
+
+    workers: int = 1
+    held_until: float = 0.0
+    held_worker_s: float = 0.0
+    busy_worker_s: float = 0.0
+    busy_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    wan_bytes: int = 0
+    egress_usd: float = 0.0
+    instance_usd: float = 0.0
+    serverless_usd: float = 0.0
+    invocations: int = 0
+
+    @property
+    def idle_s(self) -> float:
+        return max(0.0, self.held_worker_s / max(self.workers, 1) - self.busy_s)
+
+    @property
+    def utilization(self) -> float:
+        return self.busy_worker_s / self.held_worker_s if self.held_worker_s > 0 else 0.0
+
+
+@dataclass
+class Ledger:
+    """Accumulates $ compute (both billings), $ egress, bytes, busy and held time per region."""
+
+    cost_model: CostModel
+    accounts: dict[str, RegionAccount] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for r in self.cost_model.topology.regions:
+            self.accounts.setdefault(r.name, RegionAccount(workers=r.workers_min))
+
+    def _region(self, name: str) -> Region:
+        return self.cost_model.topology.region(name)
+
+    def set_workers(self, region: str, workers: int, at: float) -> None:
+        """Change how many workers `region` rents from time `at` on."""
+        self.hold_until(at)
+        self.accounts[region].workers = workers
+
+    def hold_until(self, t: float) -> None:
+        """Bill every region's rented workers (instance billing) up to time `t`."""
+        for name, acc in self.accounts.items():
+            if t > acc.held_until:
+                worker_s = (t - acc.held_until) * acc.workers
+                acc.held_worker_s += worker_s
+                acc.instance_usd += worker_s * self._region(name).usd_per_worker_hour / 3600.0
+                acc.held_until = t
+
+    def record_job(self, region: str, compute_s: float, bytes_down: int, bytes_up: int) -> None:
+        """Charge one job: busy time, serverless invocation, bytes and egress."""
+        acc = self.accounts[region]
+        r = self._region(region)
+        acc.busy_s += compute_s
+        acc.busy_worker_s += compute_s * acc.workers
+        acc.serverless_usd += compute_s * acc.workers * r.usd_per_worker_hour / 3600.0 + r.cold_start_usd
+        acc.invocations += 1
+        acc.bytes_down += bytes_down
+        acc.bytes_up += bytes_up
+        cm = self.cost_model
+        if cm.crosses_wan(region):
+            acc.wan_bytes += bytes_down + bytes_up
+        acc.egress_usd += cm.egress_usd(region, bytes_down, DOWN) + cm.egress_usd(region, bytes_up, UP)
+
+    @property
+    def wan_bytes(self) -> int:
+        return sum(a.wan_bytes for a in self.accounts.values())
+
+    def cost_usd(self) -> dict[str, float]:
+        """Total cost so far under each billing mode (compute + egress)."""
+        egress = sum(a.egress_usd for a in self.accounts.values())
+        return {
+            "instance": sum(a.instance_usd for a in self.accounts.values()) + egress,
+            "serverless": sum(a.serverless_usd for a in self.accounts.values()) + egress,
+        }
+
+    def breakdown(self) -> dict[str, float]:
+        return {
+            "compute_instance": sum(a.instance_usd for a in self.accounts.values()),
+            "compute_serverless": sum(a.serverless_usd for a in self.accounts.values()),
+            "egress": sum(a.egress_usd for a in self.accounts.values()),
+        }

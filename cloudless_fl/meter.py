@@ -1,0 +1,110 @@
+"""The `Meter`: what strategies call to have each job timed and charged.
+
+It joins a `Clock` (modelled or measured time), a `CostModel` and a `Ledger`.
+Without a topology it still measures time and bytes, and reports no cost — so a
+strategy dropped into a plain Flower project works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord
+
+from .clock import Clock, VirtualClock, WallClock
+from .costmodel import CostModel, JobTiming, Ledger
+from .topology import Topology
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes an ArrayRecord puts on the wire (serialised array payloads)."""
+    return sum(len(a.data) for a in record.values())
+
+
+@dataclass
+class Job:
+    """One dispatched unit of work, with its modelled timing when a topology is known."""
+
+    region: str
+    job_id: int
+    dispatched_at: float
+    bytes_down: int
+    timing: JobTiming | None = None
+
+
+class Meter:
+    """Times and charges jobs.
+
+    Parameters
+    ----------
+    clock : Clock
+        `VirtualClock` in simulation, `WallClock` in deployment.
+    cost_model : CostModel, optional
+        Prices and modelled durations; None means time and bytes only.
+    """
+
+    def __init__(self, clock: Clock, cost_model: CostModel | None = None) -> None:
+        if clock.modelled and cost_model is None:
+            raise ValueError("a VirtualClock needs a cost model to tell it how long jobs take")
+        self.clock = clock
+        self.cost_model = cost_model
+        self.ledger = Ledger(cost_model) if cost_model else None
+        self._job_counts: dict[str, int] = defaultdict(int)
+        self.wan_bytes_unpriced = 0  # bytes moved when there is no topology to price them
+
+    @classmethod
+    def simulated(cls, topology: Topology, seed: int) -> "Meter":
+        return cls(VirtualClock(), CostModel(topology, seed))
+
+    @classmethod
+    def measured(cls, topology: Topology | None = None, seed: int = 0) -> "Meter":
+        return cls(WallClock(), CostModel(topology, seed) if topology else None)
+
+    def workers(self, region: str) -> int:
+        return self.ledger.accounts[region].workers if self.ledger else 1
+
+    def set_workers(self, region: str, workers: int) -> None:
+        if self.ledger:
+            self.ledger.set_workers(region, workers, self.clock.now())
+
+    def dispatch(self, region: str, *, bytes_down: int, samples: int | None = None,
+                 at: float | None = None) -> Job:
+        """Start a job now (or at `at`); with `samples` known its modelled end is fixed at once."""
+        job_id = self._job_counts[region]
+        self._job_counts[region] += 1
+        job = Job(region, job_id, self.clock.now() if at is None else at, bytes_down)
+        if samples is not None and self.cost_model:
+            job.timing = self._model(job, samples, bytes_up=bytes_down)
+        return job
+
+    def complete(self, job: Job, *, bytes_up: int, samples: int, compute_s: float) -> float:
+        """Finish `job` (reported `samples`, measured `compute_s`); charge it; return its end time."""
+        if self.cost_model and job.timing is None:
+            job.timing = self._model(job, samples, bytes_up=bytes_up)
+        end = self.clock.finish(job)
+        if self.ledger:
+            busy = job.timing.compute_s if self.clock.modelled else compute_s
+            self.ledger.record_job(job.region, busy, job.bytes_down, bytes_up)
+            self.ledger.hold_until(self.clock.now())
+        else:
+            self.wan_bytes_unpriced += job.bytes_down + bytes_up
+        return end
+
+    def _model(self, job: Job, samples: int, bytes_up: int) -> JobTiming:
+        return self.cost_model.job(job.region, job.dispatched_at, bytes_down=job.bytes_down, samples=samples,
+                                   bytes_up=bytes_up, workers=self.workers(job.region), job_id=job.job_id)
+
+    def figures(self) -> dict:
+        """Time, cost and WAN bytes so far, in the `results.json` history shape."""
+        now = self.clock.now()
+        if not self.ledger:
+            return {"time_s": now, "cost_usd": None, "wan_bytes": self.wan_bytes_unpriced}
+        self.ledger.hold_until(now)
+        return {"time_s": now, "cost_usd": self.ledger.cost_usd(), "wan_bytes": self.ledger.wan_bytes}
+
+    def utilization(self) -> dict[str, float] | None:
+        if not self.ledger:
+            return None
+        self.ledger.hold_until(self.clock.now())
+        return {name: acc.utilization for name, acc in self.ledger.accounts.items()}

@@ -1,0 +1,104 @@
+"""The message contract between the control plane and a region's ClientApp.
+
+Server → region (ConfigRecord "config"): which model to build, how much local
+work, at which stream offset, and in which mode. Region → server: ArrayRecord
+"arrays" (weights, or a gradient in `gradient` mode), MetricRecord "metrics"
+and ConfigRecord "info" (the region's name: MetricRecords hold numbers only).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Message
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"
+
+# Local-work modes a train message can ask for.
+MODE_WEIGHTS = "weights"  # local SGD; reply with the new weights (FedAvg, MA)
+MODE_GRADIENT = "gradient"  # accumulate gradients at the sent weights; reply with them (ASGD-GA)
+MODE_DELTA = "delta"  # local SGD; reply with sent - new weights (ASGD-GA delta option)
+MODES = (MODE_WEIGHTS, MODE_GRADIENT, MODE_DELTA)
+
+
+@dataclass
+class ModelSpec:
+    """Enough for a region to rebuild the global model's architecture."""
+
+    name: str
+    num_classes: int
+    options: dict[str, Any]
+
+    def to_config(self) -> dict[str, Any]:
+        return {"model": self.name, "num-classes": self.num_classes, "model-options": json.dumps(self.options)}
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "ModelSpec":
+        return cls(str(config["model"]), int(config["num-classes"]), json.loads(str(config.get("model-options", "{}"))))
+
+
+@dataclass
+class WorkOrder:
+    """One job's local work. Exactly one of `steps` / `epochs` is set."""
+
+    lr: float
+    batch_size: int
+    mode: str = MODE_WEIGHTS
+    steps: int | None = None
+    epochs: float | None = None
+    offset: int | None = None  # position in the region's sample stream; None: from the round
+    round: int | None = None  # Flower's "server-round", set by synchronous strategies
+    data_seed: int = 0
+    version: int = 0  # model version the job starts from
+
+    def to_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"lr": float(self.lr), "batch-size": int(self.batch_size), "mode": self.mode,
+                               "data-seed": int(self.data_seed), "model-version": int(self.version)}
+        if self.offset is not None:
+            cfg["sample-offset"] = int(self.offset)
+        if self.steps is not None:
+            cfg["local-steps"] = int(self.steps)
+        if self.epochs is not None:
+            cfg["local-epochs"] = float(self.epochs)
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "WorkOrder":
+        mode = str(config.get("mode", MODE_WEIGHTS))
+        if mode not in MODES:
+            raise ValueError(f"unknown local-work mode {mode!r}; expected one of {', '.join(MODES)}")
+        steps = config.get("local-steps")
+        epochs = config.get("local-epochs")
+        if steps is None and epochs is None:
+            epochs = 1.0
+        return cls(lr=float(config["lr"]), batch_size=int(config["batch-size"]), mode=mode,
+                   steps=None if steps is None else int(steps), epochs=None if epochs is None else float(epochs),
+                   offset=int(config["sample-offset"]) if "sample-offset" in config else None,
+                   round=int(config["server-round"]) if "server-round" in config else None,
+                   data_seed=int(config.get("data-seed", 0)),
+                   version=int(config.get("model-version", 0)))
+
+    def samples(self, n_resident: int) -> int:
+        """How many stream positions the job consumes on a region holding `n_resident` samples."""
+        if self.steps is not None:
+            return self.steps * self.batch_size
+        return max(1, round(float(self.epochs) * n_resident))
+
+    def start_position(self, n_resident: int) -> int:
+        """Where in the stream the job starts. Synchronous Flower strategies send every
+        node the same config, so their round r continues where round r-1 stopped."""
+        if self.offset is not None:
+            return self.offset
+        return (max(self.round or 1, 1) - 1) * self.samples(n_resident)
+
+
+def reply_region(msg: Message) -> str | None:
+    """The region a reply came from, if it said."""
+    if msg.has_error() or INFO not in msg.content.config_records:
+        return None
+    return str(msg.content.config_records[INFO].get("region"))

@@ -1,0 +1,98 @@
+"""A run's history and its `results.json` (the contract in DESIGN.md).
+
+`History` collects one entry per round (sync) or model version (async) plus the
+counters strategies keep (rejected updates, stale drops, lost regions,
+staleness). `summarize` derives the figures users compare: time-, cost- and
+WAN-bytes-to-target, totals, utilisation, and the Ideal reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write_text
+
+
+@dataclass
+class History:
+    """Entries in the contract's shape, plus run counters."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    counters: Counter = field(default_factory=Counter)
+    staleness: Counter = field(default_factory=Counter)
+    events: list[dict[str, Any]] = field(default_factory=list)  # region lost/back, plan changes
+    listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list, repr=False)
+
+    def record(self, version: int, figures: dict[str, Any], samples: int,
+               accuracy: float | None = None, loss: float | None = None) -> dict[str, Any]:
+        entry = {"version": int(version), **figures, "samples": int(samples),
+                 "accuracy": accuracy, "loss": loss}
+        self.entries.append(entry)
+        for listener in self.listeners:
+            listener(entry)
+        return entry
+
+    def event(self, kind: str, time_s: float, **details: Any) -> None:
+        self.events.append({"event": kind, "time_s": time_s, **details})
+
+
+def first_reaching(entries: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    return next((e for e in entries if e.get("accuracy") is not None and e["accuracy"] >= target), None)
+
+
+def summarize(history: History, target: float, utilization: dict[str, float] | None,
+              ideal_samples_per_s: float | None) -> dict[str, Any]:
+    """The contract's `summary`, plus the Ideal reference for the same samples."""
+    entries = history.entries
+    evaluated = [e for e in entries if e.get("accuracy") is not None]
+    hit = first_reaching(entries, target)
+    last = entries[-1] if entries else {"time_s": 0.0, "cost_usd": None, "wan_bytes": 0, "samples": 0}
+    ideal = None
+    if ideal_samples_per_s:
+        ideal = {
+            "samples_per_s": ideal_samples_per_s,
+            "time_s": last["samples"] / ideal_samples_per_s,
+            "time_to_target_s": hit["samples"] / ideal_samples_per_s if hit else None,
+        }
+    return {
+        "target_accuracy": target,
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_accuracy": max((e["accuracy"] for e in evaluated), default=None),
+        "time_to_target_s": hit["time_s"] if hit else None,
+        "cost_to_target_usd": hit["cost_usd"] if hit else None,
+        "wan_bytes_to_target": hit["wan_bytes"] if hit else None,
+        "samples_to_target": hit["samples"] if hit else None,
+        "total_time_s": last["time_s"],
+        "total_cost_usd": last["cost_usd"],
+        "wan_bytes": last["wan_bytes"],
+        "samples": last["samples"],
+        "utilization": utilization,
+        "rejected_updates": int(history.counters.get("rejected_updates", 0)),
+        "dropped_stale": int(history.counters.get("dropped_stale", 0)),
+        "lost_regions": int(history.counters.get("lost_regions", 0)),
+        "staleness_histogram": {str(k): v for k, v in sorted(history.staleness.items())},
+        "ideal": ideal,
+    }
+
+
+def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `results.json` atomically; NaN/Inf become null so the file stays valid JSON."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(_finite(payload), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

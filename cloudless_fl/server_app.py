@@ -1,0 +1,156 @@
+"""The control plane's ServerApp: strategy from config, central evaluation, results.json.
+
+`run_experiment(grid, cfg, run_dir)` is the whole server side of a run; the
+Flower Simulation Engine, `InProcessGrid` and the Deployment Engine all call it
+through the ServerApp's main. `app` is what `flwr run .` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from omegaconf import DictConfig, OmegaConf
+
+from .config import DataLayout, config_from_run_config, prepare_data, topology_of
+from .errors import ConfigError
+from .meter import Meter
+from .models import build_model
+from .protocol import ModelSpec, WorkOrder
+from .results import History, summarize, write_results
+from .strategy import Metered
+from .topology import Topology
+from .training import evaluate
+
+log = logging.getLogger("cloudless_fl")
+STRATEGIES = ("fedavg",)
+NODE_WAIT_S = 300.0
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float = NODE_WAIT_S) -> list[int]:
+    """SuperNodes register asynchronously; wait until all `count` regions are there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {len(nodes)} of {count} regions' SuperNodes connected within {timeout:.0f} s; "
+                "start one SuperNode per region of the topology"
+            )
+        time.sleep(0.5)
+
+
+def central_evaluator(cfg: DictConfig, layout: DataLayout):
+    """`evaluate_fn` for Flower's start(): accuracy/loss of the global model on the coordinator's test set."""
+    model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, **cfg.model.options)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, layout.test)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    return evaluate_fn
+
+
+def make_meter(cfg: DictConfig, topology: Topology) -> Meter:
+    if cfg.clock == "virtual":
+        return Meter.simulated(topology, cfg.seed)
+    if cfg.clock == "wall":
+        return Meter.measured(topology, cfg.seed)
+    raise ConfigError(f"clock={cfg.clock!r} is unknown; use virtual (simulation) or wall (deployment)")
+
+
+def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int):
+    s = cfg.strategy
+    if s.name == "fedavg":
+        fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_regions,
+                        min_available_nodes=num_regions)
+        return Metered(fedavg, meter, eval_every=int(cfg.eval_every))
+    raise ConfigError(f"unknown strategy {s.name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run the configured strategy on `grid` and write `<run_dir>/results.json`."""
+    topology = topology_of(cfg)
+    layout = prepare_data(cfg)
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, seed=int(cfg.seed),
+                        **cfg.model.options)
+    spec = ModelSpec(cfg.model.name, layout.num_classes, OmegaConf.to_container(cfg.model.options))
+    work = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),
+                     epochs=float(cfg.strategy.local_epochs), data_seed=int(cfg.seed))
+    train_config = ConfigRecord({**spec.to_config(), **work.to_config(), "regions": ",".join(topology.region_names)})
+    wait_for_nodes(grid, len(topology.regions))
+    meter = make_meter(cfg, topology)
+    strategy = build_strategy(cfg, meter, len(topology.regions))
+    if cfg.progress:
+        strategy.history.listeners.append(progress_printer(cfg))
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                            num_rounds=int(cfg.strategy.num_rounds), train_config=train_config,
+                            evaluate_fn=central_evaluator(cfg, layout))
+    del result  # the history holds what results.json needs
+    payload = results_payload(cfg, strategy.history, meter)
+    write_results(Path(run_dir) / "results.json", payload)
+    return payload
+
+
+def results_payload(cfg: DictConfig, history: History, meter: Meter) -> dict[str, Any]:
+    cm = meter.cost_model
+    ideal = sum(cm.throughput(r.name, meter.workers(r.name)) for r in cm.topology.regions) if cm else None
+    summary = summarize(history, float(cfg.target_accuracy), meter.utilization(), ideal)
+    return {
+        "strategy": cfg.strategy.name,
+        "seed": int(cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "clock": cfg.clock,
+        "history": history.entries,
+        "summary": summary,
+        "costs": meter.ledger.breakdown() if meter.ledger else None,
+        "regions": _region_report(meter),
+        "events": history.events,
+    }
+
+
+def _region_report(meter: Meter) -> dict[str, Any] | None:
+    if not meter.ledger:
+        return None
+    return {
+        name: {"workers": a.workers, "busy_s": a.busy_s, "idle_s": a.idle_s, "utilization": a.utilization,
+               "bytes_up": a.bytes_up, "bytes_down": a.bytes_down, "egress_usd": a.egress_usd,
+               "instance_usd": a.instance_usd, "serverless_usd": a.serverless_usd, "jobs": a.invocations}
+        for name, a in meter.ledger.accounts.items()
+    }
+
+
+def progress_printer(cfg: DictConfig):
+    """One console line per recorded round/version."""
+    unit = "round" if cfg.strategy.name == "fedavg" else "version"
+
+    def show(entry: dict[str, Any]) -> None:
+        acc = "   -  " if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
+        cost = entry["cost_usd"]["instance"] if entry.get("cost_usd") else float("nan")
+        print(f"[{cfg.strategy.name}] {unit} {entry['version']:>4}  t={entry['time_s']:8.2f}s  "
+              f"acc={acc}  cost=${cost:.4f}  wan={entry['wan_bytes'] / 1e6:8.1f} MB", flush=True)
+
+    return show
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run .`: compose the Hydra config from the run-config and run it."""
+    cfg = config_from_run_config(dict(context.run_config))
+    run_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / time.strftime("%Y%m%d-%H%M%S")
+    payload = run_experiment(grid, cfg, run_dir)
+    log.info("results written to %s/results.json (final accuracy %s)", run_dir,
+             payload["summary"]["final_accuracy"])

@@ -1,0 +1,109 @@
+"""Local work on a region's resident data: SGD steps, gradient accumulation, evaluation.
+
+Which samples a job uses is a pure function of `(seed, offset, count)`: the data
+is read as an endless stream of seeded epoch permutations, and the server tells
+each job where in the stream it starts. Jobs are thus deterministic and stateless
+on the region side, and successive jobs cover the data epoch by epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Arrays
+
+
+@dataclass
+class WorkStats:
+    """What a job did, reported back to the server."""
+
+    samples: int
+    steps: int
+    loss: float
+    compute_seconds: float
+
+
+def sample_stream(n: int, seed: int, offset: int, count: int) -> np.ndarray:
+    """Indices `offset .. offset+count` of the stream perm(seed, 0) ++ perm(seed, 1) ++ ..."""
+    out = np.empty(count, dtype=np.int64)
+    filled, pos = 0, offset
+    while filled < count:
+        epoch, start = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[start : start + count - filled]
+        out[filled : filled + len(take)] = take
+        filled += len(take)
+        pos += len(take)
+    return out
+
+
+def make_batches(n: int, batch_size: int, *, seed: int, offset: int, samples: int) -> list[np.ndarray]:
+    """Cut `samples` stream positions from `offset` into mini-batches (last one may be short)."""
+    idx = sample_stream(n, seed, offset, samples)
+    return [idx[i : i + batch_size] for i in range(0, samples, batch_size)]
+
+
+def _tensors(data: Arrays, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(data.x[rows]), torch.from_numpy(data.y[rows])
+
+
+def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: float,
+              momentum: float = 0.0) -> WorkStats:
+    """Run one SGD step per batch on `model` in place."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    start, total, seen = time.perf_counter(), 0.0, 0
+    for rows in batches:
+        x, y = _tensors(data, rows)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(rows)
+        seen += len(rows)
+    return WorkStats(seen, len(batches), total / max(seen, 1), time.perf_counter() - start)
+
+
+def accumulate_gradient(model: nn.Module, data: Arrays,
+                        batches: list[np.ndarray]) -> tuple[dict[str, torch.Tensor], WorkStats]:
+    """Gradient of the mean loss over all samples of all batches, at the model's weights.
+
+    Equal to the gradient on the concatenated batch: each batch contributes its
+    summed loss, and the total is divided by the number of samples once.
+    """
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    model.train()
+    model.zero_grad(set_to_none=True)
+    start, total = time.perf_counter(), 0.0
+    seen = sum(len(b) for b in batches)
+    for rows in batches:
+        x, y = _tensors(data, rows)
+        loss = loss_fn(model(x), y) / seen
+        loss.backward()
+        total += loss.item()
+    grads = {
+        name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+    }
+    return grads, WorkStats(seen, len(batches), total, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Arrays, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of `model` on `data`."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss, correct = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        x = torch.from_numpy(data.x[i : i + batch_size])
+        y = torch.from_numpy(data.y[i : i + batch_size])
+        out = model(x)
+        loss += float(loss_fn(out, y))
+        correct += int((out.argmax(1) == y).sum())
+    return loss / len(data), correct / len(data)
