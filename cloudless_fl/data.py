@@ -277,8 +277,10 @@ def dirichlet_assignment(
     rng = np.random.default_rng(seed)
     n = len(labels)
     names = list(shares)
-    quotas = np.floor(np.array([shares[r] for r in names]) * n).astype(int)
-    quotas[np.argmax(quotas)] += n - quotas.sum()
+    exact = np.array([shares[r] for r in names]) * n
+    quotas = np.floor(exact).astype(int)
+    for i in np.argsort(quotas - exact)[: n - quotas.sum()]:  # largest remainders get the leftovers
+        quotas[i] += 1
     classes = np.unique(labels)
     pool = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
     result: dict[str, np.ndarray] = {}

@@ -30,7 +30,7 @@ from .training import evaluate
 
 log = logging.getLogger("cloudless_fl")
 STRATEGIES = ("fedavg",)
-NODE_WAIT_S = 300.0
+NODE_WAIT_S = 120.0
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float = NODE_WAIT_S) -> list[int]:
@@ -43,7 +43,8 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = NODE_WAIT_S) -> list
         if time.monotonic() > deadline:
             raise ConfigError(
                 f"only {len(nodes)} of {count} regions' SuperNodes connected within {timeout:.0f} s; "
-                "start one SuperNode per region of the topology"
+                "start one SuperNode per region of the topology (under `flwr run .` in simulation: "
+                f"--federation-config \"num-supernodes={count}\")"
             )
         time.sleep(0.5)
 

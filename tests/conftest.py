@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated cache, a tiny 2-region topology, split digits data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+TWO_REGIONS = {
+    "name": "two",
+    "coordinator": "fast",
+    "fluctuation": {"window_s": 30, "sigma": 0.0},
+    "regions": {
+        "fast": {"workers": {"min": 1, "max": 2}, "samples_per_s": 1000, "efficiency": 1.0,
+                 "usd_per_worker_hour": 3.6, "egress_usd_per_gb": 0.1,
+                 "link": {"up_mbps": 1000, "down_mbps": 1000, "latency_ms": 0}, "data_share": 0.5},
+        "slow": {"workers": {"min": 1, "max": 2}, "samples_per_s": 100, "efficiency": 1.0,
+                 "usd_per_worker_hour": 1.8, "egress_usd_per_gb": 0.1,
+                 "link": {"up_mbps": 80, "down_mbps": 80, "latency_ms": 10}, "data_share": 0.5},
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Splits written by runs go to a per-session temp cache, never ~/.cache."""
+    monkeypatch.setenv("CLOUDLESS_FL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def two_region_topology(tmp_path) -> Path:
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(TWO_REGIONS))
+    return path
+
+
+def small_run_overrides(topology: Path, run_dir: Path | None = None, **extra) -> list[str]:
+    """A fast in-process run on two regions (small MLP, few rounds)."""
+    overrides = [f"topology_file={topology}", "engine=inprocess", "progress=false",
+                 "model.options.hidden=[64]", "strategy.num_rounds=3", "strategy.lr=0.1"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return overrides

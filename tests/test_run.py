@@ -1,0 +1,69 @@
+"""Whole runs (in-process engine): results.json contract, determinism, fail-fast input checks."""
+
+import json
+
+import pytest
+
+from cloudless_fl.config import compose
+from cloudless_fl.errors import ConfigError, DataError
+from cloudless_fl.run import run
+from conftest import small_run_overrides
+
+CONTRACT_SUMMARY = {"target_accuracy", "final_accuracy", "time_to_target_s", "cost_to_target_usd",
+                    "wan_bytes_to_target", "total_time_s", "total_cost_usd", "wan_bytes", "utilization",
+                    "rejected_updates", "dropped_stale"}
+CONTRACT_ENTRY = {"version", "time_s", "cost_usd", "wan_bytes", "accuracy", "loss"}
+
+
+def test_results_json_is_complete(two_region_topology, tmp_path):
+    cfg = compose(small_run_overrides(two_region_topology, target_accuracy=0.5))
+    run(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["strategy"] == "fedavg" and results["seed"] == 1
+    assert results["config"]["strategy"]["num_rounds"] == 3
+    assert [e["version"] for e in results["history"]] == [0, 1, 2, 3]
+    for entry in results["history"]:
+        assert CONTRACT_ENTRY <= set(entry)
+        assert set(entry["cost_usd"]) == {"instance", "serverless"}
+    summary = results["summary"]
+    assert CONTRACT_SUMMARY <= set(summary)
+    assert summary["final_accuracy"] > results["history"][0]["accuracy"]
+    assert set(summary["utilization"]) == {"fast", "slow"}
+    assert summary["total_time_s"] > 0 and summary["wan_bytes"] > 0
+    assert not list(tmp_path.glob(".results.json.*"))  # no temp file left behind
+
+
+def test_same_seed_same_figures(two_region_topology, tmp_path):
+    runs = []
+    for name in ("one", "two"):
+        cfg = compose(small_run_overrides(two_region_topology))
+        run(cfg, tmp_path / name)
+        runs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert runs[0]["history"] == runs[1]["history"]
+    cfg = compose(small_run_overrides(two_region_topology, seed=2))
+    run(cfg, tmp_path / "three")
+    other = json.loads((tmp_path / "three" / "results.json").read_text())
+    assert other["history"] != runs[0]["history"]
+
+
+def test_unknown_strategy_fails_before_training(two_region_topology, tmp_path):
+    cfg = compose(small_run_overrides(two_region_topology, **{"strategy.name": "fedsgd"}))
+    with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_presplit_folder_must_match_regions(two_region_topology, tmp_path):
+    (tmp_path / "data" / "fast").mkdir(parents=True)
+    cfg = compose(small_run_overrides(two_region_topology, dataset="npz", **{"dataset.root": tmp_path / "data"}))
+    with pytest.raises(DataError, match="no folder for region"):
+        run(cfg, tmp_path / "run")
+
+
+def test_presplit_npz_folder_runs(two_region_topology, tmp_path):
+    from cloudless_fl.data import load_source, split_dataset
+
+    split_dataset(load_source("digits"), {"fast": 0.3, "slow": 0.7}, tmp_path / "data")
+    cfg = compose(small_run_overrides(two_region_topology, dataset="npz", **{"dataset.root": tmp_path / "data"}))
+    payload = run(cfg, tmp_path / "run")
+    assert payload["summary"]["final_accuracy"] > 0.3
