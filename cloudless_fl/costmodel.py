@@ -25,6 +25,7 @@ from .topology import Region, Topology
 
 UP, DOWN = "up", "down"  # up: region → coordinator; down: coordinator → region
 COMPUTE_JITTER_SIGMA = 0.05
+_JITTER_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class CostModel:
         self.topology = topology
         self.seed = int(seed)
         self.compute_jitter = compute_jitter
+        self._jitter_blocks: dict[tuple[str, int], list[float]] = {}
         self._links = {}
         for r in topology.regions:
             for direction, mbps in ((UP, r.link.up_mbps), (DOWN, r.link.down_mbps)):
@@ -88,8 +90,16 @@ class CostModel:
         base = samples / self.throughput(region, workers)
         if self.compute_jitter == 0:
             return base
-        rng = np.random.default_rng([self.seed, zlib.crc32(region.encode()), job_id])
-        return base * math.exp(self.compute_jitter * rng.standard_normal())
+        return base * math.exp(self.compute_jitter * self._jitter_normal(region, job_id))
+
+    def _jitter_normal(self, region: str, job_id: int) -> float:
+        """Standard normal for (seed, region, job): drawn in seeded blocks, so cheap per job."""
+        block, i = divmod(job_id, _JITTER_BLOCK)
+        draws = self._jitter_blocks.get((region, block))
+        if draws is None:
+            rng = np.random.default_rng([self.seed, zlib.crc32(region.encode()), block])
+            draws = self._jitter_blocks[region, block] = rng.standard_normal(_JITTER_BLOCK).tolist()
+        return draws[i]
 
     def job(self, region: str, start: float, *, bytes_down: int, samples: int, bytes_up: int,
             workers: int, job_id: int) -> JobTiming:
@@ -116,6 +126,7 @@ class RegionAccount:
     held_worker_s: float = 0.0
     busy_worker_s: float = 0.0
     busy_s: float = 0.0
+    transfer_s: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
     wan_bytes: int = 0
@@ -126,7 +137,8 @@ class RegionAccount:
 
     @property
     def idle_s(self) -> float:
-        return max(0.0, self.held_worker_s / max(self.workers, 1) - self.busy_s)
+        """Held time spent neither computing nor transferring (waiting at a barrier, say)."""
+        return max(0.0, self.held_worker_s / max(self.workers, 1) - self.busy_s - self.transfer_s)
 
     @property
     def utilization(self) -> float:
@@ -141,6 +153,7 @@ class Ledger:
     accounts: dict[str, RegionAccount] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._prices = {r.name: r.usd_per_worker_hour for r in self.cost_model.topology.regions}
         for r in self.cost_model.topology.regions:
             self.accounts.setdefault(r.name, RegionAccount(workers=r.workers_min))
 
@@ -158,14 +171,15 @@ class Ledger:
             if t > acc.held_until:
                 worker_s = (t - acc.held_until) * acc.workers
                 acc.held_worker_s += worker_s
-                acc.instance_usd += worker_s * self._region(name).usd_per_worker_hour / 3600.0
+                acc.instance_usd += worker_s * self._prices[name] / 3600.0
                 acc.held_until = t
 
-    def record_job(self, region: str, compute_s: float, bytes_down: int, bytes_up: int) -> None:
-        """Charge one job: busy time, serverless invocation, bytes and egress."""
+    def record_job(self, region: str, compute_s: float, transfer_s: float, bytes_down: int, bytes_up: int) -> None:
+        """Charge one job: busy and transfer time, serverless invocation, bytes and egress."""
         acc = self.accounts[region]
         r = self._region(region)
         acc.busy_s += compute_s
+        acc.transfer_s += transfer_s
         acc.busy_worker_s += compute_s * acc.workers
         acc.serverless_usd += compute_s * acc.workers * r.usd_per_worker_hour / 3600.0 + r.cold_start_usd
         acc.invocations += 1

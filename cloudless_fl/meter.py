@@ -84,8 +84,12 @@ class Meter:
             job.timing = self._model(job, samples, bytes_up=bytes_up)
         end = self.clock.finish(job)
         if self.ledger:
-            busy = job.timing.compute_s if self.clock.modelled else compute_s
-            self.ledger.record_job(job.region, busy, job.bytes_down, bytes_up)
+            if self.clock.modelled:
+                busy, transfer = job.timing.compute_s, job.timing.download_s + job.timing.upload_s
+            else:
+                busy = compute_s
+                transfer = max(0.0, end - job.dispatched_at - compute_s)
+            self.ledger.record_job(job.region, busy, transfer, job.bytes_down, bytes_up)
             self.ledger.hold_until(self.clock.now())
         else:
             self.wan_bytes_unpriced += job.bytes_down + bytes_up

@@ -124,7 +124,8 @@ def _region_report(meter: Meter) -> dict[str, Any] | None:
     if not meter.ledger:
         return None
     return {
-        name: {"workers": a.workers, "busy_s": a.busy_s, "idle_s": a.idle_s, "utilization": a.utilization,
+        name: {"workers": a.workers, "busy_s": a.busy_s, "transfer_s": a.transfer_s, "idle_s": a.idle_s,
+               "utilization": a.utilization,
                "bytes_up": a.bytes_up, "bytes_down": a.bytes_down, "egress_usd": a.egress_usd,
                "instance_usd": a.instance_usd, "serverless_usd": a.serverless_usd, "jobs": a.invocations}
         for name, a in meter.ledger.accounts.items()

@@ -75,9 +75,12 @@ class Topology:
         return [r.name for r in self.regions]
 
     def region(self, name: str) -> Region:
-        for r in self.regions:
-            if r.name == name:
-                return r
+        by_name = self.__dict__.get("_by_name")
+        if by_name is None:  # frozen dataclass: cache the index without __setattr__
+            by_name = {r.name: r for r in self.regions}
+            object.__setattr__(self, "_by_name", by_name)
+        if name in by_name:
+            return by_name[name]
         raise ConfigError(
             f"unknown region {name!r} in topology {self.name!r}; "
             f"known regions: {', '.join(self.region_names)}"

@@ -1,0 +1,131 @@
+"""Cost and time formulas against hand-computed cases."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from cloudless_fl.bandwidth import FluctuatingBandwidth, TraceBandwidth, transfer_seconds
+from cloudless_fl.clock import VirtualClock, WallClock
+from cloudless_fl.config import compose, topology_of
+from cloudless_fl.costmodel import DOWN, UP, CostModel, Ledger
+from cloudless_fl.errors import ConfigError
+from cloudless_fl.meter import Job, Meter
+from cloudless_fl.topology import Fluctuation, load_topology
+from conftest import TWO_REGIONS
+
+
+def _topology(**changes):
+    raw = copy.deepcopy(TWO_REGIONS)
+    for region, fields in changes.items():
+        raw["regions"][region].update(fields)
+    return load_topology(raw)
+
+
+def test_transfer_across_a_bandwidth_change():
+    trace = TraceBandwidth([0.0, 1.0], [10.0, 20.0])  # 10 Mbps for 1 s, then 20 Mbps
+    # 20 Mbit: 10 Mbit in the first second, the other 10 Mbit at 20 Mbps = 0.5 s
+    assert transfer_seconds(trace, 0.0, 2_500_000, latency_s=0.0) == pytest.approx(1.5)
+    # latency 0.1 s first: 9 Mbit by t=1, 11 Mbit at 20 Mbps = 0.55 s
+    assert transfer_seconds(trace, 0.0, 2_500_000, latency_s=0.1) == pytest.approx(1.55)
+    # a transfer starting after the change runs at the new rate only
+    assert transfer_seconds(trace, 2.0, 2_500_000, latency_s=0.0) == pytest.approx(1.0)
+
+
+def test_trace_file(tmp_path):
+    csv = tmp_path / "link.csv"
+    csv.write_text("t_seconds,mbps\n0,10\n1,20\n")
+    assert transfer_seconds(TraceBandwidth.from_csv(csv), 0.0, 2_500_000, 0.0) == pytest.approx(1.5)
+    csv.write_text("t_seconds,mbps\n0,10\n1,-3\n")
+    with pytest.raises(ConfigError, match="> 0 Mbps"):
+        TraceBandwidth.from_csv(csv)
+
+
+def test_job_time_is_download_compute_upload():
+    topo = _topology(slow={"link": {"up_mbps": 80, "down_mbps": 40, "latency_ms": 10}})
+    cm = CostModel(topo, seed=0, compute_jitter=0.0)
+    timing = cm.job("slow", 0.0, bytes_down=1_000_000, samples=300, bytes_up=1_000_000, workers=2, job_id=0)
+    assert timing.download_s == pytest.approx(0.01 + 8e6 / 40e6)
+    assert timing.compute_s == pytest.approx(300 / (100 * 2 * 1.0))
+    assert timing.upload_s == pytest.approx(0.01 + 8e6 / 80e6)
+    assert timing.end == pytest.approx(0.21 + 1.5 + 0.11)
+
+
+def test_compute_jitter_is_seeded():
+    cm = CostModel(_topology(), seed=4)
+    a = [cm.compute_seconds("slow", 100, 1, j) for j in range(5)]
+    assert a == [CostModel(_topology(), seed=4).compute_seconds("slow", 100, 1, j) for j in range(5)]
+    assert a != [CostModel(_topology(), seed=5).compute_seconds("slow", 100, 1, j) for j in range(5)]
+    assert np.mean(a) == pytest.approx(1.0, rel=0.1)
+
+
+def test_instance_and_serverless_bills_of_the_same_schedule():
+    topo = _topology(slow={"usd_per_worker_hour": 3.6, "cold_start_usd": 0.01})  # $0.001 per worker-second
+    ledger = Ledger(CostModel(topo, seed=0))
+    ledger.set_workers("slow", 2, at=0.0)
+    ledger.record_job("slow", compute_s=10.0, transfer_s=0.0, bytes_down=0, bytes_up=0)
+    ledger.hold_until(30.0)  # held 30 s, busy 10 s
+    acc = ledger.accounts["slow"]
+    assert acc.instance_usd == pytest.approx(30 * 2 * 0.001)
+    assert acc.serverless_usd == pytest.approx(10 * 2 * 0.001 + 0.01)
+    assert acc.utilization == pytest.approx(10 / 30)
+    assert acc.idle_s == pytest.approx(20.0)
+
+
+def test_egress_free_inside_the_coordinator_region():
+    ledger = Ledger(CostModel(_topology(), seed=0))
+    ledger.record_job("fast", 0.0, 0.0, bytes_down=10**9, bytes_up=10**9)  # "fast" hosts the coordinator
+    assert ledger.accounts["fast"].egress_usd == 0 and ledger.wan_bytes == 0
+    ledger.record_job("slow", 0.0, 0.0, bytes_down=10**9, bytes_up=2 * 10**9)
+    # upload leaves "slow" (0.1 $/GB), download leaves the coordinator's region (0.1 $/GB)
+    assert ledger.accounts["slow"].egress_usd == pytest.approx(0.1 * 2 + 0.1 * 1)
+    assert ledger.wan_bytes == 3 * 10**9
+
+
+def test_free_communication_for_lan():
+    topo = topology_of(compose(["topology=lan"]))
+    cm = CostModel(topo, seed=0)
+    assert cm.transfer_seconds("lan", 0.0, 10**9, UP) == 0.0
+    assert cm.egress_usd("lan", 10**9, DOWN) == 0.0
+
+
+def test_same_seed_same_bandwidth_trace():
+    fluct = Fluctuation(window_s=30, sigma=0.5, dip_probability=0.1, dip_factor=0.1)
+    times = np.arange(0, 3000, 7.0)
+    a = [FluctuatingBandwidth(20, fluct, 1, "x/up").segment(t)[0] for t in times]
+    b = [FluctuatingBandwidth(20, fluct, 1, "x/up").segment(t)[0] for t in times]
+    c = [FluctuatingBandwidth(20, fluct, 2, "x/up").segment(t)[0] for t in times]
+    assert a == b and a != c
+    assert min(a) == pytest.approx(2.0)  # some window dipped to 10 % of 20 Mbps
+    assert len(set(a)) > 50
+
+
+def test_stable_links_have_constant_bandwidth():
+    bw = FluctuatingBandwidth(20, Fluctuation(sigma=0.0), 1, "x")
+    assert bw.segment(1e6) == (20, float("inf"))
+
+
+def test_sync_round_fast_region_idles_for_the_slow_ones_extra_time():
+    meter = Meter(VirtualClock(), CostModel(_topology(), seed=0, compute_jitter=0.0))
+    size = 4_000_000
+    jobs = [meter.dispatch(r, bytes_down=size, at=0.0) for r in ("fast", "slow")]
+    for job, samples in zip(jobs, (500, 500)):
+        meter.complete(job, bytes_up=size, samples=samples, compute_s=0.0)
+    fast, slow = (meter.ledger.accounts[r] for r in ("fast", "slow"))
+    t_fast, t_slow = jobs[0].timing.end, jobs[1].timing.end
+    assert meter.clock.now() == pytest.approx(t_slow)  # the round ends with its slowest region
+    assert fast.idle_s == pytest.approx(t_slow - t_fast)
+    assert slow.idle_s == pytest.approx(0.0, abs=1e-9)
+
+
+def test_virtual_clock_orders_by_modelled_end_not_arrival():
+    clock = VirtualClock()
+    pending = {"a": Job("a", 0, 0.0, 0), "b": Job("b", 0, 0.0, 0)}
+    from cloudless_fl.costmodel import JobTiming
+
+    pending["a"].timing = JobTiming(0.0, 1.0, 5.0, 1.0)
+    pending["b"].timing = JobTiming(0.0, 1.0, 1.0, 1.0)
+    assert clock.pick(pending, ["a"]) is None  # b ends first: wait for it
+    assert clock.pick(pending, ["a", "b"]) == "b"
+    assert clock.finish(pending["b"]) == 3.0 and clock.now() == 3.0
+    assert WallClock().pick(pending, ["a", "b"]) == "a"  # wall clock: arrival order
