@@ -8,6 +8,7 @@ data lives in `<data-root>/<region>/` (the split tool's layout).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,12 +41,12 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
                                samples=order.samples(len(data.train)))
         if order.mode == protocol.MODE_GRADIENT:
             grads, stats = accumulate_gradient(model, data.train, batches)
-            arrays = ArrayRecord({k: v.numpy() for k, v in grads.items()})
+            arrays = ArrayRecord(OrderedDict(grads))
         else:
             start = {k: v.detach().clone() for k, v in model.state_dict().items()}
             stats = local_sgd(model, data.train, batches, lr=order.lr)
             if order.mode == protocol.MODE_DELTA:
-                arrays = ArrayRecord({k: (start[k] - v).numpy() for k, v in model.state_dict().items()})
+                arrays = ArrayRecord(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
             else:
                 arrays = ArrayRecord(model.state_dict())
         metrics = MetricRecord({
@@ -58,6 +59,14 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
         info = ConfigRecord({"region": region})
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info}),
                        reply_to=msg)
+
+    @app.query()
+    def describe(msg: Message, context: Context) -> Message:
+        """Tell the control plane which region this is and how much data it holds."""
+        config = msg.content.config_records[protocol.CONFIG]
+        region, data = _resident(context, config, data_root, data_format)
+        return Message(RecordDict({protocol.METRICS: MetricRecord({"resident-examples": len(data.train)}),
+                                   protocol.INFO: ConfigRecord({"region": region})}), reply_to=msg)
 
     @app.evaluate()
     def evaluate_local(msg: Message, context: Context) -> Message:

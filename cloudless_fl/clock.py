@@ -33,6 +33,10 @@ class Clock(ABC):
         """Mark `job` complete and return its completion time."""
 
     @abstractmethod
+    def wait_until(self, t: float) -> None:
+        """Let time pass up to `t` (a deadline nobody met)."""
+
+    @abstractmethod
     def pick(self, pending: Mapping[K, "Job"], arrived: Sequence[K]) -> K | None:
         """Which pending job to complete next, given the replies `arrived` (in arrival order).
 
@@ -55,6 +59,9 @@ class VirtualClock(Clock):
         self._now = max(self._now, job.timing.end)
         return job.timing.end
 
+    def wait_until(self, t: float) -> None:
+        self._now = max(self._now, t)
+
     def pick(self, pending: Mapping[K, "Job"], arrived: Sequence[K]) -> K | None:
         if not pending:
             return None
@@ -75,6 +82,9 @@ class WallClock(Clock):
 
     def finish(self, job: "Job") -> float:
         return self.now()
+
+    def wait_until(self, t: float) -> None:
+        time.sleep(max(0.0, t - self.now()))
 
     def pick(self, pending: Mapping[K, "Job"], arrived: Sequence[K]) -> K | None:
         return next((k for k in arrived if k in pending), None)

@@ -88,8 +88,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"engine={cfg.engine!r} is unknown; use one of {', '.join(ENGINES)}")
     if not 0 < float(cfg.target_accuracy) <= 1:
         raise ConfigError(f"target_accuracy={cfg.target_accuracy} must be in (0, 1]")
-    if int(cfg.eval_every) < 1:
-        raise ConfigError(f"eval_every={cfg.eval_every} must be ≥ 1")
+    if int(cfg.strategy.eval_every) < 1:
+        raise ConfigError(f"strategy.eval_every={cfg.strategy.eval_every} must be ≥ 1")
 
 
 @dataclass

@@ -95,6 +95,18 @@ class Meter:
             self.wan_bytes_unpriced += job.bytes_down + bytes_up
         return end
 
+    def abandon(self, job: Job, at: float) -> None:
+        """A job cut off at `at` (a missed deadline): charge its download and the compute done by then."""
+        if self.ledger:
+            if job.timing is not None:
+                busy = min(max(0.0, at - job.dispatched_at - job.timing.download_s), job.timing.compute_s)
+                transfer = min(job.timing.download_s, max(0.0, at - job.dispatched_at))
+            else:
+                busy, transfer = max(0.0, at - job.dispatched_at), 0.0
+            self.ledger.record_job(job.region, busy, transfer, job.bytes_down, 0)
+        else:
+            self.wan_bytes_unpriced += job.bytes_down
+
     def _model(self, job: Job, samples: int, bytes_up: int) -> JobTiming:
         return self.cost_model.job(job.region, job.dispatched_at, bytes_down=job.bytes_down, samples=samples,
                                    bytes_up=bytes_up, workers=self.workers(job.region), job_id=job.job_id)

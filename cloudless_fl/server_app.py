@@ -24,12 +24,12 @@ from .meter import Meter
 from .models import build_model
 from .protocol import ModelSpec, WorkOrder
 from .results import History, summarize, write_results
-from .strategy import Metered
+from .strategy import AsyncGradAccum, Metered, ModelAveraging, StopRules
 from .topology import Topology
 from .training import evaluate
 
 log = logging.getLogger("cloudless_fl")
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "ma", "asgd_ga")
 NODE_WAIT_S = 120.0
 
 
@@ -70,12 +70,31 @@ def make_meter(cfg: DictConfig, topology: Topology) -> Meter:
 
 
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int):
+    """The configured strategy, charged by `meter`."""
     s = cfg.strategy
     if s.name == "fedavg":
         fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_regions,
                         min_available_nodes=num_regions)
-        return Metered(fedavg, meter, eval_every=int(cfg.eval_every))
-    raise ConfigError(f"unknown strategy {s.name!r}; choose one of {', '.join(STRATEGIES)}")
+        return Metered(fedavg, meter, eval_every=int(s.eval_every))
+    if s.name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {s.name!r}; choose one of {', '.join(STRATEGIES)}")
+    stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
+                     target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
+    common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s)}
+    if s.name == "asgd_ga":
+        return AsyncGradAccum(lr=float(s.lr), momentum=float(s.momentum), nesterov=bool(s.nesterov),
+                              accumulation_steps=_int_or_mapping(s.accumulation_steps),
+                              batch_size=int(s.batch_size), tau_max=int(s.tau_max), staleness=str(s.staleness),
+                              update=str(s["update"]), local_lr=float(s.local_lr), balance=bool(s.balance),
+                              max_weight=float(s.max_weight), **common)
+    return ModelAveraging(lr=float(s.lr), local_steps=_int_or_mapping(s.local_steps), batch_size=int(s.batch_size),
+                          normalize=bool(s.normalize), outer_lr=float(s.outer_lr),
+                          outer_momentum=float(s.outer_momentum), nesterov=bool(s.nesterov),
+                          deadline_s=None if s.deadline_s is None else float(s.deadline_s), **common)
+
+
+def _int_or_mapping(value):
+    return {str(k): int(v) for k, v in value.items()} if isinstance(value, DictConfig) else int(value)
 
 
 def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -86,9 +105,12 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path) -> dict[str
     model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, seed=int(cfg.seed),
                         **cfg.model.options)
     spec = ModelSpec(cfg.model.name, layout.num_classes, OmegaConf.to_container(cfg.model.options))
-    work = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),
-                     epochs=float(cfg.strategy.local_epochs), data_seed=int(cfg.seed))
-    train_config = ConfigRecord({**spec.to_config(), **work.to_config(), "regions": ",".join(topology.region_names)})
+    train_config = ConfigRecord({**spec.to_config(), "regions": ",".join(topology.region_names),
+                                 "data-seed": int(cfg.seed)})
+    if cfg.strategy.name == "fedavg":  # Flower's FedAvg sends this one work order to every region
+        work = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),
+                         epochs=float(cfg.strategy.local_epochs), data_seed=int(cfg.seed))
+        train_config = ConfigRecord({**dict(train_config), **work.to_config()})
     wait_for_nodes(grid, len(topology.regions))
     meter = make_meter(cfg, topology)
     strategy = build_strategy(cfg, meter, len(topology.regions))

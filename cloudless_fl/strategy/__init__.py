@@ -1,5 +1,8 @@
 """Flower strategies for geo-distributed training, and the metering wrapper for any other."""
 
+from .asgd_ga import AsyncGradAccum
+from .base import GeoStrategy, StopRules
+from .ma import ModelAveraging
 from .metered import Metered
 
-__all__ = ["Metered"]
+__all__ = ["AsyncGradAccum", "GeoStrategy", "Metered", "ModelAveraging", "StopRules"]

@@ -1,0 +1,209 @@
+"""ASGD-GA: asynchronous SGD with gradient accumulation, staleness-aware, no barriers.
+
+Every region always has one job in flight: it accumulates gradients over `G_r`
+mini-batches at the weights it was sent and returns them. The server applies
+each arrival at once through its optimizer, scaled by a staleness factor
+`alpha(tau)` and by a data-balance weight, then sends that region the newest
+model. Updates staler than `tau_max` are dropped and counted.
+
+Data balance: a fast region arrives more often; on non-IID data that drags the
+model toward its data. Each update is therefore weighted by
+`share_r * R / rate_r` (its data share over its share of arrivals, `R` the
+summed arrival rate; mean weight 1), capped at `max_weight` so a rare, stale
+update cannot blow up a step. With the scheduler's `G_r` (issue 5) the rates
+already follow the shares and the weights stay near 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from .. import protocol
+from .base import EvaluateFn, GeoStrategy, InFlight, per_region
+from .server_optimizer import ServerOptimizer
+
+POLL_S = 0.005
+RATE_EMA = 0.3
+
+
+def inverse_sqrt(tau: int) -> float:
+    """The default staleness factor `(1 + tau) ** -0.5`."""
+    return (1.0 + tau) ** -0.5
+
+
+def no_scaling(tau: int) -> float:
+    return 1.0
+
+
+STALENESS_FUNCTIONS: dict[str, Callable[[int], float]] = {"inverse_sqrt": inverse_sqrt, "none": no_scaling}
+
+
+class AsyncGradAccum(GeoStrategy):
+    """ASGD-GA as a Flower strategy; `start()` runs the asynchronous event loop.
+
+    Parameters
+    ----------
+    lr : float
+        Server learning rate (applied to the accumulated gradient, or to the delta).
+    momentum, nesterov :
+        Server optimizer (SGD) momentum.
+    accumulation_steps : int or mapping region → int
+        `G_r`, mini-batches accumulated per job.
+    batch_size : int
+        Mini-batch size on the regions.
+    tau_max : int
+        Updates staler than this many versions are dropped.
+    staleness : callable or name
+        `alpha(tau)`; "inverse_sqrt" (default) or "none", or any callable.
+    update : "gradient" | "delta"
+        `gradient`: true gradient accumulation at the sent weights. `delta`:
+        `G_r` local SGD steps at `local_lr`, the region returns `w_sent - w_new`.
+    balance : bool
+        Weight updates so each region's data counts by its share, not its speed.
+    max_weight : float
+        Cap on the balance weight.
+    **kwargs :
+        `meter`, `eval_every`, `stop`, `reply_timeout` (see `GeoStrategy`).
+    """
+
+    def __init__(self, *, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
+                 accumulation_steps: int | Mapping[str, int] = 4, batch_size: int = 32, tau_max: int = 16,
+                 staleness: str | Callable[[int], float] = "inverse_sqrt", update: str = protocol.MODE_GRADIENT,
+                 local_lr: float = 0.1, balance: bool = True, max_weight: float = 4.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if update not in (protocol.MODE_GRADIENT, protocol.MODE_DELTA):
+            raise ValueError(f"update must be 'gradient' or 'delta', got {update!r}")
+        if isinstance(staleness, str):
+            if staleness not in STALENESS_FUNCTIONS:
+                raise ValueError(f"unknown staleness function {staleness!r}; use {', '.join(STALENESS_FUNCTIONS)}")
+            staleness = STALENESS_FUNCTIONS[staleness]
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.accumulation_steps = accumulation_steps
+        self.batch_size = batch_size
+        self.tau_max = tau_max
+        self.staleness = staleness
+        self.update = update
+        self.local_lr = local_lr
+        self.balance = balance
+        self.max_weight = max_weight
+        self.version = 0
+        self.optimizer: ServerOptimizer | None = None
+        self._inflight: dict[str, InFlight] = {}
+        self._idle: set[int] = set()
+        self._durations: dict[str, float] = {}
+
+    def describe(self) -> str:
+        return (f"server lr={self.lr} momentum={self.momentum}, G={self.accumulation_steps}, "
+                f"batch={self.batch_size}, tau_max={self.tau_max}, update={self.update}, balance={self.balance}")
+
+    # ------------------------------------------------------------------ Strategy interface
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """One job for every idle region, from model version `server_round`; pushed here."""
+        for node_id in sorted(self._idle):
+            region = self.regions[node_id].name
+            steps = per_region(self.accumulation_steps, region)
+            order = protocol.WorkOrder(lr=self.local_lr, batch_size=self.batch_size, steps=steps, mode=self.update,
+                                       data_seed=int(config.get("data-seed", 0)))
+            mid, flight = self._dispatch(grid, node_id, arrays, config, order, steps * self.batch_size,
+                                         server_round)
+            self._inflight[mid] = flight
+            if flight.job.timing is not None:
+                self._observe_duration(region, flight.job.timing.end - flight.job.dispatched_at)
+        self._idle.clear()
+        return []  # already pushed: each job's metering starts when it is sent
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply each reply at once (staleness- and balance-scaled); None arrays if all were dropped."""
+        applied = False
+        metrics = None
+        for reply in replies:
+            flight = self._inflight.pop(reply.metadata.reply_to_message_id)
+            self._idle.add(flight.node_id)
+            arrays, metrics = self._complete(flight, reply)
+            if flight.job.timing is None:  # wall clock: learn the region's pace from what it took
+                self._observe_duration(flight.region, self.meter.clock.now() - flight.job.dispatched_at)
+            tau = self.version - flight.version
+            self.history.staleness[tau] += 1
+            if tau > self.tau_max:
+                self.history.counters["dropped_stale"] += 1
+                continue
+            gradient = {k: torch.from_numpy(v.numpy()) for k, v in arrays.items()}
+            self.optimizer.step(gradient, scale=self.staleness(tau) * self._balance_weight(flight.region))
+            self.version += 1
+            applied = True
+        return (self.optimizer.arrays() if applied else None), metrics
+
+    # ------------------------------------------------------------------ the event loop
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: EvaluateFn | None = None) -> Result:
+        """Run until `num_rounds` model versions (or a stop rule); returns the final model."""
+        config = train_config or ConfigRecord()
+        self.summary()
+        self._join(grid, config)
+        self.optimizer = ServerOptimizer.from_arrays(initial_arrays, lr=self.lr, momentum=self.momentum,
+                                                     nesterov=self.nesterov)
+        arrays = initial_arrays
+        self._evaluate(0, arrays, evaluate_fn, force=True)
+        self._idle = set(self.regions)
+        self.configure_train(self.version, arrays, config, grid)
+        arrived: dict[str, Message] = {}
+        arrival_order: list[str] = []
+        while self.version < num_rounds and self._inflight:
+            waiting = [k for k in self._inflight if k not in arrived]
+            for reply in grid.pull_messages(waiting) if waiting else []:
+                arrived[reply.metadata.reply_to_message_id] = reply
+                arrival_order.append(reply.metadata.reply_to_message_id)
+            key = self.meter.clock.pick({k: f.job for k, f in self._inflight.items()}, arrival_order)
+            if key is None:
+                self._drop_timed_out(arrived)
+                time.sleep(POLL_S)
+                continue
+            reply = arrived.pop(key)
+            arrival_order.remove(key)
+            if reply.has_error():
+                self._lose(self._inflight.pop(key), reply.error.reason)
+                continue
+            before = self.version
+            new_arrays, _ = self.aggregate_train(self.version, [reply])
+            if new_arrays is not None:
+                arrays = new_arrays
+            accuracy = None
+            if self.version != before:
+                last = self.version >= num_rounds
+                accuracy = self._evaluate(self.version, arrays, evaluate_fn, force=last)
+            if self._should_stop(accuracy):
+                break
+            self.configure_train(self.version, arrays, config, grid)
+        if self.history.entries[-1]["version"] != self.version:
+            self._evaluate(self.version, arrays, evaluate_fn, force=True)
+        return self._result(arrays)
+
+    # ------------------------------------------------------------------ helpers
+    def _drop_timed_out(self, arrived: Mapping[str, Message]) -> None:
+        now = time.monotonic()
+        for key, flight in list(self._inflight.items()):
+            if key not in arrived and now - flight.sent_at > self.reply_timeout:
+                self._lose(self._inflight.pop(key), f"no reply within {self.reply_timeout:g} s")
+
+    def _observe_duration(self, region: str, seconds: float) -> None:
+        old = self._durations.get(region)
+        self._durations[region] = seconds if old is None else (1 - RATE_EMA) * old + RATE_EMA * seconds
+
+    def _balance_weight(self, region: str) -> float:
+        """`share_r * R / rate_r`, mean 1 over arrivals, capped at `max_weight`."""
+        live = {info.name for info in self.regions.values()}
+        if not self.balance or len(live) < 2 or any(r not in self._durations for r in live):
+            return 1.0
+        rates = {r: 1.0 / max(self._durations[r], 1e-9) for r in live}
+        share_total = sum(self.shares[r] for r in live)
+        weight = (self.shares[region] / share_total) * sum(rates.values()) / rates[region]
+        return min(weight, self.max_weight)

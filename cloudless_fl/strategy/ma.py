@@ -1,0 +1,170 @@
+"""MA: inter-region model averaging with heterogeneity-aware local steps.
+
+Each period every region runs `H_r` local SGD steps from the global model and
+returns its weights. The server averages them weighted by samples processed,
+normalised for unequal `H_r` as in FedNova (each region's change is divided by
+its step count, the average is rescaled by the effective step count), and
+applies the result through an outer optimizer: plain replacement by default,
+Nesterov momentum on the averaged pseudo-gradient as in DiLoCo when
+`outer_momentum > 0`. A region that misses the period's deadline does not hold
+the others: its result is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from .. import protocol
+from .base import EvaluateFn, GeoStrategy, InFlight, per_region
+from .server_optimizer import ServerOptimizer
+
+POLL_S = 0.005
+
+
+class ModelAveraging(GeoStrategy):
+    """MA as a Flower strategy; `start()` runs one period per "round".
+
+    Parameters
+    ----------
+    lr : float
+        Local SGD learning rate on the regions.
+    local_steps : int or mapping region → int
+        `H_r`, local steps per period.
+    batch_size : int
+        Mini-batch size on the regions.
+    normalize : bool
+        FedNova normalisation for unequal `H_r` (no effect when all are equal).
+    outer_lr, outer_momentum, nesterov :
+        Outer optimizer on the averaged pseudo-gradient; `outer_lr=1, outer_momentum=0`
+        is plain averaging.
+    deadline_s : float, optional
+        Seconds after a period starts by which results must be in; later ones are dropped.
+    **kwargs :
+        `meter`, `eval_every`, `stop`, `reply_timeout` (see `GeoStrategy`).
+    """
+
+    def __init__(self, *, lr: float = 0.1, local_steps: int | Mapping[str, int] = 10, batch_size: int = 32,
+                 normalize: bool = True, outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = True,
+                 deadline_s: float | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lr = lr
+        self.local_steps = local_steps
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
+        self.deadline_s = deadline_s
+        self.optimizer: ServerOptimizer | None = None
+        self._inflight: dict[str, InFlight] = {}
+
+    def describe(self) -> str:
+        return (f"local lr={self.lr}, H={self.local_steps}, batch={self.batch_size}, FedNova={self.normalize}, "
+                f"outer lr={self.outer_lr} momentum={self.outer_momentum}, deadline={self.deadline_s}")
+
+    # ------------------------------------------------------------------ Strategy interface
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send every live region its period's work (`H_r` steps); pushed here so metering starts now."""
+        for node_id in sorted(self.regions):
+            region = self.regions[node_id].name
+            steps = per_region(self.local_steps, region)
+            order = protocol.WorkOrder(lr=self.lr, batch_size=self.batch_size, steps=steps,
+                                       mode=protocol.MODE_WEIGHTS, data_seed=int(config.get("data-seed", 0)))
+            mid, flight = self._dispatch(grid, node_id, arrays, config, order, steps * self.batch_size,
+                                         server_round)
+            self._inflight[mid] = flight
+        return []
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedNova-normalised, sample-weighted average of on-time replies, through the outer optimizer."""
+        start = self.optimizer.state
+        changes, weights, steps = [], [], []
+        for reply in replies:
+            flight = self._inflight.pop(reply.metadata.reply_to_message_id)
+            arrays, metrics = self._complete(flight, reply)
+            local = arrays.to_torch_state_dict()
+            changes.append({k: start[k] - local[k] for k in start if start[k].is_floating_point()})
+            weights.append(float(metrics["num-examples"]))
+            steps.append(max(1, int(metrics["steps"])))
+        if not changes:
+            return None, None
+        total = sum(weights)
+        p = [w / total for w in weights]
+        if self.normalize:
+            tau_eff = sum(pi * h for pi, h in zip(p, steps))
+            coeffs = [pi * tau_eff / h for pi, h in zip(p, steps)]
+        else:
+            coeffs = p
+        pseudo_gradient = {k: sum(c * d[k] for c, d in zip(coeffs, changes)) for k in changes[0]}
+        self.optimizer.step(pseudo_gradient)
+        return self.optimizer.arrays(), MetricRecord({"regions": len(changes), "samples": total})
+
+    # ------------------------------------------------------------------ the period loop
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: EvaluateFn | None = None) -> Result:
+        """Run `num_rounds` periods (or until a stop rule); returns the final model."""
+        config = train_config or ConfigRecord()
+        self.summary()
+        self._join(grid, config)
+        self.optimizer = ServerOptimizer.from_arrays(initial_arrays, lr=self.outer_lr,
+                                                     momentum=self.outer_momentum, nesterov=self.nesterov)
+        arrays = initial_arrays
+        self._evaluate(0, arrays, evaluate_fn, force=True)
+        for period in range(1, num_rounds + 1):
+            if not self.regions:
+                self.stop_reason = "no region left"
+                break
+            period_start = self.meter.clock.now()
+            self.configure_train(period, arrays, config, grid)
+            deadline = None if self.deadline_s is None else period_start + self.deadline_s
+            on_time = self._collect(grid, deadline)
+            new_arrays, _ = self.aggregate_train(period, on_time)
+            if new_arrays is not None:
+                arrays = new_arrays
+            accuracy = self._evaluate(period, arrays, evaluate_fn, force=period == num_rounds)
+            if self._should_stop(accuracy):
+                break
+        return self._result(arrays)
+
+    def _collect(self, grid: Grid, deadline: float | None) -> list[Message]:
+        """Replies that make the deadline; late ones are cut off (charged up to it) and counted."""
+        clock = self.meter.clock
+        late = set()
+        if deadline is not None and clock.modelled:  # modelled ends are known at dispatch
+            late = {k for k, f in self._inflight.items() if f.job.timing.end > deadline}
+        replies: dict[str, Message] = {}
+        while True:
+            waiting = [k for k in self._inflight if k not in replies and k not in late]
+            if not waiting:
+                break
+            for reply in grid.pull_messages(waiting):
+                replies[reply.metadata.reply_to_message_id] = reply
+            if not clock.modelled and deadline is not None and clock.now() > deadline:
+                late |= {k for k in self._inflight if k not in replies}
+            for key in [k for k in waiting if k not in replies]:
+                if time.monotonic() - self._inflight[key].sent_at > self.reply_timeout:
+                    self._lose(self._inflight.pop(key), f"no reply within {self.reply_timeout:g} s")
+            if any(k not in replies and k not in late for k in self._inflight):
+                time.sleep(POLL_S)
+        for key in late:
+            flight = self._inflight.pop(key)
+            self.meter.abandon(flight.job, at=deadline)
+            self.history.counters["dropped_late"] += 1
+        on_time = []
+        arrived = sorted((self._inflight[k].region, k) for k in replies if k in self._inflight and k not in late)
+        for _, key in arrived:  # region order: the average's float sums do not depend on arrival order
+            reply = replies[key]
+            if reply.has_error():
+                self._lose(self._inflight.pop(key), reply.error.reason)
+            else:
+                on_time.append(reply)
+        if late:
+            clock.wait_until(deadline)
+        return on_time
