@@ -12,7 +12,6 @@ from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -123,7 +122,6 @@ def _resident(context: Context, config: ConfigRecord, data_root, data_format: st
 
 @lru_cache(maxsize=8)
 def _load_cached(data_dir: str, data_format: str) -> ResidentData:
-    torch.set_num_threads(1)  # regions share the machine's cores in simulation
     return load_resident(data_dir, data_format)
 
 

@@ -38,6 +38,6 @@ def two_region_topology(tmp_path) -> Path:
 def small_run_overrides(topology: Path, run_dir: Path | None = None, **extra) -> list[str]:
     """A fast in-process run on two regions (small MLP, few rounds)."""
     overrides = [f"topology_file={topology}", "engine=inprocess", "progress=false",
-                 "model.options.hidden=[64]", "strategy.num_rounds=3", "strategy.lr=0.1"]
+                 "model.options.hidden=[64]", "strategy.num_rounds=3"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return overrides

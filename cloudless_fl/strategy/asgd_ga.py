@@ -131,10 +131,10 @@ class AsyncGradAccum(GeoStrategy):
             if flight.job.timing is None:  # wall clock: learn the region's pace from what it took
                 self._observe_duration(flight.region, self.meter.clock.now() - flight.job.dispatched_at)
             tau = self.version - flight.version
-            self.history.staleness[tau] += 1
             if tau > self.tau_max:
                 self.history.counters["dropped_stale"] += 1
                 continue
+            self.history.staleness[tau] += 1  # of applied updates
             gradient = {k: torch.from_numpy(v.numpy()) for k, v in arrays.items()}
             self.optimizer.step(gradient, scale=self.staleness(tau) * self._balance_weight(flight.region))
             self.version += 1

@@ -1,0 +1,206 @@
+"""ASGD-GA and MA: equivalences with plain SGD / FedAvg, staleness, balance, faults, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from cloudless_fl.data import load_source
+from cloudless_fl.models import build_model
+from cloudless_fl.protocol import WorkOrder
+from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
+from cloudless_fl.training import make_batches
+from strategy_helpers import HIDDEN, Federation, solo_topology, topology
+
+
+def _assert_same(arrays: ArrayRecord, state: dict, atol=1e-6):
+    got = arrays.to_torch_state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(got[k], v, atol=atol, rtol=0)
+
+
+def _centralized_sgd(fed: Federation, region: str, lr: float, batches: list[np.ndarray]) -> dict:
+    data = fed.resident(region)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=HIDDEN)
+    model.load_state_dict(fed.initial.to_torch_state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for rows in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(data.x[rows])),
+                                          torch.from_numpy(data.y[rows])).backward()
+        opt.step()
+    return model.state_dict()
+
+
+def test_asgd_ga_single_region_equals_minibatch_sgd(tmp_path):
+    fed = Federation(tmp_path, solo_topology())
+    strategy = AsyncGradAccum(lr=0.2, momentum=0.0, accumulation_steps=1, batch_size=16, staleness="none",
+                              balance=False, meter=fed.meter())
+    result = strategy.start(fed.grid, fed.initial, num_rounds=6, train_config=fed.config)
+    n = len(fed.resident("solo"))
+    batches = make_batches(n, 16, seed=0, offset=0, samples=6 * 16)
+    _assert_same(result.arrays, _centralized_sgd(fed, "solo", 0.2, batches))
+    assert strategy.version == 6
+
+
+def test_asgd_ga_accumulation_equals_one_step_on_the_concatenated_batch(tmp_path):
+    fed = Federation(tmp_path, solo_topology())
+    strategy = AsyncGradAccum(lr=0.2, accumulation_steps=3, batch_size=16, staleness="none", balance=False,
+                              meter=fed.meter())
+    result = strategy.start(fed.grid, fed.initial, num_rounds=1, train_config=fed.config)
+    rows = np.concatenate(make_batches(len(fed.resident("solo")), 16, seed=0, offset=0, samples=48))
+    _assert_same(result.arrays, _centralized_sgd(fed, "solo", 0.2, [rows]))
+
+
+def test_ma_with_equal_steps_equals_flower_fedavg(tmp_path):
+    fed = Federation(tmp_path, topology())
+    ma = ModelAveraging(lr=0.1, local_steps=5, batch_size=16, meter=fed.meter())
+    ma_result = ma.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    work = WorkOrder(lr=0.1, batch_size=16, steps=5, data_seed=0)
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2), fed.meter())
+    config = ConfigRecord({**dict(fed.config), **work.to_config()})
+    fedavg_result = fedavg.start(fed.grid, fed.initial, num_rounds=2, train_config=config)
+    _assert_same(ma_result.arrays, fedavg_result.arrays.to_torch_state_dict())
+    # both were charged the same way: same modelled time for the same work
+    assert ma.meter.clock.now() == pytest.approx(fedavg.meter.clock.now())
+
+
+def test_ma_fednova_normalises_unequal_steps(tmp_path):
+    fed = Federation(tmp_path, topology())
+    ma = ModelAveraging(lr=0.1, local_steps={"fast": 8, "slow": 2}, batch_size=16, meter=fed.meter())
+    result = ma.start(fed.grid, fed.initial, num_rounds=1, train_config=fed.config)
+    # recompute by hand: each region's change / its steps, weights by samples, times tau_eff
+    start = fed.initial.to_torch_state_dict()
+    finals = {}
+    for region, steps in (("fast", 8), ("slow", 2)):
+        data = fed.resident(region)
+        finals[region] = _centralized_sgd(
+            fed, region, 0.1, make_batches(len(data), 16, seed=0, offset=0, samples=steps * 16))
+    p = {"fast": 8 / 10, "slow": 2 / 10}
+    tau_eff = p["fast"] * 8 + p["slow"] * 2
+    expected = {k: start[k] - tau_eff * sum(p[r] * (start[k] - finals[r][k]) / h
+                                            for r, h in (("fast", 8), ("slow", 2))) for k in start}
+    _assert_same(result.arrays, expected, atol=1e-5)
+
+
+def test_ma_outer_nesterov_momentum_changes_the_step(tmp_path):
+    fed = Federation(tmp_path, topology())
+    plain = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter())
+    plain_result = plain.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    diloco = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, outer_lr=0.7, outer_momentum=0.9,
+                            meter=fed.meter())
+    diloco_result = diloco.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    a, b = plain_result.arrays.to_torch_state_dict(), diloco_result.arrays.to_torch_state_dict()
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    assert "momentum_buffer" in str(diloco.optimizer.optimizer.state_dict())
+
+
+def test_staleness_bound_drops_and_counts(tmp_path):
+    fed = Federation(tmp_path, topology())  # "slow" jobs take far longer: its updates go stale
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=2, meter=fed.meter())
+    strategy.start(fed.grid, fed.initial, num_rounds=40, train_config=fed.config)
+    applied = strategy.history.staleness
+    assert max(applied) <= 2
+    assert strategy.history.counters["dropped_stale"] > 0
+    assert sum(applied.values()) == 40
+
+
+def _class_split(count_per_class=60):
+    digits = load_source("digits")
+    keep = np.concatenate([np.flatnonzero(digits.y == c)[:count_per_class] for c in (0, 1)])
+    return type(digits)(digits.x[keep], digits.y[keep])
+
+
+def _predicted_share_of_class0(fed, arrays):
+    model = build_model("mlp", (1, 8, 8), 10, hidden=HIDDEN)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    digits = _class_split()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(digits.x)).argmax(1).numpy()
+    return float(np.mean(pred == 0))
+
+
+def test_balance_keeps_a_fast_region_from_dominating(tmp_path):
+    """Region "fast" holds only 0s, "slow" only 1s, equal shares: unbalanced async SGD drifts to 0s."""
+    shares = []
+    for balance in (False, True):
+        fed = Federation(tmp_path / str(balance), topology(), alpha=0.001, data=_class_split())
+        labels = {r: set(fed.resident(r).y.tolist()) for r in ("fast", "slow")}
+        assert labels["fast"].isdisjoint(labels["slow"])  # one class each
+        strategy = AsyncGradAccum(lr=0.05, accumulation_steps=1, batch_size=8, tau_max=1000, staleness="none",
+                                  balance=balance, max_weight=100.0, meter=fed.meter())
+        result = strategy.start(fed.grid, fed.initial, num_rounds=60, train_config=fed.config)
+        fast_class = next(iter(labels["fast"]))
+        share = _predicted_share_of_class0(fed, result.arrays)
+        shares.append(share if fast_class == 0 else 1 - share)
+    unbalanced, balanced = shares
+    assert unbalanced > 0.9  # the fast region's class wins
+    assert balanced < unbalanced - 0.2
+
+
+def test_asgd_ga_carries_on_when_a_node_disappears(tmp_path):
+    fed = Federation(tmp_path, topology())
+
+    def take_slow_offline(version, arrays):
+        if version == 10:
+            fed.grid.set_offline(2)  # node 2 is partition 1: "slow"
+        return MetricRecord({"accuracy": 0.0, "loss": 0.0})
+
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=100, meter=fed.meter(),
+                              reply_timeout=0.3)
+    strategy.start(fed.grid, fed.initial, num_rounds=30, train_config=fed.config, evaluate_fn=take_slow_offline)
+    assert strategy.version == 30
+    assert strategy.history.counters["lost_regions"] == 1
+    assert [e["region"] for e in strategy.history.events] == ["slow"]
+
+
+def test_ma_period_deadline_drops_the_straggler_and_goes_on(tmp_path):
+    fed = Federation(tmp_path, topology())
+    # "slow" needs ~0.1 s + 80 samples / 100 per s per period; a 0.5 s deadline cuts it off
+    ma = ModelAveraging(lr=0.1, local_steps=5, batch_size=16, deadline_s=0.5, meter=fed.meter())
+    ma.start(fed.grid, fed.initial, num_rounds=3, train_config=fed.config)
+    assert ma.history.counters["dropped_late"] == 3
+    assert [e["version"] for e in ma.history.entries] == [0, 1, 2, 3]
+    assert ma.meter.clock.now() == pytest.approx(1.5)  # every period ended at its deadline
+
+
+def test_ma_goes_on_when_a_node_disappears(tmp_path):
+    fed = Federation(tmp_path, topology())
+
+    def take_slow_offline(period, arrays):
+        if period == 1:
+            fed.grid.set_offline(2)
+        return None
+
+    ma = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), reply_timeout=0.3)
+    ma.start(fed.grid, fed.initial, num_rounds=4, train_config=fed.config, evaluate_fn=take_slow_offline)
+    assert [e["version"] for e in ma.history.entries] == [0, 1, 2, 3, 4]
+    assert ma.history.counters["lost_regions"] == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=m),
+    lambda m: ModelAveraging(lr=0.1, local_steps={"fast": 6, "slow": 2}, batch_size=16, meter=m),
+])
+def test_same_seed_same_history(tmp_path, make):
+    histories = []
+    for name in ("a", "b"):
+        fed = Federation(tmp_path / name, topology())
+        strategy = make(fed.meter(seed=3))
+        strategy.start(fed.grid, fed.initial, num_rounds=8, train_config=fed.config)
+        histories.append(strategy.history.entries)
+    assert histories[0] == histories[1]
+
+
+def test_stop_rules_end_the_run_early(tmp_path):
+    from cloudless_fl.strategy import StopRules
+
+    fed = Federation(tmp_path, topology())
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(),
+                              stop=StopRules(max_time_s=1.0))
+    strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=fed.config)
+    assert strategy.stop_reason.startswith("time budget")
+    assert strategy.version < 10_000
