@@ -8,6 +8,7 @@ data lives in `<data-root>/<region>/` (the split tool's layout).
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +34,7 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
         spec = protocol.ModelSpec.from_config(config)
         order = protocol.WorkOrder.from_config(config)
         check_labels(data.train.y, spec.num_classes, f"region {region}")
-        model = build_model(spec.name, data.input_shape, spec.num_classes, **spec.options)
+        model = _model(spec, data.input_shape)
         model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
         batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed,
                                offset=order.start_position(len(data.train)),
@@ -75,7 +76,7 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
             raise DataError(f"region {region} holds no local test data (x_test/y_test); rely on central evaluation")
         spec = protocol.ModelSpec.from_config(config)
         check_labels(data.test.y, spec.num_classes, f"region {region} test data")
-        model = build_model(spec.name, data.input_shape, spec.num_classes, **spec.options)
+        model = _model(spec, data.input_shape)
         model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
         loss, acc = evaluate(model, data.test)
         metrics = MetricRecord({"num-examples": len(data.test), "loss": loss, "accuracy": acc})
@@ -118,6 +119,16 @@ def locate_region(context: Context, config: ConfigRecord, data_root: str | Path 
 def _resident(context: Context, config: ConfigRecord, data_root, data_format: str) -> tuple[str, ResidentData]:
     region, data_dir = locate_region(context, config, data_root)
     return region, _load_cached(str(data_dir), data_format)
+
+
+def _model(spec: protocol.ModelSpec, input_shape: tuple[int, ...]):
+    """The architecture is rebuilt only when it changes; weights come with every message."""
+    return _cached_model(spec.name, tuple(input_shape), spec.num_classes, json.dumps(spec.options, sort_keys=True))
+
+
+@lru_cache(maxsize=4)
+def _cached_model(name: str, input_shape: tuple[int, ...], num_classes: int, options: str):
+    return build_model(name, input_shape, num_classes, **json.loads(options))
 
 
 @lru_cache(maxsize=8)

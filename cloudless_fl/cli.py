@@ -1,4 +1,4 @@
-"""`cloudless-fl <command>`: run (Hydra), data split."""
+"""`cloudless-fl <command>`: run (Hydra), data split, report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ USAGE = """usage: cloudless-fl <command> [args]
 commands:
   run [hydra overrides...]   run an experiment (e.g. strategy=fedavg topology=geo4 seed=2)
   data split --out DIR ...   write per-region shards (see `cloudless-fl data split -h`)
+  report FOLDER              compare every results.json below FOLDER (Markdown table)
 """
 
 
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> None:
         hydra_main()
     elif command == "data":
         data_command(rest)
+    elif command == "report":
+        if len(rest) != 1:
+            raise SystemExit("usage: cloudless-fl report FOLDER")
+        from .report import report
+
+        print(report(rest[0]))
     else:
         raise SystemExit(f"unknown command {command!r}\n\n{USAGE}")
 

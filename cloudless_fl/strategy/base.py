@@ -167,8 +167,8 @@ class GeoStrategy(Strategy):
         result.arrays = arrays
         for entry in self.history.entries:
             if entry["accuracy"] is not None:
-                result.evaluate_metrics_serverapp[entry["version"]] = MetricRecord(
-                    {"accuracy": entry["accuracy"], "loss": entry["loss"]})
+                metrics = {k: entry[k] for k in ("accuracy", "loss") if entry[k] is not None}
+                result.evaluate_metrics_serverapp[entry["version"]] = MetricRecord(metrics)
         return result
 
 

@@ -1,0 +1,140 @@
+"""`cloudless-fl report <folder>`: compare the runs in a folder as a Markdown table.
+
+Every `results.json` below the folder is read (a corrupt or partial one is
+listed as skipped, never fatal). Runs are grouped by topology and strategy;
+figures are mean ± std over seeds, and ratios are taken against FedAvg on the
+same topology (and seed) and against the Ideal reference (topology `lan`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REQUIRED = ("strategy", "seed", "config", "history", "summary")
+BASELINE = "fedavg"
+IDEAL_TOPOLOGY = "lan"
+
+
+@dataclass
+class Run:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def strategy(self) -> str:
+        return self.data["strategy"]
+
+    @property
+    def topology(self) -> str:
+        return self.data["config"]["topology"]["name"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.data["seed"])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.data["summary"]
+
+
+def load_runs(folder: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """All readable runs below `folder`, and (path, reason) for each that is not."""
+    runs, skipped = [], []
+    for path in sorted(Path(folder).rglob("results.json")):
+        try:
+            data = json.loads(path.read_text())
+            missing = [k for k in REQUIRED if k not in data]
+            if missing:
+                raise ValueError(f"missing keys {missing}")
+            runs.append(Run(path, data))
+        except (OSError, ValueError) as exc:
+            skipped.append((path, str(exc)))
+    return runs, skipped
+
+
+def _mean_std(values: Iterable[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3g} ± {std:.2g}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per (topology, strategy) with per-seed figures relative to FedAvg and Ideal."""
+    by_key: dict[tuple[str, str], dict[int, Run]] = defaultdict(dict)
+    for run in runs:
+        by_key[run.topology, run.strategy][run.seed] = run
+    ideal = {seed: run for (topo, _), seeds in by_key.items() if topo == IDEAL_TOPOLOGY
+             for seed, run in seeds.items()}
+    table = []
+    for (topo, strategy), seeds in sorted(by_key.items()):
+        base = by_key.get((topo, BASELINE), {})
+        per_seed = defaultdict(list)
+        for seed, run in seeds.items():
+            s = run.summary
+            b = base.get(seed).summary if seed in base else None
+            i = ideal.get(seed).summary if seed in ideal else None
+            cost = s["cost_to_target_usd"] or {}
+            base_cost = (b or {}).get("cost_to_target_usd") or {}
+            per_seed["t95"].append(s["time_to_target_s"])
+            per_seed["cost_i"].append(cost.get("instance"))
+            per_seed["cost_s"].append(cost.get("serverless"))
+            per_seed["speedup"].append(_ratio(b and b["time_to_target_s"], s["time_to_target_s"]))
+            for mode, key in (("instance", "red_i"), ("serverless", "red_s")):
+                r = _ratio(cost.get(mode), base_cost.get(mode))
+                per_seed[key].append(None if r is None else 1 - r)
+            per_seed["ideal_gap"].append(_ratio(s["time_to_target_s"], i and i["time_to_target_s"]))
+            acc_gap = None
+            if i and i["final_accuracy"] is not None and s["final_accuracy"] is not None:
+                acc_gap = 100 * (i["final_accuracy"] - s["final_accuracy"])
+            per_seed["acc_gap"].append(acc_gap)
+            per_seed["final"].append(s["final_accuracy"])
+            wan = s.get("wan_bytes_to_target")
+            per_seed["wan"].append(None if wan is None else wan / 1e9)
+            util = s.get("utilization") or {}
+            per_seed["util"].append(statistics.fmean(util.values()) if util else None)
+        table.append({"topology": topo, "strategy": strategy, "seeds": sorted(seeds), **per_seed})
+    return table
+
+
+COLUMNS = [
+    ("time-to-95 % (s)", "t95"), ("cost-to-95 % $ inst.", "cost_i"), ("cost-to-95 % $ srvl.", "cost_s"),
+    ("speedup vs FedAvg", "speedup"), ("cost reduction (inst.)", "red_i"), ("cost reduction (srvl.)", "red_s"),
+    ("ideal gap", "ideal_gap"), ("accuracy gap (pts)", "acc_gap"), ("final accuracy", "final"),
+    ("WAN GB to 95 %", "wan"), ("mean utilisation", "util"),
+]
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    head = "| topology | strategy | seeds | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    sep = "|" + "---|" * (3 + len(COLUMNS))
+    lines = [head, sep]
+    for row in table:
+        cells = [_mean_std(row[key]) for _, key in COLUMNS]
+        seeds = ",".join(str(s) for s in row["seeds"])
+        lines.append(f"| {row['topology']} | {row['strategy']} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(folder: str | Path) -> str:
+    runs, skipped = load_runs(folder)
+    out = []
+    if runs:
+        out.append(markdown(rows(runs)))
+    else:
+        out.append(f"no results.json found under {folder}")
+    for path, reason in skipped:
+        out.append(f"skipped {path}: {reason}")
+    return "\n".join(out)
