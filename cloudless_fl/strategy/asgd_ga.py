@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
@@ -135,8 +134,7 @@ class AsyncGradAccum(GeoStrategy):
                 self.history.counters["dropped_stale"] += 1
                 continue
             self.history.staleness[tau] += 1  # of applied updates
-            gradient = {k: torch.from_numpy(v.numpy()) for k, v in arrays.items()}
-            self.optimizer.step(gradient, scale=self.staleness(tau) * self._balance_weight(flight.region))
+            self.optimizer.step(protocol.decode_tensors(arrays), scale=self.staleness(tau) * self._balance_weight(flight.region))
             self.version += 1
             applied = True
         return (self.optimizer.arrays() if applied else None), metrics

@@ -40,10 +40,13 @@ class ServerOptimizer:
         """Apply `scale * gradient`; entries absent from `gradient` are left unchanged."""
         for name, param in self.state.items():
             g = gradient.get(name)
-            param.grad = None if g is None or not param.is_floating_point() else g.to(param.dtype) * scale
+            if g is None or not param.is_floating_point():
+                param.grad = None
+                continue
+            if param.grad is None:  # one gradient buffer per parameter, reused for every update
+                param.grad = torch.empty_like(param)
+            torch.mul(g, scale, out=param.grad)
         self.optimizer.step()
-        for param in self.state.values():
-            param.grad = None
 
     def arrays(self) -> ArrayRecord:
         return ArrayRecord(self.state)

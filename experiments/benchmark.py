@@ -1,0 +1,112 @@
+"""The geo4 benchmark (shared/BENCHMARK.md): FedAvg vs MA vs ASGD-GA vs Ideal.
+
+Each strategy's learning rate is picked from {0.01, 0.03, 0.1, 0.3} on seed 0
+(best time-to-95 %, then best final accuracy), then run on seeds 1, 2, 3 on
+geo4 and geo4-fluct; Ideal is the same training on topology `lan`. Runs use the
+in-process engine (same ServerApp/ClientApp/strategies as the Simulation
+Engine, identical figures under the virtual clock, no Ray start-up per run) on
+2 worker processes. Prints the comparison table at the end.
+
+    .venv/bin/python experiments/benchmark.py --out outputs/benchmark
+    .venv/bin/python experiments/benchmark.py --quick      # geo4, seed 1, default lrs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+LRS = (0.01, 0.03, 0.1, 0.3)
+SEEDS = (1, 2, 3)
+TOPOLOGIES = ("geo4", "geo4-fluct")
+STRATEGIES = {
+    "fedavg": ["strategy=fedavg", "strategy.num_rounds=40"],
+    "ma": ["strategy=ma", "strategy.num_rounds=40"],
+    "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=1500", "strategy.eval_every=25"],
+}
+IDEAL = ["strategy=fedavg", "topology=lan", "strategy.num_rounds=15"]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # two runs share the two cores
+
+
+def _run(job: tuple[list[str], str]) -> tuple[str, dict | None, float]:
+    overrides, run_dir = job
+    from cloudless_fl.config import compose
+    from cloudless_fl.run import run
+
+    start = time.perf_counter()
+    results = Path(run_dir) / "results.json"
+    if results.is_file():  # resumable: a finished run is not redone
+        return run_dir, json.loads(results.read_text())["summary"], 0.0
+    payload = run(compose([*overrides, "engine=inprocess", "progress=false"]), run_dir)
+    return run_dir, payload["summary"], time.perf_counter() - start
+
+
+def _score(summary: dict) -> tuple[float, float]:
+    t95 = summary["time_to_target_s"]
+    return (t95 if t95 is not None else float("inf"), -(summary["final_accuracy"] or 0.0))
+
+
+def _jobs(out: Path, phase: str, seeds, lrs: dict[tuple[str, str], list[float]]) -> list[tuple[list[str], str]]:
+    jobs = []
+    for (topology, strategy), grid in lrs.items():
+        base = IDEAL if strategy == "ideal" else [*STRATEGIES[strategy], f"topology={topology}"]
+        for lr in grid:
+            for seed in seeds:
+                run_dir = out / phase / topology / strategy / f"lr{lr}-seed{seed}"
+                jobs.append(([*base, f"strategy.lr={lr}", f"seed={seed}"], str(run_dir)))
+    return jobs
+
+
+def _execute(pool, jobs) -> dict[str, dict]:
+    done = {}
+    for run_dir, summary, seconds in pool.imap_unordered(_run, jobs):
+        done[run_dir] = summary
+        t95 = summary["time_to_target_s"]
+        print(f"  {run_dir}: t95={'—' if t95 is None else f'{t95:.1f}s'} "
+              f"final={summary['final_accuracy']:.4f} ({seconds:.0f} s)", flush=True)
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/benchmark")
+    parser.add_argument("--quick", action="store_true", help="geo4 only, seed 1, no tuning")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    out = Path(args.out)
+    keys = [(t, s) for t in (TOPOLOGIES[:1] if args.quick else TOPOLOGIES) for s in STRATEGIES]
+    keys.append(("lan", "ideal"))
+    wall = time.perf_counter()
+    with mp.get_context("fork").Pool(args.workers, initializer=_init_worker) as pool:
+        if args.quick:
+            chosen = {k: [0.3] for k in keys}
+            seeds = SEEDS[:1]
+        else:
+            print("tuning learning rates on seed 0", flush=True)
+            tuned = _execute(pool, _jobs(out, "tune", [0], {k: list(LRS) for k in keys}))
+            chosen = {}
+            for topology, strategy in keys:
+                best = min(LRS, key=lambda lr: _score(tuned[str(out / "tune" / topology / strategy / f"lr{lr}-seed0")]))
+                chosen[topology, strategy] = [best]
+                print(f"  {topology}/{strategy}: lr={best}", flush=True)
+            seeds = SEEDS
+        print(f"reporting runs on seeds {list(seeds)}", flush=True)
+        _execute(pool, _jobs(out, "final", seeds, chosen))
+    from cloudless_fl.report import report
+
+    print()
+    print(f"chosen learning rates: " + ", ".join(f"{t}/{s}={lr[0]}" for (t, s), lr in chosen.items()))
+    print(report(out / "final"))
+    print(f"\nbenchmark wall time: {time.perf_counter() - wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
