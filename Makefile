@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
-	$(BIN)/cloudless-fl run
+DEMO_DIR := outputs/demo
+
+demo: install  ## FedAvg vs MA vs ASGD-GA on geo4 (Flower Simulation Engine), then their comparison
+	rm -rf $(DEMO_DIR)
+	$(BIN)/cloudless-fl run -m strategy=fedavg,ma,asgd_ga,asgd_ga_delta hydra.sweep.dir=$(DEMO_DIR)
+	$(BIN)/cloudless-fl report $(DEMO_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -29,7 +29,7 @@ from .topology import Topology
 from .training import evaluate
 
 log = logging.getLogger("cloudless_fl")
-STRATEGIES = ("fedavg", "ma", "asgd_ga")
+STRATEGIES = ("fedavg", "ma", "asgd_ga", "asgd_ga_delta")  # conf/strategy/<name>.yaml
 NODE_WAIT_S = 120.0
 
 
@@ -81,7 +81,7 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int):
     stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
                      target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
     common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s)}
-    if s.name == "asgd_ga":
+    if s.name in ("asgd_ga", "asgd_ga_delta"):  # the same strategy, gradient or delta updates
         return AsyncGradAccum(lr=float(s.lr), momentum=float(s.momentum), nesterov=bool(s.nesterov),
                               accumulation_steps=_int_or_mapping(s.accumulation_steps),
                               batch_size=int(s.batch_size), tau_max=int(s.tau_max), staleness=str(s.staleness),

@@ -1,6 +1,9 @@
 """The geo4 benchmark (shared/BENCHMARK.md): FedAvg vs MA vs ASGD-GA vs Ideal.
 
-Each strategy's learning rate is picked from {0.01, 0.03, 0.1, 0.3} on seed 0
+ASGD-GA runs in both update modes (`asgd_ga`: gradient accumulation, the
+default; `asgd_ga_delta`: local SGD deltas). Strategies use their Hydra
+defaults (no scheduler yet: one worker per region, equal local work). Each
+strategy's learning rate is picked from {0.01, 0.03, 0.1, 0.3} on seed 0
 (best time-to-95 %, then best final accuracy), then run on seeds 1, 2, 3 on
 geo4 and geo4-fluct; Ideal is the same training on topology `lan`. Runs use the
 in-process engine (same ServerApp/ClientApp/strategies as the Simulation
@@ -26,7 +29,10 @@ STRATEGIES = {
     "fedavg": ["strategy=fedavg", "strategy.num_rounds=40"],
     "ma": ["strategy=ma", "strategy.num_rounds=40"],
     "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=1500", "strategy.eval_every=25"],
+    "asgd_ga_delta": ["strategy=asgd_ga_delta", "strategy.num_rounds=400", "strategy.eval_every=10"],
 }
+# The learning rate each strategy tunes: the local one where the server applies updates as sent.
+TUNED_KEY = {"asgd_ga_delta": "strategy.local_lr"}
 IDEAL = ["strategy=fedavg", "topology=lan", "strategy.num_rounds=15"]
 
 
@@ -61,7 +67,8 @@ def _jobs(out: Path, phase: str, seeds, lrs: dict[tuple[str, str], list[float]])
         for lr in grid:
             for seed in seeds:
                 run_dir = out / phase / topology / strategy / f"lr{lr}-seed{seed}"
-                jobs.append(([*base, f"strategy.lr={lr}", f"seed={seed}"], str(run_dir)))
+                key = TUNED_KEY.get(strategy, "strategy.lr")
+                jobs.append(([*base, f"{key}={lr}", f"seed={seed}"], str(run_dir)))
     return jobs
 
 
