@@ -23,14 +23,11 @@ from .data import Arrays, load_npz, load_source, read_manifest, split_dataset
 from .errors import ConfigError, DataError
 from .topology import Topology, load_topology
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ENGINES = ("simulation", "inprocess")
 
 
 def conf_dir() -> Path:
-    """The directory holding Hydra's config groups (a source checkout or the installed package)."""
-    if CONF_DIR.is_dir():
-        return CONF_DIR
+    """The directory holding Hydra's config groups: `conf/`, installed as the package `cloudless_fl.conf`."""
     from importlib.resources import files
 
     return Path(str(files("cloudless_fl.conf")))

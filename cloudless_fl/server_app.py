@@ -155,11 +155,13 @@ def _region_report(meter: Meter) -> dict[str, Any] | None:
 
 
 def progress_printer(cfg: DictConfig):
-    """One console line per recorded round/version."""
-    unit = "round" if cfg.strategy.name == "fedavg" else "version"
+    """One console line per evaluated round/version (every `strategy.eval_every`)."""
+    unit = {"fedavg": "round", "ma": "period"}.get(cfg.strategy.name, "version")
 
     def show(entry: dict[str, Any]) -> None:
-        acc = "   -  " if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
+        if entry["accuracy"] is None:
+            return
+        acc = f"{entry['accuracy']:.4f}"
         cost = entry["cost_usd"]["instance"] if entry.get("cost_usd") else float("nan")
         print(f"[{cfg.strategy.name}] {unit} {entry['version']:>4}  t={entry['time_s']:8.2f}s  "
               f"acc={acc}  cost=${cost:.4f}  wan={entry['wan_bytes'] / 1e6:8.1f} MB", flush=True)
