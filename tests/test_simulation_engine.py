@@ -26,3 +26,10 @@ def test_strategy_on_simulation_engine_raises_accuracy(two_region_topology, tmp_
     assert len(accuracy) >= 2
     assert accuracy[-1] > accuracy[0] + 0.1
     assert results["summary"]["total_time_s"] > 0
+    # under the virtual clock the in-process engine gives the same modelled figures
+    inprocess = run(compose(small_run_overrides(two_region_topology) + CASES[strategy]), tmp_path / "inprocess")
+    for sim, local in zip(results["history"], inprocess["history"], strict=True):
+        assert (sim["version"], sim["time_s"], sim["cost_usd"], sim["wan_bytes"]) == \
+            (local["version"], local["time_s"], local["cost_usd"], local["wan_bytes"])
+        if sim["accuracy"] is not None:  # region threads differ (Ray: 1): float noise only
+            assert sim["accuracy"] == pytest.approx(local["accuracy"], abs=0.02)
