@@ -72,9 +72,6 @@ class CostModel:
         """Whether traffic between `region` and the coordinator leaves a region."""
         return region != self.topology.coordinator and not self.topology.free_communication
 
-    def bandwidth_mbps(self, region: str, t: float, direction: str = DOWN) -> float:
-        return self._links[region, direction].segment(t)[0]
-
     def transfer_seconds(self, region: str, start: float, nbytes: int, direction: str) -> float:
         if self.topology.free_communication:
             return 0.0

@@ -64,10 +64,6 @@ class Meter:
     def workers(self, region: str) -> int:
         return self.ledger.accounts[region].workers if self.ledger else 1
 
-    def set_workers(self, region: str, workers: int) -> None:
-        if self.ledger:
-            self.ledger.set_workers(region, workers, self.clock.now())
-
     def dispatch(self, region: str, *, bytes_down: int, samples: int | None = None,
                  at: float | None = None) -> Job:
         """Start a job now (or at `at`); with `samples` known its modelled end is fixed at once."""

@@ -110,7 +110,7 @@ def main() -> None:
     from cloudless_fl.report import report
 
     print()
-    print(f"chosen learning rates: " + ", ".join(f"{t}/{s}={lr[0]}" for (t, s), lr in chosen.items()))
+    print("chosen learning rates: " + ", ".join(f"{t}/{s}={lr[0]}" for (t, s), lr in chosen.items()))
     print(report(out / "final"))
     print(f"\nbenchmark wall time: {time.perf_counter() - wall:.0f} s")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.region_app import make_client_app

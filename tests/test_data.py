@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cloudless_fl.data import (
-    Arrays, check_labels, detect_format, load_npz, load_resident, load_source, read_manifest, split_dataset,
+    check_labels, detect_format, load_npz, load_resident, load_source, read_manifest, split_dataset,
 )
 from cloudless_fl.errors import DataError
 

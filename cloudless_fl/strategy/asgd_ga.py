@@ -24,8 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from .. import protocol
-from .base import EvaluateFn, GeoStrategy, InFlight, per_region
-from .server_optimizer import ServerOptimizer
+from .base import EvaluateFn, GeoStrategy
 
 POLL_S = 0.005
 RATE_EMA = 0.3
@@ -92,8 +91,6 @@ class AsyncGradAccum(GeoStrategy):
         self.balance = balance
         self.max_weight = max_weight
         self.version = 0
-        self.optimizer: ServerOptimizer | None = None
-        self._inflight: dict[str, InFlight] = {}
         self._idle: set[int] = set()
         self._durations: dict[str, float] = {}
 
@@ -105,16 +102,13 @@ class AsyncGradAccum(GeoStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One job for every idle region, from model version `server_round`; pushed here."""
-        for node_id in sorted(self._idle):
-            region = self.regions[node_id].name
-            steps = per_region(self.accumulation_steps, region)
-            order = protocol.WorkOrder(lr=self.local_lr, batch_size=self.batch_size, steps=steps, mode=self.update,
-                                       data_seed=int(config.get("data-seed", 0)))
-            mid, flight = self._dispatch(grid, node_id, arrays, config, order, steps * self.batch_size,
-                                         server_round)
-            self._inflight[mid] = flight
-            if flight.job.timing is not None:
-                self._observe_duration(region, flight.job.timing.end - flight.job.dispatched_at)
+        sent = set(self._inflight)
+        self._send_jobs(grid, self._idle, arrays, config, steps=self.accumulation_steps, lr=self.local_lr,
+                        mode=self.update, batch_size=self.batch_size, version=server_round)
+        for key in set(self._inflight) - sent:
+            job = self._inflight[key].job
+            if job.timing is not None:  # virtual clock: the pace is known at dispatch
+                self._observe_duration(job.region, job.timing.end - job.dispatched_at)
         self._idle.clear()
         return []  # already pushed: each job's metering starts when it is sent
 
@@ -144,13 +138,9 @@ class AsyncGradAccum(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run until `num_rounds` model versions (or a stop rule); returns the final model."""
-        config = train_config or ConfigRecord()
-        self.summary()
-        self._join(grid, config)
-        self.optimizer = ServerOptimizer.from_arrays(initial_arrays, lr=self.lr, momentum=self.momentum,
-                                                     nesterov=self.nesterov)
+        config = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.lr, momentum=self.momentum,
+                             nesterov=self.nesterov)
         arrays = initial_arrays
-        self._evaluate(0, arrays, evaluate_fn, force=True)
         self._idle = set(self.regions)
         self.configure_train(self.version, arrays, config, grid)
         arrived: dict[str, Message] = {}

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -20,6 +21,7 @@ from .. import protocol
 from ..meter import Job, Meter, record_bytes
 from ..results import History
 from .regions import RegionInfo, data_shares, discover_regions
+from .server_optimizer import ServerOptimizer
 
 log = logging.getLogger("cloudless_fl")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -83,6 +85,8 @@ class GeoStrategy(Strategy):
         self.shares: dict[str, float] = {}
         self.offsets: dict[str, int] = {}
         self.stop_reason: str | None = None
+        self._inflight: dict[str, InFlight] = {}  # message id → job on its way
+        self.optimizer: ServerOptimizer | None = None
 
     # Flower's Strategy interface: the loop in start() drives these per node/update.
     def summary(self) -> None:
@@ -99,6 +103,17 @@ class GeoStrategy(Strategy):
         return None
 
     # ------------------------------------------------------------------ shared machinery
+    def _begin(self, grid: Grid, train_config: ConfigRecord | None, initial_arrays: ArrayRecord,
+               evaluate_fn: EvaluateFn | None, **optimizer: Any) -> ConfigRecord:
+        """Start of every run: log the settings, find the regions, set up the server optimizer,
+        evaluate the initial model. Returns the config every job carries."""
+        config = train_config or ConfigRecord()
+        self.summary()
+        self._join(grid, config)
+        self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
+        self._evaluate(0, initial_arrays, evaluate_fn, force=True)
+        return config
+
     def _join(self, grid: Grid, train_config: ConfigRecord) -> None:
         """Find out which node is which region (once, before training)."""
         nodes = list(grid.get_node_ids())
@@ -120,16 +135,24 @@ class GeoStrategy(Strategy):
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: content}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
 
-    def _dispatch(self, grid: Grid, node_id: int, arrays: ArrayRecord, config: ConfigRecord,
-                  order: protocol.WorkOrder, samples: int, version: int) -> tuple[str, InFlight]:
-        """Send one job; the region's stream offset advances by the samples it will use."""
-        region = self.regions[node_id].name
-        order.offset = self.offsets[region]
-        order.version = version
-        self.offsets[region] += samples
-        job = self.meter.dispatch(region, bytes_down=record_bytes(arrays), samples=samples)
-        [mid] = grid.push_messages([self._train_message(node_id, arrays, config, order)])
-        return mid, InFlight(node_id, region, version, job, samples)
+    def _send_jobs(self, grid: Grid, node_ids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord, *,
+                   steps: int | Mapping[str, int], lr: float, mode: str, batch_size: int, version: int) -> None:
+        """Send each node a job of its region's `steps` mini-batches, metered from now.
+
+        The region's stream offset advances by the samples the job will use, so
+        successive jobs walk through its data.
+        """
+        for node_id in sorted(node_ids):
+            region = self.regions[node_id].name
+            count = per_region(steps, region)
+            samples = count * batch_size
+            order = protocol.WorkOrder(lr=lr, batch_size=batch_size, steps=count, mode=mode,
+                                       data_seed=int(config.get("data-seed", 0)), offset=self.offsets[region],
+                                       version=version)
+            self.offsets[region] += samples
+            job = self.meter.dispatch(region, bytes_down=record_bytes(arrays), samples=samples)
+            [mid] = grid.push_messages([self._train_message(node_id, arrays, config, order)])
+            self._inflight[mid] = InFlight(node_id, region, version, job, samples)
 
     def _complete(self, flight: InFlight, reply: Message) -> tuple[ArrayRecord, MetricRecord]:
         """Meter a successful reply and return its arrays and metrics."""

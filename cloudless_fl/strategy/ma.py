@@ -15,14 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from .. import protocol
-from .base import EvaluateFn, GeoStrategy, InFlight, per_region
-from .server_optimizer import ServerOptimizer
+from .base import EvaluateFn, GeoStrategy
 
 POLL_S = 0.005
 
@@ -59,8 +57,6 @@ class ModelAveraging(GeoStrategy):
         self.normalize = normalize
         self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
         self.deadline_s = deadline_s
-        self.optimizer: ServerOptimizer | None = None
-        self._inflight: dict[str, InFlight] = {}
 
     def describe(self) -> str:
         return (f"local lr={self.lr}, H={self.local_steps}, batch={self.batch_size}, FedNova={self.normalize}, "
@@ -70,14 +66,8 @@ class ModelAveraging(GeoStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Send every live region its period's work (`H_r` steps); pushed here so metering starts now."""
-        for node_id in sorted(self.regions):
-            region = self.regions[node_id].name
-            steps = per_region(self.local_steps, region)
-            order = protocol.WorkOrder(lr=self.lr, batch_size=self.batch_size, steps=steps,
-                                       mode=protocol.MODE_WEIGHTS, data_seed=int(config.get("data-seed", 0)))
-            mid, flight = self._dispatch(grid, node_id, arrays, config, order, steps * self.batch_size,
-                                         server_round)
-            self._inflight[mid] = flight
+        self._send_jobs(grid, self.regions, arrays, config, steps=self.local_steps, lr=self.lr,
+                        mode=protocol.MODE_WEIGHTS, batch_size=self.batch_size, version=server_round)
         return []
 
     def aggregate_train(self, server_round: int,
@@ -110,13 +100,9 @@ class ModelAveraging(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run `num_rounds` periods (or until a stop rule); returns the final model."""
-        config = train_config or ConfigRecord()
-        self.summary()
-        self._join(grid, config)
-        self.optimizer = ServerOptimizer.from_arrays(initial_arrays, lr=self.outer_lr,
-                                                     momentum=self.outer_momentum, nesterov=self.nesterov)
+        config = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.outer_lr,
+                             momentum=self.outer_momentum, nesterov=self.nesterov)
         arrays = initial_arrays
-        self._evaluate(0, arrays, evaluate_fn, force=True)
         for period in range(1, num_rounds + 1):
             if not self.regions:
                 self.stop_reason = "no region left"

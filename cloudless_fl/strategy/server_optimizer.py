@@ -50,7 +50,3 @@ class ServerOptimizer:
 
     def arrays(self) -> ArrayRecord:
         return ArrayRecord(self.state)
-
-    def state_dict(self) -> dict:
-        """Model and optimizer state (momentum), for checkpoints."""
-        return {"model": self.state, "optimizer": self.optimizer.state_dict()}
