@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from cloudless_fl.grid import InProcessGrid
@@ -28,6 +29,7 @@ def example_modules():
 @pytest.mark.parametrize("strategy", ["asgd_ga", "ma"])
 def test_plain_flower_app_runs_our_strategies_without_topology(example_modules, strategy, capsys):
     client_app, server_app = example_modules
+    torch.manual_seed(0)  # the example's model init is the user's, unseeded
     grid = InProcessGrid(client_app.app, 3)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"strategy": strategy})
     server_app.app(grid, context)

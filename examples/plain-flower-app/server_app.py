@@ -28,7 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     name = context.run_config.get("strategy", "asgd_ga")
     # strategy = FedAvg(fraction_evaluate=0.0)
     if name == "ma":
-        strategy = ModelAveraging(lr=0.1, local_steps=10, eval_every=1)
+        strategy = ModelAveraging(lr=0.3, local_steps=10, eval_every=1)
         rounds = 10
     else:
         strategy = AsyncGradAccum(lr=0.3, accumulation_steps=4, eval_every=20)
