@@ -140,10 +140,15 @@ def _data_root_from_run_config(context: Context) -> Path | None:
     """Under `flwr run .` the run-config names the dataset; its split lives in the cache."""
     if not context.run_config:
         return None
+    return _data_root_for(tuple(sorted(context.run_config.items())))
+
+
+@lru_cache(maxsize=4)
+def _data_root_for(run_config: tuple) -> Path:
+    """Composing the config and checking the split once per run, not once per message."""
     from cloudless_fl.config import config_from_run_config, prepare_data
 
-    cfg = config_from_run_config(context.run_config)
-    return prepare_data(cfg).root
+    return prepare_data(config_from_run_config(dict(run_config))).root
 
 
 app = make_client_app()

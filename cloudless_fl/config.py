@@ -24,6 +24,7 @@ from .errors import ConfigError, DataError
 from .topology import Topology, load_topology
 
 ENGINES = ("simulation", "inprocess")
+STRATEGIES = ("fedavg", "ma", "asgd_ga", "asgd_ga_delta")  # conf/strategy/<name>.yaml
 
 
 def conf_dir() -> Path:
@@ -80,7 +81,9 @@ def dataset_cfg(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Top-level keys, checked before anything starts."""
+    """Top-level keys and the strategy's name, checked before anything starts."""
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {cfg.strategy.name!r}; choose one of {', '.join(STRATEGIES)}")
     if cfg.engine not in ENGINES:
         raise ConfigError(f"engine={cfg.engine!r} is unknown; use one of {', '.join(ENGINES)}")
     if not 0 < float(cfg.target_accuracy) <= 1:
@@ -96,7 +99,6 @@ class DataLayout:
     root: Path
     test: Arrays
     num_classes: int
-    region_sizes: dict[str, int] | None  # known when the split tool wrote the folder
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -135,6 +137,4 @@ def prepare_data(cfg: DictConfig) -> DataLayout:
         raise DataError(f"{root} has no test.npz for central evaluation; write one (x, y) or use the split tool")
     test, _ = load_npz(test_file)
     num_classes = int(ds.num_classes) if ds.get("num_classes") else int(np.max(test.y)) + 1
-    manifest = read_manifest(root)
-    return DataLayout(root=root, test=test, num_classes=num_classes,
-                      region_sizes=dict(manifest["regions"]) if manifest else None)
+    return DataLayout(root=root, test=test, num_classes=num_classes)

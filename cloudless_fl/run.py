@@ -16,23 +16,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import conf_dir, dataset_cfg, prepare_data, topology_of, validate
+from .config import DataLayout, conf_dir, dataset_cfg, prepare_data, topology_of, validate
 from .data import check_labels, load_resident
 from .errors import CloudlessError, DataError
 from .grid import InProcessGrid
 from .models import build_model
-from .server_app import STRATEGIES, run_experiment
+from .server_app import run_experiment
+from .topology import Topology
 
-log = logging.getLogger("cloudless_fl")
-
-
-def preflight(cfg: DictConfig) -> None:
-    """Fail fast, with the fix in the message, before any engine starts."""
+def preflight(cfg: DictConfig) -> tuple[Topology, DataLayout]:
+    """Fail fast, with the fix in the message, before any engine starts; returns what the run needs."""
     validate(cfg)
-    if cfg.strategy.name not in STRATEGIES:
-        from .errors import ConfigError
-
-        raise ConfigError(f"unknown strategy {cfg.strategy.name!r}; choose one of {', '.join(STRATEGIES)}")
     topology = topology_of(cfg)
     layout = prepare_data(cfg)
     build_model(cfg.model.name, layout.input_shape, layout.num_classes, **cfg.model.options)
@@ -44,30 +38,29 @@ def preflight(cfg: DictConfig) -> None:
             raise DataError(f"region {region}: inputs have shape {data.input_shape}, the test set "
                             f"{layout.input_shape}; all regions must hold the same kind of data")
         check_labels(data.train.y, layout.num_classes, f"region {region}")
+    return topology, layout
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run one experiment; return the results payload also written to `<run_dir>/results.json`."""
     from clients.region_app import make_client_app
 
-    preflight(cfg)
+    topology, layout = preflight(cfg)
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(str(cfg.flower_log_level).upper())
     flwr_log.propagate = False  # Flower has its own console handler; Hydra's would print twice
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations chatter
-    topology = topology_of(cfg)
-    layout = prepare_data(cfg)
     client_app = make_client_app(layout.root, dataset_cfg(cfg).get("format", "auto"))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.engine == "inprocess":
-        return run_experiment(InProcessGrid(client_app, len(topology.regions)), cfg, run_dir)
-    return _run_on_simulation_engine(cfg, run_dir, client_app, len(topology.regions))
+        grid = InProcessGrid(client_app, len(topology.regions))
+        return run_experiment(grid, cfg, run_dir, topology, layout)
+    return _run_on_simulation_engine(cfg, run_dir, client_app, topology, layout)
 
 
-def _run_on_simulation_engine(cfg: DictConfig, run_dir: Path, client_app, num_regions: int) -> dict[str, Any]:
-    import json
-
+def _run_on_simulation_engine(cfg: DictConfig, run_dir: Path, client_app, topology: Topology,
+                              layout: DataLayout) -> dict[str, Any]:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -76,18 +69,15 @@ def _run_on_simulation_engine(cfg: DictConfig, run_dir: Path, client_app, num_re
 
     @server_app.main()
     def main(grid, context) -> None:
-        payload.update(run_experiment(grid, cfg, run_dir))
+        payload.update(run_experiment(grid, cfg, run_dir, topology, layout))
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                              "logging_level": logging.ERROR, "log_to_driver": True}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_regions,
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(topology.regions),
                    backend_config=backend)
-    if not payload:
-        results = run_dir / "results.json"
-        if results.is_file():
-            return json.loads(results.read_text())
+    if not payload:  # Flower logs the ServerApp's exception and returns
         raise RuntimeError("the simulation ended without results; see the Flower log above for the error")
     return payload
 

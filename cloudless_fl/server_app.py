@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from omegaconf import DictConfig, OmegaConf
 
-from .config import DataLayout, config_from_run_config, prepare_data, topology_of
+from .config import DataLayout, config_from_run_config, prepare_data, topology_of, validate
 from .errors import ConfigError
 from .meter import Meter
 from .models import build_model
@@ -29,7 +28,6 @@ from .topology import Topology
 from .training import evaluate
 
 log = logging.getLogger("cloudless_fl")
-STRATEGIES = ("fedavg", "ma", "asgd_ga", "asgd_ga_delta")  # conf/strategy/<name>.yaml
 NODE_WAIT_S = 120.0
 
 
@@ -70,14 +68,12 @@ def make_meter(cfg: DictConfig, topology: Topology) -> Meter:
 
 
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int):
-    """The configured strategy, charged by `meter`."""
+    """The configured strategy (a name `config.validate` accepted), charged by `meter`."""
     s = cfg.strategy
     if s.name == "fedavg":
         fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_regions,
                         min_available_nodes=num_regions)
         return Metered(fedavg, meter, eval_every=int(s.eval_every))
-    if s.name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {s.name!r}; choose one of {', '.join(STRATEGIES)}")
     stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
                      target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
     common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s)}
@@ -97,11 +93,15 @@ def _int_or_mapping(value):
     return {str(k): int(v) for k, v in value.items()} if isinstance(value, DictConfig) else int(value)
 
 
-def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run the configured strategy on `grid` and write `<run_dir>/results.json`."""
-    topology = topology_of(cfg)
-    layout = prepare_data(cfg)
-    torch.manual_seed(int(cfg.seed))
+def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: Topology | None = None,
+                   layout: DataLayout | None = None) -> dict[str, Any]:
+    """Run the configured strategy on `grid` and write `<run_dir>/results.json`.
+
+    `topology` and `layout` are resolved from `cfg` unless the caller already did (`cloudless-fl run`).
+    """
+    if topology is None or layout is None:
+        validate(cfg)
+        topology, layout = topology_of(cfg), prepare_data(cfg)
     model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, seed=int(cfg.seed),
                         **cfg.model.options)
     spec = ModelSpec(cfg.model.name, layout.num_classes, OmegaConf.to_container(cfg.model.options))
@@ -116,10 +116,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path) -> dict[str
     strategy = build_strategy(cfg, meter, len(topology.regions))
     if cfg.progress:
         strategy.history.listeners.append(progress_printer(cfg))
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                            num_rounds=int(cfg.strategy.num_rounds), train_config=train_config,
-                            evaluate_fn=central_evaluator(cfg, layout))
-    del result  # the history holds what results.json needs
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),  # the history holds the results
+                   num_rounds=int(cfg.strategy.num_rounds), train_config=train_config,
+                   evaluate_fn=central_evaluator(cfg, layout))
     payload = results_payload(cfg, strategy.history, meter)
     write_results(Path(run_dir) / "results.json", payload)
     return payload

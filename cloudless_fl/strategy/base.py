@@ -54,7 +54,6 @@ class InFlight:
     region: str
     version: int
     job: Job
-    samples: int
     sent_at: float = field(default_factory=time.monotonic)  # real time, for reply timeouts
 
 
@@ -142,6 +141,7 @@ class GeoStrategy(Strategy):
         The region's stream offset advances by the samples the job will use, so
         successive jobs walk through its data.
         """
+        nbytes = record_bytes(arrays)
         for node_id in sorted(node_ids):
             region = self.regions[node_id].name
             count = per_region(steps, region)
@@ -150,9 +150,9 @@ class GeoStrategy(Strategy):
                                        data_seed=int(config.get("data-seed", 0)), offset=self.offsets[region],
                                        version=version)
             self.offsets[region] += samples
-            job = self.meter.dispatch(region, bytes_down=record_bytes(arrays), samples=samples)
+            job = self.meter.dispatch(region, bytes_down=nbytes, samples=samples)
             [mid] = grid.push_messages([self._train_message(node_id, arrays, config, order)])
-            self._inflight[mid] = InFlight(node_id, region, version, job, samples)
+            self._inflight[mid] = InFlight(node_id, region, version, job)
 
     def _complete(self, flight: InFlight, reply: Message) -> tuple[ArrayRecord, MetricRecord]:
         """Meter a successful reply and return its arrays and metrics."""
