@@ -74,22 +74,25 @@ class Meter:
             job.timing = self._model(job, samples, bytes_up=bytes_down)
         return job
 
-    def complete(self, job: Job, *, bytes_up: int, samples: int, compute_s: float) -> float:
-        """Finish `job` (reported `samples`, measured `compute_s`); charge it; return its end time."""
+    def complete(self, job: Job, *, bytes_up: int, samples: int, compute_s: float) -> tuple[float, float]:
+        """Finish `job` (reported `samples`, measured `compute_s`) and charge it.
+
+        Returns what the job took, `(compute_s, transfer_s)`: modelled under the
+        virtual clock, measured under the wall clock (what the scheduler learns from).
+        """
         if self.cost_model and job.timing is None:
             job.timing = self._model(job, samples, bytes_up=bytes_up)
         end = self.clock.finish(job)
+        if self.clock.modelled:
+            busy, transfer = job.timing.compute_s, job.timing.download_s + job.timing.upload_s
+        else:
+            busy, transfer = compute_s, max(0.0, end - job.dispatched_at - compute_s)
         if self.ledger:
-            if self.clock.modelled:
-                busy, transfer = job.timing.compute_s, job.timing.download_s + job.timing.upload_s
-            else:
-                busy = compute_s
-                transfer = max(0.0, end - job.dispatched_at - compute_s)
             self.ledger.record_job(job.region, busy, transfer, job.bytes_down, bytes_up)
             self.ledger.hold_until(self.clock.now())
         else:
             self.wan_bytes_unpriced += job.bytes_down + bytes_up
-        return end
+        return busy, transfer
 
     def abandon(self, job: Job, at: float) -> None:
         """A job cut off at `at` (a missed deadline): charge its download and the compute done by then."""

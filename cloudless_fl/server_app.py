@@ -19,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import DataLayout, config_from_run_config, prepare_data, topology_of, validate
 from .errors import ConfigError
-from .meter import Meter
+from .data import read_manifest
+from .meter import Meter, record_bytes
 from .models import build_model
 from .protocol import ModelSpec, WorkOrder
 from .results import History, summarize, write_results
-from .strategy import AsyncGradAccum, Metered, ModelAveraging, StopRules
+from .scheduler import Objective, Scheduler, Workload, evaluate_plan
+from .strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg, StopRules
 from .topology import Topology
 from .training import evaluate
 
@@ -67,16 +69,63 @@ def make_meter(cfg: DictConfig, topology: Topology) -> Meter:
     raise ConfigError(f"clock={cfg.clock!r} is unknown; use virtual (simulation) or wall (deployment)")
 
 
-def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int):
-    """The configured strategy (a name `config.validate` accepted), charged by `meter`."""
+def workload(cfg: DictConfig, data_sizes: dict[str, int], model_bytes: int) -> Workload:
+    """What the scheduler plans for: the resident data, the model's size and the strategy's local work."""
+    sc = cfg.scheduler
+    return Workload(data_sizes, model_bytes, base_steps=base_steps(cfg, data_sizes),
+                    batch_size=int(cfg.strategy.batch_size), epochs=float(sc.get("epochs", 1.0)),
+                    max_steps_factor=1.0 if cfg.strategy.name == "fedavg" else float(sc.get("max_steps_factor", 1.0)))
+
+
+def base_steps(cfg: DictConfig, data_sizes: dict[str, int]) -> int:
+    """The strategy's configured local work per synchronisation, in mini-batches (mean over regions)."""
+    s = cfg.strategy
+    if s.name == "fedavg":  # local epochs of the mean region
+        mean = sum(data_sizes.values()) / max(1, len(data_sizes))
+        return max(1, round(float(s.local_epochs) * mean / int(s.batch_size)))
+    steps = _int_or_mapping(s.local_steps if s.name == "ma" else s.accumulation_steps)
+    return round(sum(steps.values()) / len(steps)) if isinstance(steps, dict) else steps
+
+
+def make_scheduler(cfg: DictConfig, topology: Topology, work: Workload) -> Scheduler | None:
+    """`scheduler=elastic`: a `Scheduler` for the run; None for `scheduler=none`."""
+    sc = cfg.scheduler
+    if sc.name == "none":
+        return None
+    objective = Objective(kind=str(sc.objective), deadline_s=sc.deadline_s, budget_usd=sc.budget_usd,
+                          usd_per_hour=float(sc.usd_per_hour), billing=str(sc.billing))
+    return Scheduler(topology, work, objective, smoothing=float(sc.smoothing), tolerance=float(sc.tolerance))
+
+
+def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
+                   scheduler: Scheduler | None = None):
+    """The configured strategy (a name `config.validate` accepted), charged by `meter`.
+
+    FedAvg takes the scheduler's initial plan (its workers, and its round-time
+    estimates for `round_deadline_s` selection); MA and ASGD-GA keep re-planning.
+    """
     s = cfg.strategy
     if s.name == "fedavg":
-        fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_regions,
-                        min_available_nodes=num_regions)
-        return Metered(fedavg, meter, eval_every=int(s.eval_every))
+        fedavg_args = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": num_regions,
+                       "min_available_nodes": num_regions}
+        plan = scheduler.start() if scheduler is not None else None
+        if plan is not None:
+            for name, workers in plan.workers().items():
+                meter.ledger.set_workers(name, workers, at=0.0)
+        if s.round_deadline_s is None:
+            return Metered(FedAvg(**fedavg_args), meter, eval_every=int(s.eval_every))
+        if meter.cost_model is None or work is None:
+            raise ConfigError("strategy.round_deadline_s needs a topology to estimate round times")
+        if plan is None:  # one worker per region, one local epoch each
+            topology = meter.cost_model.topology
+            plan = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions}, fill=False)
+        round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
+        selective = SelectiveFedAvg(round_times=round_times, deadline_s=float(s.round_deadline_s), **fedavg_args)
+        return Metered(selective, meter, eval_every=int(s.eval_every))
     stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
                      target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
-    common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s)}
+    common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s),
+              "scheduler": scheduler, "replan_every": int(cfg.scheduler.get("replan_every", 5))}
     if s.name in ("asgd_ga", "asgd_ga_delta"):  # the same strategy, gradient or delta updates
         return AsyncGradAccum(lr=float(s.lr), momentum=float(s.momentum), nesterov=bool(s.nesterov),
                               accumulation_steps=_int_or_mapping(s.accumulation_steps),
@@ -113,15 +162,28 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
         train_config = ConfigRecord({**dict(train_config), **work.to_config()})
     wait_for_nodes(grid, len(topology.regions))
     meter = make_meter(cfg, topology)
-    strategy = build_strategy(cfg, meter, len(topology.regions))
+    work = workload(cfg, resident_sizes(topology, layout), record_bytes(ArrayRecord(model.state_dict())))
+    scheduler = make_scheduler(cfg, topology, work)
+    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler)
     if cfg.progress:
         strategy.history.listeners.append(progress_printer(cfg))
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),  # the history holds the results
                    num_rounds=int(cfg.strategy.num_rounds), train_config=train_config,
                    evaluate_fn=central_evaluator(cfg, layout))
     payload = results_payload(cfg, strategy.history, meter)
+    payload["schedule"] = scheduler.changes if scheduler is not None else None
     write_results(Path(run_dir) / "results.json", payload)
     return payload
+
+
+def resident_sizes(topology: Topology, layout: DataLayout) -> dict[str, int]:
+    """Samples per region from the split's manifest (the data shares of 1000 if there is none).
+
+    MA and ASGD-GA ask the regions themselves at start-up; this is FedAvg's estimate."""
+    manifest = read_manifest(layout.root)
+    if manifest and set(manifest.get("regions", {})) >= set(topology.region_names):
+        return {name: int(manifest["regions"][name]) for name in topology.region_names}
+    return {name: max(1, round(1000 * share)) for name, share in topology.shares().items()}
 
 
 def results_payload(cfg: DictConfig, history: History, meter: Meter) -> dict[str, Any]:

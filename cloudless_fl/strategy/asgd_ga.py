@@ -67,7 +67,7 @@ class AsyncGradAccum(GeoStrategy):
     max_weight : float
         Cap on the balance weight.
     **kwargs :
-        `meter`, `eval_every`, `stop`, `reply_timeout` (see `GeoStrategy`).
+        `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every` (see `GeoStrategy`).
     """
 
     def __init__(self, *, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
@@ -168,6 +168,7 @@ class AsyncGradAccum(GeoStrategy):
             if self.version != before:
                 last = self.version >= num_rounds
                 accuracy = self._evaluate(self.version, arrays, evaluate_fn, force=last)
+                self._idle.update(self._replan(grid, config, self.version))
             if self._should_stop(accuracy):
                 break
             self.configure_train(self.version, arrays, config, grid)

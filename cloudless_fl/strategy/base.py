@@ -18,13 +18,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .. import protocol
+from ..errors import ConfigError
 from ..meter import Job, Meter, record_bytes
 from ..results import History
+from ..scheduler import Plan, Scheduler
 from .regions import RegionInfo, data_shares, discover_regions
 from .server_optimizer import ServerOptimizer
 
 log = logging.getLogger("cloudless_fl")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+REJOIN_TIMEOUT_S = 5.0  # how long a re-plan waits for a node it does not know to say who it is
 
 
 @dataclass
@@ -70,14 +73,24 @@ class GeoStrategy(Strategy):
         Time / cost budget and target accuracy.
     reply_timeout : float
         Seconds (real time) to wait for a reply before the node counts as lost.
+    scheduler : Scheduler, optional
+        The elastic scheduler: its plan sets each region's workers and local work
+        (replacing the configured local work) and it re-plans every `replan_every`
+        versions/periods from what the jobs measured; lost regions are excluded and
+        re-admitted when their node answers again.
+    replan_every : int
+        Versions (ASGD-GA) or periods (MA) between re-plans.
     """
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
-                 reply_timeout: float = 600.0) -> None:
+                 reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5) -> None:
         self.meter = meter or Meter.measured()
         self.eval_every = max(1, int(eval_every))
         self.stop = stop or StopRules()
         self.reply_timeout = reply_timeout
+        self.scheduler = scheduler
+        self.replan_every = max(1, int(replan_every))
+        self.planned_steps: dict[str, int] | None = None
         self.history = History()
         self.samples = 0
         self.regions: dict[int, RegionInfo] = {}
@@ -110,6 +123,8 @@ class GeoStrategy(Strategy):
         self.summary()
         self._join(grid, config)
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
+        if self.scheduler is not None:
+            self._start_plan(initial_arrays)
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
         return config
 
@@ -142,6 +157,9 @@ class GeoStrategy(Strategy):
         successive jobs walk through its data.
         """
         nbytes = record_bytes(arrays)
+        if self.planned_steps is not None:
+            steps = self.planned_steps
+            node_ids = [n for n in node_ids if self.regions[n].name in steps]  # the plan may leave regions out
         for node_id in sorted(node_ids):
             region = self.regions[node_id].name
             count = per_region(steps, region)
@@ -158,9 +176,15 @@ class GeoStrategy(Strategy):
         """Meter a successful reply and return its arrays and metrics."""
         arrays = reply.content[protocol.ARRAYS]
         metrics = reply.content[protocol.METRICS]
-        self.meter.complete(flight.job, bytes_up=record_bytes(arrays), samples=int(metrics["num-examples"]),
-                            compute_s=float(metrics.get("compute-seconds", 0.0)))
+        bytes_up = record_bytes(arrays)
+        compute_s, transfer_s = self.meter.complete(flight.job, bytes_up=bytes_up,
+                                                    samples=int(metrics["num-examples"]),
+                                                    compute_s=float(metrics.get("compute-seconds", 0.0)))
         self.samples += int(metrics["num-examples"])
+        if self.scheduler is not None:
+            self.scheduler.observe(flight.region, samples=int(metrics["num-examples"]), compute_s=compute_s,
+                                   workers=self.meter.workers(flight.region),
+                                   nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s)
         return arrays, metrics
 
     def _lose(self, flight: InFlight, reason: str) -> None:
@@ -169,6 +193,59 @@ class GeoStrategy(Strategy):
         self.history.counters["lost_regions"] += 1
         self.history.event("region_lost", self.meter.clock.now(), region=flight.region, reason=reason)
         self.regions.pop(flight.node_id, None)
+        if self.scheduler is not None and flight.region not in {info.name for info in self.regions.values()}:
+            self.scheduler.exclude(flight.region)
+            self._adopt(self.scheduler.replan(self.meter.clock.now()))
+
+    # ------------------------------------------------------------------ the elastic scheduler
+    def _start_plan(self, arrays: ArrayRecord) -> None:
+        """Plan for the regions that joined: their resident data sizes and the model's size."""
+        names = {info.name for info in self.regions.values()}
+        unknown = names - set(self.scheduler.topology.region_names)
+        if unknown:
+            raise ConfigError(f"the scheduler's topology has no region(s) {', '.join(sorted(unknown))}; "
+                              "name each SuperNode's region (node-config region='...') after the topology")
+        sizes = {info.name: info.examples if info.examples is not None else 1 for info in self.regions.values()}
+        self.scheduler.set_workload(data_sizes=sizes, model_bytes=record_bytes(arrays))
+        for name in set(self.scheduler.topology.region_names) - names:
+            self.scheduler.exclude(name)
+        self._adopt(self.scheduler.start(self.meter.clock.now()))
+
+    def _adopt(self, plan: Plan | None) -> None:
+        """Rent the plan's workers from now on and use its local work."""
+        if plan is None:
+            return
+        now = self.meter.clock.now()
+        if self.meter.ledger is not None:
+            for name, decision in plan.regions.items():
+                self.meter.ledger.set_workers(name, decision.workers, at=now)
+        self.planned_steps = plan.local_steps()
+        change = self.scheduler.changes[-1]
+        self.history.event("plan", now, reason=change["reason"], plan=change["plan"])
+
+    def _replan(self, grid: Grid, config: ConfigRecord, step: int) -> list[int]:
+        """Every `replan_every` steps: re-admit nodes that answer again, then re-plan.
+
+        Returns the nodes (re-)admitted, so the caller can give them work.
+        """
+        if self.scheduler is None or step % self.replan_every:
+            return []
+        back = self._readmit(grid, config)
+        self._adopt(self.scheduler.replan(self.meter.clock.now()))
+        return back
+
+    def _readmit(self, grid: Grid, config: ConfigRecord) -> list[int]:
+        candidates = [n for n in grid.get_node_ids() if n not in self.regions]
+        if not candidates:
+            return []
+        found, _ = discover_regions(grid, candidates, config, timeout=REJOIN_TIMEOUT_S)
+        for node, info in found.items():
+            self.regions[node] = info
+            self.offsets.setdefault(info.name, 0)
+            self.scheduler.readmit(info.name)
+            self.history.counters["rejoined_regions"] += 1
+            self.history.event("region_back", self.meter.clock.now(), region=info.name, node=node)
+        return list(found)
 
     def _evaluate(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
                   force: bool = False) -> float | None:

@@ -1,7 +1,8 @@
 """MA: inter-region model averaging with heterogeneity-aware local steps.
 
 Each period every region runs `H_r` local SGD steps from the global model and
-returns its weights. The server averages them weighted by samples processed,
+returns its weights. The server averages them weighted by samples processed
+(or, under the scheduler, whose plan gives fast regions extra steps, by data share),
 normalised for unequal `H_r` as in FedNova (each region's change is divided by
 its step count, the average is rescaled by the effective step count), and
 applies the result through an outer optimizer: plain replacement by default,
@@ -43,14 +44,22 @@ class ModelAveraging(GeoStrategy):
         is plain averaging.
     deadline_s : float, optional
         Seconds after a period starts by which results must be in; later ones are dropped.
+    weight_by : "samples" | "shares", optional
+        A region's weight in the average: samples it processed this period, or its
+        share of all resident data. Default: shares with a scheduler (its extra
+        steps must not mean extra weight), samples without.
     **kwargs :
-        `meter`, `eval_every`, `stop`, `reply_timeout` (see `GeoStrategy`).
+        `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every` (see `GeoStrategy`).
     """
 
     def __init__(self, *, lr: float = 0.1, local_steps: int | Mapping[str, int] = 10, batch_size: int = 32,
                  normalize: bool = True, outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = True,
-                 deadline_s: float | None = None, **kwargs) -> None:
+                 deadline_s: float | None = None, weight_by: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        weight_by = weight_by or ("shares" if self.scheduler is not None else "samples")
+        if weight_by not in ("samples", "shares"):
+            raise ValueError(f"weight_by must be 'samples' or 'shares', got {weight_by!r}")
+        self.weight_by = weight_by
         self.lr = lr
         self.local_steps = local_steps
         self.batch_size = batch_size
@@ -80,7 +89,8 @@ class ModelAveraging(GeoStrategy):
             arrays, metrics = self._complete(flight, reply)
             local = arrays.to_torch_state_dict()
             changes.append({k: start[k] - local[k] for k in start if start[k].is_floating_point()})
-            weights.append(float(metrics["num-examples"]))
+            weights.append(float(metrics["num-examples"]) if self.weight_by == "samples"
+                           else self.shares[flight.region])
             steps.append(max(1, int(metrics["steps"])))
         if not changes:
             return None, None
@@ -93,7 +103,7 @@ class ModelAveraging(GeoStrategy):
             coeffs = p
         pseudo_gradient = {k: sum(c * d[k] for c, d in zip(coeffs, changes)) for k in changes[0]}
         self.optimizer.step(pseudo_gradient)
-        return self.optimizer.arrays(), MetricRecord({"regions": len(changes), "samples": total})
+        return self.optimizer.arrays(), MetricRecord({"regions": len(changes)})
 
     # ------------------------------------------------------------------ the period loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
@@ -117,6 +127,7 @@ class ModelAveraging(GeoStrategy):
             accuracy = self._evaluate(period, arrays, evaluate_fn, force=period == num_rounds)
             if self._should_stop(accuracy):
                 break
+            self._replan(grid, config, period)  # re-admitted regions take part from the next period
         return self._result(arrays)
 
     def _collect(self, grid: Grid, deadline: float | None) -> list[Message]:

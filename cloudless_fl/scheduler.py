@@ -1,0 +1,400 @@
+"""The elastic scheduler: how many workers each region rents, how much local work
+it does per synchronisation, and who takes part — planned from the region
+profiles and re-planned from what the run measures.
+
+The plan's model of a synchronisation period
+--------------------------------------------
+Data never moves, so every region's resident data must be covered at the same
+*epoch rate*: per period region `r` processes at least `k_r = ceil(f * N_r / b)`
+mini-batches, with `f` (epochs per period) set so the regions do `base_steps`
+mini-batches each on average. With `n_r` workers the region finishes after
+
+    finish_r = comm_r + k_r * b / (s_r * n_r * eta_r)
+
+and the period lasts `T = max_r finish_r`. A region that would finish early is
+paid for the wait anyway (instance billing), so its local work is raised until
+it finishes with the slowest one (`H_r`, at most `max_steps_factor * k_r`, to
+bound drift on non-IID data); the strategies weight regions by data share, not
+by steps, so extra steps never mean extra weight.
+
+The search
+----------
+For a fixed period `T` the cheapest workers are the fewest that make `T` in
+every region, and cost and time only grow with `T` beyond that; so scanning the
+finite set of finish times `{finish_r(n)}` as candidate periods and taking the
+fewest workers for each finds the optimum over all worker vectors (the tests
+check this against a brute-force search). Objectives: `min_cost` (optionally
+under a deadline), `min_time` (optionally under a budget), `weighted`
+(cost + `usd_per_hour` x hours).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .errors import ConfigError
+from .topology import Link, Topology
+
+OBJECTIVES = ("min_cost", "min_time", "weighted")
+BILLINGS = ("instance", "serverless")
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the plan optimises, and the bound it must respect.
+
+    Parameters
+    ----------
+    kind : "min_cost" | "min_time" | "weighted"
+    deadline_s : float, optional
+        `min_cost`: the whole job (`epochs` epochs) must end within this.
+    budget_usd : float, optional
+        `min_time`: the whole job must cost at most this.
+    usd_per_hour : float
+        `weighted`: what an hour of training time is worth, added to the cost.
+    billing : "instance" | "serverless"
+        Which bill the cost figures use.
+    """
+
+    kind: str = "min_cost"
+    deadline_s: float | None = None
+    budget_usd: float | None = None
+    usd_per_hour: float = 0.0
+    billing: str = "instance"
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVES:
+            raise ConfigError(f"scheduler objective {self.kind!r} is unknown; use one of {', '.join(OBJECTIVES)}")
+        if self.billing not in BILLINGS:
+            raise ConfigError(f"scheduler billing {self.billing!r} is unknown; use one of {', '.join(BILLINGS)}")
+        for key in ("deadline_s", "budget_usd"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"scheduler {key}={value} must be > 0 (or null for none)")
+        if self.usd_per_hour < 0:
+            raise ConfigError(f"scheduler usd_per_hour={self.usd_per_hour} must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is planned: resident data per region, the model's wire size, the job's length.
+
+    Parameters
+    ----------
+    data_sizes : mapping region → samples
+        Resident training samples; a region with none takes no part.
+    model_bytes : int
+        Bytes of the model (sent down, and about as much sent back up, per period).
+    base_steps : int
+        Mean mini-batches per region per period (the strategy's configured local work).
+    batch_size : int
+    epochs : float
+        Epochs of all resident data the plan's totals cover.
+    max_steps_factor : float
+        A region's local work is raised to fill idle time up to this multiple of its share.
+    """
+
+    data_sizes: Mapping[str, int]
+    model_bytes: int
+    base_steps: int = 20
+    batch_size: int = 32
+    epochs: float = 10.0
+    max_steps_factor: float = 4.0
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """One region's part of a plan; times are per period, in seconds."""
+
+    name: str
+    takes_part: bool
+    workers: int
+    local_steps: int
+    batch_size: int
+    comm_s: float
+    compute_s: float
+    usd_per_period: float  # compute under the objective's billing, plus egress
+
+    @property
+    def finish_s(self) -> float:
+        return self.comm_s + self.compute_s
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-region decisions plus the estimated time and cost per epoch and in total."""
+
+    regions: dict[str, RegionPlan]
+    period_s: float
+    epochs_per_period: float
+    epochs: float
+    billing: str
+
+    @property
+    def time_per_epoch_s(self) -> float:
+        return self.period_s / self.epochs_per_period
+
+    @property
+    def usd_per_epoch(self) -> float:
+        return sum(r.usd_per_period for r in self.regions.values()) / self.epochs_per_period
+
+    @property
+    def total_time_s(self) -> float:
+        return self.epochs * self.time_per_epoch_s
+
+    @property
+    def total_usd(self) -> float:
+        return self.epochs * self.usd_per_epoch
+
+    def workers(self) -> dict[str, int]:
+        return {name: r.workers for name, r in self.regions.items()}
+
+    def local_steps(self) -> dict[str, int]:
+        """Mini-batches per synchronisation, for the regions that take part."""
+        return {name: r.local_steps for name, r in self.regions.items() if r.takes_part}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"period_s": self.period_s, "epochs_per_period": self.epochs_per_period,
+                "time_per_epoch_s": self.time_per_epoch_s, "usd_per_epoch": self.usd_per_epoch,
+                "total_time_s": self.total_time_s, "total_usd": self.total_usd, "billing": self.billing,
+                "regions": {name: {**asdict(r), "finish_s": r.finish_s} for name, r in self.regions.items()}}
+
+
+def comm_seconds(topology: Topology, region: str, model_bytes: int) -> float:
+    """Model down plus update up over the region's nominal link; nothing for the coordinator."""
+    if region == topology.coordinator or topology.free_communication:
+        return 0.0
+    link = topology.region(region).link
+    bits = 8.0 * model_bytes
+    return 2 * link.latency_ms / 1000.0 + bits / (link.down_mbps * 1e6) + bits / (link.up_mbps * 1e6)
+
+
+def _egress_usd(topology: Topology, region: str, model_bytes: int) -> float:
+    if region == topology.coordinator or topology.free_communication:
+        return 0.0
+    prices = topology.region(topology.coordinator).egress_usd_per_gb + topology.region(region).egress_usd_per_gb
+    return model_bytes / 1e9 * prices
+
+
+def share_steps(topology: Topology, work: Workload, exclude: Iterable[str] = ()) -> tuple[dict[str, int], float]:
+    """Minimum mini-batches per period per region (equal epoch rate) and the epochs per period."""
+    live = {r.name: int(work.data_sizes.get(r.name, 0)) for r in topology.regions if r.name not in set(exclude)}
+    live = {name: n for name, n in live.items() if n > 0}
+    if not live:
+        raise ConfigError("no region with resident data can take part; nothing to plan")
+    f = work.base_steps * work.batch_size * len(live) / sum(live.values())
+    return {name: max(1, math.ceil(f * n / work.batch_size - _EPS)) for name, n in live.items()}, f
+
+
+def evaluate_plan(topology: Topology, work: Workload, workers: Mapping[str, int], billing: str = "instance",
+                  exclude: Iterable[str] = (), fill: bool = True) -> Plan:
+    """The plan a given worker vector yields (the scheduler's model; search and tests both use it)."""
+    steps, f = share_steps(topology, work, exclude)
+    return _build(topology, work, workers, steps, f, billing, fill)
+
+
+def static_plan(topology: Topology, work: Workload, billing: str = "instance") -> Plan:
+    """The unscheduled setup: minimum workers, `base_steps` everywhere; an epoch of all resident
+    data takes as long as the region with the most data needs to cover its own."""
+    live = {r.name: n for r in topology.regions if (n := int(work.data_sizes.get(r.name, 0))) > 0}
+    steps = {name: work.base_steps for name in live}
+    f = min(work.base_steps * work.batch_size / n for n in live.values())
+    workers = {r.name: r.workers_min for r in topology.regions}
+    return _build(topology, work, workers, steps, f, billing, fill=False)
+
+
+def _build(topology: Topology, work: Workload, workers: Mapping[str, int], steps: Mapping[str, int], f: float,
+           billing: str, fill: bool) -> Plan:
+    b = work.batch_size
+    rate = {name: topology.region(name).samples_per_s * workers[name] * topology.region(name).efficiency
+            for name in steps}
+    comm = {name: comm_seconds(topology, name, work.model_bytes) for name in steps}
+    period = max(comm[n] + steps[n] * b / rate[n] for n in steps)
+    regions: dict[str, RegionPlan] = {}
+    for region in topology.regions:
+        name = region.name
+        if name not in steps:  # no data or excluded: rents nothing
+            regions[name] = RegionPlan(name, False, 0, 0, b, 0.0, 0.0, 0.0)
+            continue
+        local = steps[name]
+        if fill:
+            room = math.floor((period - comm[name]) * rate[name] / b + _EPS)
+            local = min(max(local, room), math.floor(work.max_steps_factor * steps[name]))
+        compute = local * b / rate[name]
+        held = period if billing == "instance" else compute
+        usd = workers[name] * region.usd_per_worker_hour * held / 3600.0 + _egress_usd(topology, name, work.model_bytes)
+        if billing == "serverless":
+            usd += region.cold_start_usd
+        regions[name] = RegionPlan(name, True, workers[name], local, b, comm[name], compute, usd)
+    return Plan(regions, period, f, work.epochs, billing)
+
+
+def plan(topology: Topology, work: Workload, objective: Objective = Objective(),
+         exclude: Iterable[str] = ()) -> Plan:
+    """The best plan for `objective`; a `ConfigError` naming the tightest feasible bound if none meets it."""
+    exclude = set(exclude)
+    steps, _ = share_steps(topology, work, exclude)
+    candidates = _candidate_plans(topology, work, objective.billing, exclude, steps)
+    fastest = min(candidates, key=lambda p: (p.total_time_s, p.total_usd))
+    cheapest = min(candidates, key=lambda p: (p.total_usd, p.total_time_s))
+    if objective.kind == "min_cost":
+        if objective.deadline_s is not None and fastest.total_time_s > objective.deadline_s * (1 + _EPS):
+            raise ConfigError(f"deadline {objective.deadline_s:g} s infeasible; the fastest plan needs "
+                              f"{fastest.total_time_s:.3g} s for {work.epochs:g} epochs (raise the deadline, "
+                              "rent more workers or plan fewer epochs)")
+        feasible = [p for p in candidates
+                    if objective.deadline_s is None or p.total_time_s <= objective.deadline_s * (1 + _EPS)]
+        return min(feasible, key=lambda p: (p.total_usd, p.total_time_s))
+    if objective.kind == "min_time":
+        if objective.budget_usd is not None and cheapest.total_usd > objective.budget_usd * (1 + _EPS):
+            raise ConfigError(f"budget ${objective.budget_usd:g} infeasible; the cheapest plan costs "
+                              f"${cheapest.total_usd:.3g} for {work.epochs:g} epochs (raise the budget "
+                              "or plan fewer epochs)")
+        feasible = [p for p in candidates
+                    if objective.budget_usd is None or p.total_usd <= objective.budget_usd * (1 + _EPS)]
+        return min(feasible, key=lambda p: (p.total_time_s, p.total_usd))
+    return min(candidates, key=lambda p: p.total_usd + objective.usd_per_hour * p.total_time_s / 3600.0)
+
+
+def _candidate_plans(topology: Topology, work: Workload, billing: str, exclude: set[str],
+                     steps: Mapping[str, int]) -> list[Plan]:
+    """For each candidate period (a region's finish time at some worker count), the fewest workers
+    that make it everywhere."""
+    b = work.batch_size
+
+    def finish(name: str, n: int) -> float:
+        r = topology.region(name)
+        return comm_seconds(topology, name, work.model_bytes) + steps[name] * b / (r.samples_per_s * n * r.efficiency)
+
+    options = {name: range(topology.region(name).workers_min, topology.region(name).workers_max + 1)
+               for name in steps}
+    periods = sorted({finish(name, n) for name, ns in options.items() for n in ns})
+    plans = []
+    for period in periods:
+        workers = {}
+        for name, ns in options.items():
+            fitting = [n for n in ns if finish(name, n) <= period * (1 + _EPS)]
+            if not fitting:
+                break
+            workers[name] = fitting[0]
+        else:
+            plans.append(evaluate_plan(topology, work, workers, billing, exclude))
+    return plans
+
+
+@dataclass
+class _Measured:
+    """Moving averages of one region's observed pace."""
+
+    samples_per_worker_s: float | None = None
+    link_mbps: float | None = None
+
+
+@dataclass
+class Scheduler:
+    """Plans at start and re-plans from measurements while the run goes on.
+
+    State is explicit (like `torch.optim`): the current plan, the measured
+    averages, the excluded regions, and every plan change (kept in results.json).
+
+    Parameters
+    ----------
+    topology, work, objective :
+        What `plan()` is called with; the measurements replace the profile's
+        per-worker speed and link bandwidth of each region as they come in.
+    smoothing : float
+        Weight of a new measurement in the moving averages.
+    tolerance : float
+        A re-plan is adopted when a region's workers or participation change or
+        its local work moves by more than this fraction (keeps jitter from
+        churning the plan).
+    """
+
+    topology: Topology
+    work: Workload
+    objective: Objective = field(default_factory=Objective)
+    smoothing: float = 0.5
+    tolerance: float = 0.1
+    excluded: set[str] = field(default_factory=set)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    current: Plan | None = None
+    _measured: dict[str, _Measured] = field(default_factory=dict)
+
+    def set_workload(self, *, data_sizes: Mapping[str, int], model_bytes: int) -> None:
+        """What the run found out at start-up: the regions' resident data and the model's size."""
+        self.work = replace(self.work, data_sizes=dict(data_sizes), model_bytes=int(model_bytes))
+
+    def start(self, at: float = 0.0) -> Plan:
+        self.current = plan(self.topology, self.work, self.objective, self.excluded)
+        self.changes.append({"time_s": at, "reason": "initial plan", "plan": _decisions(self.current)})
+        return self.current
+
+    def observe(self, region: str, *, samples: int, compute_s: float, workers: int,
+                nbytes: int, transfer_s: float) -> None:
+        """Fold one finished job's measured pace into the region's moving averages."""
+        if region not in {r.name for r in self.topology.regions}:
+            return
+        m = self._measured.setdefault(region, _Measured())
+        r = self.topology.region(region)
+        if compute_s > 0 and samples > 0:
+            m.samples_per_worker_s = self._average(m.samples_per_worker_s,
+                                                   samples / (compute_s * workers * r.efficiency))
+        wire_s = transfer_s - 2 * r.link.latency_ms / 1000.0
+        if nbytes > 0 and wire_s > 0 and region != self.topology.coordinator:
+            # one link speed for both directions: the plan only needs their sum
+            m.link_mbps = self._average(m.link_mbps, 8.0 * nbytes / wire_s / 1e6)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def exclude(self, region: str) -> None:
+        self.excluded.add(region)
+
+    def readmit(self, region: str) -> None:
+        self.excluded.discard(region)
+
+    def measured_topology(self) -> Topology:
+        """The profile with each region's measured speed and link substituted where known."""
+        regions = []
+        for r in self.topology.regions:
+            m = self._measured.get(r.name, _Measured())
+            if m.samples_per_worker_s is not None:
+                r = replace(r, samples_per_s=m.samples_per_worker_s)
+            if m.link_mbps is not None:
+                r = replace(r, link=Link(up_mbps=m.link_mbps, down_mbps=m.link_mbps,
+                                         latency_ms=r.link.latency_ms, trace=r.link.trace))
+            regions.append(r)
+        return replace(self.topology, regions=tuple(regions))
+
+    def replan(self, at: float) -> Plan | None:
+        """A new plan if the measurements (or the live regions) call for one, else None."""
+        if self.current is None:
+            return self.start(at)
+        new = plan(self.measured_topology(), self.work, self.objective, self.excluded)
+        reason = self._difference(self.current, new)
+        if reason is None:
+            return None
+        self.current = new
+        self.changes.append({"time_s": at, "reason": reason, "plan": _decisions(new)})
+        return new
+
+    def _difference(self, old: Plan, new: Plan) -> str | None:
+        reasons = []
+        for name, o in old.regions.items():
+            n = new.regions[name]
+            if o.takes_part != n.takes_part:
+                reasons.append(f"{name} {'rejoins' if n.takes_part else 'leaves'}")
+            elif o.workers != n.workers:
+                reasons.append(f"{name} workers {o.workers}→{n.workers}")
+            elif abs(n.local_steps - o.local_steps) > self.tolerance * max(o.local_steps, 1):
+                reasons.append(f"{name} local steps {o.local_steps}→{n.local_steps}")
+        return "; ".join(reasons) or None
+
+
+def _decisions(p: Plan) -> dict[str, dict[str, Any]]:
+    return {name: {"takes_part": r.takes_part, "workers": r.workers, "local_steps": r.local_steps}
+            for name, r in p.regions.items()}
