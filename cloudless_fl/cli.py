@@ -1,4 +1,4 @@
-"""`cloudless-fl <command>`: run (Hydra), data split, report."""
+"""`cloudless-fl <command>`: run (Hydra), data split, plan, report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ USAGE = """usage: cloudless-fl <command> [args]
 commands:
   run [hydra overrides...]   run an experiment (e.g. strategy=fedavg topology=geo4 seed=2)
   data split --out DIR ...   write per-region shards (see `cloudless-fl data split -h`)
+  plan [overrides...]        the elastic scheduler's plan beside the static one (e.g. topology=geo4 strategy=ma)
   report FOLDER              compare every results.json below FOLDER (Markdown table)
 """
 
@@ -27,6 +28,14 @@ def main(argv: list[str] | None = None) -> None:
         hydra_main()
     elif command == "data":
         data_command(rest)
+    elif command == "plan":
+        from .errors import CloudlessError
+        from .plan_table import plan_command
+
+        try:
+            print(plan_command(rest))
+        except CloudlessError as exc:
+            raise SystemExit(f"error: {exc}") from None
     elif command == "report":
         if len(rest) != 1:
             raise SystemExit("usage: cloudless-fl report FOLDER")

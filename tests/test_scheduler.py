@@ -1,0 +1,261 @@
+"""The elastic scheduler: plan properties, exactness against brute force, errors, re-planning, faults."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import yaml
+from flwr.app import ConfigRecord, MetricRecord
+
+from cloudless_fl.config import compose
+from cloudless_fl.errors import ConfigError
+from cloudless_fl.protocol import WorkOrder
+from cloudless_fl.run import run
+from cloudless_fl.scheduler import Objective, Scheduler, Workload, evaluate_plan, plan, static_plan
+from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg
+from cloudless_fl.topology import load_topology
+from conftest import small_run_overrides
+from strategy_helpers import Federation
+
+MODEL_BYTES = 4_000_000
+
+
+def region(speed, price, mbps, share, wmax=4, latency=20, efficiency=0.9):
+    return {"workers": {"min": 1, "max": wmax}, "samples_per_s": speed, "efficiency": efficiency,
+            "usd_per_worker_hour": price, "egress_usd_per_gb": 0.1,
+            "link": {"up_mbps": mbps, "down_mbps": mbps, "latency_ms": latency}, "data_share": share}
+
+
+def hand_built(**regions):
+    return load_topology({"name": "hand", "coordinator": next(iter(regions)), "regions": regions})
+
+
+HAND_BUILT = [
+    hand_built(hq=region(3000, 3.0, 10000, 0.2), mid=region(1500, 1.5, 200, 0.3), far=region(400, 0.5, 50, 0.5, 6)),
+    hand_built(a=region(1000, 1.0, 1000, 0.25), b=region(800, 2.0, 100, 0.25), c=region(600, 0.8, 100, 0.5, 5)),
+    hand_built(x=region(2000, 2.5, 10000, 0.5, 3), y=region(300, 0.4, 30, 0.5, 8)),
+]
+
+
+def workload(topo, epochs=10.0, factor=1000.0, steps=20):
+    sizes = {r.name: round(3000 * r.data_share) for r in topo.regions}
+    return Workload(sizes, MODEL_BYTES, base_steps=steps, batch_size=32, epochs=epochs, max_steps_factor=factor)
+
+
+def all_worker_plans(topo, work, billing="instance"):
+    ranges = [range(r.workers_min, r.workers_max + 1) for r in topo.regions]
+    for combo in itertools.product(*ranges):
+        yield evaluate_plan(topo, work, dict(zip(topo.region_names, combo)), billing)
+
+
+@pytest.mark.parametrize("topo", HAND_BUILT)
+@pytest.mark.parametrize("objective", [Objective(), Objective("min_time"), Objective("weighted", usd_per_hour=5.0)])
+def test_plan_equalises_finish_times_within_workers(topo, objective):
+    p = plan(topo, workload(topo), objective)
+    finishes = [r.finish_s for r in p.regions.values() if r.takes_part]
+    assert max(finishes) <= p.period_s * (1 + 1e-9)
+    assert min(finishes) >= 0.95 * p.period_s
+    for r in topo.regions:
+        assert r.workers_min <= p.regions[r.name].workers <= r.workers_max
+
+
+@pytest.mark.parametrize("topo", HAND_BUILT)
+def test_every_region_covers_at_least_its_data_share(topo):
+    work = workload(topo)
+    p = plan(topo, work)
+    for name, r in p.regions.items():
+        assert r.local_steps * work.batch_size >= p.epochs_per_period * work.data_sizes[name] - 1e-6
+
+
+@pytest.mark.parametrize("topo", HAND_BUILT)
+@pytest.mark.parametrize("billing", ["instance", "serverless"])
+def test_cost_minimising_plan_is_no_dearer_than_brute_force(topo, billing):
+    work = workload(topo)
+    best = plan(topo, work, Objective(billing=billing))
+    every = list(all_worker_plans(topo, work, billing))
+    assert best.total_usd <= min(p.total_usd for p in every) * (1 + 1e-12)
+    fastest = plan(topo, work, Objective("min_time", billing=billing))
+    assert fastest.total_time_s <= min(p.total_time_s for p in every) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("topo", HAND_BUILT)
+def test_constrained_plans_match_brute_force_and_respect_the_bound(topo):
+    work = workload(topo)
+    every = list(all_worker_plans(topo, work))
+    times = sorted(p.total_time_s for p in every)
+    deadline = times[len(times) // 3]  # feasible, but binding for the cheapest plans
+    p = plan(topo, work, Objective(deadline_s=deadline))
+    assert p.total_time_s <= deadline * (1 + 1e-9)
+    assert p.total_usd == pytest.approx(min(q.total_usd for q in every if q.total_time_s <= deadline))
+    costs = sorted(q.total_usd for q in every)
+    budget = costs[len(costs) // 3]
+    p = plan(topo, work, Objective("min_time", budget_usd=budget))
+    assert p.total_usd <= budget * (1 + 1e-9)
+    assert p.total_time_s == pytest.approx(min(q.total_time_s for q in every if q.total_usd <= budget))
+
+
+def test_infeasible_deadline_names_the_fastest_plan():
+    topo = HAND_BUILT[0]
+    work = workload(topo)
+    fastest = min(p.total_time_s for p in all_worker_plans(topo, work))
+    with pytest.raises(ConfigError, match=rf"deadline 1 s infeasible; the fastest plan needs {fastest:.3g} s"):
+        plan(topo, work, Objective(deadline_s=1.0))
+
+
+def test_infeasible_budget_names_the_cheapest_plan():
+    topo = HAND_BUILT[1]
+    work = workload(topo)
+    cheapest = min(p.total_usd for p in all_worker_plans(topo, work))
+    with pytest.raises(ConfigError, match=rf"budget \$1e-05 infeasible; the cheapest plan costs \${cheapest:.3g}"):
+        plan(topo, work, Objective("min_time", budget_usd=1e-5))
+
+
+def test_bad_objective_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="min_cost, min_time, weighted"):
+        Objective("cheapest")
+    with pytest.raises(ConfigError, match="deadline_s=-3"):
+        Objective(deadline_s=-3)
+
+
+def test_elastic_plan_beats_the_static_one_on_geo4():
+    topo = load_topology({**compose(["topology=geo4"]).topology})
+    sizes = {"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575}
+    work = Workload(sizes, 4_505_640, base_steps=20, epochs=20, max_steps_factor=4)
+    elastic, static = plan(topo, work), static_plan(topo, work)
+    assert elastic.total_usd < static.total_usd
+    assert static.regions["ap-chengdu"].workers == 1 and elastic.regions["ap-chengdu"].workers > 1
+
+
+def dip_topology():
+    """`b` computes fast over a medium link; `c` is the slow one that sets the period."""
+    return hand_built(a=region(3000, 3.0, 10000, 0.2, wmax=1), b=region(3000, 1.0, 100, 0.3, wmax=1),
+                      c=region(200, 0.5, 100, 0.5, wmax=1))
+
+
+def test_replan_after_a_bandwidth_dip_cuts_that_regions_local_work():
+    topo = dip_topology()
+    scheduler = Scheduler(topo, workload(topo), Objective())
+    before = scheduler.start().regions["b"].local_steps
+    comm_b = scheduler.current.regions["b"].comm_s
+    assert scheduler.replan(at=5.0) is None  # nothing measured: nothing changes
+    scheduler.observe("b", samples=640, compute_s=640 / 2700, workers=1, nbytes=2 * MODEL_BYTES,
+                      transfer_s=6 * comm_b)  # the link now moves a sixth of what it did
+    after = scheduler.replan(at=10.0)
+    assert after is not None and after.regions["b"].local_steps < before
+    assert after.regions["c"].local_steps == scheduler.changes[0]["plan"]["c"]["local_steps"]
+    assert scheduler.changes[-1]["time_s"] == 10.0 and "b local steps" in scheduler.changes[-1]["reason"]
+
+
+def test_a_dip_in_a_trace_changes_the_plan_during_a_run(tmp_path):
+    """MA on a run: the trace drops b's link from 1 to 0.05 Mbit/s at t=5 s; the recorded plans follow."""
+    trace = tmp_path / "b.csv"
+    trace.write_text("t_seconds,mbps\n0,1\n5,0.05\n")
+    raw = {"name": "dip", "coordinator": "a", "regions": {
+        "a": region(3000, 3.0, 10000, 0.2, wmax=1), "b": region(3000, 1.0, 100, 0.3, wmax=1),
+        "c": region(200, 0.5, 100, 0.5, wmax=1)}}
+    raw["regions"]["b"]["link"]["trace"] = str(trace)
+    topo_file = tmp_path / "dip.yaml"
+    topo_file.write_text(yaml.safe_dump(raw))
+    overrides = small_run_overrides(topo_file) + ["strategy=ma", "scheduler=elastic", "scheduler.replan_every=1",
+                                                  "strategy.num_rounds=12", "strategy.local_steps=5"]
+    payload = run(compose(overrides), tmp_path / "run")
+    schedule = payload["schedule"]
+    assert schedule[0]["reason"] == "initial plan"
+    steps_b = [c["plan"]["b"]["local_steps"] for c in schedule]
+    assert any(c["time_s"] >= 5 and "b local steps" in c["reason"] for c in schedule[1:])
+    assert min(steps_b) < steps_b[0]
+    assert [e for e in payload["events"] if e["event"] == "plan"]  # also in the event log
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["schedule"] == schedule
+
+
+def test_a_failed_region_is_excluded_and_restored_on_return(tmp_path):
+    topo = hand_built(fast=region(1000, 3.6, 1000, 0.3, wmax=2, latency=0),
+                      slow=region(100, 1.8, 80, 0.7, wmax=2, latency=10))
+    fed = Federation(tmp_path, topo)
+    sizes = {r: len(fed.resident(r).y) for r in topo.region_names}
+    scheduler = Scheduler(topo, Workload(sizes, 0, base_steps=4, batch_size=16))
+
+    def outage(period, arrays):
+        if period == 2:
+            fed.grid.set_offline(2)  # node 2 is "slow"
+        if period == 4:
+            fed.grid.set_offline(2, False)
+        return MetricRecord({"accuracy": 0.0, "loss": 0.0})
+
+    ma = ModelAveraging(lr=0.1, batch_size=16, meter=fed.meter(), reply_timeout=0.3, scheduler=scheduler,
+                        replan_every=1)
+    ma.start(fed.grid, fed.initial, num_rounds=8, train_config=fed.config, evaluate_fn=outage)
+    shares = dict(ma.shares)
+    reasons = [c["reason"] for c in scheduler.changes]
+    assert reasons[0] == "initial plan"
+    assert any("slow leaves" in r for r in reasons) and any("slow rejoins" in r for r in reasons)
+    left = next(c for c in scheduler.changes if "slow leaves" in c["reason"])
+    assert left["plan"]["slow"]["takes_part"] is False and left["plan"]["slow"]["workers"] == 0
+    assert scheduler.changes[-1]["plan"]["slow"] == scheduler.changes[0]["plan"]["slow"]
+    assert ma.history.counters["lost_regions"] == 1 and ma.history.counters["rejoined_regions"] == 1
+    assert shares["slow"] == pytest.approx(sizes["slow"] / sum(sizes.values()))  # its data weight is back
+    assert ma.weight_by == "shares"
+    assert ma.meter.ledger.accounts["slow"].workers == scheduler.current.regions["slow"].workers
+
+
+def test_asgd_ga_takes_its_accumulation_steps_from_the_plan(tmp_path):
+    topo = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=2, latency=0),
+                      slow=region(100, 1.8, 80, 0.5, wmax=3, latency=10))
+    fed = Federation(tmp_path, topo)
+    sizes = {r: len(fed.resident(r).y) for r in topo.region_names}
+    scheduler = Scheduler(topo, Workload(sizes, 0, base_steps=3, batch_size=16))
+    seen = []
+    strategy = AsyncGradAccum(lr=0.1, batch_size=16, update="delta", meter=fed.meter(), scheduler=scheduler)
+    original = strategy._train_message
+
+    def spy(node_id, arrays, config, order):
+        seen.append((strategy.regions[node_id].name, order.steps))
+        return original(node_id, arrays, config, order)
+
+    strategy._train_message = spy
+    strategy.start(fed.grid, fed.initial, num_rounds=6, train_config=fed.config)
+    planned = scheduler.changes[0]["plan"]
+    assert {(r, s) for r, s in seen[:2]} == {(r, planned[r]["local_steps"]) for r in ("fast", "slow")}
+    assert strategy.meter.ledger.accounts["slow"].workers == planned["slow"]["workers"]
+
+
+class RecordingSelectiveFedAvg(SelectiveFedAvg):
+    """Keeps, per round, each joining region's weight as FedAvg saw it."""
+
+    rounds: list[dict[str, int]]
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        result = super().aggregate_train(server_round, replies)  # scales the weights in place
+        self.rounds.append({self.node_regions[r.metadata.src_node_id]: r.content["metrics"]["num-examples"]
+                            for r in replies})
+        return result
+
+
+def test_selective_fedavg_lets_slow_regions_sit_out_with_their_weight_kept(tmp_path):
+    fed = Federation(tmp_path, hand_built(fast=region(1000, 3.6, 1000, 0.5, latency=0),
+                                          slow=region(100, 1.8, 80, 0.5, latency=10)))
+    selective = RecordingSelectiveFedAvg(round_times={"fast": 1.0, "slow": 2.5}, deadline_s=1.0,
+                                         fraction_evaluate=0.0, min_available_nodes=2)
+    selective.rounds = []
+    assert selective.every == {"fast": 1, "slow": 3}
+    config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, epochs=1.0).to_config()})
+    Metered(selective, fed.meter()).start(fed.grid, fed.initial, num_rounds=6, train_config=config)
+    assert [sorted(r) for r in selective.rounds] == [["fast", "slow"], ["fast"], ["fast"]] * 2
+    slow_samples = len(fed.resident("slow").y)
+    assert [r["slow"] for r in selective.rounds if "slow" in r] == [3 * slow_samples] * 2
+    assert all(r["fast"] == len(fed.resident("fast").y) for r in selective.rounds)
+
+
+def test_scheduler_config_runs_end_to_end(two_region_topology, tmp_path):
+    overrides = small_run_overrides(two_region_topology) + ["strategy=ma", "scheduler=elastic"]
+    payload = run(compose(overrides), tmp_path / "run")
+    plan0 = payload["schedule"][0]["plan"]
+    for name, decision in plan0.items():
+        assert payload["regions"][name]["workers"] >= 1
+        assert decision["local_steps"] >= 1
+    none = run(compose(small_run_overrides(two_region_topology) + ["strategy=ma"]), tmp_path / "none")
+    assert none["schedule"] is None
