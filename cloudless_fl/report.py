@@ -28,7 +28,9 @@ class Run:
 
     @property
     def strategy(self) -> str:
-        return self.data["strategy"]
+        """The strategy's name, marked `+elastic` when the elastic scheduler planned the run."""
+        scheduler = (self.data["config"].get("scheduler") or {}).get("name", "none")
+        return self.data["strategy"] + ("" if scheduler == "none" else f"+{scheduler}")
 
     @property
     def topology(self) -> str:

@@ -2,7 +2,10 @@
 
 ASGD-GA runs in both update modes (`asgd_ga`: gradient accumulation, the
 default; `asgd_ga_delta`: local SGD deltas). Strategies use their Hydra
-defaults (no scheduler yet: one worker per region, equal local work). Each
+defaults (no scheduler: one worker per region, equal local work); `ma+elastic`
+and `asgd_ga_delta+elastic` are the same runs planned by the elastic scheduler
+(`scheduler=elastic`, min-cost objective) with the learning rate tuned for the
+unscheduled run, so the scheduler's contribution is isolated. Each tuned
 strategy's learning rate is picked from {0.01, 0.03, 0.1, 0.3} on seed 0
 (best time-to-95 %, then best final accuracy), then run on seeds 1, 2, 3 on
 geo4 and geo4-fluct; Ideal is the same training on topology `lan`. Runs use the
@@ -31,6 +34,8 @@ STRATEGIES = {
     "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=1500", "strategy.eval_every=25"],
     "asgd_ga_delta": ["strategy=asgd_ga_delta", "strategy.num_rounds=400", "strategy.eval_every=10"],
 }
+ELASTIC = {f"{name}+elastic": name for name in ("ma", "asgd_ga_delta")}  # run with the base's tuned lr
+STRATEGIES.update({name: [*STRATEGIES[base], "scheduler=elastic"] for name, base in ELASTIC.items()})
 # The learning rate each strategy tunes: the local one where the server applies updates as sent.
 TUNED_KEY = {"asgd_ga_delta": "strategy.local_lr"}
 IDEAL = ["strategy=fedavg", "topology=lan", "strategy.num_rounds=15"]
@@ -67,7 +72,7 @@ def _jobs(out: Path, phase: str, seeds, lrs: dict[tuple[str, str], list[float]])
         for lr in grid:
             for seed in seeds:
                 run_dir = out / phase / topology / strategy / f"lr{lr}-seed{seed}"
-                key = TUNED_KEY.get(strategy, "strategy.lr")
+                key = TUNED_KEY.get(ELASTIC.get(strategy, strategy), "strategy.lr")
                 jobs.append(([*base, f"{key}={lr}", f"seed={seed}"], str(run_dir)))
     return jobs
 
@@ -98,13 +103,16 @@ def main() -> None:
             seeds = SEEDS[:1]
         else:
             print("tuning learning rates on seed 0", flush=True)
-            tuned = _execute(pool, _jobs(out, "tune", [0], {k: list(LRS) for k in keys}))
+            tuned = _execute(pool, _jobs(out, "tune", [0], {k: list(LRS) for k in keys if k[1] not in ELASTIC}))
             chosen = {}
             for topology, strategy in keys:
+                if strategy in ELASTIC:
+                    continue
                 best = min(LRS, key=lambda lr: _score(tuned[str(out / "tune" / topology / strategy / f"lr{lr}-seed0")]))
                 chosen[topology, strategy] = [best]
                 print(f"  {topology}/{strategy}: lr={best}", flush=True)
             seeds = SEEDS
+            chosen.update({(t, s): chosen[t, ELASTIC[s]] for t, s in keys if s in ELASTIC})
         print(f"reporting runs on seeds {list(seeds)}", flush=True)
         _execute(pool, _jobs(out, "final", seeds, chosen))
     from cloudless_fl.report import report
