@@ -13,6 +13,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -41,7 +42,9 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
                                samples=order.samples(len(data.train)))
         if order.mode == protocol.MODE_GRADIENT:
             grads, stats = accumulate_gradient(model, data.train, batches)
-            arrays = ArrayRecord(OrderedDict(grads))
+            # every floating-point entry, as the server's validator expects: buffers (BN statistics) get zeros
+            arrays = ArrayRecord(OrderedDict((k, grads[k] if k in grads else torch.zeros_like(v))
+                                             for k, v in model.state_dict().items() if v.is_floating_point()))
         else:
             start = {k: v.detach().clone() for k, v in model.state_dict().items()}
             stats = local_sgd(model, data.train, batches, lr=order.lr)

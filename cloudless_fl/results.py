@@ -27,6 +27,7 @@ class History:
     counters: Counter = field(default_factory=Counter)
     staleness: Counter = field(default_factory=Counter)
     events: list[dict[str, Any]] = field(default_factory=list)  # region lost/back, plan changes
+    rejections: dict[str, Counter] = field(default_factory=dict)  # region → reason → bad updates rejected
     listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list, repr=False)
 
     def record(self, version: int, figures: dict[str, Any], samples: int,
@@ -76,6 +77,8 @@ def summarize(history: History, target: float, utilization: dict[str, float] | N
         "rejected_updates": int(history.counters.get("rejected_updates", 0)),
         "dropped_stale": int(history.counters.get("dropped_stale", 0)),
         "lost_regions": int(history.counters.get("lost_regions", 0)),
+        "quarantined_regions": int(history.counters.get("quarantined_regions", 0)),
+        "rejections": {region: dict(reasons) for region, reasons in history.rejections.items() if reasons},
         "staleness_histogram": {str(k): v for k, v in sorted(history.staleness.items())},
         "ideal": ideal,
     }

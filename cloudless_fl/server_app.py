@@ -27,6 +27,7 @@ from .results import History, summarize, write_results
 from .scheduler import Objective, Scheduler, Workload, evaluate_plan
 from .strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg, StopRules
 from .topology import Topology
+from .validation import UpdateLimits
 from .training import evaluate
 
 log = logging.getLogger("cloudless_fl")
@@ -105,6 +106,9 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
     estimates for `round_deadline_s` selection); MA and ASGD-GA keep re-planning.
     """
     s = cfg.strategy
+    v = cfg.validation
+    limits = UpdateLimits(max_norm=None if v.max_norm is None else float(v.max_norm), on_norm=str(v.on_norm),
+                          quarantine_after=int(v.quarantine_after))
     if s.name == "fedavg":
         fedavg_args = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": num_regions,
                        "min_available_nodes": num_regions}
@@ -113,7 +117,7 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
             for name, workers in plan.workers().items():
                 meter.ledger.set_workers(name, workers, at=0.0)
         if s.round_deadline_s is None:
-            return Metered(FedAvg(**fedavg_args), meter, eval_every=int(s.eval_every))
+            return Metered(FedAvg(**fedavg_args), meter, eval_every=int(s.eval_every), limits=limits)
         if meter.cost_model is None or work is None:
             raise ConfigError("strategy.round_deadline_s needs a topology to estimate round times")
         if plan is None:  # one worker per region, one local epoch each
@@ -121,11 +125,11 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
             plan = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions}, fill=False)
         round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
         selective = SelectiveFedAvg(round_times=round_times, deadline_s=float(s.round_deadline_s), **fedavg_args)
-        return Metered(selective, meter, eval_every=int(s.eval_every))
+        return Metered(selective, meter, eval_every=int(s.eval_every), limits=limits)
     stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
                      target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
     common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s),
-              "scheduler": scheduler, "replan_every": int(cfg.scheduler.get("replan_every", 5))}
+              "scheduler": scheduler, "replan_every": int(cfg.scheduler.get("replan_every", 5)), "limits": limits}
     if s.name in ("asgd_ga", "asgd_ga_delta"):  # the same strategy, gradient or delta updates
         return AsyncGradAccum(lr=float(s.lr), momentum=float(s.momentum), nesterov=bool(s.nesterov),
                               accumulation_steps=_int_or_mapping(s.accumulation_steps),

@@ -120,7 +120,9 @@ class AsyncGradAccum(GeoStrategy):
         for reply in replies:
             flight = self._inflight.pop(reply.metadata.reply_to_message_id)
             self._idle.add(flight.node_id)
-            arrays, metrics = self._complete(flight, reply)
+            update, metrics = self._complete(flight, reply, self.update)
+            if update is None:  # rejected: the region simply gets the newest model again
+                continue
             if flight.job.timing is None:  # wall clock: learn the region's pace from what it took
                 self._observe_duration(flight.region, self.meter.clock.now() - flight.job.dispatched_at)
             tau = self.version - flight.version
@@ -128,7 +130,7 @@ class AsyncGradAccum(GeoStrategy):
                 self.history.counters["dropped_stale"] += 1
                 continue
             self.history.staleness[tau] += 1  # of applied updates
-            self.optimizer.step(protocol.decode_tensors(arrays), scale=self.staleness(tau) * self._balance_weight(flight.region))
+            self.optimizer.step(update, scale=self.staleness(tau) * self._balance_weight(flight.region))
             self.version += 1
             applied = True
         return (self.optimizer.arrays() if applied else None), metrics

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..meter import Job, Meter, record_bytes
 from ..results import History
 from ..scheduler import Plan, Scheduler
+from ..validation import RejectedUpdate, UpdateLimits, UpdateValidator
 from .regions import RegionInfo, data_shares, discover_regions
 from .server_optimizer import ServerOptimizer
 
@@ -80,10 +81,14 @@ class GeoStrategy(Strategy):
         re-admitted when their node answers again.
     replan_every : int
         Versions (ASGD-GA) or periods (MA) between re-plans.
+    limits : UpdateLimits, optional
+        What makes an update bad (beyond not matching the model, or NaN/Inf) and
+        when a region sending them is quarantined.
     """
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
-                 reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5) -> None:
+                 reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
+                 limits: UpdateLimits | None = None) -> None:
         self.meter = meter or Meter.measured()
         self.eval_every = max(1, int(eval_every))
         self.stop = stop or StopRules()
@@ -91,6 +96,9 @@ class GeoStrategy(Strategy):
         self.scheduler = scheduler
         self.replan_every = max(1, int(replan_every))
         self.planned_steps: dict[str, int] | None = None
+        self.limits = limits or UpdateLimits()
+        self.validator: UpdateValidator | None = None
+        self.quarantined: set[int] = set()
         self.history = History()
         self.samples = 0
         self.regions: dict[int, RegionInfo] = {}
@@ -123,6 +131,8 @@ class GeoStrategy(Strategy):
         self.summary()
         self._join(grid, config)
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
+        self.validator = UpdateValidator(self.optimizer.state, self.limits)
+        self.history.rejections = self.validator.rejections
         if self.scheduler is not None:
             self._start_plan(initial_arrays)
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
@@ -172,29 +182,51 @@ class GeoStrategy(Strategy):
             [mid] = grid.push_messages([self._train_message(node_id, arrays, config, order)])
             self._inflight[mid] = InFlight(node_id, region, version, job)
 
-    def _complete(self, flight: InFlight, reply: Message) -> tuple[ArrayRecord, MetricRecord]:
-        """Meter a successful reply and return its arrays and metrics."""
+    def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:
+        """Meter a successful reply; return its validated tensors (None if rejected) and metrics.
+
+        A rejected update was still computed and moved, so it is charged; it never
+        reaches the model, and its region is quarantined once it has sent too many.
+        """
         arrays = reply.content[protocol.ARRAYS]
         metrics = reply.content[protocol.METRICS]
         bytes_up = record_bytes(arrays)
-        compute_s, transfer_s = self.meter.complete(flight.job, bytes_up=bytes_up,
-                                                    samples=int(metrics["num-examples"]),
+        samples = int(metrics.get("num-examples", 0))
+        compute_s, transfer_s = self.meter.complete(flight.job, bytes_up=bytes_up, samples=samples,
                                                     compute_s=float(metrics.get("compute-seconds", 0.0)))
-        self.samples += int(metrics["num-examples"])
+        try:
+            tensors = self.validator.check(flight.region, arrays, mode, base=self.optimizer.state)
+        except RejectedUpdate:
+            self.history.counters["rejected_updates"] += 1
+            if self.validator.quarantined(flight.region):
+                self._quarantine(flight)
+            return None, metrics
+        self.samples += samples
         if self.scheduler is not None:
-            self.scheduler.observe(flight.region, samples=int(metrics["num-examples"]), compute_s=compute_s,
+            self.scheduler.observe(flight.region, samples=samples, compute_s=compute_s,
                                    workers=self.meter.workers(flight.region),
                                    nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s)
-        return arrays, metrics
+        return tensors, metrics
+
+    def _quarantine(self, flight: InFlight) -> None:
+        log.warning("region %s quarantined after %d bad updates; it gets no more work", flight.region,
+                    sum(self.validator.rejections[flight.region].values()))
+        self.quarantined.add(flight.node_id)
+        self.history.counters["quarantined_regions"] += 1
+        self.history.event("region_quarantined", self.meter.clock.now(), region=flight.region)
+        self._drop_region(flight.node_id, flight.region)
 
     def _lose(self, flight: InFlight, reason: str) -> None:
         """A node that errs or times out leaves the loop; the run goes on."""
         log.warning("region %s (node %s) lost: %s", flight.region, flight.node_id, reason)
         self.history.counters["lost_regions"] += 1
         self.history.event("region_lost", self.meter.clock.now(), region=flight.region, reason=reason)
-        self.regions.pop(flight.node_id, None)
-        if self.scheduler is not None and flight.region not in {info.name for info in self.regions.values()}:
-            self.scheduler.exclude(flight.region)
+        self._drop_region(flight.node_id, flight.region)
+
+    def _drop_region(self, node_id: int, region: str) -> None:
+        self.regions.pop(node_id, None)
+        if self.scheduler is not None and region not in {info.name for info in self.regions.values()}:
+            self.scheduler.exclude(region)
             self._adopt(self.scheduler.replan(self.meter.clock.now()))
 
     # ------------------------------------------------------------------ the elastic scheduler
@@ -235,7 +267,7 @@ class GeoStrategy(Strategy):
         return back
 
     def _readmit(self, grid: Grid, config: ConfigRecord) -> list[int]:
-        candidates = [n for n in grid.get_node_ids() if n not in self.regions]
+        candidates = [n for n in grid.get_node_ids() if n not in self.regions and n not in self.quarantined]
         if not candidates:
             return []
         found, _ = discover_regions(grid, candidates, config, timeout=REJOIN_TIMEOUT_S)

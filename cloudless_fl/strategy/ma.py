@@ -86,8 +86,9 @@ class ModelAveraging(GeoStrategy):
         changes, weights, steps = [], [], []
         for reply in replies:
             flight = self._inflight.pop(reply.metadata.reply_to_message_id)
-            arrays, metrics = self._complete(flight, reply)
-            local = arrays.to_torch_state_dict()
+            local, metrics = self._complete(flight, reply, protocol.MODE_WEIGHTS)
+            if local is None:  # rejected: the period goes on without it
+                continue
             changes.append({k: start[k] - local[k] for k in start if start[k].is_floating_point()})
             weights.append(float(metrics["num-examples"]) if self.weight_by == "samples"
                            else self.shares[flight.region])

@@ -16,8 +16,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..meter import Meter, record_bytes
-from ..protocol import reply_region
+from ..protocol import MODE_WEIGHTS, reply_region
 from ..results import History
+from ..validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -33,16 +34,24 @@ class Metered(Strategy):
         Clock and cost model; by default the wall clock with no prices.
     eval_every : int (default: 1)
         Run the central `evaluate_fn` every k rounds (and after the last).
+    limits : UpdateLimits, optional
+        Update validation: replies whose weights are bad never reach `strategy`;
+        a region that keeps sending them gets no more rounds.
     """
 
-    def __init__(self, strategy: Strategy, meter: Meter | None = None, eval_every: int = 1) -> None:
+    def __init__(self, strategy: Strategy, meter: Meter | None = None, eval_every: int = 1,
+                 limits: UpdateLimits | None = None) -> None:
         self.inner = strategy
         self.meter = meter or Meter.measured()
         self.eval_every = eval_every
+        self.limits = limits or UpdateLimits()
+        self.validator: UpdateValidator | None = None
+        self.quarantined: set[int] = set()
         self.history = History()
         self.samples = 0
         self._round_start = 0.0
         self._bytes_down = 0
+        self._global: dict | None = None
 
     def summary(self) -> None:
         self.inner.summary()
@@ -51,14 +60,20 @@ class Metered(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._round_start = self.meter.clock.now()
         self._bytes_down = record_bytes(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._global = arrays.to_torch_state_dict()
+        if self.validator is None:
+            self.validator = UpdateValidator(self._global, self.limits)
+            self.history.rejections = self.validator.rejections
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        return [m for m in messages if m.metadata.dst_node_id not in self.quarantined]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        accepted = []
         for msg in replies:
             if msg.has_error():
                 self.history.counters["failed_replies"] += 1
+                accepted.append(msg)  # the inner strategy logs and skips it
                 continue
             metrics = next(iter(msg.content.metric_records.values()), {})
             samples = int(metrics.get("num-examples", 0))
@@ -67,8 +82,24 @@ class Metered(Strategy):
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
             self.meter.complete(job, bytes_up=bytes_up, samples=samples,
                                 compute_s=float(metrics.get("compute-seconds", 0.0)))
-            self.samples += samples
-        return self.inner.aggregate_train(server_round, replies)
+            if self._valid(region, msg):
+                self.samples += samples
+                accepted.append(msg)
+        return self.inner.aggregate_train(server_round, accepted)
+
+    def _valid(self, region: str, msg: Message) -> bool:
+        """Check every ArrayRecord of a reply (full weights) against the model; count a rejection."""
+        try:
+            for record in msg.content.array_records.values():
+                self.validator.check(region, record, MODE_WEIGHTS, base=self._global)
+        except RejectedUpdate:
+            self.history.counters["rejected_updates"] += 1
+            if self.validator.quarantined(region):
+                self.quarantined.add(msg.metadata.src_node_id)
+                self.history.counters["quarantined_regions"] += 1
+                self.history.event("region_quarantined", self.meter.clock.now(), region=region)
+            return False
+        return True
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -1,0 +1,150 @@
+"""Server-side update validation: a bad update never reaches the global model.
+
+Every strategy passes each region's reply through one `UpdateValidator` before
+using it. An update is rejected when its arrays are not exactly the model's
+(names, shapes, dtypes), cannot be decoded, hold NaN/Inf, or when its norm
+exceeds `max_norm` (or it is clipped to `max_norm`, if so configured). The norm
+is that of the *change* the update makes: the gradient or delta as sent, or
+`w_region - w_global` for full weights. Rejections are counted per region and
+reason, logged once per (region, reason), and a region whose rejections reach
+`quarantine_after` is quarantined (it gets no more work).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord
+
+from . import protocol
+from .errors import ConfigError
+
+log = logging.getLogger("cloudless_fl")
+NORM_POLICIES = ("reject", "clip")
+
+
+class RejectedUpdate(Exception):
+    """An update that failed validation; `reason` is one of the counted kinds."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """What counts as a bad update, and what happens to it.
+
+    Parameters
+    ----------
+    max_norm : float, optional
+        Bound on the L2 norm of an update's change; None: no bound.
+    on_norm : "reject" | "clip"
+        What to do with an update over `max_norm`.
+    quarantine_after : int
+        Rejections after which a region gets no more work (0: never).
+    """
+
+    max_norm: float | None = None
+    on_norm: str = "reject"
+    quarantine_after: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
+            raise ConfigError(f"validation.max_norm={self.max_norm!r} must be a number > 0 (or null for no bound)")
+        if self.on_norm not in NORM_POLICIES:
+            raise ConfigError(f"validation.on_norm={self.on_norm!r} is unknown; use one of {', '.join(NORM_POLICIES)}")
+        if not isinstance(self.quarantine_after, int) or self.quarantine_after < 0:
+            raise ConfigError(f"validation.quarantine_after={self.quarantine_after!r} must be an integer ≥ 0")
+
+
+class UpdateValidator:
+    """Checks updates against the model's layout; counts and logs rejections.
+
+    Parameters
+    ----------
+    reference : mapping name → tensor
+        The global model: what a full-weights update must look like.
+    limits : UpdateLimits
+    """
+
+    def __init__(self, reference: Mapping[str, torch.Tensor], limits: UpdateLimits = UpdateLimits()) -> None:
+        self.limits = limits
+        self.layout = {name: (tuple(t.shape), _dtype_name(t)) for name, t in reference.items()}
+        self.float_names = {name for name, t in reference.items() if t.is_floating_point()}
+        self.rejections: dict[str, Counter] = defaultdict(Counter)
+        self.clipped: Counter = Counter()
+
+    def expected_names(self, mode: str) -> set[str]:
+        """Gradients cover the floating-point entries; weights and deltas cover all."""
+        return set(self.float_names) if mode == protocol.MODE_GRADIENT else set(self.layout)
+
+    def check(self, region: str, arrays: ArrayRecord, mode: str,
+              base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The update's tensors if it passes (clipped if so configured); else `RejectedUpdate`, counted."""
+        try:
+            return self._check(region, arrays, mode, base)
+        except RejectedUpdate as exc:
+            self._count(region, exc)
+            raise
+
+    def quarantined(self, region: str) -> bool:
+        after = self.limits.quarantine_after
+        return after > 0 and sum(self.rejections[region].values()) >= after
+
+    def report(self) -> dict[str, dict[str, int]]:
+        return {region: dict(reasons) for region, reasons in self.rejections.items() if reasons}
+
+    def _check(self, region: str, arrays: ArrayRecord, mode: str,
+               base: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        expected = self.expected_names(mode)
+        names = set(arrays.keys())
+        if expected - names:
+            raise RejectedUpdate("missing_array", f"missing {sorted(expected - names)[:3]}")
+        if names - expected:
+            raise RejectedUpdate("unexpected_array", f"unexpected {sorted(names - expected)[:3]}")
+        for name in expected:
+            array = arrays[name]
+            shape, dtype = self.layout[name]
+            if tuple(array.shape) != shape:
+                raise RejectedUpdate("wrong_shape", f"{name} has shape {tuple(array.shape)}, the model {shape}")
+            if array.dtype != dtype:
+                raise RejectedUpdate("wrong_dtype", f"{name} has dtype {array.dtype}, the model {dtype}")
+        try:
+            tensors = protocol.decode_tensors(arrays)
+        except (TypeError, ValueError) as exc:
+            raise RejectedUpdate("malformed", str(exc)) from None
+        change = {n: (tensors[n] - base[n] if mode == protocol.MODE_WEIGHTS and base is not None else tensors[n])
+                  for n in expected if n in self.float_names}
+        squared = 0.0
+        for name, t in change.items():
+            if not bool(torch.isfinite(t).all()):
+                raise RejectedUpdate("non_finite", f"{name} holds NaN or Inf")
+            squared += float(torch.sum(t.double() * t.double()))
+        norm = math.sqrt(squared)
+        bound = self.limits.max_norm
+        if bound is not None and norm > bound:
+            if self.limits.on_norm == "reject":
+                raise RejectedUpdate("norm", f"norm {norm:.4g} exceeds max_norm {bound:g}")
+            self.clipped[region] += 1
+            scale = bound / norm
+            for name, t in change.items():
+                tensors[name] = base[name] + t * scale if mode == protocol.MODE_WEIGHTS and base is not None \
+                    else t * scale
+        return tensors
+
+    def _count(self, region: str, exc: RejectedUpdate) -> None:
+        first = self.rejections[region][exc.reason] == 0
+        self.rejections[region][exc.reason] += 1
+        if first:
+            log.warning("region %s sent a bad update (%s); rejected, and counted from now on", region, exc)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.numpy().dtype) if t.device.type == "cpu" else str(t.cpu().numpy().dtype)
