@@ -108,21 +108,30 @@ def decode_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     data; on the server's hot path (one 4.5 MB gradient per ASGD-GA update) that
     is most of the cost. The header length sits at a fixed place in the npy
     format, so the data is viewed where it lies. Never unpickles.
+
+    Raises `TypeError` or `ValueError` (naming the array) for anything that is not
+    a well-formed npy payload of a numeric dtype matching its declared shape.
     """
     out = {}
     for name, array in record.items():
         if array.stype != _NUMPY_STYPE:
             raise TypeError(f"array {name!r} has serialisation {array.stype!r}; expected numpy.ndarray")
         data = array.data
-        if data[:6] != b"\x93NUMPY":
+        if len(data) < 10 or data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
             raise ValueError(f"array {name!r} is not in .npy format")
         major = data[6]
         header_len = int.from_bytes(data[8:10], "little") if major == 1 else int.from_bytes(data[8:12], "little")
         offset = (10 if major == 1 else 12) + header_len
-        values = np.frombuffer(data, dtype=np.dtype(array.dtype), offset=offset)
+        dtype = np.dtype(array.dtype)  # TypeError for a name numpy does not know
+        if dtype.kind not in "biuf":
+            raise TypeError(f"array {name!r} has dtype {array.dtype!r}; only numeric arrays are accepted")
+        try:
+            values = np.frombuffer(data, dtype=dtype, offset=offset).reshape(tuple(array.shape))
+        except ValueError as exc:
+            raise ValueError(f"array {name!r}: payload does not match shape {tuple(array.shape)}: {exc}") from None
         with warnings.catch_warnings():  # read-only view: we never write to it
             warnings.simplefilter("ignore", UserWarning)
-            out[name] = torch.from_numpy(values).reshape(tuple(array.shape))
+            out[name] = torch.from_numpy(values)
     return out
 
 

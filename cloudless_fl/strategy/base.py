@@ -167,6 +167,7 @@ class GeoStrategy(Strategy):
         successive jobs walk through its data.
         """
         nbytes = record_bytes(arrays)
+        node_ids = [n for n in node_ids if n in self.regions]  # lost or quarantined since: no work
         if self.planned_steps is not None:
             steps = self.planned_steps
             node_ids = [n for n in node_ids if self.regions[n].name in steps]  # the plan may leave regions out

@@ -1,0 +1,211 @@
+"""Bad updates never reach the global model: each kind, in every strategy, plus fuzzed decoding."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Error as MessageError
+from flwr.serverapp.strategy import FedAvg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloudless_fl import protocol
+from cloudless_fl.errors import ConfigError
+from cloudless_fl.grid import InProcessGrid
+from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
+from cloudless_fl.validation import RejectedUpdate, UpdateLimits, UpdateValidator
+from conftest import TWO_REGIONS
+from strategy_helpers import Federation, topology
+
+REFERENCE = {"w": torch.ones(3, 2), "b": torch.zeros(2), "count": torch.tensor(3)}
+
+
+def record(**arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in arrays.items()})
+
+
+def corrupt(kind: str, arrays: ArrayRecord) -> ArrayRecord:
+    """The same update, broken in one way."""
+    state = {k: v.numpy().copy() for k, v in arrays.items()}
+    name = next(k for k, v in state.items() if v.dtype.kind == "f")
+    if kind == "wrong_shape":
+        state[name] = np.zeros(3, dtype=state[name].dtype)
+    elif kind == "wrong_dtype":
+        state[name] = state[name].astype(np.float64)
+    elif kind == "nan":
+        state[name].flat[0] = np.nan
+    elif kind == "inf":
+        state[name].flat[-1] = -np.inf
+    elif kind == "huge_norm":
+        state[name] = state[name] * 0 + 1e4
+    elif kind == "missing_array":
+        del state[name]
+    return record(**state)
+
+
+REASONS = {"wrong_shape": "wrong_shape", "wrong_dtype": "wrong_dtype", "nan": "non_finite", "inf": "non_finite",
+           "huge_norm": "norm", "missing_array": "missing_array"}
+
+
+@pytest.mark.parametrize("kind", REASONS)
+def test_each_bad_kind_is_rejected_with_its_reason(kind):
+    validator = UpdateValidator(REFERENCE, UpdateLimits(max_norm=100.0))
+    good = record(**REFERENCE)
+    validator.check("r", good, protocol.MODE_DELTA)  # a good one passes
+    with pytest.raises(RejectedUpdate) as info:
+        validator.check("r", corrupt(kind, good), protocol.MODE_DELTA)
+    assert info.value.reason == REASONS[kind]
+    assert validator.report() == {"r": {REASONS[kind]: 1}}
+
+
+def test_unexpected_arrays_and_gradient_layout():
+    validator = UpdateValidator(REFERENCE)
+    with pytest.raises(RejectedUpdate, match="unexpected_array"):
+        validator.check("r", record(**REFERENCE, extra=torch.zeros(1)), protocol.MODE_WEIGHTS)
+    floats = {k: v for k, v in REFERENCE.items() if v.is_floating_point()}
+    validator.check("r", record(**floats), protocol.MODE_GRADIENT)  # gradients: floating entries only
+    with pytest.raises(RejectedUpdate, match="missing_array"):
+        validator.check("r", record(**floats), protocol.MODE_WEIGHTS)
+
+
+def test_weights_are_judged_by_their_change_and_clipped_to_the_bound():
+    base = {k: v.clone() for k, v in REFERENCE.items()}
+    moved = {**base, "w": base["w"] + 3.0}  # change norm = 3 * sqrt(6)
+    validator = UpdateValidator(REFERENCE, UpdateLimits(max_norm=1.0, on_norm="clip"))
+    out = validator.check("r", record(**moved), protocol.MODE_WEIGHTS, base=base)
+    change = torch.cat([(out[k] - base[k]).flatten() for k in ("w", "b")])
+    assert float(change.norm()) == pytest.approx(1.0, rel=1e-6)
+    assert validator.clipped["r"] == 1 and validator.report() == {}
+    within = UpdateValidator(REFERENCE, UpdateLimits(max_norm=10.0))
+    within.check("r", record(**moved), protocol.MODE_WEIGHTS, base=base)  # 7.3 < 10: passes as is
+
+
+def test_rejections_are_logged_once_per_region_and_reason(caplog):
+    validator = UpdateValidator(REFERENCE, UpdateLimits(quarantine_after=3))
+    bad = corrupt("nan", record(**REFERENCE))
+    with caplog.at_level(logging.WARNING, logger="cloudless_fl"):
+        for _ in range(3):
+            with pytest.raises(RejectedUpdate):
+                validator.check("r", bad, protocol.MODE_DELTA)
+    assert len([r for r in caplog.records if "bad update" in r.message]) == 1
+    assert validator.quarantined("r") and not validator.quarantined("other")
+
+
+def test_limits_are_validated():
+    with pytest.raises(ConfigError, match="validation.on_norm"):
+        UpdateLimits(on_norm="ignore")
+    with pytest.raises(ConfigError, match="validation.max_norm"):
+        UpdateLimits(max_norm=-1)
+
+
+class FaultyGrid(InProcessGrid):
+    """Node `bad_node`'s train replies from its `from_job`-th on are corrupted (or turned into errors)."""
+
+    def __init__(self, app, num_nodes, bad_node: int, kind: str, from_job: int = 1) -> None:
+        super().__init__(app, num_nodes)
+        self.bad_node, self.kind, self.from_job, self.jobs = bad_node, kind, from_job, 0
+
+    def _deliver(self, msg):
+        reply = super()._deliver(msg)
+        if msg.metadata.dst_node_id != self.bad_node or msg.metadata.message_type != "train":
+            return reply
+        self.jobs += 1
+        if self.jobs <= self.from_job or reply.has_error():
+            return reply
+        if self.kind == "error":
+            return Message(MessageError(code=0, reason="region gone"), reply_to=msg)
+        reply.content[protocol.ARRAYS] = corrupt(self.kind, reply.content[protocol.ARRAYS])
+        return reply
+
+
+def three_regions():
+    fast, slow = TWO_REGIONS["regions"]["fast"], TWO_REGIONS["regions"]["slow"]
+    return topology({"a": {**fast, "data_share": 0.3}, "b": {**slow, "data_share": 0.3},
+                     "c": {**slow, "data_share": 0.4}})
+
+
+STRATEGIES = {
+    "ma": lambda fed, limits: ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), limits=limits),
+    "asgd_ga": lambda fed, limits: AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, balance=False,
+                                                  tau_max=100, meter=fed.meter(), limits=limits),
+    "asgd_ga_delta": lambda fed, limits: AsyncGradAccum(lr=1.0, accumulation_steps=2, batch_size=16, update="delta",
+                                                        local_lr=0.1, balance=False, tau_max=100,
+                                                        meter=fed.meter(), limits=limits),
+    "fedavg": lambda fed, limits: Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=3), fed.meter(),
+                                          limits=limits),
+}
+ROUNDS = {"ma": 4, "asgd_ga": 60, "asgd_ga_delta": 60, "fedavg": 3}  # async: "c" replies ~1 in 10
+
+
+def final_model(tmp_path, strategy: str, kind: str):
+    random.seed(0)  # Flower's FedAvg samples (orders) nodes with `random`: same order, same float sums
+    fed = Federation(tmp_path, three_regions())
+    fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind=kind)  # node 3 is region "c"
+    limits = UpdateLimits(max_norm=1000.0, quarantine_after=3)
+    s = STRATEGIES[strategy](fed, limits)
+    config = fed.config
+    if strategy == "fedavg":
+        config = ConfigRecord({**dict(config), **protocol.WorkOrder(lr=0.1, batch_size=16, epochs=0.5).to_config()})
+    result = s.start(fed.grid, fed.initial, num_rounds=ROUNDS[strategy], train_config=config)
+    return result.arrays.to_torch_state_dict(), s
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", REASONS)
+def test_a_regions_bad_updates_leave_the_model_as_if_they_were_never_sent(tmp_path, strategy, kind):
+    bad, s = final_model(tmp_path / "bad", strategy, kind)
+    without, _ = final_model(tmp_path / "without", strategy, "error")
+    for name, tensor in without.items():
+        assert torch.equal(bad[name], tensor), name
+    rejected = s.history.rejections["c"]
+    assert rejected[REASONS[kind]] >= 1 and set(rejected) == {REASONS[kind]}
+    assert s.history.counters["rejected_updates"] == sum(rejected.values())
+    assert all(torch.isfinite(t).all() for t in bad.values() if t.is_floating_point())
+
+
+def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path):
+    _, s = final_model(tmp_path, "asgd_ga", "nan")
+    assert s.history.counters["quarantined_regions"] == 1
+    assert s.history.rejections["c"]["non_finite"] == 3  # no more work after the third
+    assert "c" not in {info.name for info in s.regions.values()}
+
+
+# ---------------------------------------------------------------- fuzzing the decoder and validator
+dtypes = st.sampled_from(["float32", "float64", "int64", "int8", "object", "<U3", "bogus", "float16"])
+shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
+
+
+@st.composite
+def arrays(draw):
+    """An Array whose header and payload need not agree, and whose payload may not be npy at all."""
+    shape, dtype = draw(shapes), draw(dtypes)
+    payload = draw(st.one_of(st.binary(max_size=64),
+                             st.builds(lambda b: b"\x93NUMPY\x01\x00" + b, st.binary(max_size=64))))
+    return Array(dtype=dtype, shape=shape, stype=draw(st.sampled_from(["numpy.ndarray", "torch.Tensor"])),
+                 data=payload)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["w", "b", "count", "x"]), arrays(), max_size=4),
+       st.sampled_from([protocol.MODE_WEIGHTS, protocol.MODE_DELTA, protocol.MODE_GRADIENT]))
+def test_malformed_updates_raise_only_rejected_update(contents, mode):
+    validator = UpdateValidator(REFERENCE, UpdateLimits(max_norm=10.0))
+    try:
+        validator.check("r", ArrayRecord(contents), mode, base=REFERENCE)
+    except RejectedUpdate as exc:
+        assert exc.reason in {"missing_array", "unexpected_array", "wrong_shape", "wrong_dtype", "malformed",
+                              "non_finite", "norm"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["w", "b"]), arrays(), min_size=1, max_size=2))
+def test_decode_tensors_never_raises_anything_undocumented(contents):
+    try:
+        protocol.decode_tensors(ArrayRecord(contents))
+    except (TypeError, ValueError):
+        pass
