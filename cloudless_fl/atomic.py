@@ -19,6 +19,9 @@ def atomic_write(file: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; results are ordinary files
         os.replace(tmp, file)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

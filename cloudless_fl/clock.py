@@ -29,6 +29,10 @@ class Clock(ABC):
         """Seconds since the run started."""
 
     @abstractmethod
+    def restore(self, t: float) -> None:
+        """Continue from `t` seconds already elapsed (a resumed run)."""
+
+    @abstractmethod
     def finish(self, job: "Job") -> float:
         """Mark `job` complete and return its completion time."""
 
@@ -55,6 +59,9 @@ class VirtualClock(Clock):
     def now(self) -> float:
         return self._now
 
+    def restore(self, t: float) -> None:
+        self._now = t
+
     def finish(self, job: "Job") -> float:
         self._now = max(self._now, job.timing.end)
         return job.timing.end
@@ -79,6 +86,9 @@ class WallClock(Clock):
 
     def now(self) -> float:
         return time.monotonic() - self._t0
+
+    def restore(self, t: float) -> None:
+        self._t0 = time.monotonic() - t
 
     def finish(self, job: "Job") -> float:
         return self.now()

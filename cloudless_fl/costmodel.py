@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -198,6 +198,12 @@ class Ledger:
             "instance": sum(a.instance_usd for a in self.accounts.values()) + egress,
             "serverless": sum(a.serverless_usd for a in self.accounts.values()) + egress,
         }
+
+    def state_dict(self) -> dict:
+        return {name: asdict(acc) for name, acc in self.accounts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accounts = {name: RegionAccount(**fields) for name, fields in state.items()}
 
     def breakdown(self) -> dict[str, float]:
         return {

@@ -110,6 +110,19 @@ class Meter:
         return self.cost_model.job(job.region, job.dispatched_at, bytes_down=job.bytes_down, samples=samples,
                                    bytes_up=bytes_up, workers=self.workers(job.region), job_id=job.job_id)
 
+    def state_dict(self) -> dict:
+        """The books so far, for a checkpoint: time, job counters, ledger, unpriced bytes."""
+        return {"now": self.clock.now(), "job_counts": dict(self._job_counts),
+                "ledger": self.ledger.state_dict() if self.ledger else None,
+                "wan_bytes_unpriced": self.wan_bytes_unpriced}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clock.restore(float(state["now"]))
+        self._job_counts = defaultdict(int, state["job_counts"])
+        if self.ledger and state["ledger"] is not None:
+            self.ledger.load_state_dict(state["ledger"])
+        self.wan_bytes_unpriced = int(state["wan_bytes_unpriced"])
+
     def figures(self) -> dict:
         """Time, cost and WAN bytes so far, in the `results.json` history shape."""
         now = self.clock.now()

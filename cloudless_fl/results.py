@@ -42,6 +42,19 @@ class History:
     def event(self, kind: str, time_s: float, **details: Any) -> None:
         self.events.append({"event": kind, "time_s": time_s, **details})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"entries": self.entries, "counters": dict(self.counters),
+                "staleness": {str(k): v for k, v in self.staleness.items()}, "events": self.events,
+                "rejections": {r: dict(c) for r, c in self.rejections.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.entries = list(state["entries"])
+        self.counters = Counter(state["counters"])
+        self.staleness = Counter({int(k): v for k, v in state["staleness"].items()})
+        self.events = list(state["events"])
+        self.rejections.clear()  # the validator's live counters: refill in place
+        self.rejections.update({r: Counter(c) for r, c in state["rejections"].items()})
+
 
 def first_reaching(entries: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     return next((e for e in entries if e.get("accuracy") is not None and e["accuracy"] >= target), None)

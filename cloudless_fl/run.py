@@ -103,7 +103,8 @@ def print_summary(payload: dict[str, Any]) -> None:
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
 def hydra_main(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # a resumed run goes on in its own folder; Hydra's new folder keeps only this invocation's log
+    run_dir = Path(cfg.resume) if cfg.resume else Path(HydraConfig.get().runtime.output_dir)
     try:
         payload = run(cfg, run_dir)
     except CloudlessError as exc:

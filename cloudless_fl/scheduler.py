@@ -157,8 +157,14 @@ class Plan:
         """Mini-batches per synchronisation, for the regions that take part."""
         return {name: r.local_steps for name, r in self.regions.items() if r.takes_part}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        regions = {name: RegionPlan(**{k: v for k, v in r.items() if k != "finish_s"})
+                   for name, r in data["regions"].items()}
+        return cls(regions, data["period_s"], data["epochs_per_period"], data["epochs"], data["billing"])
+
     def to_dict(self) -> dict[str, Any]:
-        return {"period_s": self.period_s, "epochs_per_period": self.epochs_per_period,
+        return {"epochs": self.epochs, "period_s": self.period_s, "epochs_per_period": self.epochs_per_period,
                 "time_per_epoch_s": self.time_per_epoch_s, "usd_per_epoch": self.usd_per_epoch,
                 "total_time_s": self.total_time_s, "total_usd": self.total_usd, "billing": self.billing,
                 "regions": {name: {**asdict(r), "finish_s": r.finish_s} for name, r in self.regions.items()}}
@@ -381,6 +387,20 @@ class Scheduler:
         self.current = new
         self.changes.append({"time_s": at, "reason": reason, "plan": _decisions(new)})
         return new
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything `replan()` depends on, for a checkpoint."""
+        return {"data_sizes": dict(self.work.data_sizes), "model_bytes": self.work.model_bytes,
+                "excluded": sorted(self.excluded), "changes": self.changes,
+                "current": self.current.to_dict() if self.current else None,
+                "measured": {r: asdict(m) for r, m in self._measured.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_workload(data_sizes=state["data_sizes"], model_bytes=state["model_bytes"])
+        self.excluded = set(state["excluded"])
+        self.changes = list(state["changes"])
+        self.current = Plan.from_dict(state["current"]) if state["current"] else None
+        self._measured = {r: _Measured(**m) for r, m in state["measured"].items()}
 
     def _difference(self, old: Plan, new: Plan) -> str | None:
         reasons = []

@@ -17,7 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from omegaconf import DictConfig, OmegaConf
 
-from .config import DataLayout, config_from_run_config, prepare_data, topology_of, validate
+from .checkpoint import FILENAME as CHECKPOINT_FILE
+from .checkpoint import Checkpointer, model_fingerprint
+from .config import DataLayout, config_from_run_config, dataset_cfg, prepare_data, topology_of, validate
 from .errors import ConfigError
 from .data import read_manifest
 from .meter import Meter, record_bytes
@@ -98,8 +100,21 @@ def make_scheduler(cfg: DictConfig, topology: Topology, work: Workload) -> Sched
     return Scheduler(topology, work, objective, smoothing=float(sc.smoothing), tolerance=float(sc.tolerance))
 
 
+def make_checkpointer(cfg: DictConfig, run_dir: Path, model_state: dict) -> Checkpointer | None:
+    """The run's checkpointer (None when `checkpoint.every=0 checkpoint.at_end=false` and not resuming)."""
+    every, at_end = int(cfg.checkpoint.every), bool(cfg.checkpoint.at_end)
+    if every < 0:
+        raise ConfigError(f"checkpoint.every={every} must be ≥ 0 (0: no checkpoints during the run)")
+    if every == 0 and not at_end and not cfg.resume:
+        return None
+    fingerprint = {"model": model_fingerprint(model_state), "strategy": cfg.strategy.name, "seed": int(cfg.seed),
+                   "topology": cfg.topology.name if not cfg.get("topology_file") else str(cfg.topology_file),
+                   "dataset": dataset_cfg(cfg).name, "scheduler": cfg.scheduler.name}
+    return Checkpointer(Path(run_dir) / CHECKPOINT_FILE, every=every, fingerprint=fingerprint)
+
+
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
-                   scheduler: Scheduler | None = None):
+                   scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None):
     """The configured strategy (a name `config.validate` accepted), charged by `meter`.
 
     FedAvg takes the scheduler's initial plan (its workers, and its round-time
@@ -117,7 +132,8 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
             for name, workers in plan.workers().items():
                 meter.ledger.set_workers(name, workers, at=0.0)
         if s.round_deadline_s is None:
-            return Metered(FedAvg(**fedavg_args), meter, eval_every=int(s.eval_every), limits=limits)
+            return Metered(FedAvg(**fedavg_args), meter, eval_every=int(s.eval_every), limits=limits,
+                           checkpointer=checkpointer, resume=bool(cfg.resume))
         if meter.cost_model is None or work is None:
             raise ConfigError("strategy.round_deadline_s needs a topology to estimate round times")
         if plan is None:  # one worker per region, one local epoch each
@@ -125,11 +141,13 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
             plan = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions}, fill=False)
         round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
         selective = SelectiveFedAvg(round_times=round_times, deadline_s=float(s.round_deadline_s), **fedavg_args)
-        return Metered(selective, meter, eval_every=int(s.eval_every), limits=limits)
+        return Metered(selective, meter, eval_every=int(s.eval_every), limits=limits, checkpointer=checkpointer,
+                       resume=bool(cfg.resume))
     stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
                      target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
     common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s),
-              "scheduler": scheduler, "replan_every": int(cfg.scheduler.get("replan_every", 5)), "limits": limits}
+              "scheduler": scheduler, "replan_every": int(cfg.scheduler.get("replan_every", 5)), "limits": limits,
+              "checkpointer": checkpointer, "resume": bool(cfg.resume)}
     if s.name in ("asgd_ga", "asgd_ga_delta"):  # the same strategy, gradient or delta updates
         return AsyncGradAccum(lr=float(s.lr), momentum=float(s.momentum), nesterov=bool(s.nesterov),
                               accumulation_steps=_int_or_mapping(s.accumulation_steps),
@@ -168,7 +186,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     meter = make_meter(cfg, topology)
     work = workload(cfg, resident_sizes(topology, layout), record_bytes(ArrayRecord(model.state_dict())))
     scheduler = make_scheduler(cfg, topology, work)
-    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler)
+    checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict())
+    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)
     if cfg.progress:
         strategy.history.listeners.append(progress_printer(cfg))
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),  # the history holds the results

@@ -90,9 +90,17 @@ class AsyncGradAccum(GeoStrategy):
         self.local_lr = local_lr
         self.balance = balance
         self.max_weight = max_weight
-        self.version = 0
         self._idle: set[int] = set()
         self._durations: dict[str, float] = {}
+
+    @property
+    def version(self) -> int:
+        """Model versions so far: the step count checkpoints and stop rules go by."""
+        return self.step
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self.step = value
 
     def describe(self) -> str:
         return (f"server lr={self.lr} momentum={self.momentum}, G={self.accumulation_steps}, "
@@ -140,10 +148,10 @@ class AsyncGradAccum(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run until `num_rounds` model versions (or a stop rule); returns the final model."""
-        config = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.lr, momentum=self.momentum,
-                             nesterov=self.nesterov)
-        arrays = initial_arrays
-        self._idle = set(self.regions)
+        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.lr,
+                                     momentum=self.momentum, nesterov=self.nesterov)
+        busy = {f.node_id for f in self._inflight.values()}  # jobs a resumed run re-sent
+        self._idle = set(self.regions) - busy
         self.configure_train(self.version, arrays, config, grid)
         arrived: dict[str, Message] = {}
         arrival_order: list[str] = []
@@ -174,8 +182,11 @@ class AsyncGradAccum(GeoStrategy):
             if self._should_stop(accuracy):
                 break
             self.configure_train(self.version, arrays, config, grid)
+            if self.version != before:
+                self._checkpoint()
         if self.history.entries[-1]["version"] != self.version:
             self._evaluate(self.version, arrays, evaluate_fn, force=True)
+        self._checkpoint(force=True)
         return self._result(arrays)
 
     # ------------------------------------------------------------------ helpers
@@ -184,6 +195,12 @@ class AsyncGradAccum(GeoStrategy):
         for key, flight in list(self._inflight.items()):
             if key not in arrived and now - flight.sent_at > self.reply_timeout:
                 self._lose(self._inflight.pop(key), f"no reply within {self.reply_timeout:g} s")
+
+    def _extra_state(self) -> dict:
+        return {"durations": self._durations}
+
+    def _load_extra_state(self, meta: dict) -> None:
+        self._durations = dict(meta["durations"])
 
     def _observe_duration(self, region: str, seconds: float) -> None:
         old = self._durations.get(region)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -18,6 +18,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .. import protocol
+from ..checkpoint import Checkpointer
+from ..costmodel import JobTiming
 from ..errors import ConfigError
 from ..meter import Job, Meter, record_bytes
 from ..results import History
@@ -58,7 +60,13 @@ class InFlight:
     region: str
     version: int
     job: Job
+    order: protocol.WorkOrder
+    arrays: ArrayRecord  # the model it was sent: a checkpoint re-sends it on resume
     sent_at: float = field(default_factory=time.monotonic)  # real time, for reply timeouts
+
+    def state_dict(self) -> dict[str, Any]:
+        job = asdict(self.job)
+        return {"region": self.region, "version": self.version, "order": dict(self.order.to_config()), "job": job}
 
 
 class GeoStrategy(Strategy):
@@ -84,11 +92,18 @@ class GeoStrategy(Strategy):
     limits : UpdateLimits, optional
         What makes an update bad (beyond not matching the model, or NaN/Inf) and
         when a region sending them is quarantined.
+    checkpointer : Checkpointer, optional
+        Write the run's state every `checkpointer.every` versions/periods and at the end.
+    resume : bool
+        Continue from `checkpointer`'s checkpoint instead of starting afresh.
     """
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
-                 limits: UpdateLimits | None = None) -> None:
+                 limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
+                 resume: bool = False) -> None:
+        if resume and checkpointer is None:
+            raise ValueError("resume=True needs a checkpointer that says where the checkpoint is")
         self.meter = meter or Meter.measured()
         self.eval_every = max(1, int(eval_every))
         self.stop = stop or StopRules()
@@ -99,6 +114,10 @@ class GeoStrategy(Strategy):
         self.limits = limits or UpdateLimits()
         self.validator: UpdateValidator | None = None
         self.quarantined: set[int] = set()
+        self._quarantined_regions: dict[int, str] = {}
+        self.checkpointer = checkpointer
+        self.resume = resume
+        self.step = 0  # versions (ASGD-GA) or periods (MA) done
         self.history = History()
         self.samples = 0
         self.regions: dict[int, RegionInfo] = {}
@@ -124,19 +143,79 @@ class GeoStrategy(Strategy):
 
     # ------------------------------------------------------------------ shared machinery
     def _begin(self, grid: Grid, train_config: ConfigRecord | None, initial_arrays: ArrayRecord,
-               evaluate_fn: EvaluateFn | None, **optimizer: Any) -> ConfigRecord:
-        """Start of every run: log the settings, find the regions, set up the server optimizer,
-        evaluate the initial model. Returns the config every job carries."""
+               evaluate_fn: EvaluateFn | None, **optimizer: Any) -> tuple[ConfigRecord, ArrayRecord]:
+        """Start of every run: log the settings, find the regions, set up the server optimizer, then
+        either evaluate the initial model or restore a checkpoint. Returns the config every job
+        carries and the model to go on from."""
         config = train_config or ConfigRecord()
         self.summary()
         self._join(grid, config)
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
         self.history.rejections = self.validator.rejections
+        if self.resume:
+            self._restore(grid, config)
+            return config, self.optimizer.arrays()
         if self.scheduler is not None:
             self._start_plan(initial_arrays)
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
-        return config
+        return config, initial_arrays
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, force: bool = False) -> None:
+        """Write the run's state if one is due (or `force`): model, momentum, books, plan, jobs in flight."""
+        if self.checkpointer is None or not (force or self.checkpointer.due(self.step)):
+            return
+        sent = {}
+        for flight in self._inflight.values():
+            sent.setdefault(str(flight.version), flight.arrays.to_torch_state_dict())
+        meta = {"step": self.step, "samples": self.samples, "offsets": self.offsets, "shares": self.shares,
+                "meter": self.meter.state_dict(), "history": self.history.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "planned_steps": self.planned_steps,
+                "quarantined": sorted({self._quarantined_regions[n] for n in self.quarantined}),
+                "inflight": [f.state_dict() for f in self._inflight.values()], **self._extra_state()}
+        self.checkpointer.save(meta, {"optimizer": self.optimizer.state_dict(), "sent": sent})
+
+    def _extra_state(self) -> dict[str, Any]:
+        """A subclass's own JSON-able state for the checkpoint."""
+        return {}
+
+    def _load_extra_state(self, meta: dict[str, Any]) -> None:
+        """Restore what `_extra_state` saved."""
+
+    def _restore(self, grid: Grid, config: ConfigRecord) -> None:
+        """Continue from the checkpoint: same model, momentum, books and plan; jobs in flight re-sent."""
+        meta, tensors = self.checkpointer.load()
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.step, self.samples = int(meta["step"]), int(meta["samples"])
+        self.offsets.update(meta["offsets"])
+        self.shares = dict(meta["shares"])
+        self.meter.load_state_dict(meta["meter"])
+        self.history.load_state_dict(meta["history"])
+        if self.scheduler is not None and meta["scheduler"] is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
+        self.planned_steps = meta["planned_steps"]
+        by_name = {info.name: node for node, info in self.regions.items()}
+        for region in meta["quarantined"]:
+            if region in by_name:
+                self.quarantined.add(by_name[region])
+                self._quarantined_regions[by_name[region]] = region
+                self.regions.pop(by_name[region])
+        for saved in meta["inflight"]:
+            node = by_name.get(saved["region"])
+            if node is None or node not in self.regions:
+                continue  # its region did not come back: the job is lost with it
+            arrays = ArrayRecord(tensors["sent"][str(saved["version"])])
+            order = protocol.WorkOrder.from_config(ConfigRecord(saved["order"]))
+            job_fields = dict(saved["job"])
+            timing = job_fields.pop("timing")
+            job = Job(**job_fields, timing=None if timing is None else JobTiming(**timing))
+            [mid] = grid.push_messages([self._train_message(node, arrays, config, order)])
+            self._inflight[mid] = InFlight(node, saved["region"], int(saved["version"]), job, order, arrays)
+        self._load_extra_state(meta)
+        self.history.event("resumed", self.meter.clock.now(), step=self.step)
+        log.info("resumed from %s at step %d (t=%.1f s)", self.checkpointer.path, self.step, self.meter.clock.now())
 
     def _join(self, grid: Grid, train_config: ConfigRecord) -> None:
         """Find out which node is which region (once, before training)."""
@@ -181,7 +260,7 @@ class GeoStrategy(Strategy):
             self.offsets[region] += samples
             job = self.meter.dispatch(region, bytes_down=nbytes, samples=samples)
             [mid] = grid.push_messages([self._train_message(node_id, arrays, config, order)])
-            self._inflight[mid] = InFlight(node_id, region, version, job)
+            self._inflight[mid] = InFlight(node_id, region, version, job, order, arrays)
 
     def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:
         """Meter a successful reply; return its validated tensors (None if rejected) and metrics.
@@ -213,6 +292,7 @@ class GeoStrategy(Strategy):
         log.warning("region %s quarantined after %d bad updates; it gets no more work", flight.region,
                     sum(self.validator.rejections[flight.region].values()))
         self.quarantined.add(flight.node_id)
+        self._quarantined_regions[flight.node_id] = flight.region
         self.history.counters["quarantined_regions"] += 1
         self.history.event("region_quarantined", self.meter.clock.now(), region=flight.region)
         self._drop_region(flight.node_id, flight.region)

@@ -111,10 +111,9 @@ class ModelAveraging(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run `num_rounds` periods (or until a stop rule); returns the final model."""
-        config = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.outer_lr,
-                             momentum=self.outer_momentum, nesterov=self.nesterov)
-        arrays = initial_arrays
-        for period in range(1, num_rounds + 1):
+        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.outer_lr,
+                                     momentum=self.outer_momentum, nesterov=self.nesterov)
+        for period in range(self.step + 1, num_rounds + 1):
             if not self.regions:
                 self.stop_reason = "no region left"
                 break
@@ -125,10 +124,13 @@ class ModelAveraging(GeoStrategy):
             new_arrays, _ = self.aggregate_train(period, on_time)
             if new_arrays is not None:
                 arrays = new_arrays
+            self.step = period
             accuracy = self._evaluate(period, arrays, evaluate_fn, force=period == num_rounds)
             if self._should_stop(accuracy):
                 break
             self._replan(grid, config, period)  # re-admitted regions take part from the next period
+            self._checkpoint()
+        self._checkpoint(force=True)
         return self._result(arrays)
 
     def _collect(self, grid: Grid, deadline: float | None) -> list[Message]:

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from ..checkpoint import Checkpointer
 from ..meter import Meter, record_bytes
 from ..protocol import MODE_WEIGHTS, reply_region
 from ..results import History
@@ -37,16 +38,27 @@ class Metered(Strategy):
     limits : UpdateLimits, optional
         Update validation: replies whose weights are bad never reach `strategy`;
         a region that keeps sending them gets no more rounds.
+    checkpointer : Checkpointer, optional
+        Write the model and the books every `checkpointer.every` rounds and at the end.
+    resume : bool
+        Continue from `checkpointer`'s checkpoint: the remaining rounds, on its model.
     """
 
     def __init__(self, strategy: Strategy, meter: Meter | None = None, eval_every: int = 1,
-                 limits: UpdateLimits | None = None) -> None:
+                 limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
+                 resume: bool = False) -> None:
+        if resume and checkpointer is None:
+            raise ValueError("resume=True needs a checkpointer that says where the checkpoint is")
         self.inner = strategy
         self.meter = meter or Meter.measured()
         self.eval_every = eval_every
         self.limits = limits or UpdateLimits()
         self.validator: UpdateValidator | None = None
-        self.quarantined: set[int] = set()
+        self.quarantined: set[str] = set()  # regions
+        self._node_region: dict[int, str] = {}
+        self.checkpointer = checkpointer
+        self.resume = resume
+        self.round_offset = 0  # rounds done before a resume
         self.history = History()
         self.samples = 0
         self._round_start = 0.0
@@ -63,14 +75,16 @@ class Metered(Strategy):
         self._global = arrays.to_torch_state_dict()
         if self.validator is None:
             self.validator = UpdateValidator(self._global, self.limits)
+            self.validator.rejections.update(self.history.rejections)  # a resumed run's counts go on
             self.history.rejections = self.validator.rejections
-        messages = self.inner.configure_train(server_round, arrays, config, grid)
-        return [m for m in messages if m.metadata.dst_node_id not in self.quarantined]
+        messages = self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        return [m for m in messages if self._node_region.get(m.metadata.dst_node_id) not in self.quarantined]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
-        for msg in replies:
+        # region order, not arrival order: the books' and the average's float sums do not depend on it
+        for msg in sorted(replies, key=lambda m: (reply_region(m) or "", m.metadata.src_node_id)):
             if msg.has_error():
                 self.history.counters["failed_replies"] += 1
                 accepted.append(msg)  # the inner strategy logs and skips it
@@ -78,14 +92,15 @@ class Metered(Strategy):
             metrics = next(iter(msg.content.metric_records.values()), {})
             samples = int(metrics.get("num-examples", 0))
             region = reply_region(msg) or f"node-{msg.metadata.src_node_id}"
+            self._node_region[msg.metadata.src_node_id] = region
             job = self.meter.dispatch(region, bytes_down=self._bytes_down, at=self._round_start)
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
             self.meter.complete(job, bytes_up=bytes_up, samples=samples,
                                 compute_s=float(metrics.get("compute-seconds", 0.0)))
-            if self._valid(region, msg):
+            if region not in self.quarantined and self._valid(region, msg):
                 self.samples += samples
                 accepted.append(msg)
-        return self.inner.aggregate_train(server_round, accepted)
+        return self.inner.aggregate_train(server_round + self.round_offset, accepted)
 
     def _valid(self, region: str, msg: Message) -> bool:
         """Check every ArrayRecord of a reply (full weights) against the model; count a rejection."""
@@ -95,7 +110,7 @@ class Metered(Strategy):
         except RejectedUpdate:
             self.history.counters["rejected_updates"] += 1
             if self.validator.quarantined(region):
-                self.quarantined.add(msg.metadata.src_node_id)
+                self.quarantined.add(region)
                 self.history.counters["quarantined_regions"] += 1
                 self.history.event("region_quarantined", self.meter.clock.now(), region=region)
             return False
@@ -103,24 +118,45 @@ class Metered(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
-        """Flower's round loop, with each round's time, cost and accuracy recorded."""
+        """Flower's round loop, with each round's time, cost and accuracy recorded (and checkpointed)."""
+        if self.resume:
+            initial_arrays = self._restore()
 
         def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            due = server_round % self.eval_every == 0 or server_round == num_rounds
-            res = evaluate_fn(server_round, arrays) if evaluate_fn and due else None
-            self.history.record(server_round, self.meter.figures(), self.samples,
+            done = server_round + self.round_offset
+            if server_round == 0 and self.round_offset:  # a resumed run's start: already recorded
+                return None
+            due = done % self.eval_every == 0 or done == num_rounds
+            res = evaluate_fn(done, arrays) if evaluate_fn and due else None
+            self.history.record(done, self.meter.figures(), self.samples,
                                 accuracy=None if res is None else res.get("accuracy"),
                                 loss=None if res is None else res.get("loss"))
+            if self.checkpointer is not None and (self.checkpointer.due(done) or done == num_rounds):
+                self._checkpoint(done, arrays)
             return res
 
-        return super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.round_offset, timeout=timeout,
                              train_config=train_config, evaluate_config=evaluate_config,
                              evaluate_fn=evaluate_and_record)
+
+    def _checkpoint(self, done: int, arrays: ArrayRecord) -> None:
+        meta = {"step": done, "samples": self.samples, "meter": self.meter.state_dict(),
+                "history": self.history.state_dict(), "quarantined": sorted(self.quarantined)}
+        self.checkpointer.save(meta, {"model": arrays.to_torch_state_dict()})
+
+    def _restore(self) -> ArrayRecord:
+        meta, tensors = self.checkpointer.load()
+        self.round_offset, self.samples = int(meta["step"]), int(meta["samples"])
+        self.meter.load_state_dict(meta["meter"])
+        self.history.load_state_dict(meta["history"])
+        self.quarantined = set(meta["quarantined"])
+        self.history.event("resumed", self.meter.clock.now(), step=self.round_offset)
+        return ArrayRecord(tensors["model"])

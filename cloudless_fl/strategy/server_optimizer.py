@@ -48,5 +48,15 @@ class ServerOptimizer:
             torch.mul(g, scale, out=param.grad)
         self.optimizer.step()
 
+    def state_dict(self) -> dict:
+        """Model and momentum, for a checkpoint (plain tensors)."""
+        return {"model": dict(self.state), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, value in state["model"].items():
+                self.state[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def arrays(self) -> ArrayRecord:
         return ArrayRecord(self.state)

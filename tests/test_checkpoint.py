@@ -1,0 +1,130 @@
+"""Checkpoint and resume: a killed run resumed ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloudless_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cloudless_fl.config import compose
+from cloudless_fl.run import run
+from conftest import small_run_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {
+    "ma": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "strategy.outer_momentum=0.5"],
+    "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=300", "strategy.eval_every=10", "strategy.momentum=0.9"],
+    "fedavg": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25"],
+}
+EVERY = {"ma": 2, "asgd_ga": 20, "fedavg": 2}
+
+
+def overrides(topology, strategy):
+    return [*small_run_overrides(topology), *RUNS[strategy], f"checkpoint.every={EVERY[strategy]}",
+            "scheduler=elastic"]
+
+
+def final_state(run_dir: Path):
+    meta, tensors = load_checkpoint(run_dir / "checkpoint.pt")
+    model = tensors["optimizer"]["model"] if "optimizer" in tensors else tensors["model"]
+    return meta, model
+
+
+def comparable(payload: dict) -> dict:
+    """The results minus what legitimately differs: the resume event and the run folder."""
+    return {"history": payload["history"], "summary": payload["summary"], "regions": payload["regions"],
+            "costs": payload["costs"], "schedule": payload["schedule"],
+            "events": [e for e in payload["events"] if e["event"] != "resumed"]}
+
+
+@pytest.mark.parametrize("strategy", RUNS)
+def test_a_killed_run_resumes_to_the_same_model_and_figures(two_region_topology, tmp_path, strategy):
+    whole = tmp_path / "whole"
+    expected = run(compose(overrides(two_region_topology, strategy)), whole)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "cloudless_fl.run", *overrides(two_region_topology, strategy),
+                             f"hydra.run.dir={killed}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (killed / "results.json").exists()  # killed mid-run, not after it
+    step_at_kill = json.loads(json.dumps(load_checkpoint(killed / "checkpoint.pt")[0]["step"]))
+    assert 0 < step_at_kill < int(RUNS[strategy][1].split("=")[1])
+
+    resumed = run(compose([*overrides(two_region_topology, strategy), f"resume={killed}"]), killed)
+    assert comparable(resumed) == comparable(expected)
+    assert [e["step"] for e in resumed["events"] if e["event"] == "resumed"] == [step_at_kill]
+    (_, model_whole), (_, model_resumed) = final_state(whole), final_state(killed)
+    for name, tensor in model_whole.items():
+        assert torch.equal(model_resumed[name], tensor), name
+
+
+def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 3}, {"model": {"w": torch.ones(4)}})
+    meta, tensors = load_checkpoint(path)
+    assert meta["step"] == 3 and torch.equal(tensors["model"]["w"], torch.ones(4))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    flipped = bytearray(raw)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    path.write_bytes(b"PK\x03\x04 a zip that is not ours")
+    with pytest.raises(CheckpointError, match="not a cloudless-fl checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_of_another_model_or_config_is_refused(two_region_topology, tmp_path):
+    run(compose([*small_run_overrides(two_region_topology), "strategy=ma", "strategy.num_rounds=2"]), tmp_path)
+    other_model = [*small_run_overrides(two_region_topology), "strategy=ma", "model.options.hidden=[32]",
+                   f"resume={tmp_path}"]
+    with pytest.raises(CheckpointError, match="its model is .* this run's is"):
+        run(compose(other_model), tmp_path)
+    other_strategy = [*small_run_overrides(two_region_topology), "strategy=fedavg", f"resume={tmp_path}"]
+    with pytest.raises(CheckpointError, match="its strategy is \"ma\", this run's is \"fedavg\""):
+        run(compose(other_strategy), tmp_path)
+
+
+def test_checkpoints_never_unpickle(tmp_path):
+    """A payload carrying an arbitrary object is refused by the weights-only loader, not executed."""
+    import hashlib
+    import io
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    buffer = io.BytesIO()
+    torch.save({"meta": "{}", "tensors": {"x": Boom()}}, buffer)
+    payload = buffer.getvalue()
+    (tmp_path / "evil.pt").write_bytes(b"cloudless-fl-checkpoint 1 " + hashlib.sha256(payload).hexdigest().encode()
+                                       + b"\n" + payload)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
