@@ -19,12 +19,11 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from .config_schema import check_config
 from .data import Arrays, load_npz, load_source, read_manifest, split_dataset
 from .errors import ConfigError, DataError
 from .topology import Topology, load_topology
 
-ENGINES = ("simulation", "inprocess")
-STRATEGIES = ("fedavg", "ma", "asgd_ga", "asgd_ga_delta")  # conf/strategy/<name>.yaml
 
 
 def conf_dir() -> Path:
@@ -81,15 +80,8 @@ def dataset_cfg(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Top-level keys and the strategy's name, checked before anything starts."""
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {cfg.strategy.name!r}; choose one of {', '.join(STRATEGIES)}")
-    if cfg.engine not in ENGINES:
-        raise ConfigError(f"engine={cfg.engine!r} is unknown; use one of {', '.join(ENGINES)}")
-    if not 0 < float(cfg.target_accuracy) <= 1:
-        raise ConfigError(f"target_accuracy={cfg.target_accuracy} must be in (0, 1]")
-    if int(cfg.strategy.eval_every) < 1:
-        raise ConfigError(f"strategy.eval_every={cfg.strategy.eval_every} must be ≥ 1")
+    """Every config key against its allowed values (`config_schema`), before anything starts."""
+    check_config(cfg)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Whole runs (in-process engine): results.json contract, determinism, fail-fast input checks."""
 
 import json
+import re
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_same_seed_same_figures(two_region_topology, tmp_path):
 
 def test_unknown_strategy_fails_before_training(two_region_topology, tmp_path):
     cfg = compose(small_run_overrides(two_region_topology, **{"strategy.name": "fedsgd"}))
-    with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'"):
+    with pytest.raises(ConfigError, match="strategy='fedsgd' is not allowed; choose one of fedavg"):
         run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
 
@@ -67,3 +68,20 @@ def test_presplit_npz_folder_runs(two_region_topology, tmp_path):
     cfg = compose(small_run_overrides(two_region_topology, dataset="npz", **{"dataset.root": tmp_path / "data"}))
     payload = run(cfg, tmp_path / "run")
     assert payload["summary"]["final_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("strategy.lr=-0.1", "strategy.lr=-0.1 is out of range; allowed: > 0"),
+    ("strategy.num_rounds=0", "strategy.num_rounds=0 is out of range; allowed: ≥ 1"),
+    ("strategy.batch_size=2.5", "strategy.batch_size=2.5 must be an integer"),
+    ("validation.on_norm=ignore", "validation.on_norm='ignore' is not allowed; choose one of reject, clip"),
+    ("scheduler=elastic scheduler.smoothing=0", "scheduler.smoothing=0 is out of range; allowed: > 0 and ≤ 1"),
+    ("strategy=ma strategy.local_steps={a:0}", "strategy.local_steps.a=0 is out of range"),
+    ("strategy=asgd_ga strategy.update=sideways", "strategy.update='sideways' is not allowed"),
+    ("target_accuracy=1.5", "target_accuracy=1.5 is out of range"),
+])
+def test_bad_config_values_name_the_key_and_the_allowed_range(two_region_topology, tmp_path, override, message):
+    cfg = compose(small_run_overrides(two_region_topology) + override.split())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "results.json").exists()

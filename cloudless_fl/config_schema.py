@@ -1,0 +1,131 @@
+"""What every config key may hold, checked once at start-up.
+
+Hydra composes the config but does not know that a learning rate must be
+positive; these rules do. Each failure is a `ConfigError` naming the key, the
+value, and what is allowed — before any data is loaded or engine started.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number in a range; `integer` demands a whole number; `per_region` also accepts {region: value}."""
+
+    low: float = -INF
+    high: float = INF
+    low_open: bool = False  # True: must be > low
+    integer: bool = False
+    nullable: bool = False
+    per_region: bool = False
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None and self.nullable:
+            return
+        if self.per_region and isinstance(value, Mapping):
+            if not value:
+                raise ConfigError(f"{key} is an empty mapping; give a value per region or one number")
+            for region, v in value.items():
+                self.check(f"{key}.{region}", v)
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (self.integer and isinstance(value, float) and not value.is_integer()):
+            kind = "an integer" if self.integer else "a number"
+            raise ConfigError(f"{key}={value!r} must be {kind}{' or null' if self.nullable else ''}; "
+                              f"allowed: {self.allowed()}")
+        if math.isnan(value) or value > self.high or value < self.low or (self.low_open and value == self.low):
+            raise ConfigError(f"{key}={value!r} is out of range; allowed: {self.allowed()}")
+
+    def allowed(self) -> str:
+        low = "" if self.low == -INF else f"{'>' if self.low_open else '≥'} {self.low:g}"
+        high = "" if self.high == INF else f"≤ {self.high:g}"
+        text = " and ".join(p for p in (low, high) if p) or "any number"
+        return text + (" (or null)" if self.nullable else "")
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple[Any, ...]
+
+    def check(self, key: str, value: Any) -> None:
+        if value not in self.options:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, self.options))}")
+
+
+POSITIVE = Number(0, low_open=True)
+COUNT = Number(1, integer=True)
+OPTIONAL_SECONDS = Number(0, low_open=True, nullable=True)
+FRACTION = Number(0, 1)
+BOOL = Choice((True, False))
+
+COMMON = {
+    "seed": Number(integer=True), "target_accuracy": Number(0, 1, low_open=True),
+    "engine": Choice(("simulation", "inprocess")), "clock": Choice(("virtual", "wall")), "progress": BOOL,
+    "flower_log_level": Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    "validation.max_norm": OPTIONAL_SECONDS, "validation.on_norm": Choice(("reject", "clip")),
+    "validation.quarantine_after": Number(0, integer=True),
+    "checkpoint.every": Number(0, integer=True), "checkpoint.at_end": BOOL,
+}
+STRATEGY_COMMON = {
+    "strategy.num_rounds": COUNT, "strategy.eval_every": COUNT, "strategy.lr": POSITIVE,
+    "strategy.batch_size": COUNT,
+}
+ASYNC_AND_MA = {
+    "strategy.reply_timeout_s": POSITIVE, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
+    "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
+}
+STRATEGY = {
+    "fedavg": {"strategy.local_epochs": POSITIVE, "strategy.round_deadline_s": OPTIONAL_SECONDS},
+    "ma": {**ASYNC_AND_MA, "strategy.local_steps": Number(1, integer=True, per_region=True),
+           "strategy.normalize": BOOL, "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1),
+           "strategy.nesterov": BOOL, "strategy.deadline_s": OPTIONAL_SECONDS},
+    "asgd_ga": {**ASYNC_AND_MA, "strategy.accumulation_steps": Number(1, integer=True, per_region=True),
+                "strategy.momentum": Number(0, 1), "strategy.nesterov": BOOL, "strategy.tau_max": Number(0, integer=True),
+                "strategy.staleness": Choice(("inverse_sqrt", "none")), "strategy.update": Choice(("gradient", "delta")),
+                "strategy.local_lr": POSITIVE, "strategy.balance": BOOL, "strategy.max_weight": Number(1)},
+}
+STRATEGY["asgd_ga_delta"] = STRATEGY["asgd_ga"]
+SCHEDULER = {
+    "none": {},
+    "elastic": {"scheduler.objective": Choice(("min_cost", "min_time", "weighted")),
+                "scheduler.deadline_s": OPTIONAL_SECONDS, "scheduler.budget_usd": OPTIONAL_SECONDS,
+                "scheduler.usd_per_hour": Number(0), "scheduler.billing": Choice(("instance", "serverless")),
+                "scheduler.epochs": POSITIVE, "scheduler.max_steps_factor": Number(1),
+                "scheduler.replan_every": COUNT, "scheduler.smoothing": Number(0, 1, low_open=True),
+                "scheduler.tolerance": Number(0)},
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every rule that applies to the chosen strategy and scheduler; the first failure raises."""
+    strategy = _get(cfg, "strategy.name")
+    Choice(tuple(STRATEGY)).check("strategy", strategy)
+    scheduler = _get(cfg, "scheduler.name")
+    Choice(tuple(SCHEDULER)).check("scheduler", scheduler)
+    rules = {**COMMON, **STRATEGY_COMMON, **STRATEGY[strategy], **SCHEDULER[scheduler]}
+    for key, rule in rules.items():
+        rule.check(key, _get(cfg, key))
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    try:
+        for part in key.split("."):
+            if not isinstance(node, (DictConfig, Mapping)) or part not in node:
+                raise KeyError(part)
+            node = node[part]
+        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    except (KeyError, OmegaConfBaseException):
+        raise ConfigError(f"config key {key} is missing or unset; give it a value (conf/ has the defaults)") from None
