@@ -122,12 +122,13 @@ class UpdateValidator:
             raise RejectedUpdate("malformed", str(exc)) from None
         change = {n: (tensors[n] - base[n] if mode == protocol.MODE_WEIGHTS and base is not None else tensors[n])
                   for n in expected if n in self.float_names}
-        squared = 0.0
-        for name, t in change.items():
-            if not bool(torch.isfinite(t).all()):
-                raise RejectedUpdate("non_finite", f"{name} holds NaN or Inf")
-            squared += float(torch.sum(t.double() * t.double()))
-        norm = math.sqrt(squared)
+        norms = [torch.linalg.vector_norm(t) for t in change.values()]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        if not math.isfinite(norm):  # NaN/Inf propagate into the norm; the slow check only on this path
+            bad = next((n for n, t in change.items() if not bool(torch.isfinite(t).all())), None)
+            if bad is not None:
+                raise RejectedUpdate("non_finite", f"{bad} holds NaN or Inf")
+            raise RejectedUpdate("norm", "norm overflows")
         bound = self.limits.max_norm
         if bound is not None and norm > bound:
             if self.limits.on_norm == "reject":
