@@ -23,8 +23,8 @@ demo: install  ## FedAvg vs MA vs ASGD-GA on geo4 (Flower Simulation Engine), th
 test: install
 	$(BIN)/python -m pytest -q
 
-test-fast: install  ## skip the tests that start real Flower engines
-	$(BIN)/python -m pytest -q -m "not integration"
+test-fast: install  ## skip the tests that start real Flower engines or the quick reproduction suite
+	$(BIN)/python -m pytest -q -m "not integration and not suite"
 
 clean:
 	rm -rf outputs multirun .pytest_cache

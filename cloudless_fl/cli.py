@@ -11,7 +11,7 @@ commands:
   run [hydra overrides...]   run an experiment (e.g. strategy=fedavg topology=geo4 seed=2)
   data split --out DIR ...   write per-region shards (see `cloudless-fl data split -h`)
   plan [overrides...]        the elastic scheduler's plan beside the static one (e.g. topology=geo4 strategy=ma)
-  report FOLDER              compare every results.json below FOLDER (Markdown table)
+  report FOLDER              compare every results.json below FOLDER: table (report.md) and plots/*.png
 """
 
 
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "report":
         if len(rest) != 1:
             raise SystemExit("usage: cloudless-fl report FOLDER")
-        from .report import report
+        from .report import write_report
 
-        print(report(rest[0]))
+        print(write_report(rest[0]))
     else:
         raise SystemExit(f"unknown command {command!r}\n\n{USAGE}")
 

@@ -69,6 +69,13 @@ def topology_of(cfg: DictConfig) -> Topology:
     return load_topology(OmegaConf.to_container(cfg.topology, resolve=True))
 
 
+def topology_spec(cfg: DictConfig) -> dict[str, Any]:
+    """The run's topology as written (for results.json); `topology_of` has already validated it."""
+    if cfg.get("topology_file"):
+        return dict(yaml.safe_load(Path(cfg.topology_file).read_text()))
+    return OmegaConf.to_container(cfg.topology, resolve=True)
+
+
 def dataset_cfg(cfg: DictConfig) -> DictConfig:
     """The run's dataset section: `dataset_file` when set, else the `dataset` group."""
     if cfg.get("dataset_file"):

@@ -1,9 +1,12 @@
-"""`cloudless-fl report <folder>`: compare the runs in a folder as a Markdown table.
+"""`cloudless-fl report <folder>`: compare the runs in a folder as a Markdown table and plots.
 
 Every `results.json` below the folder is read (a corrupt or partial one is
-listed as skipped, never fatal). Runs are grouped by topology and strategy;
-figures are mean ± std over seeds, and ratios are taken against FedAvg on the
-same topology (and seed) and against the Ideal reference (topology `lan`).
+listed as skipped, with its path, never fatal). Runs are grouped by topology
+and label (the config's `label`, else the strategy, `+elastic` when
+scheduled); figures are mean ± std over seeds, and ratios are taken against
+FedAvg on the same topology (and seed) and against the Ideal reference
+(topology `lan`). `write_report` also saves `report.md` and the PNG figures of
+`plots.py` in the folder.
 """
 
 from __future__ import annotations
@@ -27,14 +30,21 @@ class Run:
     data: dict[str, Any]
 
     @property
-    def strategy(self) -> str:
-        """The strategy's name, marked `+elastic` when the elastic scheduler planned the run."""
+    def label(self) -> str:
+        """The run's `label`, else its strategy, marked `+elastic` when the elastic scheduler planned it."""
+        if self.data["config"].get("label"):
+            return str(self.data["config"]["label"])
         scheduler = (self.data["config"].get("scheduler") or {}).get("name", "none")
         return self.data["strategy"] + ("" if scheduler == "none" else f"+{scheduler}")
 
     @property
+    def topology_spec(self) -> dict[str, Any]:
+        """The topology the run used (older results: the config's topology group)."""
+        return self.data.get("topology") or self.data["config"]["topology"]
+
+    @property
     def topology(self) -> str:
-        return self.data["config"]["topology"]["name"]
+        return str(self.topology_spec.get("name", "unnamed"))
 
     @property
     def seed(self) -> int:
@@ -77,11 +87,11 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per (topology, strategy) with per-seed figures relative to FedAvg and Ideal."""
     by_key: dict[tuple[str, str], dict[int, Run]] = defaultdict(dict)
     for run in runs:
-        by_key[run.topology, run.strategy][run.seed] = run
+        by_key[run.topology, run.label][run.seed] = run
     ideal = {seed: run for (topo, _), seeds in by_key.items() if topo == IDEAL_TOPOLOGY
              for seed, run in seeds.items()}
     table = []
-    for (topo, strategy), seeds in sorted(by_key.items()):
+    for (topo, label), seeds in sorted(by_key.items()):
         base = by_key.get((topo, BASELINE), {})
         per_seed = defaultdict(list)
         for seed, run in seeds.items():
@@ -107,7 +117,7 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
             per_seed["wan"].append(None if wan is None else wan / 1e9)
             util = s.get("utilization") or {}
             per_seed["util"].append(statistics.fmean(util.values()) if util else None)
-        table.append({"topology": topo, "strategy": strategy, "seeds": sorted(seeds), **per_seed})
+        table.append({"topology": topo, "label": label, "seeds": sorted(seeds), **per_seed})
     return table
 
 
@@ -120,13 +130,13 @@ COLUMNS = [
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    head = "| topology | strategy | seeds | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    head = "| topology | run | seeds | " + " | ".join(c for c, _ in COLUMNS) + " |"
     sep = "|" + "---|" * (3 + len(COLUMNS))
     lines = [head, sep]
     for row in table:
         cells = [_mean_std(row[key]) for _, key in COLUMNS]
         seeds = ",".join(str(s) for s in row["seeds"])
-        lines.append(f"| {row['topology']} | {row['strategy']} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['topology']} | {row['label']} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -140,3 +150,18 @@ def report(folder: str | Path) -> str:
     for path, reason in skipped:
         out.append(f"skipped {path}: {reason}")
     return "\n".join(out)
+
+
+def write_report(folder: str | Path) -> str:
+    """`report(folder)`, also saved as `<folder>/report.md`, plus the figures in `<folder>/plots/`."""
+    from .atomic import atomic_write_text
+    from .plots import write_plots
+
+    folder = Path(folder)
+    text = report(folder)
+    runs, _ = load_runs(folder)
+    if runs:
+        plots = write_plots(runs, folder / "plots")
+        text += "\n\nplots: " + ", ".join(str(p) for p in plots)
+    atomic_write_text(folder / "report.md", text + "\n")
+    return text

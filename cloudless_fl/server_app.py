@@ -19,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .checkpoint import Checkpointer, model_fingerprint
-from .config import DataLayout, config_from_run_config, dataset_cfg, prepare_data, topology_of, validate
+from .config import (DataLayout, config_from_run_config, dataset_cfg, prepare_data, topology_of, topology_spec,
+                     validate)
 from .errors import ConfigError
 from .data import read_manifest
 from .meter import Meter, record_bytes
 from .models import build_model
+from .progress import Progress
 from .protocol import ModelSpec, WorkOrder
 from .results import History, summarize, write_results
 from .scheduler import Objective, Scheduler, Workload, evaluate_plan
@@ -188,11 +190,16 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict())
     strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)
-    if cfg.progress:
-        strategy.history.listeners.append(progress_printer(cfg))
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),  # the history holds the results
-                   num_rounds=int(cfg.strategy.num_rounds), train_config=train_config,
-                   evaluate_fn=central_evaluator(cfg, layout))
+    progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds)) if cfg.progress else None
+    if progress is not None:
+        strategy.history.listeners.append(progress)
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),  # the history holds the results
+                       num_rounds=int(cfg.strategy.num_rounds), train_config=train_config,
+                       evaluate_fn=central_evaluator(cfg, layout))
+    finally:
+        if progress is not None:
+            progress.close()
     payload = results_payload(cfg, strategy.history, meter)
     payload["schedule"] = scheduler.changes if scheduler is not None else None
     write_results(Path(run_dir) / "results.json", payload)
@@ -218,6 +225,7 @@ def results_payload(cfg: DictConfig, history: History, meter: Meter) -> dict[str
         "seed": int(cfg.seed),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "clock": cfg.clock,
+        "topology": topology_spec(cfg),  # as resolved: the group, or the topology_file's content
         "history": history.entries,
         "summary": summary,
         "costs": meter.ledger.breakdown() if meter.ledger else None,
@@ -236,21 +244,6 @@ def _region_report(meter: Meter) -> dict[str, Any] | None:
                "instance_usd": a.instance_usd, "serverless_usd": a.serverless_usd, "jobs": a.invocations}
         for name, a in meter.ledger.accounts.items()
     }
-
-
-def progress_printer(cfg: DictConfig):
-    """One console line per evaluated round/version (every `strategy.eval_every`)."""
-    unit = {"fedavg": "round", "ma": "period"}.get(cfg.strategy.name, "version")
-
-    def show(entry: dict[str, Any]) -> None:
-        if entry["accuracy"] is None:
-            return
-        acc = f"{entry['accuracy']:.4f}"
-        cost = entry["cost_usd"]["instance"] if entry.get("cost_usd") else float("nan")
-        print(f"[{cfg.strategy.name}] {unit} {entry['version']:>4}  t={entry['time_s']:8.2f}s  "
-              f"acc={acc}  cost=${cost:.4f}  wan={entry['wan_bytes'] / 1e6:8.1f} MB", flush=True)
-
-    return show
 
 
 app = ServerApp()

@@ -11,7 +11,7 @@ strategy's learning rate is picked from {0.01, 0.03, 0.1, 0.3} on seed 0
 geo4 and geo4-fluct; Ideal is the same training on topology `lan`. Runs use the
 in-process engine (same ServerApp/ClientApp/strategies as the Simulation
 Engine, identical figures under the virtual clock, no Ray start-up per run) on
-2 worker processes. Prints the comparison table at the end.
+2 worker processes (`runner.py`). Prints the comparison table at the end.
 
     .venv/bin/python experiments/benchmark.py --out outputs/benchmark
     .venv/bin/python experiments/benchmark.py --quick      # geo4, seed 1, default lrs
@@ -20,10 +20,10 @@ Engine, identical figures under the virtual clock, no Ray start-up per run) on
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import time
 from pathlib import Path
+
+from runner import execute, pool
 
 LRS = (0.01, 0.03, 0.1, 0.3)
 SEEDS = (1, 2, 3)
@@ -39,25 +39,6 @@ STRATEGIES.update({name: [*STRATEGIES[base], "scheduler=elastic"] for name, base
 # The learning rate each strategy tunes: the local one where the server applies updates as sent.
 TUNED_KEY = {"asgd_ga_delta": "strategy.local_lr"}
 IDEAL = ["strategy=fedavg", "topology=lan", "strategy.num_rounds=15"]
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # two runs share the two cores
-
-
-def _run(job: tuple[list[str], str]) -> tuple[str, dict | None, float]:
-    overrides, run_dir = job
-    from cloudless_fl.config import compose
-    from cloudless_fl.run import run
-
-    start = time.perf_counter()
-    results = Path(run_dir) / "results.json"
-    if results.is_file():  # resumable: a finished run is not redone
-        return run_dir, json.loads(results.read_text())["summary"], 0.0
-    payload = run(compose([*overrides, "engine=inprocess", "progress=false"]), run_dir)
-    return run_dir, payload["summary"], time.perf_counter() - start
 
 
 def _score(summary: dict) -> tuple[float, float]:
@@ -77,16 +58,6 @@ def _jobs(out: Path, phase: str, seeds, lrs: dict[tuple[str, str], list[float]])
     return jobs
 
 
-def _execute(pool, jobs) -> dict[str, dict]:
-    done = {}
-    for run_dir, summary, seconds in pool.imap_unordered(_run, jobs):
-        done[run_dir] = summary
-        t95 = summary["time_to_target_s"]
-        print(f"  {run_dir}: t95={'—' if t95 is None else f'{t95:.1f}s'} "
-              f"final={summary['final_accuracy']:.4f} ({seconds:.0f} s)", flush=True)
-    return done
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/benchmark")
@@ -97,13 +68,13 @@ def main() -> None:
     keys = [(t, s) for t in (TOPOLOGIES[:1] if args.quick else TOPOLOGIES) for s in STRATEGIES]
     keys.append(("lan", "ideal"))
     wall = time.perf_counter()
-    with mp.get_context("fork").Pool(args.workers, initializer=_init_worker) as pool:
+    with pool(args.workers) as workers:
         if args.quick:
             chosen = {k: [0.3] for k in keys}
             seeds = SEEDS[:1]
         else:
             print("tuning learning rates on seed 0", flush=True)
-            tuned = _execute(pool, _jobs(out, "tune", [0], {k: list(LRS) for k in keys if k[1] not in ELASTIC}))
+            tuned = execute(workers, _jobs(out, "tune", [0], {k: list(LRS) for k in keys if k[1] not in ELASTIC}))
             chosen = {}
             for topology, strategy in keys:
                 if strategy in ELASTIC:
@@ -114,12 +85,12 @@ def main() -> None:
             seeds = SEEDS
             chosen.update({(t, s): chosen[t, ELASTIC[s]] for t, s in keys if s in ELASTIC})
         print(f"reporting runs on seeds {list(seeds)}", flush=True)
-        _execute(pool, _jobs(out, "final", seeds, chosen))
-    from cloudless_fl.report import report
+        execute(workers, _jobs(out, "final", seeds, chosen))
+    from cloudless_fl.report import write_report
 
     print()
     print("chosen learning rates: " + ", ".join(f"{t}/{s}={lr[0]}" for (t, s), lr in chosen.items()))
-    print(report(out / "final"))
+    print(write_report(out / "final"))
     print(f"\nbenchmark wall time: {time.perf_counter() - wall:.0f} s")
 
 

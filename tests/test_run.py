@@ -85,3 +85,20 @@ def test_bad_config_values_name_the_key_and_the_allowed_range(two_region_topolog
     with pytest.raises(ConfigError, match=re.escape(message)):
         run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_progress_prints_plain_lines_off_a_terminal_and_a_live_bar_on_one(capsys):
+    from cloudless_fl.progress import Progress
+
+    entry = {"version": 2, "time_s": 1.5, "cost_usd": {"instance": 0.01}, "wan_bytes": 2e6, "accuracy": 0.5}
+    plain = Progress("ma", total=4, live=False)
+    plain(entry)
+    plain({**entry, "version": 3, "accuracy": None})  # not evaluated: no line
+    plain.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[ma] period    2  t=    1.50s  acc=0.5000  cost=$0.0100  wan=     2.0 MB"]
+    live = Progress("asgd_ga", total=4, live=True)
+    live(entry)
+    live.close()
+    captured = capsys.readouterr()
+    assert captured.out == "" and "acc=0.5000" in captured.err and "2/4" in captured.err
