@@ -75,11 +75,14 @@ def make_meter(cfg: DictConfig, topology: Topology) -> Meter:
 
 
 def workload(cfg: DictConfig, data_sizes: dict[str, int], model_bytes: int) -> Workload:
-    """What the scheduler plans for: the resident data, the model's size and the strategy's local work."""
+    """What the scheduler plans for: the resident data, the model's size and the strategy's local work.
+
+    Only MA fills idle time with extra steps: it has a barrier to wait at. FedAvg's local epoch and
+    ASGD-GA's jobs (no barrier: an early finisher just starts its next job) keep data-share work."""
     sc = cfg.scheduler
     return Workload(data_sizes, model_bytes, base_steps=base_steps(cfg, data_sizes),
                     batch_size=int(cfg.strategy.batch_size), epochs=float(sc.get("epochs", 1.0)),
-                    max_steps_factor=1.0 if cfg.strategy.name == "fedavg" else float(sc.get("max_steps_factor", 1.0)))
+                    max_steps_factor=float(sc.get("max_steps_factor", 1.0)) if cfg.strategy.name == "ma" else 1.0)
 
 
 def base_steps(cfg: DictConfig, data_sizes: dict[str, int]) -> int:

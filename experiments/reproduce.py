@@ -1,4 +1,4 @@
-"""Reproduce the paper's evaluation: every study in experiments/conf/experiment/, then the report.
+"""Reproduce the paper's evaluation: every study in conf/experiment/, then the report.
 
     .venv/bin/python experiments/reproduce.py                  # all studies, seeds 1-3 (see README: Results)
     .venv/bin/python experiments/reproduce.py --quick          # one seed, fewer versions, target 90 %: CI smoke
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import yaml
 
+
 from runner import Job, execute, pool
 
-STUDIES_DIR = Path(__file__).resolve().parent / "conf" / "experiment"
-
-
 def studies() -> dict[str, dict]:
-    return {p.stem: yaml.safe_load(p.read_text())["study"] for p in sorted(STUDIES_DIR.glob("*.yaml"))}
+    """Study name → its `study:` block (runs, seeds, quick variant), from the `experiment` config group."""
+    from cloudless_fl.config import conf_dir
+
+    return {p.stem: yaml.safe_load(p.read_text())["study"] for p in sorted((conf_dir() / "experiment").glob("*.yaml"))}
 
 
 def jobs_for(name: str, study: dict, out: Path, quick: bool) -> list[Job]:
