@@ -11,6 +11,7 @@ commands:
   run [hydra overrides...]   run an experiment (e.g. strategy=fedavg topology=geo4 seed=2)
   data split --out DIR ...   write per-region shards (see `cloudless-fl data split -h`)
   plan [overrides...]        the elastic scheduler's plan beside the static one (e.g. topology=geo4 strategy=ma)
+  launch [options]           a real local federation: SuperLink + one SuperNode per region behind shaped WAN proxies
   report FOLDER              compare every results.json below FOLDER: table (report.md) and plots/*.png
 """
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
             print(plan_command(rest))
         except CloudlessError as exc:
             raise SystemExit(f"error: {exc}") from None
+    elif command == "launch":
+        launch_command(rest)
     elif command == "report":
         if len(rest) != 1:
             raise SystemExit("usage: cloudless-fl report FOLDER")
@@ -77,3 +80,36 @@ def data_command(argv: list[str]) -> None:
     for region, n in sizes.items():
         print(f"{region}: {n} samples -> {args.out}/{region}/train.npz")
     print(f"test split -> {args.out}/test.npz")
+
+
+def launch_command(argv: list[str]) -> None:
+    from pathlib import Path
+
+    from .errors import CloudlessError
+    from .launch import launch
+
+    parser = argparse.ArgumentParser(prog="cloudless-fl launch",
+                                     description="Run the app on a local Deployment Engine federation "
+                                                 "(SuperLink + one SuperNode per region) over shaped WAN links.")
+    parser.add_argument("--topology", default="geo4", help="preset name or topology YAML path")
+    parser.add_argument("--strategy", default="asgd_ga_delta")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds / periods / model versions")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--time-scale", type=float, default=1.0, help="> 1: links that many times faster")
+    parser.add_argument("--tls", action="store_true", help="throwaway certificates, every connection over TLS")
+    parser.add_argument("--out", default=None, help="run folder (default outputs/launch/<time>)")
+    parser.add_argument("--app", default=".", help="the Flower app folder (this checkout)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the run (key=value)")
+    args = parser.parse_args(argv)
+    import time
+
+    out = Path(args.out or f"outputs/launch/{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed, time_scale=args.time_scale,
+                      tls=args.tls, overrides=args.overrides, app_dir=Path(args.app))
+    except CloudlessError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: every process started was stopped") from None
+    print(f"run folder: {out} (logs/, results in {out}/<time>/results.json)")
+    raise SystemExit(code)

@@ -36,6 +36,14 @@ class Shape:
         return self.latency_s / self.time_scale
 
 
+async def _read(reader: asyncio.StreamReader) -> bytes:
+    """The next chunk, or b"" when the peer closed (or reset) the connection."""
+    try:
+        return await reader.read(CHUNK)
+    except (ConnectionError, OSError):
+        return b""
+
+
 class _Pipe:
     """One direction: read, shape, deliver in order."""
 
@@ -48,7 +56,7 @@ class _Pipe:
         queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
         sender = asyncio.create_task(self._deliver(queue, writer))
         try:
-            while data := await reader.read(CHUNK):
+            while data := await _read(reader):
                 now = time.monotonic()
                 start = max(now, self.link_free_at)
                 self.link_free_at = start + self.shape.transmit_seconds(len(data), start - self.t0)
@@ -129,8 +137,10 @@ class WanProxy:
 
         async def close() -> None:
             self._server.close()
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

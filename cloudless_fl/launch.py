@@ -1,0 +1,238 @@
+"""`cloudless-fl launch`: a real federation on this machine, one SuperNode per region behind its WAN.
+
+Starts `flower-superlink`, one `WanProxy` per region shaped by the topology's
+link, one `flower-supernode` per region (connecting through its proxy, told its
+region and data folder by `--node-config`), submits the app with `flwr run`
+and streams its log. Everything lives in the run folder: `flwr-home/`
+(`FLWR_HOME`, so the user's own Flower config is untouched), `data/` (the
+split), `logs/` (one file per process) and the run's `results.json`. Ctrl-C
+or the end of the run stops every process it started (whole process groups:
+SuperNodes start children of their own).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import compose, topology_of
+from .data import load_source, split_dataset
+from .errors import ConfigError
+from .topology import Topology
+from .wanproxy import WanProxy, link_shapes
+
+CONNECTION = "cloudless-launch"
+STOP_GRACE_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited with code {process.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{log.stem} did not listen on port {port} within {timeout:.0f} s; see {log}")
+
+
+@dataclass
+class Federation:
+    """SuperLink + shaped proxies + SuperNodes for a topology; a context manager that stops them all.
+
+    Parameters
+    ----------
+    topology : Topology
+    run_dir : Path
+        Holds `flwr-home/`, `logs/`, and is where the data split is expected (`data/`).
+    seed : int
+        Seeds the links' bandwidth fluctuation, as in simulation.
+    time_scale : float
+        > 1 makes every link faster by that factor (and latency shorter).
+    tls : bool
+        Generate throwaway certificates and run every connection over TLS.
+    """
+
+    topology: Topology
+    run_dir: Path
+    seed: int = 1
+    time_scale: float = 1.0
+    tls: bool = False
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    proxies: dict[str, WanProxy] = field(default_factory=dict)
+    superlink_port: int = 0
+
+    @property
+    def home(self) -> Path:
+        return self.run_dir / "flwr-home"
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def certs(self) -> Path:
+        return self.run_dir / "certs"
+
+    def env(self) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)
+        return {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    def _security(self, role: str) -> list[str]:
+        if not self.tls:
+            return ["--insecure"]
+        if role == "superlink":
+            return ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key")]
+        return ["--root-certificates", str(self.certs / "ca.crt")]
+
+    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - the process owns it
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                cwd=self.run_dir, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            from .certs import write_certificates
+
+            write_certificates(self.certs)
+        self.superlink_port = free_port()
+        proc = self._start("superlink", ["flower-superlink", *self._security("superlink"),
+                                         "--disable-runtime-dependency-installation",
+                                         "--port", str(self.superlink_port)])
+        wait_for_port(self.superlink_port, 60, proc, self.logs / "superlink.log")
+        connection = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]",
+                      f'address = "127.0.0.1:{self.superlink_port}"']
+        connection.append(f'root-certificates = "{self.certs / "ca.crt"}"' if self.tls else "insecure = true")
+        (self.home / "config.toml").write_text("\n".join(connection) + "\n")
+
+    def start_region(self, region: str, data_dir: Path) -> None:
+        """A region's proxy (if not already running) and its SuperNode, connecting through it."""
+        if region not in self.proxies:
+            up, down = link_shapes(self.topology, region, self.seed, self.time_scale)
+            self.proxies[region] = WanProxy(("127.0.0.1", self.superlink_port), up, down)
+            self.proxies[region].start()
+        self._start(f"supernode-{region}", [
+            "flower-supernode", *self._security("supernode"),
+            "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
+            "--node-config", f"region='{region}' data-dir='{data_dir}'"])
+
+    def kill_region(self, region: str) -> None:
+        """SIGKILL a region's SuperNode and everything it started (fault tests)."""
+        proc = self.processes.pop(f"supernode-{region}")
+        _signal_group(proc, signal.SIGKILL)
+        _group_gone(proc, time.monotonic() + STOP_GRACE_S)
+
+    def stop(self) -> None:
+        """Stop every process and its children (SIGTERM, SIGKILL after a grace period), then every proxy."""
+        for proc in reversed(list(self.processes.values())):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in self.processes.values():
+            if not _group_gone(proc, deadline):
+                _signal_group(proc, signal.SIGKILL)
+                _group_gone(proc, time.monotonic() + STOP_GRACE_S)
+            proc.wait()
+        self.processes.clear()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies.clear()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_gone(proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait until no process of `proc`'s group is left (the leader reaped); False on timeout."""
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the SuperNode's own children (SuperExec, ClientApps) too
+    except ProcessLookupError:
+        pass
+
+
+def submit(federation: Federation, app_dir: Path, run_config: dict[str, object], stream_to=sys.stdout) -> int:
+    """`flwr run <app> <connection> --stream`; its output goes to `stream_to` and logs/flwr-run.log."""
+    config = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+    argv = ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", config]
+    with open(federation.logs / "flwr-run.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=federation.env(),
+                                cwd=app_dir, start_new_session=True)
+        federation.processes["flwr-run"] = proc
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if stream_to is not None:
+                stream_to.write(line.decode(errors="replace"))
+                stream_to.flush()
+        return proc.wait()
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "") + "'"
+    return str(value)
+
+
+def prepare_split(topology: Topology, data_dir: Path, source: str = "digits", seed: int = 0) -> None:
+    """Per-region folders for the launch (written once)."""
+    if not (data_dir / "test.npz").is_file():
+        split_dataset(load_source(source), topology.shares(), data_dir, alpha=0.5, seed=seed)
+
+
+def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *, seed: int = 1,
+           time_scale: float = 1.0, tls: bool = False, overrides: list[str] = (), app_dir: Path | None = None,
+           stream_to=sys.stdout) -> int:
+    """Run `strategy` on a local federation shaped like `topology_name`; returns `flwr run`'s exit code."""
+    from_file = topology_name.endswith((".yaml", ".yml"))
+    if from_file:
+        topology_name = str(Path(topology_name).resolve())
+        overrides = [f"topology_file={topology_name}", *overrides]
+    topology = topology_of(compose([f"topology_file={topology_name}" if from_file else f"topology={topology_name}"]))
+    run_dir = run_dir.resolve()
+    data_dir = run_dir / "data"
+    prepare_split(topology, data_dir)
+    app_dir = (app_dir or Path.cwd()).resolve()
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ConfigError(f"{app_dir} is not a Flower app folder (no pyproject.toml); run from the cloudless-fl "
+                          "checkout or pass --app")
+    hydra_overrides = ["dataset=npz", f"dataset.root={data_dir}", "clock=wall", *overrides]
+    with Federation(topology, run_dir, seed=seed, time_scale=time_scale, tls=tls) as federation:
+        federation.start_superlink()
+        for region in topology.region_names:
+            federation.start_region(region, data_dir / region)
+        run_config = {"strategy": strategy, "num-rounds": num_rounds, "seed": seed,
+                      **({} if from_file else {"topology": topology_name}),
+                      "overrides": " ".join(shlex.quote(o) for o in hydra_overrides), "output-dir": str(run_dir)}
+        return submit(federation, app_dir, run_config, stream_to)
