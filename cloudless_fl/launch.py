@@ -142,15 +142,23 @@ class Federation:
         _group_gone(proc, time.monotonic() + STOP_GRACE_S)
 
     def stop(self) -> None:
-        """Stop every process and its children (SIGTERM, SIGKILL after a grace period), then every proxy."""
-        for proc in reversed(list(self.processes.values())):
+        """Stop every process, its group and every descendant (SuperLinks start theirs in new sessions):
+        SIGTERM, then SIGKILL after a grace period; then every proxy."""
+        started = list(self.processes.values())
+        family = {pid for proc in started for pid in descendants(proc.pid)}
+        for proc in reversed(started):
             _signal_group(proc, signal.SIGTERM)
+        _signal_pids(family, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for proc in self.processes.values():
+        for proc in started:
             if not _group_gone(proc, deadline):
                 _signal_group(proc, signal.SIGKILL)
                 _group_gone(proc, time.monotonic() + STOP_GRACE_S)
             proc.wait()
+        while family and time.monotonic() < deadline:
+            family = {pid for pid in family if _alive(pid)}
+            time.sleep(0.05)
+        _signal_pids(family, signal.SIGKILL)
         self.processes.clear()
         for proxy in self.proxies.values():
             proxy.stop()
@@ -161,6 +169,39 @@ class Federation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _signal_pids(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _group_gone(proc: subprocess.Popen, deadline: float) -> bool:

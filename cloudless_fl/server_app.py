@@ -256,7 +256,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .`: compose the Hydra config from the run-config and run it."""
     cfg = config_from_run_config(dict(context.run_config))
-    run_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = (Path(cfg.resume) if cfg.resume  # a resumed run goes on in its own folder
+               else Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / time.strftime("%Y%m%d-%H%M%S"))
     payload = run_experiment(grid, cfg, run_dir)
     log.info("results written to %s/results.json (final accuracy %s)", run_dir,
              payload["summary"]["final_accuracy"])

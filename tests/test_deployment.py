@@ -65,3 +65,46 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path,
         assert (tmp_path / "run" / "certs" / "ca.crt").is_file()
         assert "insecure" not in (tmp_path / "run" / "flwr-home" / "config.toml").read_text()
     assert flower_processes() <= before  # every process it started is gone
+
+
+def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
+    """MA on a real federation: SIGKILL the ServerApp after a checkpoint, resubmit with resume=<its folder>."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from cloudless_fl.launch import Federation, descendants, prepare_split, submit
+    from cloudless_fl.topology import load_topology
+
+    topology = load_topology(three_regions)
+    run_dir = (tmp_path / "run").resolve()
+    prepare_split(topology, run_dir / "data")
+    overrides = (f"topology_file={three_regions} dataset=npz dataset.root={run_dir / 'data'} clock=wall "
+                 "progress=false checkpoint.every=1 strategy.local_steps=5")
+    config = {"strategy": "ma", "num-rounds": 4, "overrides": overrides, "output-dir": str(run_dir)}
+    with Federation(topology, run_dir, time_scale=20.0) as federation:
+        federation.start_superlink()
+        for region in topology.region_names:
+            federation.start_region(region, run_dir / "data" / region)
+        first = threading.Thread(target=submit, args=(federation, ROOT, config, None))
+        first.start()
+        deadline = time.monotonic() + 300
+        while not list(run_dir.glob("*/checkpoint.pt")):
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        server_apps = [pid for pid in descendants(federation.processes["superlink"].pid)
+                       if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert server_apps
+        for pid in server_apps:
+            os.kill(pid, signal.SIGKILL)
+        federation.processes.pop("flwr-run").send_signal(signal.SIGTERM)
+        first.join(60)
+        [folder] = [p.parent for p in run_dir.glob("*/checkpoint.pt")]
+        assert not (folder / "results.json").exists()
+        code = submit(federation, ROOT, {**config, "overrides": overrides + f" resume={folder}"}, None)
+        assert code == 0, (federation.logs / "flwr-run.log").read_text()[-3000:]
+    results = json.loads((folder / "results.json").read_text())
+    assert [e["event"] for e in results["events"]].count("resumed") == 1
+    assert results["history"][-1]["version"] == 4
+    assert [e["version"] for e in results["history"]] == [0, 1, 2, 3, 4]  # nothing lost, nothing counted twice
