@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,12 @@ class Checkpointer:
     path: Path
     every: int = 0
     fingerprint: dict[str, Any] | None = None
-    last_write_s: float = 0.0
-    last_size: int = 0
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0
 
     def save(self, meta: dict[str, Any], tensors: dict[str, Any]) -> None:
-        start = time.perf_counter()
-        self.last_size = save_checkpoint(self.path, {**meta, "fingerprint": self.fingerprint}, tensors)
-        self.last_write_s = time.perf_counter() - start
+        save_checkpoint(self.path, {**meta, "fingerprint": self.fingerprint}, tensors)
 
     def load(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return load_checkpoint(self.path, self.fingerprint)

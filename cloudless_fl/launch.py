@@ -135,12 +135,6 @@ class Federation:
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
             "--node-config", f"region='{region}' data-dir='{data_dir}'"])
 
-    def kill_region(self, region: str) -> None:
-        """SIGKILL a region's SuperNode and everything it started (fault tests)."""
-        proc = self.processes.pop(f"supernode-{region}")
-        _signal_group(proc, signal.SIGKILL)
-        _group_gone(proc, time.monotonic() + STOP_GRACE_S)
-
     def stop(self) -> None:
         """Stop every process, its group and every descendant (SuperLinks start theirs in new sessions):
         SIGTERM, then SIGKILL after a grace period; then every proxy."""

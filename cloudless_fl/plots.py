@@ -52,7 +52,7 @@ def _topologies(runs: list[Run]) -> list[str]:
     return sorted({r.topology for r in runs if r.topology != "lan"}) or sorted({r.topology for r in runs})
 
 
-def _curves(runs: list[Run], x_of, xlabel: str, title: str, log_x: bool = False):
+def _curves(runs: list[Run], x_of, xlabel: str, title: str):
     topologies = _topologies(runs)
     fig, axes = plt.subplots(1, len(topologies), figsize=(6.5 * len(topologies), 4.5), squeeze=False)
     first = _first_seeds(runs)
@@ -70,8 +70,6 @@ def _curves(runs: list[Run], x_of, xlabel: str, title: str, log_x: bool = False)
         if target:
             ax.axhline(target, color="grey", linewidth=0.8, linestyle=":", label=f"target {target:.0%}")
         ax.set(title=f"{title} — {topology}", xlabel=xlabel, ylabel="test accuracy", ylim=(0, 1))
-        if log_x:
-            ax.set_xscale("symlog", linthresh=1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig

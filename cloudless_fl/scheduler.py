@@ -245,25 +245,26 @@ def plan(topology: Topology, work: Workload, objective: Objective = Objective(),
     exclude = set(exclude)
     steps, _ = share_steps(topology, work, exclude)
     candidates = _candidate_plans(topology, work, objective.billing, exclude, steps)
-    fastest = min(candidates, key=lambda p: (p.total_time_s, p.total_usd))
-    cheapest = min(candidates, key=lambda p: (p.total_usd, p.total_time_s))
+    if objective.kind == "weighted":
+        return min(candidates, key=lambda p: p.total_usd + objective.usd_per_hour * p.total_time_s / 3600.0)
+    if objective.kind == "min_cost":  # minimise cost within the deadline
+        bound, bounded, optimised = objective.deadline_s, "total_time_s", "total_usd"
+    else:  # minimise time within the budget
+        bound, bounded, optimised = objective.budget_usd, "total_usd", "total_time_s"
+    best_bounded = min(candidates, key=lambda p: (getattr(p, bounded), getattr(p, optimised)))
+    if bound is not None and getattr(best_bounded, bounded) > bound * (1 + _EPS):
+        raise ConfigError(_infeasible(objective, best_bounded, work))
+    feasible = [p for p in candidates if bound is None or getattr(p, bounded) <= bound * (1 + _EPS)]
+    return min(feasible, key=lambda p: (getattr(p, optimised), getattr(p, bounded)))
+
+
+def _infeasible(objective: Objective, tightest: Plan, work: Workload) -> str:
+    """The error for a bound no plan meets, naming the tightest feasible value."""
     if objective.kind == "min_cost":
-        if objective.deadline_s is not None and fastest.total_time_s > objective.deadline_s * (1 + _EPS):
-            raise ConfigError(f"deadline {objective.deadline_s:g} s infeasible; the fastest plan needs "
-                              f"{fastest.total_time_s:.3g} s for {work.epochs:g} epochs (raise the deadline, "
-                              "rent more workers or plan fewer epochs)")
-        feasible = [p for p in candidates
-                    if objective.deadline_s is None or p.total_time_s <= objective.deadline_s * (1 + _EPS)]
-        return min(feasible, key=lambda p: (p.total_usd, p.total_time_s))
-    if objective.kind == "min_time":
-        if objective.budget_usd is not None and cheapest.total_usd > objective.budget_usd * (1 + _EPS):
-            raise ConfigError(f"budget ${objective.budget_usd:g} infeasible; the cheapest plan costs "
-                              f"${cheapest.total_usd:.3g} for {work.epochs:g} epochs (raise the budget "
-                              "or plan fewer epochs)")
-        feasible = [p for p in candidates
-                    if objective.budget_usd is None or p.total_usd <= objective.budget_usd * (1 + _EPS)]
-        return min(feasible, key=lambda p: (p.total_time_s, p.total_usd))
-    return min(candidates, key=lambda p: p.total_usd + objective.usd_per_hour * p.total_time_s / 3600.0)
+        return (f"deadline {objective.deadline_s:g} s infeasible; the fastest plan needs {tightest.total_time_s:.3g} s "
+                f"for {work.epochs:g} epochs (raise the deadline, rent more workers or plan fewer epochs)")
+    return (f"budget ${objective.budget_usd:g} infeasible; the cheapest plan costs ${tightest.total_usd:.3g} "
+            f"for {work.epochs:g} epochs (raise the budget or plan fewer epochs)")
 
 
 def _candidate_plans(topology: Topology, work: Workload, billing: str, exclude: set[str],

@@ -107,9 +107,7 @@ def make_scheduler(cfg: DictConfig, topology: Topology, work: Workload) -> Sched
 
 def make_checkpointer(cfg: DictConfig, run_dir: Path, model_state: dict) -> Checkpointer | None:
     """The run's checkpointer (None when `checkpoint.every=0 checkpoint.at_end=false` and not resuming)."""
-    every, at_end = int(cfg.checkpoint.every), bool(cfg.checkpoint.at_end)
-    if every < 0:
-        raise ConfigError(f"checkpoint.every={every} must be ≥ 0 (0: no checkpoints during the run)")
+    every, at_end = int(cfg.checkpoint.every), bool(cfg.checkpoint.at_end)  # ranges checked by validate()
     if every == 0 and not at_end and not cfg.resume:
         return None
     fingerprint = {"model": model_fingerprint(model_state), "strategy": cfg.strategy.name, "seed": int(cfg.seed),
@@ -184,12 +182,13 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     train_config = ConfigRecord({**spec.to_config(), "regions": ",".join(topology.region_names),
                                  "data-seed": int(cfg.seed)})
     if cfg.strategy.name == "fedavg":  # Flower's FedAvg sends this one work order to every region
-        work = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),
-                         epochs=float(cfg.strategy.local_epochs), data_seed=int(cfg.seed))
-        train_config = ConfigRecord({**dict(train_config), **work.to_config()})
+        order = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),
+                          epochs=float(cfg.strategy.local_epochs), data_seed=int(cfg.seed))
+        train_config = ConfigRecord({**dict(train_config), **order.to_config()})
     wait_for_nodes(grid, len(topology.regions))
     meter = make_meter(cfg, topology)
-    work = workload(cfg, resident_sizes(topology, layout), record_bytes(ArrayRecord(model.state_dict())))
+    initial_arrays = ArrayRecord(model.state_dict())  # serialised once: sized here, sent by the strategy
+    work = workload(cfg, resident_sizes(topology, layout), record_bytes(initial_arrays))
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict())
     strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)
@@ -197,7 +196,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     if progress is not None:
         strategy.history.listeners.append(progress)
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),  # the history holds the results
+        strategy.start(grid=grid, initial_arrays=initial_arrays,  # the history holds the results
                        num_rounds=int(cfg.strategy.num_rounds), train_config=train_config,
                        evaluate_fn=central_evaluator(cfg, layout))
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -68,7 +67,7 @@ def test_a_killed_run_resumes_to_the_same_model_and_figures(two_region_topology,
             proc.kill()
             proc.wait()
     assert not (killed / "results.json").exists()  # killed mid-run, not after it
-    step_at_kill = json.loads(json.dumps(load_checkpoint(killed / "checkpoint.pt")[0]["step"]))
+    step_at_kill = load_checkpoint(killed / "checkpoint.pt")[0]["step"]
     assert 0 < step_at_kill < int(RUNS[strategy][1].split("=")[1])
 
     resumed = run(compose([*overrides(two_region_topology, strategy), f"resume={killed}"]), killed)

@@ -48,13 +48,16 @@ def test_table_values_equal_those_recomputed_from_the_json(runs_folder):
     expected_final = f"{statistics.fmean(finals):.3g} ± {statistics.stdev(finals):.2g}"
     line = next(l for l in text.splitlines() if "| ma+elastic |" in l)
     assert expected_final in line
+    compared = 0
     for seed in (1, 2):
         fed, ma = data[f"fedavg-{seed}"]["summary"], data[f"ma-{seed}"]["summary"]
         i = table["ma+elastic"]["seeds"].index(seed)
         if fed["time_to_target_s"] and ma["time_to_target_s"]:
+            compared += 1
             assert table["ma+elastic"]["speedup"][i] == pytest.approx(fed["time_to_target_s"] / ma["time_to_target_s"])
             reduction = 1 - ma["cost_to_target_usd"]["instance"] / fed["cost_to_target_usd"]["instance"]
             assert table["ma+elastic"]["red_i"][i] == pytest.approx(reduction)
+    assert compared >= 1  # the ratios were checked for at least one seed
     assert (runs_folder / "report.md").read_text().startswith("| topology | run | seeds |")
 
 
