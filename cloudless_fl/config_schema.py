@@ -80,10 +80,10 @@ COMMON = {
 }
 STRATEGY_COMMON = {
     "strategy.num_rounds": COUNT, "strategy.eval_every": COUNT, "strategy.lr": POSITIVE,
-    "strategy.batch_size": COUNT,
+    "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE,
 }
 ASYNC_AND_MA = {
-    "strategy.reply_timeout_s": POSITIVE, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
+    "strategy.rejoin_every": COUNT, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
     "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
 }
 STRATEGY = {

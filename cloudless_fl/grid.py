@@ -48,6 +48,16 @@ class InProcessGrid(Grid):
         """Make a node vanish (its messages get no reply) or come back; for fault tests."""
         (self._offline.add if offline else self._offline.discard)(node_id)
 
+    def restart(self, node_id: int) -> int:
+        """The node's process restarts: it vanishes and its partition comes back under a new node id,
+        as a restarted SuperNode does. Returns the new id; for fault tests."""
+        self._offline.add(node_id)
+        old = self._contexts[node_id]
+        new = max(self._contexts) + 1
+        self._contexts[new] = Context(run_id=1, node_id=new, node_config=dict(old.node_config), state=RecordDict(),
+                                      run_config={})
+        return new
+
     def set_run(self, run) -> None:  # the run is implicit in-process
         pass
 

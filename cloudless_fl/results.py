@@ -90,6 +90,8 @@ def summarize(history: History, target: float, utilization: dict[str, float] | N
         "rejected_updates": int(history.counters.get("rejected_updates", 0)),
         "dropped_stale": int(history.counters.get("dropped_stale", 0)),
         "lost_regions": int(history.counters.get("lost_regions", 0)),
+        "rejoined_regions": int(history.counters.get("rejoined_regions", 0)),
+        "failed_replies": int(history.counters.get("failed_replies", 0)),
         "quarantined_regions": int(history.counters.get("quarantined_regions", 0)),
         "rejections": {region: dict(reasons) for region, reasons in history.rejections.items() if reasons},
         "staleness_histogram": {str(k): v for k, v in sorted(history.staleness.items())},

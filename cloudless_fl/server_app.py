@@ -136,7 +136,7 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
                 meter.ledger.set_workers(name, workers, at=0.0)
         if s.round_deadline_s is None:
             return Metered(FedAvg(**fedavg_args), meter, eval_every=int(s.eval_every), limits=limits,
-                           checkpointer=checkpointer, resume=bool(cfg.resume))
+                           checkpointer=checkpointer, resume=bool(cfg.resume), reply_timeout=float(s.reply_timeout_s))
         if meter.cost_model is None or work is None:
             raise ConfigError("strategy.round_deadline_s needs a topology to estimate round times")
         if plan is None:  # one worker per region, one local epoch each
@@ -145,10 +145,11 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
         round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
         selective = SelectiveFedAvg(round_times=round_times, deadline_s=float(s.round_deadline_s), **fedavg_args)
         return Metered(selective, meter, eval_every=int(s.eval_every), limits=limits, checkpointer=checkpointer,
-                       resume=bool(cfg.resume))
+                       resume=bool(cfg.resume), reply_timeout=float(s.reply_timeout_s))
     stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
                      target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
     common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s),
+              "rejoin_every": int(s.rejoin_every),
               "scheduler": scheduler, "replan_every": int(cfg.scheduler.get("replan_every", 5)), "limits": limits,
               "checkpointer": checkpointer, "resume": bool(cfg.resume)}
     if s.name in ("asgd_ga", "asgd_ga_delta"):  # the same strategy, gradient or delta updates

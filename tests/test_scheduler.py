@@ -186,7 +186,7 @@ def test_a_failed_region_is_excluded_and_restored_on_return(tmp_path):
         return MetricRecord({"accuracy": 0.0, "loss": 0.0})
 
     ma = ModelAveraging(lr=0.1, batch_size=16, meter=fed.meter(), reply_timeout=0.3, scheduler=scheduler,
-                        replan_every=1)
+                        replan_every=1, rejoin_every=1)
     ma.start(fed.grid, fed.initial, num_rounds=8, train_config=fed.config, evaluate_fn=outage)
     shares = dict(ma.shares)
     reasons = [c["reason"] for c in scheduler.changes]

@@ -158,6 +158,97 @@ def test_asgd_ga_carries_on_when_a_node_disappears(tmp_path):
     assert [e["region"] for e in strategy.history.events] == ["slow"]
 
 
+def test_asgd_ga_readmits_a_lost_node_that_answers_again(tmp_path):
+    fed = Federation(tmp_path, topology())
+    jobs_when_back = {}
+
+    def outage(version, arrays):
+        if version == 8:
+            fed.grid.set_offline(2)  # "slow" stops answering: lost after reply_timeout
+        if strategy.history.counters["lost_regions"] and not jobs_when_back:  # it is back, as a node unknown
+            fed.grid.set_offline(2, False)
+            jobs_when_back["slow"] = strategy.meter.ledger.accounts["slow"].invocations
+        return None
+
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=100, meter=fed.meter(),
+                              reply_timeout=0.3, rejoin_every=5)
+    strategy.start(fed.grid, fed.initial, num_rounds=40, train_config=fed.config, evaluate_fn=outage)
+    assert strategy.version == 40
+    assert [(e["event"], e["region"]) for e in strategy.history.events] == [("region_lost", "slow"),
+                                                                          ("region_back", "slow")]
+    assert strategy.history.counters["lost_regions"] == 1 and strategy.history.counters["rejoined_regions"] == 1
+    assert strategy.meter.ledger.accounts["slow"].invocations > jobs_when_back["slow"]  # it got work again
+
+
+def test_asgd_ga_takes_a_restarted_node_in_place_of_its_old_one(tmp_path):
+    fed = Federation(tmp_path, topology())
+    restarted = {}
+
+    def restart_slow(version, arrays):
+        if version == 10:
+            restarted["node"] = fed.grid.restart(2)  # its job in flight dies with the old process
+            restarted["slow_jobs"] = strategy.meter.ledger.accounts["slow"].invocations
+        return None
+
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=100, meter=fed.meter(),
+                              reply_timeout=600, rejoin_every=5)
+    strategy.start(fed.grid, fed.initial, num_rounds=30, train_config=fed.config, evaluate_fn=restart_slow)
+    new = restarted["node"]
+    lost, back = strategy.history.events
+    assert (lost["event"], lost["region"], lost["reason"]) == ("region_lost", "slow", f"replaced by node {new}")
+    assert (back["event"], back["region"], back["node"]) == ("region_back", "slow", new)
+    assert {info.name: node for node, info in strategy.regions.items()} == {"fast": 1, "slow": new}
+    assert strategy.version == 30  # no 600 s wait for the old node's reply
+    assert strategy.meter.ledger.accounts["slow"].invocations > restarted["slow_jobs"]  # the new node trains
+
+
+def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path):
+    fed = Federation(tmp_path, topology())
+    work = WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0)
+    config = ConfigRecord({**dict(fed.config), **work.to_config()})
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2), fed.meter(),
+                     reply_timeout=0.2)
+    jobs = {}
+
+    def outage(server_round, arrays):
+        if server_round == 1:
+            fed.grid.set_offline(2)
+        if server_round == 3:
+            fed.grid.set_offline(2, False)
+            jobs["slow"] = fedavg.meter.ledger.accounts["slow"].invocations
+        return None
+
+    fedavg.start(fed.grid, fed.initial, num_rounds=5, train_config=config, evaluate_fn=outage)
+    assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2, 3, 4, 5]
+    kinds = [e["event"] for e in fedavg.history.events]
+    assert kinds == ["regions_lost"]  # round 2 found "slow" gone and went on with "fast"
+    assert fedavg.history.events[0]["regions"] == ["slow"]
+    assert fedavg.history.counters["lost_regions"] == 1
+    assert fedavg.meter.ledger.accounts["slow"].invocations == jobs["slow"] + 2  # rounds 4 and 5: back in
+
+
+def test_fedavg_records_a_region_that_vanishes_mid_round(tmp_path):
+    fed = Federation(tmp_path, topology())
+    work = WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0)
+    config = ConfigRecord({**dict(fed.config), **work.to_config()})
+    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+    fedavg = Metered(inner, fed.meter(), reply_timeout=0.2)
+    pushed = fed.grid.push_messages
+
+    def push_then_vanish(messages):  # "slow" dies after its round-2 job was sent
+        ids = pushed(messages)
+        if fedavg.history.entries[-1]["version"] == 1:
+            fed.grid.set_offline(2)
+        return ids
+
+    fed.grid.push_messages = push_then_vanish
+    fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config)
+    incomplete = [e for e in fedavg.history.events if e["event"] == "round_incomplete"]
+    assert [(e["round"], e["missing"]) for e in incomplete] == [(2, ["slow"])]
+    assert fedavg.history.counters["failed_replies"] == 1
+    assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2, 3]
+
+
 def test_ma_period_deadline_drops_the_straggler_and_goes_on(tmp_path):
     fed = Federation(tmp_path, topology())
     # "slow" needs ~0.1 s + 80 samples / 100 per s per period; a 0.5 s deadline cuts it off

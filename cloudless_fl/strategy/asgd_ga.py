@@ -67,7 +67,8 @@ class AsyncGradAccum(GeoStrategy):
     max_weight : float
         Cap on the balance weight.
     **kwargs :
-        `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every` (see `GeoStrategy`).
+        `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every`, `rejoin_every`, ... (see
+        `GeoStrategy`).
     """
 
     def __init__(self, *, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
@@ -163,6 +164,10 @@ class AsyncGradAccum(GeoStrategy):
             key = self.meter.clock.pick({k: f.job for k, f in self._inflight.items()}, arrival_order)
             if key is None:
                 self._drop_timed_out(arrived)
+                joined = self._newcomers(grid, config, self.version)
+                if joined:
+                    self._idle.update(joined)
+                    self.configure_train(self.version, arrays, config, grid)
                 time.sleep(POLL_S)
                 continue
             reply = arrived.pop(key)
@@ -178,7 +183,8 @@ class AsyncGradAccum(GeoStrategy):
             if self.version != before:
                 last = self.version >= num_rounds
                 accuracy = self._evaluate(self.version, arrays, evaluate_fn, force=last)
-                self._idle.update(self._replan(grid, config, self.version))
+                self._idle.update(self._newcomers(grid, config, self.version))
+                self._replan(self.version)
             if self._should_stop(accuracy):
                 break
             self.configure_train(self.version, arrays, config, grid)

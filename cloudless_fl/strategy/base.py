@@ -25,12 +25,11 @@ from ..meter import Job, Meter, record_bytes
 from ..results import History
 from ..scheduler import Plan, Scheduler
 from ..validation import RejectedUpdate, UpdateLimits, UpdateValidator
-from .regions import RegionInfo, data_shares, discover_regions
+from .regions import RegionInfo, data_shares, discover_regions, query_messages, read_query_reply
 from .server_optimizer import ServerOptimizer
 
 log = logging.getLogger("cloudless_fl")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-REJOIN_TIMEOUT_S = 5.0  # how long a re-plan waits for a node it does not know to say who it is
 
 
 @dataclass
@@ -86,9 +85,15 @@ class GeoStrategy(Strategy):
         The elastic scheduler: its plan sets each region's workers and local work
         (replacing the configured local work) and it re-plans every `replan_every`
         versions/periods from what the jobs measured; lost regions are excluded and
-        re-admitted when their node answers again.
+        re-admitted when they rejoin.
     replan_every : int
         Versions (ASGD-GA) or periods (MA) between re-plans.
+    rejoin_every : int
+        Versions/periods between looks for nodes the run does not know: a
+        restarted SuperNode, or a lost one that answers again. They are asked who
+        they are without waiting for the answer; a region of the run that answers
+        is admitted and gets work (a new node of a region still in the run
+        replaces that region's old node, whose job is lost).
     limits : UpdateLimits, optional
         What makes an update bad (beyond not matching the model, or NaN/Inf) and
         when a region sending them is quarantined.
@@ -100,7 +105,7 @@ class GeoStrategy(Strategy):
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
-                 limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
+                 rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
                  resume: bool = False) -> None:
         if resume and checkpointer is None:
             raise ValueError("resume=True needs a checkpointer that says where the checkpoint is")
@@ -110,6 +115,10 @@ class GeoStrategy(Strategy):
         self.reply_timeout = reply_timeout
         self.scheduler = scheduler
         self.replan_every = max(1, int(replan_every))
+        self.rejoin_every = max(1, int(rejoin_every))
+        self._asking: dict[str, int] = {}  # query message id → node not (yet) in the run
+        self._refused: set[int] = set()  # nodes that cannot take part: never asked again
+        self._looked_at = -1  # the step of the last look for new nodes
         self.planned_steps: dict[str, int] | None = None
         self.limits = limits or UpdateLimits()
         self.validator: UpdateValidator | None = None
@@ -221,6 +230,7 @@ class GeoStrategy(Strategy):
         """Find out which node is which region (once, before training)."""
         nodes = list(grid.get_node_ids())
         found, failed = discover_regions(grid, nodes, train_config, timeout=self.reply_timeout)
+        self._refused.update(failed)
         for node, reason in failed.items():
             log.warning("node %s cannot take part: %s", node, reason)
             self.history.counters["lost_regions"] += 1
@@ -336,29 +346,67 @@ class GeoStrategy(Strategy):
         change = self.scheduler.changes[-1]
         self.history.event("plan", now, reason=change["reason"], plan=change["plan"])
 
-    def _replan(self, grid: Grid, config: ConfigRecord, step: int) -> list[int]:
-        """Every `replan_every` steps: re-admit nodes that answer again, then re-plan.
+    def _replan(self, step: int) -> None:
+        """Every `replan_every` steps: re-plan from what the jobs measured."""
+        if self.scheduler is not None and step % self.replan_every == 0:
+            self._adopt(self.scheduler.replan(self.meter.clock.now()))
 
-        Returns the nodes (re-)admitted, so the caller can give them work.
+    # ------------------------------------------------------------------ nodes that (re)join
+    def _newcomers(self, grid: Grid, config: ConfigRecord, step: int) -> list[int]:
+        """Nodes admitted now, so the caller can give them work.
+
+        Every `rejoin_every` steps the nodes the run does not know are asked who
+        they are; answers are read on every call, so nothing waits for a slow one.
         """
-        if self.scheduler is None or step % self.replan_every:
+        if step % self.rejoin_every == 0 and step != self._looked_at:
+            self._looked_at = step
+            asked = set(self._asking.values())
+            unknown = [n for n in grid.get_node_ids()
+                       if n not in self.regions and n not in self.quarantined and n not in self._refused
+                       and n not in asked]
+            if unknown:
+                self._asking.update(zip(grid.push_messages(query_messages(unknown, config)), unknown))
+        if not self._asking:
             return []
-        back = self._readmit(grid, config)
-        self._adopt(self.scheduler.replan(self.meter.clock.now()))
-        return back
+        admitted = []
+        for reply in grid.pull_messages(list(self._asking)):
+            node = self._asking.pop(reply.metadata.reply_to_message_id)
+            answer = read_query_reply(reply)
+            if isinstance(answer, RegionInfo) and self._admit(answer):
+                admitted.append(node)
+            elif not isinstance(answer, RegionInfo):
+                self._refused.add(node)
+        return admitted
 
-    def _readmit(self, grid: Grid, config: ConfigRecord) -> list[int]:
-        candidates = [n for n in grid.get_node_ids() if n not in self.regions and n not in self.quarantined]
-        if not candidates:
-            return []
-        found, _ = discover_regions(grid, candidates, config, timeout=REJOIN_TIMEOUT_S)
-        for node, info in found.items():
-            self.regions[node] = info
-            self.offsets.setdefault(info.name, 0)
+    def _admit(self, info: RegionInfo) -> bool:
+        """Take a (re)joining node into the run; a region that was not in it at the start is refused."""
+        if info.name not in self.shares:
+            log.warning("node %s says it is region %s, which was not in this run at its start; not admitted",
+                        info.node_id, info.name)
+            self._refused.add(info.node_id)
+            return False
+        for old, known in list(self.regions.items()):
+            if known.name == info.name:  # the region's SuperNode restarted under a new node id
+                self._refused.add(old)
+                self._retire(old, f"replaced by node {info.node_id}")
+        self.regions[info.node_id] = info
+        self.offsets.setdefault(info.name, 0)
+        now = self.meter.clock.now()
+        log.info("region %s (node %s) joins the run", info.name, info.node_id)
+        self.history.counters["rejoined_regions"] += 1
+        self.history.event("region_back", now, region=info.name, node=info.node_id)
+        if self.scheduler is not None:
             self.scheduler.readmit(info.name)
-            self.history.counters["rejoined_regions"] += 1
-            self.history.event("region_back", self.meter.clock.now(), region=info.name, node=node)
-        return list(found)
+            self._adopt(self.scheduler.replan(now))
+        return True
+
+    def _retire(self, node_id: int, reason: str) -> None:
+        """A node leaves the run: lost with its job if it has one in flight, else simply forgotten."""
+        flights = [k for k, f in self._inflight.items() if f.node_id == node_id]
+        for key in flights:
+            self._lose(self._inflight.pop(key), reason)
+        if not flights:
+            self.regions.pop(node_id, None)
 
     def _evaluate(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
                   force: bool = False) -> float | None:

@@ -49,7 +49,8 @@ class ModelAveraging(GeoStrategy):
         share of all resident data. Default: shares with a scheduler (its extra
         steps must not mean extra weight), samples without.
     **kwargs :
-        `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every` (see `GeoStrategy`).
+        `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every`, `rejoin_every`, ... (see
+        `GeoStrategy`).
     """
 
     def __init__(self, *, lr: float = 0.1, local_steps: int | Mapping[str, int] = 10, batch_size: int = 32,
@@ -128,7 +129,8 @@ class ModelAveraging(GeoStrategy):
             accuracy = self._evaluate(period, arrays, evaluate_fn, force=period == num_rounds)
             if self._should_stop(accuracy):
                 break
-            self._replan(grid, config, period)  # re-admitted regions take part from the next period
+            self._newcomers(grid, config, period)  # (re)joined regions take part from the next period
+            self._replan(period)
             self._checkpoint()
         self._checkpoint(force=True)
         return self._result(arrays)

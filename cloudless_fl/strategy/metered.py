@@ -5,10 +5,18 @@ forwards every call and, when a round's replies come back, charges each region's
 job (download + compute + upload from the round's start). The round ends with
 its slowest participant; everyone else waits at the barrier — and under
 instance billing pays for the wait.
+
+A round waits at most `reply_timeout` for its replies. Flower's FedAvg waits
+forever for `min_available_nodes` before a round; when a region's SuperNode
+is gone, the wrapper waits `reply_timeout` for it and then lowers the inner
+strategy's minimums to the regions still connected (recorded as lost), so the
+run goes on without it, and with it again if it comes back.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -22,6 +30,7 @@ from ..results import History
 from ..validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+log = logging.getLogger("cloudless_fl")
 
 
 class Metered(Strategy):
@@ -42,11 +51,13 @@ class Metered(Strategy):
         Write the model and the books every `checkpointer.every` rounds and at the end.
     resume : bool
         Continue from `checkpointer`'s checkpoint: the remaining rounds, on its model.
+    reply_timeout : float (default: 600)
+        Real seconds a round waits for replies, and for a missing region's node to reconnect.
     """
 
     def __init__(self, strategy: Strategy, meter: Meter | None = None, eval_every: int = 1,
                  limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, reply_timeout: float = 600.0) -> None:
         if resume and checkpointer is None:
             raise ValueError("resume=True needs a checkpointer that says where the checkpoint is")
         self.inner = strategy
@@ -58,6 +69,8 @@ class Metered(Strategy):
         self._node_region: dict[int, str] = {}
         self.checkpointer = checkpointer
         self.resume = resume
+        self.reply_timeout = reply_timeout
+        self._round_messages: list[Message] = []  # the current round's (ids set when Flower pushes them)
         self.round_offset = 0  # rounds done before a resume
         self.history = History()
         self.samples = 0
@@ -77,16 +90,39 @@ class Metered(Strategy):
             self.validator = UpdateValidator(self._global, self.limits)
             self.validator.rejections.update(self.history.rejections)  # a resumed run's counts go on
             self.history.rejections = self.validator.rejections
+        self._wait_for_regions(grid)
         messages = self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
-        return [m for m in messages if self._node_region.get(m.metadata.dst_node_id) not in self.quarantined]
+        messages = [m for m in messages if self._node_region.get(m.metadata.dst_node_id) not in self.quarantined]
+        self._round_messages = messages
+        return messages
+
+    def _wait_for_regions(self, grid: Grid) -> None:
+        """Wait up to `reply_timeout` for the inner strategy's `min_available_nodes`, then go on with fewer."""
+        needed = int(getattr(self.inner, "min_available_nodes", 0))
+        deadline = time.monotonic() + self.reply_timeout
+        while len(nodes := list(grid.get_node_ids())) < needed and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if len(nodes) >= needed:
+            return
+        if not nodes:
+            raise RuntimeError(f"no region is connected after waiting {self.reply_timeout:g} s; "
+                               "restart the SuperNodes and resume the run (resume=<run dir>)")
+        gone = sorted({r for n, r in self._node_region.items() if n not in nodes})
+        log.warning("%d of %d regions connected after %g s (gone: %s); the rounds go on with them",
+                    len(nodes), needed, self.reply_timeout, ", ".join(gone) or "unknown")
+        self.history.counters["lost_regions"] += needed - len(nodes)
+        self.history.event("regions_lost", self.meter.clock.now(), regions=gone, connected=len(nodes))
+        self.inner.min_available_nodes = len(nodes)
+        self.inner.min_train_nodes = min(int(getattr(self.inner, "min_train_nodes", 0)), len(nodes))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
+        replies = list(replies)
+        self._note_incomplete_round(server_round, replies)
         # region order, not arrival order: the books' and the average's float sums do not depend on it
         for msg in sorted(replies, key=lambda m: (reply_region(m) or "", m.metadata.src_node_id)):
             if msg.has_error():
-                self.history.counters["failed_replies"] += 1
                 accepted.append(msg)  # the inner strategy logs and skips it
                 continue
             metrics = next(iter(msg.content.metric_records.values()), {})
@@ -101,6 +137,26 @@ class Metered(Strategy):
                 self.samples += samples
                 accepted.append(msg)
         return self.inner.aggregate_train(server_round + self.round_offset, accepted)
+
+    def _note_incomplete_round(self, server_round: int, replies: list[Message]) -> None:
+        """Count and record the regions whose reply failed or did not come within `reply_timeout`."""
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self._round_messages}
+        replied = {m.metadata.reply_to_message_id for m in replies}
+        # an error the SuperLink writes for a vanished node comes from the SuperLink: name the node by the message
+        failed = {self._region_of(node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)): m.error.reason
+                  for m in replies if m.has_error()}
+        missing = sorted(self._region_of(node) for mid, node in node_of.items() if mid not in replied)
+        if not failed and not missing:
+            return
+        log.warning("round %d: %s", server_round + self.round_offset,
+                    "; ".join([f"{r} failed: {why}" for r, why in sorted(failed.items())]
+                              + [f"{r}: no reply within {self.reply_timeout:g} s" for r in missing]))
+        self.history.counters["failed_replies"] += len(failed) + len(missing)
+        self.history.event("round_incomplete", self.meter.clock.now(), round=server_round + self.round_offset,
+                           failed=failed, missing=missing)
+
+    def _region_of(self, node_id: int) -> str:
+        return self._node_region.get(node_id, f"node-{node_id}")
 
     def _valid(self, region: str, msg: Message) -> bool:
         """Check every ArrayRecord of a reply (full weights) against the model; count a rejection."""
@@ -143,7 +199,8 @@ class Metered(Strategy):
                 self._checkpoint(done, arrays)
             return res
 
-        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.round_offset, timeout=timeout,
+        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.round_offset,
+                             timeout=min(timeout, self.reply_timeout),
                              train_config=train_config, evaluate_config=evaluate_config,
                              evaluate_fn=evaluate_and_record)
 

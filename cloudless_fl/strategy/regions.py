@@ -1,4 +1,4 @@
-"""Which SuperNode is which region: asked once, with a `query` message, at start-up.
+"""Which SuperNode is which region: asked with a `query` message, at start-up and when a node joins.
 
 Simulation nodes learn their region from their partition id, deployment nodes
 from their node config; only they know. A ClientApp that does not answer
@@ -26,29 +26,40 @@ class RegionInfo:
     examples: int | None  # resident training samples, if the region said
 
 
+def query_messages(node_ids: Iterable[int], config: ConfigRecord) -> list[Message]:
+    """One `query` ("who are you?") per node."""
+    return [Message(RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in node_ids]
+
+
+def read_query_reply(reply: Message) -> RegionInfo | str:
+    """The node's `RegionInfo`, or the reason it cannot take part (the reply's error)."""
+    node = reply.metadata.src_node_id
+    if reply.has_error() and "No query function registered" not in reply.error.reason:
+        return reply.error.reason  # a cloudless-fl region that cannot serve (bad data, gone, ...)
+    region = protocol.reply_region(reply)
+    if region is None:  # a plain Flower ClientApp: name it by its node
+        return RegionInfo(node, f"node-{node}", None)
+    metrics = reply.content.metric_records.get(protocol.METRICS, {})
+    examples = metrics.get("resident-examples")
+    return RegionInfo(node, region, None if examples is None else int(examples))
+
+
 def discover_regions(grid: Grid, node_ids: Iterable[int], config: ConfigRecord,
                      timeout: float = 120.0) -> tuple[dict[int, RegionInfo], dict[int, str]]:
-    """Ask every node who it is: `RegionInfo` per node that answered, and the error of each that failed."""
-    node_ids = list(node_ids)
-    messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
-                        message_type=MessageType.QUERY) for n in node_ids]
-    ids = set(grid.push_messages(messages))
+    """Ask every node who it is and wait: `RegionInfo` per node that answered, the error of each that failed."""
+    ids = set(grid.push_messages(query_messages(node_ids, config)))
     deadline = time.monotonic() + timeout
     found: dict[int, RegionInfo] = {}
     failed: dict[int, str] = {}
     while ids and time.monotonic() < deadline:
         for reply in grid.pull_messages(ids):
             ids.discard(reply.metadata.reply_to_message_id)
-            node = reply.metadata.src_node_id
-            region = protocol.reply_region(reply)
-            if reply.has_error() and "No query function registered" not in reply.error.reason:
-                failed[node] = reply.error.reason  # a cloudless-fl region that cannot serve (bad data, ...)
-            elif region is None:  # a plain Flower ClientApp: name it by its node
-                found[node] = RegionInfo(node, f"node-{node}", None)
+            answer = read_query_reply(reply)
+            if isinstance(answer, RegionInfo):
+                found[answer.node_id] = answer
             else:
-                metrics = reply.content.metric_records.get(protocol.METRICS, {})
-                examples = metrics.get("resident-examples")
-                found[node] = RegionInfo(node, region, None if examples is None else int(examples))
+                failed[reply.metadata.src_node_id] = answer
         if ids:
             time.sleep(0.05)
     return found, failed
