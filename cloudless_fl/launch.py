@@ -102,7 +102,7 @@ class Federation:
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - the process owns it
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it; a restart appends
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                                 cwd=self.run_dir, start_new_session=True)
         self.processes[name] = proc
@@ -134,6 +134,15 @@ class Federation:
             "flower-supernode", *self._security("supernode"),
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
             "--node-config", f"region='{region}' data-dir='{data_dir}'"])
+
+    def kill_region(self, region: str) -> None:
+        """SIGKILL a region's SuperNode and everything it started, as a crash would (its proxy stays up);
+        `start_region` starts it again, under a new node id."""
+        proc = self.processes.pop(f"supernode-{region}")
+        family = set(descendants(proc.pid))
+        _signal_group(proc, signal.SIGKILL)
+        _signal_pids(family, signal.SIGKILL)
+        proc.wait()
 
     def stop(self) -> None:
         """Stop every process, its group and every descendant (SuperLinks start theirs in new sessions):

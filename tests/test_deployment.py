@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from cloudless_fl.checkpoint import CheckpointError, load_checkpoint
 from cloudless_fl.config import compose
-from cloudless_fl.launch import launch
+from cloudless_fl.launch import Federation, descendants, launch, prepare_split, submit
+from cloudless_fl.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -45,38 +51,27 @@ def results_of(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("strategy, rounds, tls", [("fedavg", 2, False), ("asgd_ga_delta", 8, True)])
-def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path, strategy, rounds, tls):
+def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path):
+    """`cloudless-fl launch` end to end (ASGD-GA's run over TLS is the SuperNode-fault test below)."""
     before = flower_processes()
     log = io.StringIO()
-    code = launch(str(three_regions), strategy, rounds, tmp_path / "run", time_scale=20.0, tls=tls,
+    rounds = 2
+    code = launch(str(three_regions), "fedavg", rounds, tmp_path / "run", time_scale=20.0,
                   overrides=["progress=false", "strategy.eval_every=1"], app_dir=ROOT, stream_to=log)
     assert code == 0, log.getvalue()[-3000:]
     results = results_of(tmp_path / "run")
     evaluated = [e for e in results["history"] if e["accuracy"] is not None]
     assert results["clock"] == "wall" and results["history"][-1]["version"] == rounds
-    # it learned: a few asynchronous versions in wall-clock arrival order wobble, so judge the run, not its last step
-    assert max(e["accuracy"] for e in evaluated[1:]) > evaluated[0]["accuracy"] + 0.1
+    assert evaluated[-1]["accuracy"] > evaluated[0]["accuracy"] + 0.1  # it learned
     assert evaluated[-1]["loss"] < 10 * evaluated[0]["loss"]
     assert set(results["regions"]) == {"ap-shanghai", "ap-guangzhou", "ap-chengdu"}
     assert results["summary"]["total_cost_usd"]["instance"] > 0  # the cost model on measured time
     assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])
-    if tls:
-        assert (tmp_path / "run" / "certs" / "ca.crt").is_file()
-        assert "insecure" not in (tmp_path / "run" / "flwr-home" / "config.toml").read_text()
     assert flower_processes() <= before  # every process it started is gone
 
 
 def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
     """MA on a real federation: SIGKILL the ServerApp after a checkpoint, resubmit with resume=<its folder>."""
-    import os
-    import signal
-    import threading
-    import time
-
-    from cloudless_fl.launch import Federation, descendants, prepare_split, submit
-    from cloudless_fl.topology import load_topology
-
     topology = load_topology(three_regions)
     run_dir = (tmp_path / "run").resolve()
     prepare_split(topology, run_dir / "data")
@@ -108,3 +103,96 @@ def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
     assert [e["event"] for e in results["events"]].count("resumed") == 1
     assert results["history"][-1]["version"] == 4
     assert [e["version"] for e in results["history"]] == [0, 1, 2, 3, 4]  # nothing lost, nothing counted twice
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def _events_so_far(run_dir: Path) -> list[str]:
+    """The kinds of event in the run's latest checkpoint."""
+    try:
+        meta, _ = load_checkpoint(next(run_dir.glob("*/checkpoint.pt")))
+    except (CheckpointError, OSError, StopIteration):
+        return []
+    return [e["event"] for e in meta["history"]["events"]]
+
+
+def _federation_run(three_regions, tmp_path, strategy: str, rounds: int, extra: str, tls: bool = False):
+    """A started federation and the `flwr run` config for `strategy` on it (checkpoint every step: progress)."""
+    topology = load_topology(three_regions)
+    run_dir = (tmp_path / "run").resolve()
+    prepare_split(topology, run_dir / "data")
+    overrides = (f"topology_file={three_regions} dataset=npz dataset.root={run_dir / 'data'} clock=wall "
+                 f"progress=false checkpoint.every=1 {extra}")
+    config = {"strategy": strategy, "num-rounds": rounds, "overrides": overrides, "output-dir": str(run_dir)}
+    return Federation(topology, run_dir, time_scale=20.0, tls=tls), config
+
+
+def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_regions, tmp_path):
+    """SIGKILL one region's SuperNode mid-run: ASGD-GA records the loss and goes on; restarted, it rejoins.
+
+    Over TLS, and judged on learning too: this is also ASGD-GA's end-to-end run in deployment."""
+    before = flower_processes()
+    federation, config = _federation_run(three_regions, tmp_path, "asgd_ga_delta", 16,
+                                         "strategy.reply_timeout_s=30 strategy.rejoin_every=2 strategy.eval_every=4",
+                                         tls=True)
+    codes = []
+    with federation:
+        federation.start_superlink()
+        for region in federation.topology.region_names:
+            federation.start_region(region, federation.run_dir / "data" / region)
+        run = threading.Thread(target=lambda: codes.append(submit(federation, ROOT, config, None)))
+        run.start()
+        run_log = federation.logs / "flwr-run.log"
+        _wait_for(lambda: list(federation.run_dir.glob("*/checkpoint.pt")), 300, "first version")
+        federation.kill_region("ap-chengdu")
+        _wait_for(lambda: "region_lost" in _events_so_far(federation.run_dir), 120, "loss of ap-chengdu")
+        node_log = federation.logs / "supernode-ap-chengdu.log"
+        restarted_at = node_log.stat().st_size
+        federation.start_region("ap-chengdu", federation.run_dir / "data" / "ap-chengdu")
+        run.join(600)
+        assert not run.is_alive() and codes == [0], run_log.read_text()[-3000:]
+        received = node_log.read_text()[restarted_at:].count("Received successfully")
+    results = results_of(federation.run_dir)
+    events = [(e["event"], e.get("region")) for e in results["events"]]
+    assert ("region_lost", "ap-chengdu") in events and ("region_back", "ap-chengdu") in events
+    assert events.index(("region_lost", "ap-chengdu")) < events.index(("region_back", "ap-chengdu"))
+    lost_at = next(e["time_s"] for e in results["events"] if e["event"] == "region_lost")
+    back_at = next(e["time_s"] for e in results["events"] if e["event"] == "region_back")
+    # the others went on while it was away, and the restarted node was asked who it is and then given work
+    assert any(lost_at < e["time_s"] < back_at for e in results["history"])
+    assert received >= 2
+    assert results["history"][-1]["version"] == 16
+    evaluated = [e["accuracy"] for e in results["history"] if e["accuracy"] is not None]
+    assert max(evaluated[1:]) > evaluated[0] + 0.1  # it learned
+    assert "insecure" not in (federation.home / "config.toml").read_text()
+    assert results["summary"]["lost_regions"] == 1 and results["summary"]["rejoined_regions"] == 1
+    assert flower_processes() <= before
+
+
+def test_fedavg_rounds_time_out_without_a_killed_supernode_and_the_run_goes_on(three_regions, tmp_path):
+    before = flower_processes()
+    federation, config = _federation_run(three_regions, tmp_path, "fedavg", 4, "strategy.reply_timeout_s=30")
+    codes = []
+    with federation:
+        federation.start_superlink()
+        for region in federation.topology.region_names:
+            federation.start_region(region, federation.run_dir / "data" / region)
+        run = threading.Thread(target=lambda: codes.append(submit(federation, ROOT, config, None)))
+        run.start()
+        _wait_for(lambda: list(federation.run_dir.glob("*/checkpoint.pt")), 300, "first round")
+        federation.kill_region("ap-chengdu")
+        run.join(600)
+        run_log = (federation.logs / "flwr-run.log").read_text()
+        assert not run.is_alive() and codes == [0], run_log[-3000:]
+    results = results_of(federation.run_dir)
+    assert [e["version"] for e in results["history"]] == [0, 1, 2, 3, 4]
+    incomplete = [e for e in results["events"] if e["event"] == "round_incomplete"]
+    assert incomplete and all("ap-chengdu" in e["missing"] or "ap-chengdu" in e["failed"] for e in incomplete)
+    assert "ap-chengdu" in run_log  # the warning names the region
+    assert results["summary"]["failed_replies"] >= 1
+    assert flower_processes() <= before
