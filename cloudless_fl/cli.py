@@ -86,7 +86,7 @@ def launch_command(argv: list[str]) -> None:
     from pathlib import Path
 
     from .errors import CloudlessError
-    from .launch import launch
+    from .launch import launch, sigterm_as_interrupt
 
     parser = argparse.ArgumentParser(prog="cloudless-fl launch",
                                      description="Run the app on a local Deployment Engine federation "
@@ -105,8 +105,9 @@ def launch_command(argv: list[str]) -> None:
 
     out = Path(args.out or f"outputs/launch/{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed, time_scale=args.time_scale,
-                      tls=args.tls, overrides=args.overrides, app_dir=Path(args.app))
+        with sigterm_as_interrupt():
+            code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed,
+                          time_scale=args.time_scale, tls=args.tls, overrides=args.overrides, app_dir=Path(args.app))
     except CloudlessError as exc:
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from cloudless_fl.checkpoint import CheckpointError, load_checkpoint
 from cloudless_fl.config import compose
-from cloudless_fl.launch import Federation, descendants, launch, prepare_split, submit
+from cloudless_fl.launch import Federation, descendants, launch, prepare_split, sigterm_as_interrupt, submit
 from cloudless_fl.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,3 +196,20 @@ def test_fedavg_rounds_time_out_without_a_killed_supernode_and_the_run_goes_on(t
     assert "ap-chengdu" in run_log  # the warning names the region
     assert results["summary"]["failed_replies"] >= 1
     assert flower_processes() <= before
+
+
+def test_sigterm_unwinds_like_ctrl_c_so_the_federation_is_stopped():
+    stopped = []
+
+    class Recorder:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            stopped.append(exc[0])
+
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt(), Recorder():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives at the next bytecode; never reached
+    assert stopped == [KeyboardInterrupt]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored

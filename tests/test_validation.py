@@ -173,6 +173,25 @@ def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path):
     assert "c" not in {info.name for info in s.regions.values()}
 
 
+def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
+    fed = Federation(tmp_path, three_regions())
+    fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind="nan")  # node 3 is region "c"
+    s = STRATEGIES["asgd_ga"](fed, UpdateLimits(quarantine_after=3))
+    s.rejoin_every = 1
+    restarted = []
+
+    def restart_once_quarantined(version, arrays):
+        if s.history.counters["quarantined_regions"] and not restarted:
+            restarted.append(fed.grid.restart(3))  # a fresh node of region "c", sending good updates now
+        return None
+
+    s.start(fed.grid, fed.initial, num_rounds=ROUNDS["asgd_ga"], train_config=fed.config,
+            evaluate_fn=restart_once_quarantined)
+    assert restarted and restarted[0] in s._refused
+    assert "c" not in {info.name for info in s.regions.values()}
+    assert s.history.counters["rejoined_regions"] == 0
+
+
 # ---------------------------------------------------------------- fuzzing the decoder and validator
 dtypes = st.sampled_from(["float32", "float64", "int64", "int8", "object", "<U3", "bogus", "float16"])
 shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)

@@ -379,10 +379,11 @@ class GeoStrategy(Strategy):
         return admitted
 
     def _admit(self, info: RegionInfo) -> bool:
-        """Take a (re)joining node into the run; a region that was not in it at the start is refused."""
-        if info.name not in self.shares:
-            log.warning("node %s says it is region %s, which was not in this run at its start; not admitted",
-                        info.node_id, info.name)
+        """Take a (re)joining node into the run; a region not in it at the start, or quarantined, is refused."""
+        refusal = ("was not in this run at its start" if info.name not in self.shares
+                   else "is quarantined" if info.name in self._quarantined_regions.values() else None)
+        if refusal is not None:
+            log.warning("node %s is region %s, which %s: not admitted", info.node_id, info.name, refusal)
             self._refused.add(info.node_id)
             return False
         for old, known in list(self.regions.items()):
