@@ -1,7 +1,9 @@
 """Time and price of work in a topology: the one model every strategy is charged by.
 
 A job on region r = download the model + compute + upload the reply. Compute
-takes `samples / (s_r * n_r * eta_r)` seconds times a seeded jitter; transfers
+takes `job_start_s + samples / (s_r * n_r * eta_r)` seconds times a seeded
+jitter (`job_start_s`, default 0, is a job's fixed start-up: in deployment
+every Flower message starts a ClientApp process); transfers
 take latency plus bits over the link's bandwidth at that time. The `Ledger`
 accumulates what was spent, per region:
 
@@ -84,7 +86,8 @@ class CostModel:
         return r.samples_per_s * workers * r.efficiency
 
     def compute_seconds(self, region: str, samples: int, workers: int, job_id: int) -> float:
-        base = samples / self.throughput(region, workers)
+        """The job's time on the region: its fixed start (`job_start_s`) plus its samples at the region's speed."""
+        base = self.topology.region(region).job_start_s + samples / self.throughput(region, workers)
         if self.compute_jitter == 0:
             return base
         return base * math.exp(self.compute_jitter * self._jitter_normal(region, job_id))

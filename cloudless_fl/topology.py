@@ -58,6 +58,7 @@ class Region:
     link: Link
     data_share: float
     cold_start_usd: float = 0.0  # serverless billing: charge per invocation
+    job_start_s: float = 0.0  # fixed seconds per job before it computes (process start, imports, data loading)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def _parse_region(name: str, raw: dict[str, Any], where: str) -> Region:
         link=link,
         data_share=_number(raw, "data_share", here, low=0, high=1),
         cold_start_usd=_number(raw, "cold_start_usd", here, low=0, default=0.0),
+        job_start_s=_number(raw, "job_start_s", here, low=0, default=0.0),
     )
 
 

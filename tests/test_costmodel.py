@@ -51,6 +51,14 @@ def test_job_time_is_download_compute_upload():
     assert timing.end == pytest.approx(0.21 + 1.5 + 0.11)
 
 
+def test_a_fixed_job_start_adds_to_every_jobs_compute():
+    cm = CostModel(_topology(slow={"job_start_s": 2.5}), seed=0, compute_jitter=0.0)
+    timing = cm.job("slow", 0.0, bytes_down=0, samples=300, bytes_up=0, workers=2, job_id=0)
+    assert timing.compute_s == pytest.approx(2.5 + 300 / (100 * 2 * 1.0))
+    with pytest.raises(ConfigError, match="job_start_s"):
+        _topology(slow={"job_start_s": -1})
+
+
 def test_compute_jitter_is_seeded():
     cm = CostModel(_topology(), seed=4)
     a = [cm.compute_seconds("slow", 100, 1, j) for j in range(5)]
