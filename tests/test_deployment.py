@@ -51,60 +51,6 @@ def results_of(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path):
-    """`cloudless-fl launch` end to end (ASGD-GA's run over TLS is the SuperNode-fault test below)."""
-    before = flower_processes()
-    log = io.StringIO()
-    rounds = 2
-    code = launch(str(three_regions), "fedavg", rounds, tmp_path / "run", time_scale=20.0,
-                  overrides=["progress=false", "strategy.eval_every=1"], app_dir=ROOT, stream_to=log)
-    assert code == 0, log.getvalue()[-3000:]
-    results = results_of(tmp_path / "run")
-    evaluated = [e for e in results["history"] if e["accuracy"] is not None]
-    assert results["clock"] == "wall" and results["history"][-1]["version"] == rounds
-    assert evaluated[-1]["accuracy"] > evaluated[0]["accuracy"] + 0.1  # it learned
-    assert evaluated[-1]["loss"] < 10 * evaluated[0]["loss"]
-    assert set(results["regions"]) == {"ap-shanghai", "ap-guangzhou", "ap-chengdu"}
-    assert results["summary"]["total_cost_usd"]["instance"] > 0  # the cost model on measured time
-    assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])
-    assert flower_processes() <= before  # every process it started is gone
-
-
-def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
-    """MA on a real federation: SIGKILL the ServerApp after a checkpoint, resubmit with resume=<its folder>."""
-    topology = load_topology(three_regions)
-    run_dir = (tmp_path / "run").resolve()
-    prepare_split(topology, run_dir / "data")
-    overrides = (f"topology_file={three_regions} dataset=npz dataset.root={run_dir / 'data'} clock=wall "
-                 "progress=false checkpoint.every=1 strategy.local_steps=5")
-    config = {"strategy": "ma", "num-rounds": 4, "overrides": overrides, "output-dir": str(run_dir)}
-    with Federation(topology, run_dir, time_scale=20.0) as federation:
-        federation.start_superlink()
-        for region in topology.region_names:
-            federation.start_region(region, run_dir / "data" / region)
-        first = threading.Thread(target=submit, args=(federation, ROOT, config, None))
-        first.start()
-        deadline = time.monotonic() + 300
-        while not list(run_dir.glob("*/checkpoint.pt")):
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.2)
-        server_apps = [pid for pid in descendants(federation.processes["superlink"].pid)
-                       if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert server_apps
-        for pid in server_apps:
-            os.kill(pid, signal.SIGKILL)
-        federation.processes.pop("flwr-run").send_signal(signal.SIGTERM)
-        first.join(60)
-        [folder] = [p.parent for p in run_dir.glob("*/checkpoint.pt")]
-        assert not (folder / "results.json").exists()
-        code = submit(federation, ROOT, {**config, "overrides": overrides + f" resume={folder}"}, None)
-        assert code == 0, (federation.logs / "flwr-run.log").read_text()[-3000:]
-    results = json.loads((folder / "results.json").read_text())
-    assert [e["event"] for e in results["events"]].count("resumed") == 1
-    assert results["history"][-1]["version"] == 4
-    assert [e["version"] for e in results["history"]] == [0, 1, 2, 3, 4]  # nothing lost, nothing counted twice
-
-
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -132,6 +78,60 @@ def _federation_run(three_regions, tmp_path, strategy: str, rounds: int, extra: 
     return Federation(topology, run_dir, time_scale=20.0, tls=tls), config
 
 
+def _submit_after_first_checkpoint(federation: Federation, config: dict) -> tuple[threading.Thread, list[int]]:
+    """Start the federation, submit `config` on a thread (its exit code lands in the list); return once
+    the run has checkpointed its first step, i.e. is under way."""
+    federation.start_superlink()
+    for region in federation.topology.region_names:
+        federation.start_region(region, federation.run_dir / "data" / region)
+    codes: list[int] = []
+    run = threading.Thread(target=lambda: codes.append(submit(federation, ROOT, config, None)))
+    run.start()
+    _wait_for(lambda: list(federation.run_dir.glob("*/checkpoint.pt")), 300, "first checkpoint")
+    return run, codes
+
+
+def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path):
+    """`cloudless-fl launch` end to end (ASGD-GA's run over TLS is the SuperNode-fault test below)."""
+    before = flower_processes()
+    log = io.StringIO()
+    rounds = 2
+    code = launch(str(three_regions), "fedavg", rounds, tmp_path / "run", time_scale=20.0,
+                  overrides=["progress=false", "strategy.eval_every=1"], app_dir=ROOT, stream_to=log)
+    assert code == 0, log.getvalue()[-3000:]
+    results = results_of(tmp_path / "run")
+    evaluated = [e for e in results["history"] if e["accuracy"] is not None]
+    assert results["clock"] == "wall" and results["history"][-1]["version"] == rounds
+    assert evaluated[-1]["accuracy"] > evaluated[0]["accuracy"] + 0.1  # it learned
+    assert evaluated[-1]["loss"] < 10 * evaluated[0]["loss"]
+    assert set(results["regions"]) == {"ap-shanghai", "ap-guangzhou", "ap-chengdu"}
+    assert results["summary"]["total_cost_usd"]["instance"] > 0  # the cost model on measured time
+    assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])
+    assert flower_processes() <= before  # every process it started is gone
+
+
+def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
+    """MA on a real federation: SIGKILL the ServerApp after a checkpoint, resubmit with resume=<its folder>."""
+    federation, config = _federation_run(three_regions, tmp_path, "ma", 4, "strategy.local_steps=5")
+    with federation:
+        first, _ = _submit_after_first_checkpoint(federation, config)
+        server_apps = [pid for pid in descendants(federation.processes["superlink"].pid)
+                       if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert server_apps
+        for pid in server_apps:
+            os.kill(pid, signal.SIGKILL)
+        federation.processes.pop("flwr-run").send_signal(signal.SIGTERM)
+        first.join(60)
+        [folder] = [p.parent for p in federation.run_dir.glob("*/checkpoint.pt")]
+        assert not (folder / "results.json").exists()
+        code = submit(federation, ROOT, {**config, "overrides": config["overrides"] + f" resume={folder}"}, None)
+        assert code == 0, (federation.logs / "flwr-run.log").read_text()[-3000:]
+    results = json.loads((folder / "results.json").read_text())
+    assert [e["event"] for e in results["events"]].count("resumed") == 1
+    assert results["history"][-1]["version"] == 4
+    assert [e["version"] for e in results["history"]] == [0, 1, 2, 3, 4]  # nothing lost, nothing counted twice
+
+
 def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_regions, tmp_path):
     """SIGKILL one region's SuperNode mid-run: ASGD-GA records the loss and goes on; restarted, it rejoins.
 
@@ -140,15 +140,9 @@ def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_r
     federation, config = _federation_run(three_regions, tmp_path, "asgd_ga_delta", 16,
                                          "strategy.reply_timeout_s=30 strategy.rejoin_every=2 strategy.eval_every=4",
                                          tls=True)
-    codes = []
     with federation:
-        federation.start_superlink()
-        for region in federation.topology.region_names:
-            federation.start_region(region, federation.run_dir / "data" / region)
-        run = threading.Thread(target=lambda: codes.append(submit(federation, ROOT, config, None)))
-        run.start()
+        run, codes = _submit_after_first_checkpoint(federation, config)
         run_log = federation.logs / "flwr-run.log"
-        _wait_for(lambda: list(federation.run_dir.glob("*/checkpoint.pt")), 300, "first version")
         federation.kill_region("ap-chengdu")
         _wait_for(lambda: "region_lost" in _events_so_far(federation.run_dir), 120, "loss of ap-chengdu")
         node_log = federation.logs / "supernode-ap-chengdu.log"
@@ -177,14 +171,8 @@ def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_r
 def test_fedavg_rounds_time_out_without_a_killed_supernode_and_the_run_goes_on(three_regions, tmp_path):
     before = flower_processes()
     federation, config = _federation_run(three_regions, tmp_path, "fedavg", 4, "strategy.reply_timeout_s=30")
-    codes = []
     with federation:
-        federation.start_superlink()
-        for region in federation.topology.region_names:
-            federation.start_region(region, federation.run_dir / "data" / region)
-        run = threading.Thread(target=lambda: codes.append(submit(federation, ROOT, config, None)))
-        run.start()
-        _wait_for(lambda: list(federation.run_dir.glob("*/checkpoint.pt")), 300, "first round")
+        run, codes = _submit_after_first_checkpoint(federation, config)
         federation.kill_region("ap-chengdu")
         run.join(600)
         run_log = (federation.logs / "flwr-run.log").read_text()
