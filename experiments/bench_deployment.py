@@ -39,7 +39,6 @@ from cloudless_fl.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = "geo4"
-ASGD_EXTRA = ["strategy.eval_every=4", "strategy.stop.at_target=true"]  # ASGD-GA stops at the target or the budget
 
 
 def scaled_geo4(scale: float, folder: Path, job_start_s: float = 0.0) -> Path:
@@ -111,11 +110,13 @@ def main() -> None:
     args.out = args.out or Path(f"outputs/bench-deployment/bw{args.bandwidth_scale:g}")
     args.out.mkdir(parents=True, exist_ok=True)
     topology = scaled_geo4(args.bandwidth_scale, args.out)
-    runs = {"fedavg": (args.fedavg_rounds, ["strategy.eval_every=1"]),
-            "asgd_ga_delta": (300, [*ASGD_EXTRA, f"strategy.stop.max_time_s={args.budget_s}", *args.asgd_set])}
+    common = [f"target_accuracy={args.target}", f"seed={args.seed}"]
+    runs = {"fedavg": (args.fedavg_rounds, [*common, "strategy.eval_every=1"]),
+            # ASGD-GA stops at the target or when the budget is spent
+            "asgd_ga_delta": (300, [*common, "strategy.eval_every=4", "strategy.stop.at_target=true",
+                                    f"strategy.stop.max_time_s={args.budget_s}", *args.asgd_set])}
     results: dict[str, dict[str, dict]] = {}
-    for strategy, (rounds, extra) in runs.items():
-        overrides = [f"target_accuracy={args.target}", f"seed={args.seed}", *extra]
+    for strategy, (rounds, overrides) in runs.items():
         run_dir = (args.out / f"{strategy}-deployed").resolve()
         with sigterm_as_interrupt():
             results[strategy] = {"deployed": deployed(strategy, rounds, overrides, topology, run_dir)}
@@ -127,8 +128,7 @@ def main() -> None:
     job_start_s = max(0.0, (fedavg["deployed"]["history"][-1]["time_s"] - fedavg["simulated"]["history"][-1]["time_s"])
                       / fedavg["deployed"]["history"][-1]["version"])
     calibrated = scaled_geo4(args.bandwidth_scale, args.out, job_start_s)
-    for strategy, (rounds, extra) in runs.items():
-        overrides = [f"target_accuracy={args.target}", f"seed={args.seed}", *extra]
+    for strategy, (rounds, overrides) in runs.items():
         results[strategy]["simulated + start-up"] = simulated(
             strategy, rounds, overrides, calibrated, (args.out / f"{strategy}-deployed" / "data").resolve(),
             (args.out / f"{strategy}-simulated-start").resolve())

@@ -158,6 +158,27 @@ def test_asgd_ga_carries_on_when_a_node_disappears(tmp_path):
     assert [e["region"] for e in strategy.history.events] == ["slow"]
 
 
+def test_a_node_the_superlink_reports_unavailable_at_start_up_is_named_by_its_message(tmp_path):
+    from flwr.app import Error, Message
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from cloudless_fl.strategy.regions import discover_regions
+
+    fed = Federation(tmp_path, topology())
+    deliver = fed.grid._deliver
+
+    def superlink_answers_for_node_2(msg):  # as Flower's SuperLink does for a node that missed its heartbeats
+        if msg.metadata.dst_node_id != 2:
+            return deliver(msg)
+        reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+        return reply
+
+    fed.grid._deliver = superlink_answers_for_node_2
+    found, failed = discover_regions(fed.grid, [1, 2], fed.config, timeout=5)
+    assert set(found) == {1} and failed == {2: "Node Unavailable"}
+
+
 def test_asgd_ga_readmits_a_lost_node_that_answers_again(tmp_path):
     fed = Federation(tmp_path, topology())
     jobs_when_back = {}

@@ -48,19 +48,21 @@ def read_query_reply(reply: Message) -> RegionInfo | str:
 def discover_regions(grid: Grid, node_ids: Iterable[int], config: ConfigRecord,
                      timeout: float = 120.0) -> tuple[dict[int, RegionInfo], dict[int, str]]:
     """Ask every node who it is and wait: `RegionInfo` per node that answered, the error of each that failed."""
-    ids = set(grid.push_messages(query_messages(node_ids, config)))
+    node_ids = list(node_ids)
+    # by message: an error the SuperLink writes for a vanished node comes from the SuperLink, not the node
+    asked = dict(zip(grid.push_messages(query_messages(node_ids, config)), node_ids))
     deadline = time.monotonic() + timeout
     found: dict[int, RegionInfo] = {}
     failed: dict[int, str] = {}
-    while ids and time.monotonic() < deadline:
-        for reply in grid.pull_messages(ids):
-            ids.discard(reply.metadata.reply_to_message_id)
+    while asked and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(asked)):
+            node = asked.pop(reply.metadata.reply_to_message_id)
             answer = read_query_reply(reply)
             if isinstance(answer, RegionInfo):
-                found[answer.node_id] = answer
+                found[node] = answer
             else:
-                failed[reply.metadata.src_node_id] = answer
-        if ids:
+                failed[node] = answer
+        if asked:
             time.sleep(0.05)
     return found, failed
 
