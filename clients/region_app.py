@@ -17,11 +17,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from cloudless_fl import protocol
-from cloudless_fl.data import ResidentData, check_labels, load_resident
+from cloudless_fl.training import protocol
+from cloudless_fl.training.data import ResidentData, check_labels, load_resident
 from cloudless_fl.errors import ConfigError, DataError
-from cloudless_fl.models import build_model
-from cloudless_fl.training import accumulate_gradient, evaluate, local_sgd, make_batches
+from cloudless_fl.training.models import build_model
+from cloudless_fl.training.local import accumulate_gradient, evaluate, local_sgd, make_batches
 
 
 def make_client_app(data_root: str | Path | None = None, data_format: str = "auto") -> ClientApp:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         data_command(rest)
     elif command == "plan":
         from .errors import CloudlessError
-        from .plan_table import plan_command
+        from .control.plan_table import plan_command
 
         try:
             print(plan_command(rest))
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "report":
         if len(rest) != 1:
             raise SystemExit("usage: cloudless-fl report FOLDER")
-        from .report import write_report
+        from .reporting.report import write_report
 
         print(write_report(rest[0]))
     else:
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def data_command(argv: list[str]) -> None:
     from .config import compose, topology_of
-    from .data import load_source, split_dataset
+    from .training.data import load_source, split_dataset
     from .errors import CloudlessError
-    from .topology import load_topology
+    from .control.topology import load_topology
 
     parser = argparse.ArgumentParser(prog="cloudless-fl data")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -86,7 +86,7 @@ def launch_command(argv: list[str]) -> None:
     from pathlib import Path
 
     from .errors import CloudlessError
-    from .launch import launch, sigterm_as_interrupt
+    from .deployment.launch import launch, sigterm_as_interrupt
 
     parser = argparse.ArgumentParser(prog="cloudless-fl launch",
                                      description="Run the app on a local Deployment Engine federation "

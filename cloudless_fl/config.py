@@ -20,9 +20,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .config_schema import check_config
-from .data import Arrays, load_npz, load_source, read_manifest, split_dataset
+from .training.data import Arrays, load_npz, load_source, read_manifest, split_dataset
 from .errors import ConfigError, DataError
-from .topology import Topology, load_topology
+from .control.topology import Topology, load_topology
 
 
 

@@ -17,12 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config import DataLayout, conf_dir, dataset_cfg, prepare_data, topology_of, validate
-from .data import check_labels, load_resident
+from .training.data import check_labels, load_resident
 from .errors import CloudlessError, DataError
-from .grid import InProcessGrid
-from .models import build_model
+from .deployment.grid import InProcessGrid
+from .training.models import build_model
 from .server_app import run_experiment
-from .topology import Topology
+from .control.topology import Topology
 
 def preflight(cfg: DictConfig) -> tuple[Topology, DataLayout]:
     """Fail fast, with the fix in the message, before any engine starts; returns what the run needs."""

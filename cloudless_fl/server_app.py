@@ -22,17 +22,17 @@ from .checkpoint import Checkpointer, model_fingerprint
 from .config import (DataLayout, config_from_run_config, dataset_cfg, prepare_data, topology_of, topology_spec,
                      validate)
 from .errors import ConfigError
-from .data import read_manifest
-from .meter import Meter, record_bytes
-from .models import build_model
-from .progress import Progress
-from .protocol import ModelSpec, WorkOrder
-from .results import History, summarize, write_results
-from .scheduler import Objective, Scheduler, Workload, evaluate_plan
+from .training.data import read_manifest
+from .control.meter import Meter, record_bytes
+from .training.models import build_model
+from .reporting.progress import Progress
+from .training.protocol import ModelSpec, WorkOrder
+from .reporting.results import History, summarize, write_results
+from .control.scheduler import Objective, Scheduler, Workload, evaluate_plan
 from .strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg, StopRules
-from .topology import Topology
-from .validation import UpdateLimits
-from .training import evaluate
+from .control.topology import Topology
+from .strategy.validation import UpdateLimits
+from .training.local import evaluate
 
 log = logging.getLogger("cloudless_fl")
 NODE_WAIT_S = 120.0

@@ -34,7 +34,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cloudless_fl.config import compose
-from cloudless_fl.launch import launch, sigterm_as_interrupt
+from cloudless_fl.deployment.launch import launch, sigterm_as_interrupt
 from cloudless_fl.run import run
 
 ROOT = Path(__file__).resolve().parents[1]

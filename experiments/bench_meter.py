@@ -10,7 +10,7 @@ import sys
 import time
 
 from cloudless_fl.config import compose, topology_of
-from cloudless_fl.meter import Meter
+from cloudless_fl.control.meter import Meter
 
 MODEL_BYTES = 4_505_640  # the benchmark MLP in float32
 

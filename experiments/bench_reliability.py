@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
-from cloudless_fl import protocol
+from cloudless_fl.training import protocol
 from cloudless_fl.checkpoint import load_checkpoint, save_checkpoint
-from cloudless_fl.models import build_model
+from cloudless_fl.training.models import build_model
 from cloudless_fl.strategy.server_optimizer import ServerOptimizer
-from cloudless_fl.validation import UpdateLimits, UpdateValidator
+from cloudless_fl.strategy.validation import UpdateLimits, UpdateValidator
 
 REPEATS = 200
 

@@ -14,8 +14,8 @@ from collections import OrderedDict
 import torch
 from flwr.app import ArrayRecord
 
-from cloudless_fl.models import build_model
-from cloudless_fl.protocol import decode_tensors
+from cloudless_fl.training.models import build_model
+from cloudless_fl.training.protocol import decode_tensors
 from cloudless_fl.strategy.server_optimizer import ServerOptimizer
 
 

@@ -86,7 +86,7 @@ def main() -> None:
             chosen.update({(t, s): chosen[t, ELASTIC[s]] for t, s in keys if s in ELASTIC})
         print(f"reporting runs on seeds {list(seeds)}", flush=True)
         execute(workers, _jobs(out, "final", seeds, chosen))
-    from cloudless_fl.report import write_report
+    from cloudless_fl.reporting.report import write_report
 
     print()
     print("chosen learning rates: " + ", ".join(f"{t}/{s}={lr[0]}" for (t, s), lr in chosen.items()))

@@ -58,7 +58,7 @@ def main() -> None:
     print(f"{len(jobs)} runs from studies {', '.join(chosen)} -> {out}", flush=True)
     with pool(args.workers) as workers:
         execute(workers, jobs)
-    from cloudless_fl.report import write_report
+    from cloudless_fl.reporting.report import write_report
 
     print()
     print(write_report(out))

@@ -8,12 +8,12 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.region_app import make_client_app
-from cloudless_fl.data import load_resident, load_source, split_dataset
-from cloudless_fl.grid import InProcessGrid
-from cloudless_fl.meter import Meter
-from cloudless_fl.models import build_model
-from cloudless_fl.protocol import ModelSpec
-from cloudless_fl.topology import load_topology
+from cloudless_fl.training.data import load_resident, load_source, split_dataset
+from cloudless_fl.deployment.grid import InProcessGrid
+from cloudless_fl.control.meter import Meter
+from cloudless_fl.training.models import build_model
+from cloudless_fl.training.protocol import ModelSpec
+from cloudless_fl.control.topology import load_topology
 from conftest import TWO_REGIONS
 
 HIDDEN = [32]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloudless_fl.data import (
+from cloudless_fl.training.data import (
     check_labels, detect_format, load_npz, load_resident, load_source, read_manifest, split_dataset,
 )
 from cloudless_fl.errors import DataError

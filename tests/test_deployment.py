@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from cloudless_fl.checkpoint import CheckpointError, load_checkpoint
 from cloudless_fl.config import compose
-from cloudless_fl.launch import Federation, descendants, launch, prepare_split, sigterm_as_interrupt, submit
-from cloudless_fl.topology import load_topology
+from cloudless_fl.deployment.launch import Federation, descendants, launch, prepare_split, sigterm_as_interrupt, submit
+from cloudless_fl.control.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration

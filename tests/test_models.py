@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cloudless_fl.errors import ConfigError
-from cloudless_fl.models import available_models, build_model
+from cloudless_fl.training.models import available_models, build_model
 
 
 @pytest.mark.parametrize("name, shape", [("mlp", (1, 8, 8)), ("mlp", (20,)), ("cnn", (1, 28, 28)),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from cloudless_fl.grid import InProcessGrid
+from cloudless_fl.deployment.grid import InProcessGrid
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plain-flower-app"
 

@@ -5,11 +5,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.region_app import locate_region, make_client_app
-from cloudless_fl import protocol
-from cloudless_fl.data import load_source, split_dataset
+from cloudless_fl.training import protocol
+from cloudless_fl.training.data import load_source, split_dataset
 from cloudless_fl.errors import ConfigError, DataError
-from cloudless_fl.grid import InProcessGrid
-from cloudless_fl.models import build_model
+from cloudless_fl.deployment.grid import InProcessGrid
+from cloudless_fl.training.models import build_model
 
 
 def _context(node_config):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cloudless_fl.config import compose
-from cloudless_fl.plots import PLOTS
-from cloudless_fl.report import load_runs, rows, write_report
+from cloudless_fl.reporting.plots import PLOTS
+from cloudless_fl.reporting.report import load_runs, rows, write_report
 from cloudless_fl.run import run
 from conftest import small_run_overrides
 

@@ -62,7 +62,7 @@ def test_presplit_folder_must_match_regions(two_region_topology, tmp_path):
 
 
 def test_presplit_npz_folder_runs(two_region_topology, tmp_path):
-    from cloudless_fl.data import load_source, split_dataset
+    from cloudless_fl.training.data import load_source, split_dataset
 
     split_dataset(load_source("digits"), {"fast": 0.3, "slow": 0.7}, tmp_path / "data")
     cfg = compose(small_run_overrides(two_region_topology, dataset="npz", **{"dataset.root": tmp_path / "data"}))
@@ -88,7 +88,7 @@ def test_bad_config_values_name_the_key_and_the_allowed_range(two_region_topolog
 
 
 def test_progress_prints_plain_lines_off_a_terminal_and_a_live_bar_on_one(capsys):
-    from cloudless_fl.progress import Progress
+    from cloudless_fl.reporting.progress import Progress
 
     entry = {"version": 2, "time_s": 1.5, "cost_usd": {"instance": 0.01}, "wan_bytes": 2e6, "accuracy": 0.5}
     plain = Progress("ma", total=4, live=False)

@@ -11,11 +11,11 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from cloudless_fl.config import compose
 from cloudless_fl.errors import ConfigError
-from cloudless_fl.protocol import WorkOrder
+from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.run import run
-from cloudless_fl.scheduler import Objective, Scheduler, Workload, evaluate_plan, plan, static_plan
+from cloudless_fl.control.scheduler import Objective, Scheduler, Workload, evaluate_plan, plan, static_plan
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg
-from cloudless_fl.topology import load_topology
+from cloudless_fl.control.topology import load_topology
 from conftest import small_run_overrides
 from strategy_helpers import Federation
 

@@ -8,11 +8,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from cloudless_fl.data import load_source
-from cloudless_fl.models import build_model
-from cloudless_fl.protocol import WorkOrder
+from cloudless_fl.training.data import load_source
+from cloudless_fl.training.models import build_model
+from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
-from cloudless_fl.training import make_batches
+from cloudless_fl.training.local import make_batches
 from strategy_helpers import HIDDEN, Federation, solo_topology, topology
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from cloudless_fl.config import compose, topology_of
 from cloudless_fl.errors import ConfigError
-from cloudless_fl.topology import load_topology
+from cloudless_fl.control.topology import load_topology
 from conftest import TWO_REGIONS
 
 

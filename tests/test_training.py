@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from cloudless_fl.data import load_source
-from cloudless_fl.models import build_model
-from cloudless_fl.training import accumulate_gradient, evaluate, local_sgd, make_batches, sample_stream
+from cloudless_fl.training.data import load_source
+from cloudless_fl.training.models import build_model
+from cloudless_fl.training.local import accumulate_gradient, evaluate, local_sgd, make_batches, sample_stream
 
 
 def test_stream_covers_each_epoch_once():

@@ -13,11 +13,11 @@ from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudless_fl import protocol
+from cloudless_fl.training import protocol
 from cloudless_fl.errors import ConfigError
-from cloudless_fl.grid import InProcessGrid
+from cloudless_fl.deployment.grid import InProcessGrid
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
-from cloudless_fl.validation import RejectedUpdate, UpdateLimits, UpdateValidator
+from cloudless_fl.strategy.validation import RejectedUpdate, UpdateLimits, UpdateValidator
 from conftest import TWO_REGIONS
 from strategy_helpers import Federation, topology
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cloudless_fl.wanproxy import Shape, WanProxy
+from cloudless_fl.deployment.wanproxy import Shape, WanProxy
 
 
 def echo_server() -> tuple[socket.socket, int]:

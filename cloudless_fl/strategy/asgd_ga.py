@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from .. import protocol
+from ..training import protocol
 from .base import EvaluateFn, GeoStrategy
 
 POLL_S = 0.005

@@ -17,14 +17,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from .. import protocol
+from ..training import protocol
 from ..checkpoint import Checkpointer
-from ..costmodel import JobTiming
+from ..control.costmodel import JobTiming
 from ..errors import ConfigError
-from ..meter import Job, Meter, record_bytes
-from ..results import History
-from ..scheduler import Plan, Scheduler
-from ..validation import RejectedUpdate, UpdateLimits, UpdateValidator
+from ..control.meter import Job, Meter, record_bytes
+from ..reporting.results import History
+from ..control.scheduler import Plan, Scheduler
+from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 from .regions import RegionInfo, data_shares, discover_regions, query_messages, read_query_reply
 from .server_optimizer import ServerOptimizer
 

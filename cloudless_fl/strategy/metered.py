@@ -24,10 +24,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..checkpoint import Checkpointer
-from ..meter import Meter, record_bytes
-from ..protocol import MODE_WEIGHTS, reply_region
-from ..results import History
-from ..validation import RejectedUpdate, UpdateLimits, UpdateValidator
+from ..control.meter import Meter, record_bytes
+from ..training.protocol import MODE_WEIGHTS, reply_region
+from ..reporting.results import History
+from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 log = logging.getLogger("cloudless_fl")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from .. import protocol
+from ..training import protocol
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ class WanProxy:
 
 def link_shapes(topology, region: str, seed: int, time_scale: float = 1.0) -> tuple[Shape, Shape]:
     """(up, down) shapes of `region`'s link: the simulator's bandwidth model and latency, each way."""
-    from .bandwidth import FluctuatingBandwidth, TraceBandwidth
+    from ..control.bandwidth import FluctuatingBandwidth, TraceBandwidth
 
     r = topology.region(region)
     latency = r.link.latency_ms / 1000.0

@@ -154,7 +154,7 @@ def report(folder: str | Path) -> str:
 
 def write_report(folder: str | Path) -> str:
     """`report(folder)`, also saved as `<folder>/report.md`, plus the figures in `<folder>/plots/`."""
-    from .atomic import atomic_write_text
+    from ..atomic import atomic_write_text
     from .plots import write_plots
 
     folder = Path(folder)

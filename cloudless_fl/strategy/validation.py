@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord
 
-from . import protocol
-from .errors import ConfigError
+from ..training import protocol
+from ..errors import ConfigError
 
 log = logging.getLogger("cloudless_fl")
 NORM_POLICIES = ("reject", "clip")

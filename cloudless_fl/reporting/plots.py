@@ -18,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on headless machines and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .bandwidth import FluctuatingBandwidth  # noqa: E402
-from .topology import load_topology  # noqa: E402
+from ..control.bandwidth import FluctuatingBandwidth  # noqa: E402
+from ..control.topology import load_topology  # noqa: E402
 
 if TYPE_CHECKING:
     from .report import Run

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write, atomic_write_text
-from .errors import DataError
+from ..atomic import atomic_write, atomic_write_text
+from ..errors import DataError
 
 FORMATS = ("auto", "npz", "mnist", "fashionmnist", "cifar10", "imagefolder")
 SOURCES = ("digits", "npz", "mnist", "fashionmnist", "cifar10", "imagefolder")

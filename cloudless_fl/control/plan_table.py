@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from .config import compose, prepare_data, topology_of, validate
+from ..config import compose, prepare_data, topology_of, validate
 from .meter import record_bytes
-from .models import build_model
+from ..training.models import build_model
 from .scheduler import Plan, evaluate_plan, plan, static_plan
-from .server_app import make_scheduler, resident_sizes, workload
+from ..server_app import make_scheduler, resident_sizes, workload
 
 
 def plans_for(cfg: DictConfig) -> tuple[Plan, Plan]:

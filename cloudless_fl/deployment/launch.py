@@ -24,10 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import compose, topology_of
-from .data import load_source, split_dataset
-from .errors import ConfigError
-from .topology import Topology
+from ..config import compose, topology_of
+from ..training.data import load_source, split_dataset
+from ..errors import ConfigError
+from ..control.topology import Topology
 from .wanproxy import WanProxy, link_shapes
 
 CONNECTION = "cloudless-launch"

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .topology import Link, Topology
 
 OBJECTIVES = ("min_cost", "min_time", "weighted")
