@@ -5,12 +5,14 @@ import copy
 import numpy as np
 import pytest
 
-from cloudless_fl.control.bandwidth import FluctuatingBandwidth, TraceBandwidth, transfer_seconds
+from cloudless_fl.control.bandwidth import FluctuatingBandwidth, TraceBandwidth
+from cloudless_fl.control.bandwidth import integrate_transfer as transfer_seconds
 from cloudless_fl.control.clock import VirtualClock, WallClock
 from cloudless_fl.config import compose, topology_of
 from cloudless_fl.control.costmodel import DOWN, UP, CostModel, Ledger
 from cloudless_fl.errors import ConfigError
-from cloudless_fl.control.meter import Job, Meter
+from cloudless_fl.control.jobs import Job
+from cloudless_fl.control.meter import Meter
 from cloudless_fl.control.topology import Fluctuation, load_topology
 from conftest import TWO_REGIONS
 
@@ -129,7 +131,7 @@ def test_sync_round_fast_region_idles_for_the_slow_ones_extra_time():
 def test_virtual_clock_orders_by_modelled_end_not_arrival():
     clock = VirtualClock()
     pending = {"a": Job("a", 0, 0.0, 0), "b": Job("b", 0, 0.0, 0)}
-    from cloudless_fl.control.costmodel import JobTiming
+    from cloudless_fl.control.jobs import JobTiming
 
     pending["a"].timing = JobTiming(0.0, 1.0, 5.0, 1.0)
     pending["b"].timing = JobTiming(0.0, 1.0, 1.0, 1.0)

@@ -140,7 +140,7 @@ def test_replan_after_a_bandwidth_dip_cuts_that_regions_local_work():
     before = scheduler.start().regions["b"].local_steps
     comm_b = scheduler.current.regions["b"].comm_s
     assert scheduler.replan(at=5.0) is None  # nothing measured: nothing changes
-    scheduler.observe("b", samples=640, compute_s=640 / 2700, workers=1, nbytes=2 * MODEL_BYTES,
+    scheduler.observe("b", samples=640, work_s=640 / 2700, workers=1, nbytes=2 * MODEL_BYTES,
                       transfer_s=6 * comm_b)  # the link now moves a sixth of what it did
     after = scheduler.replan(at=10.0)
     assert after is not None and after.regions["b"].local_steps < before
@@ -188,7 +188,7 @@ def test_a_failed_region_is_excluded_and_restored_on_return(tmp_path):
     ma = ModelAveraging(lr=0.1, batch_size=16, meter=fed.meter(), reply_timeout=0.3, scheduler=scheduler,
                         replan_every=1, rejoin_every=1)
     ma.start(fed.grid, fed.initial, num_rounds=8, train_config=fed.config, evaluate_fn=outage)
-    shares = dict(ma.shares)
+    shares = dict(ma.roster.shares)
     reasons = [c["reason"] for c in scheduler.changes]
     assert reasons[0] == "initial plan"
     assert any("slow leaves" in r for r in reasons) and any("slow rejoins" in r for r in reasons)
@@ -212,7 +212,7 @@ def test_asgd_ga_takes_its_accumulation_steps_from_the_plan(tmp_path):
     original = strategy._train_message
 
     def spy(node_id, arrays, config, order):
-        seen.append((strategy.regions[node_id].name, order.steps))
+        seen.append((strategy.roster.live[node_id].name, order.steps))
         return original(node_id, arrays, config, order)
 
     strategy._train_message = spy
@@ -230,7 +230,7 @@ class RecordingSelectiveFedAvg(SelectiveFedAvg):
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
         result = super().aggregate_train(server_round, replies)  # scales the weights in place
-        self.rounds.append({self.node_regions[r.metadata.src_node_id]: r.content["metrics"]["num-examples"]
+        self.rounds.append({self.roster.region_of(r.metadata.src_node_id): r.content["metrics"]["num-examples"]
                             for r in replies})
         return result
 

@@ -162,7 +162,7 @@ def test_a_node_the_superlink_reports_unavailable_at_start_up_is_named_by_its_me
     from flwr.app import Error, Message
     from flwr.common.constant import SUPERLINK_NODE_ID
 
-    from cloudless_fl.strategy.regions import discover_regions
+    from cloudless_fl.strategy.membership import ask
 
     fed = Federation(tmp_path, topology())
     deliver = fed.grid._deliver
@@ -175,7 +175,7 @@ def test_a_node_the_superlink_reports_unavailable_at_start_up_is_named_by_its_me
         return reply
 
     fed.grid._deliver = superlink_answers_for_node_2
-    found, failed = discover_regions(fed.grid, [1, 2], fed.config, timeout=5)
+    found, failed = ask(fed.grid, [1, 2], fed.config, timeout=5)
     assert set(found) == {1} and failed == {2: "Node Unavailable"}
 
 
@@ -218,7 +218,7 @@ def test_asgd_ga_takes_a_restarted_node_in_place_of_its_old_one(tmp_path):
     lost, back = strategy.history.events
     assert (lost["event"], lost["region"], lost["reason"]) == ("region_lost", "slow", f"replaced by node {new}")
     assert (back["event"], back["region"], back["node"]) == ("region_back", "slow", new)
-    assert {info.name: node for node, info in strategy.regions.items()} == {"fast": 1, "slow": new}
+    assert {info.name: node for node, info in strategy.roster.live.items()} == {"fast": 1, "slow": new}
     assert strategy.version == 30  # no 600 s wait for the old node's reply
     assert strategy.meter.ledger.accounts["slow"].invocations > restarted["slow_jobs"]  # the new node trains
 

@@ -59,7 +59,7 @@ def test_each_bad_kind_is_rejected_with_its_reason(kind):
     with pytest.raises(RejectedUpdate) as info:
         validator.check("r", corrupt(kind, good), protocol.MODE_DELTA)
     assert info.value.reason == REASONS[kind]
-    assert validator.report() == {"r": {REASONS[kind]: 1}}
+    assert validator.rejections == {"r": {REASONS[kind]: 1}}
 
 
 def test_unexpected_arrays_and_gradient_layout():
@@ -79,7 +79,7 @@ def test_weights_are_judged_by_their_change_and_clipped_to_the_bound():
     out = validator.check("r", record(**moved), protocol.MODE_WEIGHTS, base=base)
     change = torch.cat([(out[k] - base[k]).flatten() for k in ("w", "b")])
     assert float(change.norm()) == pytest.approx(1.0, rel=1e-6)
-    assert validator.clipped["r"] == 1 and validator.report() == {}
+    assert validator.clipped["r"] == 1 and not any(validator.rejections.values())
     within = UpdateValidator(REFERENCE, UpdateLimits(max_norm=10.0))
     within.check("r", record(**moved), protocol.MODE_WEIGHTS, base=base)  # 7.3 < 10: passes as is
 
@@ -170,7 +170,7 @@ def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path):
     _, s = final_model(tmp_path, "asgd_ga", "nan")
     assert s.history.counters["quarantined_regions"] == 1
     assert s.history.rejections["c"]["non_finite"] == 3  # no more work after the third
-    assert "c" not in {info.name for info in s.regions.values()}
+    assert "c" not in {info.name for info in s.roster.live.values()}
 
 
 def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
@@ -187,8 +187,8 @@ def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
 
     s.start(fed.grid, fed.initial, num_rounds=ROUNDS["asgd_ga"], train_config=fed.config,
             evaluate_fn=restart_once_quarantined)
-    assert restarted and restarted[0] in s._refused
-    assert "c" not in {info.name for info in s.regions.values()}
+    assert restarted and restarted[0] in s.roster.refused
+    assert "c" not in {info.name for info in s.roster.live.values()}
     assert s.history.counters["rejoined_regions"] == 0
 
 

@@ -1,7 +1,7 @@
-"""Link bandwidth over (virtual) time: a seeded fluctuation model or a measured trace.
+"""Link bandwidth over (virtual) time: constant, a seeded fluctuation model, or a measured trace.
 
-Both expose `segment(t) -> (mbps, until)`: the bandwidth in force at time `t` and
-when it next may change. `transfer_seconds` integrates a transfer across such
+Each exposes `segment(t) -> (mbps, until)`: the bandwidth in force at time `t`
+and when it next may change. `integrate_transfer` moves a transfer across such
 changes, so a transfer that starts fast and runs into a dip takes the right time.
 """
 
@@ -12,11 +12,27 @@ import csv
 import math
 import zlib
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from ..errors import ConfigError
 from .topology import Fluctuation
+
+
+class Bandwidth(Protocol):
+    def segment(self, t: float) -> tuple[float, float]:
+        """(Mbit/s in force at `t`, the time it may next change)."""
+
+
+class ConstantBandwidth:
+    """A link's nominal bandwidth, forever (what the scheduler plans with)."""
+
+    def __init__(self, mbps: float) -> None:
+        self.mbps = mbps
+
+    def segment(self, t: float) -> tuple[float, float]:
+        return self.mbps, math.inf
 
 
 class FluctuatingBandwidth:
@@ -83,7 +99,7 @@ class TraceBandwidth:
         return self.mbps[i], until
 
 
-def transfer_seconds(link, start: float, nbytes: int, latency_s: float) -> float:
+def integrate_transfer(link: Bandwidth, start: float, nbytes: int, latency_s: float) -> float:
     """Seconds to move `nbytes` starting at `start`: latency, then bits at the varying rate."""
     if nbytes <= 0:
         return 0.0

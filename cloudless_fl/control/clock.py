@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-if TYPE_CHECKING:
-    from .meter import Job
+from .jobs import Job
 
 K = TypeVar("K", bound=Hashable)
 
@@ -33,7 +32,7 @@ class Clock(ABC):
         """Continue from `t` seconds already elapsed (a resumed run)."""
 
     @abstractmethod
-    def finish(self, job: "Job") -> float:
+    def finish(self, job: Job) -> float:
         """Mark `job` complete and return its completion time."""
 
     @abstractmethod
@@ -41,7 +40,7 @@ class Clock(ABC):
         """Let time pass up to `t` (a deadline nobody met)."""
 
     @abstractmethod
-    def pick(self, pending: Mapping[K, "Job"], arrived: Sequence[K]) -> K | None:
+    def pick(self, pending: Mapping[K, Job], arrived: Sequence[K]) -> K | None:
         """Which pending job to complete next, given the replies `arrived` (in arrival order).
 
         None means: wait for more replies.
@@ -62,14 +61,14 @@ class VirtualClock(Clock):
     def restore(self, t: float) -> None:
         self._now = t
 
-    def finish(self, job: "Job") -> float:
+    def finish(self, job: Job) -> float:
         self._now = max(self._now, job.timing.end)
         return job.timing.end
 
     def wait_until(self, t: float) -> None:
         self._now = max(self._now, t)
 
-    def pick(self, pending: Mapping[K, "Job"], arrived: Sequence[K]) -> K | None:
+    def pick(self, pending: Mapping[K, Job], arrived: Sequence[K]) -> K | None:
         if not pending:
             return None
         first = min(pending, key=lambda k: (pending[k].timing.end, pending[k].region))
@@ -90,11 +89,11 @@ class WallClock(Clock):
     def restore(self, t: float) -> None:
         self._t0 = time.monotonic() - t
 
-    def finish(self, job: "Job") -> float:
+    def finish(self, job: Job) -> float:
         return self.now()
 
     def wait_until(self, t: float) -> None:
         time.sleep(max(0.0, t - self.now()))
 
-    def pick(self, pending: Mapping[K, "Job"], arrived: Sequence[K]) -> K | None:
+    def pick(self, pending: Mapping[K, Job], arrived: Sequence[K]) -> K | None:
         return next((k for k in arrived if k in pending), None)

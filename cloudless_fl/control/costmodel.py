@@ -1,11 +1,9 @@
-"""Time and price of work in a topology: the one model every strategy is charged by.
+"""Time and price of work in a topology: what every strategy is charged by.
 
-A job on region r = download the model + compute + upload the reply. Compute
-takes `job_start_s + samples / (s_r * n_r * eta_r)` seconds times a seeded
-jitter (`job_start_s`, default 0, is a job's fixed start-up: in deployment
-every Flower message starts a ClientApp process); transfers
-take latency plus bits over the link's bandwidth at that time. The `Ledger`
-accumulates what was spent, per region:
+A job on region r = download the model + compute + upload the reply, each
+timed by the region model (`region_model`: compute with its fixed start-up,
+transfers over the link's fluctuating bandwidth), compute times a seeded
+jitter. The `Ledger` accumulates what was spent, per region:
 
 - `instance` billing: every rented worker is paid for all the time it is held,
   idle (waiting at a barrier) included;
@@ -22,26 +20,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bandwidth import FluctuatingBandwidth, TraceBandwidth, transfer_seconds
+from . import region_model
+from .jobs import JobTiming
+from .region_model import DOWN, UP
 from .topology import Region, Topology
 
-UP, DOWN = "up", "down"  # up: region → coordinator; down: coordinator → region
 COMPUTE_JITTER_SIGMA = 0.05
 _JITTER_BLOCK = 1024
-
-
-@dataclass(frozen=True)
-class JobTiming:
-    """When a job's phases happen, in seconds of (virtual) time."""
-
-    start: float
-    download_s: float
-    compute_s: float
-    upload_s: float
-
-    @property
-    def end(self) -> float:
-        return self.start + self.download_s + self.compute_s + self.upload_s
 
 
 class CostModel:
@@ -62,32 +47,21 @@ class CostModel:
         self.seed = int(seed)
         self.compute_jitter = compute_jitter
         self._jitter_blocks: dict[tuple[str, int], list[float]] = {}
-        self._links = {}
-        for r in topology.regions:
-            for direction, mbps in ((UP, r.link.up_mbps), (DOWN, r.link.down_mbps)):
-                self._links[r.name, direction] = (
-                    TraceBandwidth.from_csv(r.link.trace) if r.link.trace
-                    else FluctuatingBandwidth(mbps, topology.fluctuation, seed, f"{r.name}/{direction}")
-                )
+        self._links = {(r.name, d): region_model.link_bandwidth(topology, r.name, d, seed)
+                       for r in topology.regions for d in (UP, DOWN)}
 
     def crosses_wan(self, region: str) -> bool:
-        """Whether traffic between `region` and the coordinator leaves a region."""
-        return region != self.topology.coordinator and not self.topology.free_communication
+        return region_model.crosses_wan(self.topology, region)
 
     def transfer_seconds(self, region: str, start: float, nbytes: int, direction: str) -> float:
-        if self.topology.free_communication:
-            return 0.0
-        latency = self.topology.region(region).link.latency_ms / 1000.0
-        return transfer_seconds(self._links[region, direction], start, nbytes, latency)
+        return region_model.transfer_seconds(self.topology, region, self._links[region, direction], start, nbytes)
 
     def throughput(self, region: str, workers: int) -> float:
-        """Samples per second of `workers` workers in `region`."""
-        r = self.topology.region(region)
-        return r.samples_per_s * workers * r.efficiency
+        return region_model.throughput(self.topology.region(region), workers)
 
     def compute_seconds(self, region: str, samples: int, workers: int, job_id: int) -> float:
-        """The job's time on the region: its fixed start (`job_start_s`) plus its samples at the region's speed."""
-        base = self.topology.region(region).job_start_s + samples / self.throughput(region, workers)
+        """The region model's compute time of the job, times its seeded jitter."""
+        base = region_model.compute_seconds(self.topology.region(region), samples, workers)
         if self.compute_jitter == 0:
             return base
         return base * math.exp(self.compute_jitter * self._jitter_normal(region, job_id))
@@ -110,11 +84,7 @@ class CostModel:
         return JobTiming(start, down, compute, up)
 
     def egress_usd(self, region: str, nbytes: int, direction: str) -> float:
-        """Egress fee of a transfer: charged by the region the bytes leave."""
-        if not self.crosses_wan(region):
-            return 0.0
-        payer = self.topology.region(region if direction == UP else self.topology.coordinator)
-        return nbytes / 1e9 * payer.egress_usd_per_gb
+        return region_model.egress_usd(self.topology, region, nbytes, direction)
 
 
 @dataclass

@@ -8,29 +8,18 @@ strategy dropped into a plain Flower project works unchanged.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 from flwr.app import ArrayRecord
 
 from .clock import Clock, VirtualClock, WallClock
-from .costmodel import CostModel, JobTiming, Ledger
+from .costmodel import CostModel, Ledger
+from .jobs import Job, JobTiming
 from .topology import Topology
 
 
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes an ArrayRecord puts on the wire (serialised array payloads)."""
     return sum(len(a.data) for a in record.values())
-
-
-@dataclass
-class Job:
-    """One dispatched unit of work, with its modelled timing when a topology is known."""
-
-    region: str
-    job_id: int
-    dispatched_at: float
-    bytes_down: int
-    timing: JobTiming | None = None
 
 
 class Meter:
@@ -77,22 +66,26 @@ class Meter:
     def complete(self, job: Job, *, bytes_up: int, samples: int, compute_s: float) -> tuple[float, float]:
         """Finish `job` (reported `samples`, measured `compute_s`) and charge it.
 
-        Returns what the job took, `(compute_s, transfer_s)`: modelled under the
-        virtual clock, measured under the wall clock (what the scheduler learns from).
+        Returns what the job took, `(work_s, transfer_s)`: modelled under the
+        virtual clock, measured under the wall clock — what the scheduler learns
+        from. `work_s` leaves out the job's fixed start-up (`job_start_s`), which
+        the region model adds per job (a ClientApp measures only its own compute).
         """
         if self.cost_model and job.timing is None:
             job.timing = self._model(job, samples, bytes_up=bytes_up)
         end = self.clock.finish(job)
         if self.clock.modelled:
             busy, transfer = job.timing.compute_s, job.timing.download_s + job.timing.upload_s
+            work = busy - self.cost_model.topology.region(job.region).job_start_s
         else:
             busy, transfer = compute_s, max(0.0, end - job.dispatched_at - compute_s)
+            work = busy
         if self.ledger:
             self.ledger.record_job(job.region, busy, transfer, job.bytes_down, bytes_up)
             self.ledger.hold_until(self.clock.now())
         else:
             self.wan_bytes_unpriced += job.bytes_down + bytes_up
-        return busy, transfer
+        return work, transfer
 
     def abandon(self, job: Job, at: float) -> None:
         """A job cut off at `at` (a missed deadline): charge its download and the compute done by then."""

@@ -9,9 +9,11 @@ Data never moves, so every region's resident data must be covered at the same
 mini-batches, with `f` (epochs per period) set so the regions do `base_steps`
 mini-batches each on average. With `n_r` workers the region finishes after
 
-    finish_r = comm_r + k_r * b / (s_r * n_r * eta_r)
+    finish_r = comm_r + job_start_r + k_r * b / (s_r * n_r * eta_r)
 
-and the period lasts `T = max_r finish_r`. A region that would finish early is
+(the region model's times: model down and update up at the link's nominal
+bandwidth, the job's fixed start-up, its samples at the region's speed) and
+the period lasts `T = max_r finish_r`. A region that would finish early is
 paid for the wait anyway (instance billing), so its local work is raised until
 it finishes with the slowest one (`H_r`, at most `max_steps_factor * k_r`, to
 bound drift on non-IID data); the strategies weight regions by data share, not
@@ -36,6 +38,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
+from . import region_model
+from .region_model import DOWN, UP
 from .topology import Link, Topology
 
 OBJECTIVES = ("min_cost", "min_time", "weighted")
@@ -171,19 +175,14 @@ class Plan:
 
 
 def comm_seconds(topology: Topology, region: str, model_bytes: int) -> float:
-    """Model down plus update up over the region's nominal link; nothing for the coordinator."""
-    if region == topology.coordinator or topology.free_communication:
-        return 0.0
-    link = topology.region(region).link
-    bits = 8.0 * model_bytes
-    return 2 * link.latency_ms / 1000.0 + bits / (link.down_mbps * 1e6) + bits / (link.up_mbps * 1e6)
+    """Model down plus update up over the region's link at its nominal bandwidth."""
+    r = topology.region(region)
+    return sum(region_model.transfer_seconds(topology, region, region_model.nominal_bandwidth(r, d), 0.0,
+                                             model_bytes) for d in (DOWN, UP))
 
 
 def _egress_usd(topology: Topology, region: str, model_bytes: int) -> float:
-    if region == topology.coordinator or topology.free_communication:
-        return 0.0
-    prices = topology.region(topology.coordinator).egress_usd_per_gb + topology.region(region).egress_usd_per_gb
-    return model_bytes / 1e9 * prices
+    return sum(region_model.egress_usd(topology, region, model_bytes, d) for d in (DOWN, UP))
 
 
 def share_steps(topology: Topology, work: Workload, exclude: Iterable[str] = ()) -> tuple[dict[str, int], float]:
@@ -216,10 +215,10 @@ def static_plan(topology: Topology, work: Workload, billing: str = "instance") -
 def _build(topology: Topology, work: Workload, workers: Mapping[str, int], steps: Mapping[str, int], f: float,
            billing: str, fill: bool) -> Plan:
     b = work.batch_size
-    rate = {name: topology.region(name).samples_per_s * workers[name] * topology.region(name).efficiency
-            for name in steps}
+    rate = {name: region_model.throughput(topology.region(name), workers[name]) for name in steps}
+    start = {name: topology.region(name).job_start_s for name in steps}
     comm = {name: comm_seconds(topology, name, work.model_bytes) for name in steps}
-    period = max(comm[n] + steps[n] * b / rate[n] for n in steps)
+    period = max(comm[n] + region_model.compute_seconds(topology.region(n), steps[n] * b, workers[n]) for n in steps)
     regions: dict[str, RegionPlan] = {}
     for region in topology.regions:
         name = region.name
@@ -228,9 +227,9 @@ def _build(topology: Topology, work: Workload, workers: Mapping[str, int], steps
             continue
         local = steps[name]
         if fill:
-            room = math.floor((period - comm[name]) * rate[name] / b + _EPS)
+            room = math.floor((period - comm[name] - start[name]) * rate[name] / b + _EPS)
             local = min(max(local, room), math.floor(work.max_steps_factor * steps[name]))
-        compute = local * b / rate[name]
+        compute = region_model.compute_seconds(region, local * b, workers[name])
         held = period if billing == "instance" else compute
         usd = workers[name] * region.usd_per_worker_hour * held / 3600.0 + _egress_usd(topology, name, work.model_bytes)
         if billing == "serverless":
@@ -274,8 +273,8 @@ def _candidate_plans(topology: Topology, work: Workload, billing: str, exclude: 
     b = work.batch_size
 
     def finish(name: str, n: int) -> float:
-        r = topology.region(name)
-        return comm_seconds(topology, name, work.model_bytes) + steps[name] * b / (r.samples_per_s * n * r.efficiency)
+        return (comm_seconds(topology, name, work.model_bytes)
+                + region_model.compute_seconds(topology.region(name), steps[name] * b, n))
 
     options = {name: range(topology.region(name).workers_min, topology.region(name).workers_max + 1)
                for name in steps}
@@ -340,20 +339,21 @@ class Scheduler:
         self.changes.append({"time_s": at, "reason": "initial plan", "plan": _decisions(self.current)})
         return self.current
 
-    def observe(self, region: str, *, samples: int, compute_s: float, workers: int,
+    def observe(self, region: str, *, samples: int, work_s: float, workers: int,
                 nbytes: int, transfer_s: float) -> None:
-        """Fold one finished job's measured pace into the region's moving averages."""
+        """Fold one finished job's measured pace (`work_s`: compute without the job's start-up)
+        into the region's moving averages."""
         if region not in {r.name for r in self.topology.regions}:
             return
         m = self._measured.setdefault(region, _Measured())
         r = self.topology.region(region)
-        if compute_s > 0 and samples > 0:
+        if work_s > 0 and samples > 0:
             m.samples_per_worker_s = self._average(m.samples_per_worker_s,
-                                                   samples / (compute_s * workers * r.efficiency))
-        wire_s = transfer_s - 2 * r.link.latency_ms / 1000.0
-        if nbytes > 0 and wire_s > 0 and region != self.topology.coordinator:
+                                                   region_model.speed_per_worker(r, samples, work_s, workers))
+        mbps = region_model.link_mbps_from(r, nbytes, transfer_s)
+        if mbps is not None and region_model.crosses_wan(self.topology, region):
             # one link speed for both directions: the plan only needs their sum
-            m.link_mbps = self._average(m.link_mbps, 8.0 * nbytes / wire_s / 1e6)
+            m.link_mbps = self._average(m.link_mbps, mbps)
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new

@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..control import region_model
+from ..control.topology import Topology
+
 CHUNK = 16 * 1024
 
 
@@ -148,15 +151,11 @@ class WanProxy:
         self._loop = None
 
 
-def link_shapes(topology, region: str, seed: int, time_scale: float = 1.0) -> tuple[Shape, Shape]:
-    """(up, down) shapes of `region`'s link: the simulator's bandwidth model and latency, each way."""
-    from ..control.bandwidth import FluctuatingBandwidth, TraceBandwidth
-
-    r = topology.region(region)
-    latency = r.link.latency_ms / 1000.0
+def link_shapes(topology: Topology, region: str, seed: int, time_scale: float = 1.0) -> tuple[Shape, Shape]:
+    """(up, down) shapes of `region`'s link: the region model's bandwidth over time and latency, each way."""
+    latency = region_model.latency_s(topology.region(region))
     shapes = []
-    for direction, mbps in (("up", r.link.up_mbps), ("down", r.link.down_mbps)):
-        model = (TraceBandwidth.from_csv(r.link.trace) if r.link.trace
-                 else FluctuatingBandwidth(mbps, topology.fluctuation, seed, f"{region}/{direction}"))
-        shapes.append(Shape(lambda t, m=model: m.segment(t)[0], latency, time_scale))
+    for direction in (region_model.UP, region_model.DOWN):
+        bandwidth = region_model.link_bandwidth(topology, region, direction, seed)
+        shapes.append(Shape(lambda t, b=bandwidth: b.segment(t)[0], latency, time_scale))
     return shapes[0], shapes[1]

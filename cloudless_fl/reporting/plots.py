@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on headless machines and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..control.bandwidth import FluctuatingBandwidth  # noqa: E402
+from ..control import region_model  # noqa: E402
 from ..control.topology import load_topology  # noqa: E402
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def _bandwidth(runs: list[Run]):
     for region in topology.regions:
         if region.name == topology.coordinator:
             continue
-        link = FluctuatingBandwidth(region.link.up_mbps, topology.fluctuation, run.seed, f"{region.name}/up")
+        link = region_model.link_bandwidth(topology, region.name, region_model.UP, run.seed)
         ts = [horizon * i / steps for i in range(steps + 1)]
         ax.plot(ts, [link.segment(t)[0] for t in ts], label=f"{region.name} (nominal {region.link.up_mbps:g})")
     for change in (run.data.get("schedule") or [])[1:]:

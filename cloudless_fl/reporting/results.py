@@ -1,4 +1,4 @@
-"""A run's history and its `results.json` (the contract in DESIGN.md).
+"""A run's history and its `results.json` (the contract in docs/results.md).
 
 `History` collects one entry per round (sync) or model version (async) plus the
 counters strategies keep (rejected updates, stale drops, lost regions,
@@ -28,6 +28,7 @@ class History:
     staleness: Counter = field(default_factory=Counter)
     events: list[dict[str, Any]] = field(default_factory=list)  # region lost/back, plan changes
     rejections: dict[str, Counter] = field(default_factory=dict)  # region → reason → bad updates rejected
+    clipped: Counter = field(default_factory=Counter)  # region → updates clipped to the norm bound
     listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list, repr=False)
 
     def record(self, version: int, figures: dict[str, Any], samples: int,
@@ -45,7 +46,7 @@ class History:
     def state_dict(self) -> dict[str, Any]:
         return {"entries": self.entries, "counters": dict(self.counters),
                 "staleness": {str(k): v for k, v in self.staleness.items()}, "events": self.events,
-                "rejections": {r: dict(c) for r, c in self.rejections.items()}}
+                "rejections": {r: dict(c) for r, c in self.rejections.items()}, "clipped": dict(self.clipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.entries = list(state["entries"])
@@ -54,6 +55,8 @@ class History:
         self.events = list(state["events"])
         self.rejections.clear()  # the validator's live counters: refill in place
         self.rejections.update({r: Counter(c) for r, c in state["rejections"].items()})
+        self.clipped.clear()
+        self.clipped.update(state["clipped"])
 
 
 def first_reaching(entries: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -94,6 +97,7 @@ def summarize(history: History, target: float, utilization: dict[str, float] | N
         "failed_replies": int(history.counters.get("failed_replies", 0)),
         "quarantined_regions": int(history.counters.get("quarantined_regions", 0)),
         "rejections": {region: dict(reasons) for region, reasons in history.rejections.items() if reasons},
+        "clipped_updates": dict(history.clipped),
         "staleness_histogram": {str(k): v for k, v in sorted(history.staleness.items())},
         "ideal": ideal,
     }

@@ -10,7 +10,7 @@ Data balance: a fast region arrives more often; on non-IID data that drags the
 model toward its data. Each update is therefore weighted by
 `share_r * R / rate_r` (its data share over its share of arrivals, `R` the
 summed arrival rate; mean weight 1), capped at `max_weight` so a rare, stale
-update cannot blow up a step. With the scheduler's `G_r` (issue 5) the rates
+update cannot blow up a step. With the elastic scheduler's `G_r` the rates
 already follow the shares and the weights stay near 1.
 """
 
@@ -25,8 +25,8 @@ from flwr.serverapp.strategy import Result
 
 from ..training import protocol
 from .base import EvaluateFn, GeoStrategy
+from .inflight import POLL_S
 
-POLL_S = 0.005
 RATE_EMA = 0.3
 
 
@@ -40,6 +40,7 @@ def no_scaling(tau: int) -> float:
 
 
 STALENESS_FUNCTIONS: dict[str, Callable[[int], float]] = {"inverse_sqrt": inverse_sqrt, "none": no_scaling}
+UPDATES = (protocol.MODE_GRADIENT, protocol.MODE_DELTA)  # what a job returns
 
 
 class AsyncGradAccum(GeoStrategy):
@@ -76,8 +77,8 @@ class AsyncGradAccum(GeoStrategy):
                  staleness: str | Callable[[int], float] = "inverse_sqrt", update: str = protocol.MODE_GRADIENT,
                  local_lr: float = 0.1, balance: bool = True, max_weight: float = 4.0, **kwargs) -> None:
         super().__init__(**kwargs)
-        if update not in (protocol.MODE_GRADIENT, protocol.MODE_DELTA):
-            raise ValueError(f"update must be 'gradient' or 'delta', got {update!r}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
         if isinstance(staleness, str):
             if staleness not in STALENESS_FUNCTIONS:
                 raise ValueError(f"unknown staleness function {staleness!r}; use {', '.join(STALENESS_FUNCTIONS)}")
@@ -110,16 +111,15 @@ class AsyncGradAccum(GeoStrategy):
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """One job for every idle region, from model version `server_round`; pushed here."""
-        sent = set(self._inflight)
-        self._send_jobs(grid, self._idle, arrays, config, steps=self.accumulation_steps, lr=self.local_lr,
-                        mode=self.update, batch_size=self.batch_size, version=server_round)
-        for key in set(self._inflight) - sent:
-            job = self._inflight[key].job
+        """One job for every idle region, from model version `server_round` (metered from now)."""
+        messages = self._job_messages(self._idle, arrays, config, steps=self.accumulation_steps, lr=self.local_lr,
+                                      mode=self.update, batch_size=self.batch_size, version=server_round)
+        for message in messages:
+            job = self.jobs.staged(message).job
             if job.timing is not None:  # virtual clock: the pace is known at dispatch
                 self._observe_duration(job.region, job.timing.end - job.dispatched_at)
         self._idle.clear()
-        return []  # already pushed: each job's metering starts when it is sent
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -127,7 +127,7 @@ class AsyncGradAccum(GeoStrategy):
         applied = False
         metrics = None
         for reply in replies:
-            flight = self._inflight.pop(reply.metadata.reply_to_message_id)
+            flight = self.jobs.pop(reply.metadata.reply_to_message_id)
             self._idle.add(flight.node_id)
             update, metrics = self._complete(flight, reply, self.update)
             if update is None:  # rejected: the region simply gets the newest model again
@@ -136,7 +136,7 @@ class AsyncGradAccum(GeoStrategy):
                 self._observe_duration(flight.region, self.meter.clock.now() - flight.job.dispatched_at)
             tau = self.version - flight.version
             if tau > self.tau_max:
-                self.history.counters["dropped_stale"] += 1
+                self.book.count("dropped_stale")
                 continue
             self.history.staleness[tau] += 1  # of applied updates
             self.optimizer.step(update, scale=self.staleness(tau) * self._balance_weight(flight.region))
@@ -149,31 +149,29 @@ class AsyncGradAccum(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run until `num_rounds` model versions (or a stop rule); returns the final model."""
-        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.lr,
+        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, timeout, lr=self.lr,
                                      momentum=self.momentum, nesterov=self.nesterov)
-        busy = {f.node_id for f in self._inflight.values()}  # jobs a resumed run re-sent
-        self._idle = set(self.regions) - busy
-        self.configure_train(self.version, arrays, config, grid)
+        self._idle = set(self.roster.live) - self.jobs.nodes()  # a resumed run re-sent its jobs in flight
+        self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
         arrived: dict[str, Message] = {}
         arrival_order: list[str] = []
-        while self.version < num_rounds and self._inflight:
-            waiting = [k for k in self._inflight if k not in arrived]
-            for reply in grid.pull_messages(waiting) if waiting else []:
+        while self.version < num_rounds and self.jobs:
+            for reply in self.jobs.pull(grid, skip=arrived):
                 arrived[reply.metadata.reply_to_message_id] = reply
                 arrival_order.append(reply.metadata.reply_to_message_id)
-            key = self.meter.clock.pick({k: f.job for k, f in self._inflight.items()}, arrival_order)
+            key = self.meter.clock.pick({k: f.job for k, f in self.jobs.items()}, arrival_order)
             if key is None:
-                self._drop_timed_out(arrived)
+                self._drop_expired(answered=arrived)
                 joined = self._newcomers(grid, config, self.version)
                 if joined:
                     self._idle.update(joined)
-                    self.configure_train(self.version, arrays, config, grid)
+                    self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
                 time.sleep(POLL_S)
                 continue
             reply = arrived.pop(key)
             arrival_order.remove(key)
             if reply.has_error():
-                self._lose(self._inflight.pop(key), reply.error.reason)
+                self._lose(key, reply.error.reason)
                 continue
             before = self.version
             new_arrays, _ = self.aggregate_train(self.version, [reply])
@@ -184,23 +182,19 @@ class AsyncGradAccum(GeoStrategy):
                 last = self.version >= num_rounds
                 accuracy = self._evaluate(self.version, arrays, evaluate_fn, force=last)
                 self._idle.update(self._newcomers(grid, config, self.version))
-                self._replan(self.version)
-            if self._should_stop(accuracy):
+                if self.plan is not None:
+                    self.plan.maybe_replan(self.version)
+            if self.book.should_stop(accuracy):
                 break
-            self.configure_train(self.version, arrays, config, grid)
+            self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
             if self.version != before:
                 self._checkpoint()
         if self.history.entries[-1]["version"] != self.version:
             self._evaluate(self.version, arrays, evaluate_fn, force=True)
         self._checkpoint(force=True)
-        return self._result(arrays)
+        return self.book.result(arrays)
 
     # ------------------------------------------------------------------ helpers
-    def _drop_timed_out(self, arrived: Mapping[str, Message]) -> None:
-        now = time.monotonic()
-        for key, flight in list(self._inflight.items()):
-            if key not in arrived and now - flight.sent_at > self.reply_timeout:
-                self._lose(self._inflight.pop(key), f"no reply within {self.reply_timeout:g} s")
 
     def _extra_state(self) -> dict:
         return {"durations": self._durations}
@@ -214,10 +208,11 @@ class AsyncGradAccum(GeoStrategy):
 
     def _balance_weight(self, region: str) -> float:
         """`share_r * R / rate_r`, mean 1 over arrivals, capped at `max_weight`."""
-        live = {info.name for info in self.regions.values()}
+        live = self.roster.live_names()
         if not self.balance or len(live) < 2 or any(r not in self._durations for r in live):
             return 1.0
         rates = {r: 1.0 / max(self._durations[r], 1e-9) for r in live}
-        share_total = sum(self.shares[r] for r in live)
-        weight = (self.shares[region] / share_total) * sum(rates.values()) / rates[region]
+        shares = self.roster.shares
+        share_total = sum(shares[r] for r in live)
+        weight = (shares[region] / share_total) * sum(rates.values()) / rates[region]
         return min(weight, self.max_weight)

@@ -1,71 +1,42 @@
-"""What ASGD-GA and MA share: region discovery, metering, evaluation, stop rules.
+"""What ASGD-GA and MA share: a Flower `Strategy` whose `start()` runs its own loop over the Grid.
 
-Both drive Flower's `Grid` themselves (push/pull, no round barrier imposed by
-Flower) and keep the same books: a `Meter` for time and money, a `History` for
-results.json, and per-region positions in the resident-data stream.
+The base is thin; the work is done by small collaborators each strategy owns:
+
+- `RunBook` (runbook.py): history, counters, stop rules, evaluation, checkpoint books;
+- `Roster` (membership.py): which node is which region, who is lost, back, quarantined;
+- `InFlightJobs` (inflight.py): the jobs `configure_train` built, pushed, awaited, timed out;
+- `PlanFollower` (planning.py): the elastic scheduler's plan (workers, local work, re-plans);
+- `UpdateValidator` (validation.py) and `ServerOptimizer` (server_optimizer.py).
+
+As in Flower, `configure_train` returns the messages and `start()` pushes them.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 
-from ..training import protocol
 from ..checkpoint import Checkpointer
-from ..control.costmodel import JobTiming
-from ..errors import ConfigError
-from ..control.meter import Job, Meter, record_bytes
+from ..control.jobs import Job, JobTiming
+from ..control.meter import Meter, record_bytes
+from ..control.scheduler import Scheduler
 from ..reporting.results import History
-from ..control.scheduler import Plan, Scheduler
-from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
-from .regions import RegionInfo, data_shares, discover_regions, query_messages, read_query_reply
+from ..training import protocol
+from .inflight import InFlight, InFlightJobs
+from .membership import RegionInfo, Roster
+from .planning import PlanFollower
+from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
+from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
-
-@dataclass
-class StopRules:
-    """Whichever comes first ends the run."""
-
-    max_time_s: float | None = None
-    max_cost_usd: float | None = None  # instance billing
-    target_accuracy: float | None = None
-
-    def reason(self, figures: dict, accuracy: float | None) -> str | None:
-        if self.max_time_s is not None and figures["time_s"] >= self.max_time_s:
-            return f"time budget {self.max_time_s:g} s reached"
-        cost = figures.get("cost_usd")
-        if self.max_cost_usd is not None and cost and cost["instance"] >= self.max_cost_usd:
-            return f"cost budget ${self.max_cost_usd:g} reached"
-        if self.target_accuracy is not None and accuracy is not None and accuracy >= self.target_accuracy:
-            return f"target accuracy {self.target_accuracy:g} reached"
-        return None
-
-
-@dataclass
-class InFlight:
-    """A train message on its way: to whom, from which model version, how it is metered."""
-
-    node_id: int
-    region: str
-    version: int
-    job: Job
-    order: protocol.WorkOrder
-    arrays: ArrayRecord  # the model it was sent: a checkpoint re-sends it on resume
-    sent_at: float = field(default_factory=time.monotonic)  # real time, for reply timeouts
-
-    def state_dict(self) -> dict[str, Any]:
-        job = asdict(self.job)
-        return {"region": self.region, "version": self.version, "order": dict(self.order.to_config()), "job": job}
+__all__ = ["EvaluateFn", "GeoStrategy", "StopRules", "per_region"]
 
 
 class GeoStrategy(Strategy):
@@ -80,7 +51,8 @@ class GeoStrategy(Strategy):
     stop : StopRules, optional
         Time / cost budget and target accuracy.
     reply_timeout : float
-        Seconds (real time) to wait for a reply before the node counts as lost.
+        Seconds (real time) to wait for a reply before the node counts as lost
+        (`start(timeout=...)` lowers it, as in Flower).
     scheduler : Scheduler, optional
         The elastic scheduler: its plan sets each region's workers and local work
         (replacing the configured local work) and it re-plans every `replan_every`
@@ -107,34 +79,33 @@ class GeoStrategy(Strategy):
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
                  rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
                  resume: bool = False) -> None:
-        if resume and checkpointer is None:
-            raise ValueError("resume=True needs a checkpointer that says where the checkpoint is")
         self.meter = meter or Meter.measured()
-        self.eval_every = max(1, int(eval_every))
-        self.stop = stop or StopRules()
-        self.reply_timeout = reply_timeout
-        self.scheduler = scheduler
-        self.replan_every = max(1, int(replan_every))
+        self.book = RunBook(self.meter, eval_every=eval_every, stop=stop, checkpointer=checkpointer, resume=resume)
+        self.roster = Roster(self.book)
+        self.jobs = InFlightJobs(reply_timeout)
+        self.plan = PlanFollower(scheduler, self.meter, self.book, replan_every) if scheduler is not None else None
         self.rejoin_every = max(1, int(rejoin_every))
-        self._asking: dict[str, int] = {}  # query message id → node not (yet) in the run
-        self._refused: set[int] = set()  # nodes that cannot take part: never asked again
-        self._looked_at = -1  # the step of the last look for new nodes
-        self.planned_steps: dict[str, int] | None = None
         self.limits = limits or UpdateLimits()
         self.validator: UpdateValidator | None = None
-        self.quarantined: set[int] = set()
-        self._quarantined_regions: dict[int, str] = {}
-        self.checkpointer = checkpointer
-        self.resume = resume
-        self.step = 0  # versions (ASGD-GA) or periods (MA) done
-        self.history = History()
-        self.samples = 0
-        self.regions: dict[int, RegionInfo] = {}
-        self.shares: dict[str, float] = {}
-        self.offsets: dict[str, int] = {}
-        self.stop_reason: str | None = None
-        self._inflight: dict[str, InFlight] = {}  # message id → job on its way
+        self.offsets: dict[str, int] = {}  # each region's position in its resident-data stream
         self.optimizer: ServerOptimizer | None = None
+
+    @property
+    def history(self) -> History:
+        return self.book.history
+
+    @property
+    def step(self) -> int:
+        """Versions (ASGD-GA) or periods (MA) done."""
+        return self.book.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.book.step = value
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.book.stop_reason
 
     # Flower's Strategy interface: the loop in start() drives these per node/update.
     def summary(self) -> None:
@@ -150,118 +121,55 @@ class GeoStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
 
-    # ------------------------------------------------------------------ shared machinery
+    # ------------------------------------------------------------------ start of a run
     def _begin(self, grid: Grid, train_config: ConfigRecord | None, initial_arrays: ArrayRecord,
-               evaluate_fn: EvaluateFn | None, **optimizer: Any) -> tuple[ConfigRecord, ArrayRecord]:
+               evaluate_fn: EvaluateFn | None, timeout: float, **optimizer: Any) -> tuple[ConfigRecord, ArrayRecord]:
         """Start of every run: log the settings, find the regions, set up the server optimizer, then
         either evaluate the initial model or restore a checkpoint. Returns the config every job
         carries and the model to go on from."""
         config = train_config or ConfigRecord()
+        self.jobs.reply_timeout = min(self.jobs.reply_timeout, timeout)
         self.summary()
-        self._join(grid, config)
+        self.roster.discover(grid, grid.get_node_ids(), config, timeout=self.jobs.reply_timeout)
+        for info in self.roster.live.values():
+            self.offsets.setdefault(info.name, 0)
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
         self.history.rejections = self.validator.rejections
-        if self.resume:
+        self.history.clipped = self.validator.clipped
+        if self.book.resume:
             self._restore(grid, config)
             return config, self.optimizer.arrays()
-        if self.scheduler is not None:
-            self._start_plan(initial_arrays)
+        if self.plan is not None:
+            sizes = {i.name: i.examples if i.examples is not None else 1 for i in self.roster.live.values()}
+            self.plan.start(sizes, record_bytes(initial_arrays))
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
         return config, initial_arrays
 
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, force: bool = False) -> None:
-        """Write the run's state if one is due (or `force`): model, momentum, books, plan, jobs in flight."""
-        if self.checkpointer is None or not (force or self.checkpointer.due(self.step)):
-            return
-        sent = {}
-        for flight in self._inflight.values():
-            sent.setdefault(str(flight.version), flight.arrays.to_torch_state_dict())
-        meta = {"step": self.step, "samples": self.samples, "offsets": self.offsets, "shares": self.shares,
-                "meter": self.meter.state_dict(), "history": self.history.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "planned_steps": self.planned_steps,
-                "quarantined": sorted({self._quarantined_regions[n] for n in self.quarantined}),
-                "inflight": [f.state_dict() for f in self._inflight.values()], **self._extra_state()}
-        self.checkpointer.save(meta, {"optimizer": self.optimizer.state_dict(), "sent": sent})
-
-    def _extra_state(self) -> dict[str, Any]:
-        """A subclass's own JSON-able state for the checkpoint."""
-        return {}
-
-    def _load_extra_state(self, meta: dict[str, Any]) -> None:
-        """Restore what `_extra_state` saved."""
-
-    def _restore(self, grid: Grid, config: ConfigRecord) -> None:
-        """Continue from the checkpoint: same model, momentum, books and plan; jobs in flight re-sent."""
-        meta, tensors = self.checkpointer.load()
-        self.optimizer.load_state_dict(tensors["optimizer"])
-        self.step, self.samples = int(meta["step"]), int(meta["samples"])
-        self.offsets.update(meta["offsets"])
-        self.shares = dict(meta["shares"])
-        self.meter.load_state_dict(meta["meter"])
-        self.history.load_state_dict(meta["history"])
-        if self.scheduler is not None and meta["scheduler"] is not None:
-            self.scheduler.load_state_dict(meta["scheduler"])
-        self.planned_steps = meta["planned_steps"]
-        by_name = {info.name: node for node, info in self.regions.items()}
-        for region in meta["quarantined"]:
-            if region in by_name:
-                self.quarantined.add(by_name[region])
-                self._quarantined_regions[by_name[region]] = region
-                self.regions.pop(by_name[region])
-        for saved in meta["inflight"]:
-            node = by_name.get(saved["region"])
-            if node is None or node not in self.regions:
-                continue  # its region did not come back: the job is lost with it
-            arrays = ArrayRecord(tensors["sent"][str(saved["version"])])
-            order = protocol.WorkOrder.from_config(ConfigRecord(saved["order"]))
-            job_fields = dict(saved["job"])
-            timing = job_fields.pop("timing")
-            job = Job(**job_fields, timing=None if timing is None else JobTiming(**timing))
-            [mid] = grid.push_messages([self._train_message(node, arrays, config, order)])
-            self._inflight[mid] = InFlight(node, saved["region"], int(saved["version"]), job, order, arrays)
-        self._load_extra_state(meta)
-        self.history.event("resumed", self.meter.clock.now(), step=self.step)
-        log.info("resumed from %s at step %d (t=%.1f s)", self.checkpointer.path, self.step, self.meter.clock.now())
-
-    def _join(self, grid: Grid, train_config: ConfigRecord) -> None:
-        """Find out which node is which region (once, before training)."""
-        nodes = list(grid.get_node_ids())
-        found, failed = discover_regions(grid, nodes, train_config, timeout=self.reply_timeout)
-        self._refused.update(failed)
-        for node, reason in failed.items():
-            log.warning("node %s cannot take part: %s", node, reason)
-            self.history.counters["lost_regions"] += 1
-            self.history.event("region_failed", self.meter.clock.now(), node=node, reason=reason)
-        if not found:
-            raise RuntimeError("no region could take part; see the warnings above")
-        self.regions = found
-        self.shares = data_shares(found.values())
-        for info in found.values():
-            self.offsets.setdefault(info.name, 0)
-
+    # ------------------------------------------------------------------ jobs
     def _train_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord,
                        order: protocol.WorkOrder) -> Message:
         content = ConfigRecord({**dict(config), **order.to_config()})
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: content}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
 
-    def _send_jobs(self, grid: Grid, node_ids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord, *,
-                   steps: int | Mapping[str, int], lr: float, mode: str, batch_size: int, version: int) -> None:
-        """Send each node a job of its region's `steps` mini-batches, metered from now.
+    def _job_messages(self, node_ids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord, *,
+                      steps: int | Mapping[str, int], lr: float, mode: str, batch_size: int,
+                      version: int) -> list[Message]:
+        """A job of its region's `steps` mini-batches for each node, metered from now.
 
         The region's stream offset advances by the samples the job will use, so
-        successive jobs walk through its data.
+        successive jobs walk through its data. The plan's local work, if any,
+        replaces `steps` (and may leave regions out).
         """
         nbytes = record_bytes(arrays)
-        node_ids = [n for n in node_ids if n in self.regions]  # lost or quarantined since: no work
-        if self.planned_steps is not None:
-            steps = self.planned_steps
-            node_ids = [n for n in node_ids if self.regions[n].name in steps]  # the plan may leave regions out
+        node_ids = [n for n in node_ids if n in self.roster.live]  # lost or quarantined since: no work
+        if self.plan is not None and self.plan.steps is not None:
+            steps = self.plan.steps
+            node_ids = [n for n in node_ids if self.roster.live[n].name in steps]
+        messages = []
         for node_id in sorted(node_ids):
-            region = self.regions[node_id].name
+            region = self.roster.live[node_id].name
             count = per_region(steps, region)
             samples = count * batch_size
             order = protocol.WorkOrder(lr=lr, batch_size=batch_size, steps=count, mode=mode,
@@ -269,8 +177,9 @@ class GeoStrategy(Strategy):
                                        version=version)
             self.offsets[region] += samples
             job = self.meter.dispatch(region, bytes_down=nbytes, samples=samples)
-            [mid] = grid.push_messages([self._train_message(node_id, arrays, config, order)])
-            self._inflight[mid] = InFlight(node_id, region, version, job, order, arrays)
+            message = self._train_message(node_id, arrays, config, order)
+            messages.append(self.jobs.stage(message, InFlight(node_id, region, version, job, order, arrays)))
+        return messages
 
     def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:
         """Meter a successful reply; return its validated tensors (None if rejected) and metrics.
@@ -282,74 +191,38 @@ class GeoStrategy(Strategy):
         metrics = reply.content[protocol.METRICS]
         bytes_up = record_bytes(arrays)
         samples = int(metrics.get("num-examples", 0))
-        compute_s, transfer_s = self.meter.complete(flight.job, bytes_up=bytes_up, samples=samples,
-                                                    compute_s=float(metrics.get("compute-seconds", 0.0)))
+        work_s, transfer_s = self.meter.complete(flight.job, bytes_up=bytes_up, samples=samples,
+                                                 compute_s=float(metrics.get("compute-seconds", 0.0)))
         try:
             tensors = self.validator.check(flight.region, arrays, mode, base=self.optimizer.state)
         except RejectedUpdate:
-            self.history.counters["rejected_updates"] += 1
+            self.book.count("rejected_updates")
             if self.validator.quarantined(flight.region):
-                self._quarantine(flight)
+                self.roster.quarantine(flight.node_id, flight.region,
+                                       sum(self.validator.rejections[flight.region].values()))
+                self._region_left(flight.region)
             return None, metrics
-        self.samples += samples
-        if self.scheduler is not None:
-            self.scheduler.observe(flight.region, samples=samples, compute_s=compute_s,
-                                   workers=self.meter.workers(flight.region),
-                                   nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s)
+        self.book.samples += samples
+        if self.plan is not None:
+            self.plan.scheduler.observe(flight.region, samples=samples, work_s=work_s,
+                                        workers=self.meter.workers(flight.region),
+                                        nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s)
         return tensors, metrics
 
-    def _quarantine(self, flight: InFlight) -> None:
-        log.warning("region %s quarantined after %d bad updates; it gets no more work", flight.region,
-                    sum(self.validator.rejections[flight.region].values()))
-        self.quarantined.add(flight.node_id)
-        self._quarantined_regions[flight.node_id] = flight.region
-        self.history.counters["quarantined_regions"] += 1
-        self.history.event("region_quarantined", self.meter.clock.now(), region=flight.region)
-        self._drop_region(flight.node_id, flight.region)
+    def _lose(self, key: str, reason: str) -> None:
+        """The job's node errs or times out: it leaves the run, which goes on."""
+        flight = self.jobs.pop(key)
+        self.roster.lose(flight.node_id, flight.region, reason)
+        self._region_left(flight.region)
 
-    def _lose(self, flight: InFlight, reason: str) -> None:
-        """A node that errs or times out leaves the loop; the run goes on."""
-        log.warning("region %s (node %s) lost: %s", flight.region, flight.node_id, reason)
-        self.history.counters["lost_regions"] += 1
-        self.history.event("region_lost", self.meter.clock.now(), region=flight.region, reason=reason)
-        self._drop_region(flight.node_id, flight.region)
+    def _drop_expired(self, answered: Iterable[str] = ()) -> None:
+        """Lose every job (other than `answered`) whose node has not replied within the reply timeout."""
+        for key in self.jobs.expired(answered):
+            self._lose(key, f"no reply within {self.jobs.reply_timeout:g} s")
 
-    def _drop_region(self, node_id: int, region: str) -> None:
-        self.regions.pop(node_id, None)
-        if self.scheduler is not None and region not in {info.name for info in self.regions.values()}:
-            self.scheduler.exclude(region)
-            self._adopt(self.scheduler.replan(self.meter.clock.now()))
-
-    # ------------------------------------------------------------------ the elastic scheduler
-    def _start_plan(self, arrays: ArrayRecord) -> None:
-        """Plan for the regions that joined: their resident data sizes and the model's size."""
-        names = {info.name for info in self.regions.values()}
-        unknown = names - set(self.scheduler.topology.region_names)
-        if unknown:
-            raise ConfigError(f"the scheduler's topology has no region(s) {', '.join(sorted(unknown))}; "
-                              "name each SuperNode's region (node-config region='...') after the topology")
-        sizes = {info.name: info.examples if info.examples is not None else 1 for info in self.regions.values()}
-        self.scheduler.set_workload(data_sizes=sizes, model_bytes=record_bytes(arrays))
-        for name in set(self.scheduler.topology.region_names) - names:
-            self.scheduler.exclude(name)
-        self._adopt(self.scheduler.start(self.meter.clock.now()))
-
-    def _adopt(self, plan: Plan | None) -> None:
-        """Rent the plan's workers from now on and use its local work."""
-        if plan is None:
-            return
-        now = self.meter.clock.now()
-        if self.meter.ledger is not None:
-            for name, decision in plan.regions.items():
-                self.meter.ledger.set_workers(name, decision.workers, at=now)
-        self.planned_steps = plan.local_steps()
-        change = self.scheduler.changes[-1]
-        self.history.event("plan", now, reason=change["reason"], plan=change["plan"])
-
-    def _replan(self, step: int) -> None:
-        """Every `replan_every` steps: re-plan from what the jobs measured."""
-        if self.scheduler is not None and step % self.replan_every == 0:
-            self._adopt(self.scheduler.replan(self.meter.clock.now()))
+    def _region_left(self, region: str) -> None:
+        if self.plan is not None:
+            self.plan.region_left(region, self.roster.live_names())
 
     # ------------------------------------------------------------------ nodes that (re)join
     def _newcomers(self, grid: Grid, config: ConfigRecord, step: int) -> list[int]:
@@ -358,80 +231,89 @@ class GeoStrategy(Strategy):
         Every `rejoin_every` steps the nodes the run does not know are asked who
         they are; answers are read on every call, so nothing waits for a slow one.
         """
-        if step % self.rejoin_every == 0 and step != self._looked_at:
-            self._looked_at = step
-            asked = set(self._asking.values())
-            unknown = [n for n in grid.get_node_ids()
-                       if n not in self.regions and n not in self.quarantined and n not in self._refused
-                       and n not in asked]
-            if unknown:
-                self._asking.update(zip(grid.push_messages(query_messages(unknown, config)), unknown))
-        if not self._asking:
-            return []
         admitted = []
-        for reply in grid.pull_messages(list(self._asking)):
-            node = self._asking.pop(reply.metadata.reply_to_message_id)
-            answer = read_query_reply(reply)
-            if isinstance(answer, RegionInfo) and self._admit(answer):
-                admitted.append(node)
-            elif not isinstance(answer, RegionInfo):
-                self._refused.add(node)
+        for info in self.roster.poll(grid, config, ask_now=self.roster.due(step, self.rejoin_every)):
+            if self._admit(info):
+                admitted.append(info.node_id)
         return admitted
 
     def _admit(self, info: RegionInfo) -> bool:
         """Take a (re)joining node into the run; a region not in it at the start, or quarantined, is refused."""
-        refusal = ("was not in this run at its start" if info.name not in self.shares
-                   else "is quarantined" if info.name in self._quarantined_regions.values() else None)
+        refusal = self.roster.refusal(info)
         if refusal is not None:
-            log.warning("node %s is region %s, which %s: not admitted", info.node_id, info.name, refusal)
-            self._refused.add(info.node_id)
+            self.roster.refuse(info, refusal)
             return False
-        for old, known in list(self.regions.items()):
-            if known.name == info.name:  # the region's SuperNode restarted under a new node id
-                self._refused.add(old)
-                self._retire(old, f"replaced by node {info.node_id}")
-        self.regions[info.node_id] = info
+        for old in self.roster.nodes_of(info.name):  # the region's SuperNode restarted under a new node id
+            self.roster.refused.add(old)
+            self._retire(old, f"replaced by node {info.node_id}")
+        self.roster.admit(info)
         self.offsets.setdefault(info.name, 0)
-        now = self.meter.clock.now()
-        log.info("region %s (node %s) joins the run", info.name, info.node_id)
-        self.history.counters["rejoined_regions"] += 1
-        self.history.event("region_back", now, region=info.name, node=info.node_id)
-        if self.scheduler is not None:
-            self.scheduler.readmit(info.name)
-            self._adopt(self.scheduler.replan(now))
+        if self.plan is not None:
+            self.plan.region_back(info.name)
         return True
 
     def _retire(self, node_id: int, reason: str) -> None:
         """A node leaves the run: lost with its job if it has one in flight, else simply forgotten."""
-        flights = [k for k, f in self._inflight.items() if f.node_id == node_id]
-        for key in flights:
-            self._lose(self._inflight.pop(key), reason)
-        if not flights:
-            self.regions.pop(node_id, None)
+        keys = self.jobs.keys_of(node_id)
+        for key in keys:
+            self._lose(key, reason)
+        if not keys:
+            self.roster.drop(node_id)
 
+    # ------------------------------------------------------------------ books
     def _evaluate(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
                   force: bool = False) -> float | None:
         """Record a history entry; evaluate centrally when due. Returns the accuracy if evaluated."""
-        due = force or version % self.eval_every == 0
-        res = evaluate_fn(version, arrays) if evaluate_fn and due else None
-        accuracy = None if res is None else res.get("accuracy")
-        self.history.record(version, self.meter.figures(), self.samples, accuracy=accuracy,
-                            loss=None if res is None else res.get("loss"))
-        return accuracy
+        res = self.book.record(version, arrays, evaluate_fn, force or self.book.evaluation_due(version))
+        return None if res is None else res.get("accuracy")
 
-    def _should_stop(self, accuracy: float | None) -> bool:
-        if self.stop_reason is None:
-            self.stop_reason = self.stop.reason(self.meter.figures(), accuracy)
-        return self.stop_reason is not None
+    def _checkpoint(self, force: bool = False) -> None:
+        """Write the run's state if one is due (or `force`): model, momentum, books, plan, jobs in flight."""
+        if not self.book.checkpoint_due(self.step, force):
+            return
+        sent = {}
+        for flight in self.jobs.values():
+            sent.setdefault(str(flight.version), flight.arrays.to_torch_state_dict())
+        plan = self.plan.state_dict() if self.plan is not None else {"scheduler": None, "planned_steps": None}
+        meta = {"offsets": self.offsets, "shares": self.roster.shares, **plan,
+                "quarantined": sorted(self.roster.quarantined),
+                "inflight": [f.state_dict() for f in self.jobs.values()], **self._extra_state()}
+        self.book.save(meta, {"optimizer": self.optimizer.state_dict(), "sent": sent})
 
-    def _result(self, arrays: ArrayRecord) -> Result:
-        result = Result()
-        result.arrays = arrays
-        for entry in self.history.entries:
-            if entry["accuracy"] is not None:
-                metrics = {k: entry[k] for k in ("accuracy", "loss") if entry[k] is not None}
-                result.evaluate_metrics_serverapp[entry["version"]] = MetricRecord(metrics)
-        return result
+    def _extra_state(self) -> dict[str, Any]:
+        """A subclass's own JSON-able state for the checkpoint."""
+        return {}
+
+    def _load_extra_state(self, meta: dict[str, Any]) -> None:
+        """Restore what `_extra_state` saved."""
+
+    def _restore(self, grid: Grid, config: ConfigRecord) -> None:
+        """Continue from the checkpoint: same model, momentum, books and plan; jobs in flight re-sent."""
+        meta, tensors = self.book.load()
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.offsets.update(meta["offsets"])
+        self.roster.shares = dict(meta["shares"])
+        if self.plan is not None:
+            self.plan.load_state_dict(meta)
+        self.roster.restore_quarantine(meta["quarantined"])
+        by_name = {info.name: node for node, info in self.roster.live.items()}
+        messages = []
+        for saved in meta["inflight"]:
+            node = by_name.get(saved["region"])
+            if node is None:
+                continue  # its region did not come back: the job is lost with it
+            arrays = ArrayRecord(tensors["sent"][str(saved["version"])])
+            order = protocol.WorkOrder.from_config(ConfigRecord(saved["order"]))
+            job_fields = dict(saved["job"])
+            timing = job_fields.pop("timing")
+            job = Job(**job_fields, timing=None if timing is None else JobTiming(**timing))
+            message = self._train_message(node, arrays, config, order)
+            messages.append(self.jobs.stage(message, InFlight(node, saved["region"], int(saved["version"]), job,
+                                                              order, arrays)))
+        self.jobs.push(grid, messages)
+        self._load_extra_state(meta)
+        log.info("resumed from %s at step %d (t=%.1f s)", self.book.checkpointer.path, self.step,
+                 self.meter.clock.now())
 
 
 def per_region(value: int | Mapping[str, int], region: str) -> int:

@@ -22,8 +22,9 @@ from flwr.serverapp.strategy import Result
 
 from ..training import protocol
 from .base import EvaluateFn, GeoStrategy
+from .inflight import POLL_S
 
-POLL_S = 0.005
+WEIGHT_BY = ("samples", "shares")  # what a region's weight in the average is
 
 
 class ModelAveraging(GeoStrategy):
@@ -57,9 +58,9 @@ class ModelAveraging(GeoStrategy):
                  normalize: bool = True, outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = True,
                  deadline_s: float | None = None, weight_by: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        weight_by = weight_by or ("shares" if self.scheduler is not None else "samples")
-        if weight_by not in ("samples", "shares"):
-            raise ValueError(f"weight_by must be 'samples' or 'shares', got {weight_by!r}")
+        weight_by = weight_by or ("shares" if self.plan is not None else "samples")
+        if weight_by not in WEIGHT_BY:
+            raise ValueError(f"weight_by must be one of {', '.join(WEIGHT_BY)}, got {weight_by!r}")
         self.weight_by = weight_by
         self.lr = lr
         self.local_steps = local_steps
@@ -75,10 +76,9 @@ class ModelAveraging(GeoStrategy):
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Send every live region its period's work (`H_r` steps); pushed here so metering starts now."""
-        self._send_jobs(grid, self.regions, arrays, config, steps=self.local_steps, lr=self.lr,
-                        mode=protocol.MODE_WEIGHTS, batch_size=self.batch_size, version=server_round)
-        return []
+        """Every live region's work for the period (`H_r` steps), metered from now."""
+        return self._job_messages(self.roster.live, arrays, config, steps=self.local_steps, lr=self.lr,
+                                  mode=protocol.MODE_WEIGHTS, batch_size=self.batch_size, version=server_round)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -86,13 +86,13 @@ class ModelAveraging(GeoStrategy):
         start = self.optimizer.state
         changes, weights, steps = [], [], []
         for reply in replies:
-            flight = self._inflight.pop(reply.metadata.reply_to_message_id)
+            flight = self.jobs.pop(reply.metadata.reply_to_message_id)
             local, metrics = self._complete(flight, reply, protocol.MODE_WEIGHTS)
             if local is None:  # rejected: the period goes on without it
                 continue
             changes.append({k: start[k] - local[k] for k in start if start[k].is_floating_point()})
             weights.append(float(metrics["num-examples"]) if self.weight_by == "samples"
-                           else self.shares[flight.region])
+                           else self.roster.shares[flight.region])
             steps.append(max(1, int(metrics["steps"])))
         if not changes:
             return None, None
@@ -112,14 +112,14 @@ class ModelAveraging(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run `num_rounds` periods (or until a stop rule); returns the final model."""
-        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, lr=self.outer_lr,
+        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, timeout, lr=self.outer_lr,
                                      momentum=self.outer_momentum, nesterov=self.nesterov)
         for period in range(self.step + 1, num_rounds + 1):
-            if not self.regions:
-                self.stop_reason = "no region left"
+            if not self.roster.live:
+                self.book.stop_reason = "no region left"
                 break
             period_start = self.meter.clock.now()
-            self.configure_train(period, arrays, config, grid)
+            self.jobs.push(grid, self.configure_train(period, arrays, config, grid))
             deadline = None if self.deadline_s is None else period_start + self.deadline_s
             on_time = self._collect(grid, deadline)
             new_arrays, _ = self.aggregate_train(period, on_time)
@@ -127,44 +127,42 @@ class ModelAveraging(GeoStrategy):
                 arrays = new_arrays
             self.step = period
             accuracy = self._evaluate(period, arrays, evaluate_fn, force=period == num_rounds)
-            if self._should_stop(accuracy):
+            if self.book.should_stop(accuracy):
                 break
             self._newcomers(grid, config, period)  # (re)joined regions take part from the next period
-            self._replan(period)
+            if self.plan is not None:
+                self.plan.maybe_replan(period)
             self._checkpoint()
         self._checkpoint(force=True)
-        return self._result(arrays)
+        return self.book.result(arrays)
 
     def _collect(self, grid: Grid, deadline: float | None) -> list[Message]:
         """Replies that make the deadline; late ones are cut off (charged up to it) and counted."""
         clock = self.meter.clock
         late = set()
         if deadline is not None and clock.modelled:  # modelled ends are known at dispatch
-            late = {k for k, f in self._inflight.items() if f.job.timing.end > deadline}
+            late = {k for k, f in self.jobs.items() if f.job.timing.end > deadline}
         replies: dict[str, Message] = {}
         while True:
-            waiting = [k for k in self._inflight if k not in replies and k not in late]
-            if not waiting:
+            if not any(k not in replies and k not in late for k in self.jobs):
                 break
-            for reply in grid.pull_messages(waiting):
+            for reply in self.jobs.pull(grid, skip=set(replies) | late):
                 replies[reply.metadata.reply_to_message_id] = reply
             if not clock.modelled and deadline is not None and clock.now() > deadline:
-                late |= {k for k in self._inflight if k not in replies}
-            for key in [k for k in waiting if k not in replies]:
-                if time.monotonic() - self._inflight[key].sent_at > self.reply_timeout:
-                    self._lose(self._inflight.pop(key), f"no reply within {self.reply_timeout:g} s")
-            if any(k not in replies and k not in late for k in self._inflight):
+                late |= {k for k in self.jobs if k not in replies}
+            self._drop_expired(answered=set(replies) | late)
+            if any(k not in replies and k not in late for k in self.jobs):
                 time.sleep(POLL_S)
         for key in late:
-            flight = self._inflight.pop(key)
+            flight = self.jobs.pop(key)
             self.meter.abandon(flight.job, at=deadline)
-            self.history.counters["dropped_late"] += 1
+            self.book.count("dropped_late")
         on_time = []
-        arrived = sorted((self._inflight[k].region, k) for k in replies if k in self._inflight and k not in late)
+        arrived = sorted((self.jobs.jobs[k].region, k) for k in replies if k in self.jobs and k not in late)
         for _, key in arrived:  # region order: the average's float sums do not depend on arrival order
             reply = replies[key]
             if reply.has_error():
-                self._lose(self._inflight.pop(key), reply.error.reason)
+                self._lose(key, reply.error.reason)
             else:
                 on_time.append(reply)
         if late:

@@ -11,13 +11,17 @@ forever for `min_available_nodes` before a round; when a region's SuperNode
 is gone, the wrapper waits `reply_timeout` for it and then lowers the inner
 strategy's minimums to the regions still connected (recorded as lost), so the
 run goes on without it, and with it again if it comes back.
+
+The books (history, evaluation, checkpoints) are a `RunBook` and the node →
+region map a `Roster`, as for ASGD-GA and MA; an inner strategy that keeps a
+`roster` of its own (`SelectiveFedAvg`) shares it, so there is one map.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -25,11 +29,12 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from ..checkpoint import Checkpointer
 from ..control.meter import Meter, record_bytes
-from ..training.protocol import MODE_WEIGHTS, reply_region
 from ..reporting.results import History
+from ..training.protocol import MODE_WEIGHTS, reply_region
+from .membership import Roster
+from .runbook import EvaluateFn, RunBook
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 log = logging.getLogger("cloudless_fl")
 
 
@@ -58,25 +63,23 @@ class Metered(Strategy):
     def __init__(self, strategy: Strategy, meter: Meter | None = None, eval_every: int = 1,
                  limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
                  resume: bool = False, reply_timeout: float = 600.0) -> None:
-        if resume and checkpointer is None:
-            raise ValueError("resume=True needs a checkpointer that says where the checkpoint is")
         self.inner = strategy
         self.meter = meter or Meter.measured()
-        self.eval_every = eval_every
+        self.book = RunBook(self.meter, eval_every=eval_every, checkpointer=checkpointer, resume=resume)
+        self.roster: Roster = getattr(strategy, "roster", None) or Roster()
+        self.roster.book = self.book
         self.limits = limits or UpdateLimits()
         self.validator: UpdateValidator | None = None
-        self.quarantined: set[str] = set()  # regions
-        self._node_region: dict[int, str] = {}
-        self.checkpointer = checkpointer
-        self.resume = resume
         self.reply_timeout = reply_timeout
         self._round_messages: list[Message] = []  # the current round's (ids set when Flower pushes them)
         self.round_offset = 0  # rounds done before a resume
-        self.history = History()
-        self.samples = 0
         self._round_start = 0.0
         self._bytes_down = 0
         self._global: dict | None = None
+
+    @property
+    def history(self) -> History:
+        return self.book.history
 
     def summary(self) -> None:
         self.inner.summary()
@@ -89,10 +92,12 @@ class Metered(Strategy):
         if self.validator is None:
             self.validator = UpdateValidator(self._global, self.limits)
             self.validator.rejections.update(self.history.rejections)  # a resumed run's counts go on
+            self.validator.clipped.update(self.history.clipped)
             self.history.rejections = self.validator.rejections
+            self.history.clipped = self.validator.clipped
         self._wait_for_regions(grid)
         messages = self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
-        messages = [m for m in messages if self._node_region.get(m.metadata.dst_node_id) not in self.quarantined]
+        messages = [m for m in messages if not self.roster.is_quarantined(self.roster.region_of(m.metadata.dst_node_id))]
         self._round_messages = messages
         return messages
 
@@ -107,11 +112,11 @@ class Metered(Strategy):
         if not nodes:
             raise RuntimeError(f"no region is connected after waiting {self.reply_timeout:g} s; "
                                "restart the SuperNodes and resume the run (resume=<run dir>)")
-        gone = sorted({r for n, r in self._node_region.items() if n not in nodes})
+        gone = sorted({r for n, r in self.roster.named.items() if n not in nodes})
         log.warning("%d of %d regions connected after %g s (gone: %s); the rounds go on with them",
                     len(nodes), needed, self.reply_timeout, ", ".join(gone) or "unknown")
-        self.history.counters["lost_regions"] += needed - len(nodes)
-        self.history.event("regions_lost", self.meter.clock.now(), regions=gone, connected=len(nodes))
+        self.book.event("regions_lost", counter="lost_regions", count=needed - len(nodes), regions=gone,
+                        connected=len(nodes))
         self.inner.min_available_nodes = len(nodes)
         self.inner.min_train_nodes = min(int(getattr(self.inner, "min_train_nodes", 0)), len(nodes))
 
@@ -128,13 +133,13 @@ class Metered(Strategy):
             metrics = next(iter(msg.content.metric_records.values()), {})
             samples = int(metrics.get("num-examples", 0))
             region = reply_region(msg) or f"node-{msg.metadata.src_node_id}"
-            self._node_region[msg.metadata.src_node_id] = region
+            self.roster.learn(msg.metadata.src_node_id, region)
             job = self.meter.dispatch(region, bytes_down=self._bytes_down, at=self._round_start)
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
             self.meter.complete(job, bytes_up=bytes_up, samples=samples,
                                 compute_s=float(metrics.get("compute-seconds", 0.0)))
-            if region not in self.quarantined and self._valid(region, msg):
-                self.samples += samples
+            if not self.roster.is_quarantined(region) and self._valid(region, msg):
+                self.book.samples += samples
                 accepted.append(msg)
         return self.inner.aggregate_train(server_round + self.round_offset, accepted)
 
@@ -143,20 +148,17 @@ class Metered(Strategy):
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self._round_messages}
         replied = {m.metadata.reply_to_message_id for m in replies}
         # an error the SuperLink writes for a vanished node comes from the SuperLink: name the node by the message
-        failed = {self._region_of(node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)): m.error.reason
+        region_of = self.roster.region_of
+        failed = {region_of(node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)): m.error.reason
                   for m in replies if m.has_error()}
-        missing = sorted(self._region_of(node) for mid, node in node_of.items() if mid not in replied)
+        missing = sorted(region_of(node) for mid, node in node_of.items() if mid not in replied)
         if not failed and not missing:
             return
         log.warning("round %d: %s", server_round + self.round_offset,
                     "; ".join([f"{r} failed: {why}" for r, why in sorted(failed.items())]
                               + [f"{r}: no reply within {self.reply_timeout:g} s" for r in missing]))
-        self.history.counters["failed_replies"] += len(failed) + len(missing)
-        self.history.event("round_incomplete", self.meter.clock.now(), round=server_round + self.round_offset,
-                           failed=failed, missing=missing)
-
-    def _region_of(self, node_id: int) -> str:
-        return self._node_region.get(node_id, f"node-{node_id}")
+        self.book.event("round_incomplete", counter="failed_replies", count=len(failed) + len(missing),
+                        round=server_round + self.round_offset, failed=failed, missing=missing)
 
     def _valid(self, region: str, msg: Message) -> bool:
         """Check every ArrayRecord of a reply (full weights) against the model; count a rejection."""
@@ -164,11 +166,9 @@ class Metered(Strategy):
             for record in msg.content.array_records.values():
                 self.validator.check(region, record, MODE_WEIGHTS, base=self._global)
         except RejectedUpdate:
-            self.history.counters["rejected_updates"] += 1
+            self.book.count("rejected_updates")
             if self.validator.quarantined(region):
-                self.quarantined.add(region)
-                self.history.counters["quarantined_regions"] += 1
-                self.history.event("region_quarantined", self.meter.clock.now(), region=region)
+                self.roster.quarantine(msg.metadata.src_node_id, region, sum(self.validator.rejections[region].values()))
             return False
         return True
 
@@ -183,20 +183,18 @@ class Metered(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Flower's round loop, with each round's time, cost and accuracy recorded (and checkpointed)."""
-        if self.resume:
+        if self.book.resume:
             initial_arrays = self._restore()
 
         def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             done = server_round + self.round_offset
             if server_round == 0 and self.round_offset:  # a resumed run's start: already recorded
                 return None
-            due = done % self.eval_every == 0 or done == num_rounds
-            res = evaluate_fn(done, arrays) if evaluate_fn and due else None
-            self.history.record(done, self.meter.figures(), self.samples,
-                                accuracy=None if res is None else res.get("accuracy"),
-                                loss=None if res is None else res.get("loss"))
-            if self.checkpointer is not None and (self.checkpointer.due(done) or done == num_rounds):
-                self._checkpoint(done, arrays)
+            self.book.step = done
+            res = self.book.record(done, arrays, evaluate_fn, self.book.evaluation_due(done) or done == num_rounds)
+            if self.book.checkpoint_due(done, force=done == num_rounds):
+                self.book.save({"quarantined": sorted(self.roster.quarantined)},
+                               {"model": arrays.to_torch_state_dict()})
             return res
 
         return super().start(grid, initial_arrays, num_rounds=num_rounds - self.round_offset,
@@ -204,16 +202,8 @@ class Metered(Strategy):
                              train_config=train_config, evaluate_config=evaluate_config,
                              evaluate_fn=evaluate_and_record)
 
-    def _checkpoint(self, done: int, arrays: ArrayRecord) -> None:
-        meta = {"step": done, "samples": self.samples, "meter": self.meter.state_dict(),
-                "history": self.history.state_dict(), "quarantined": sorted(self.quarantined)}
-        self.checkpointer.save(meta, {"model": arrays.to_torch_state_dict()})
-
     def _restore(self) -> ArrayRecord:
-        meta, tensors = self.checkpointer.load()
-        self.round_offset, self.samples = int(meta["step"]), int(meta["samples"])
-        self.meter.load_state_dict(meta["meter"])
-        self.history.load_state_dict(meta["history"])
-        self.quarantined = set(meta["quarantined"])
-        self.history.event("resumed", self.meter.clock.now(), step=self.round_offset)
+        meta, tensors = self.book.load()
+        self.round_offset = self.book.step
+        self.roster.restore_quarantine(meta["quarantined"])
         return ArrayRecord(tensors["model"])

@@ -98,8 +98,6 @@ class UpdateValidator:
         after = self.limits.quarantine_after
         return after > 0 and sum(self.rejections[region].values()) >= after
 
-    def report(self) -> dict[str, dict[str, int]]:
-        return {region: dict(reasons) for region, reasons in self.rejections.items() if reasons}
 
     def _check(self, region: str, arrays: ArrayRecord, mode: str,
                base: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

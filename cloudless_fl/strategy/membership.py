@@ -1,0 +1,232 @@
+"""Which SuperNode is which region, and who takes part: the one node → region map of a run.
+
+Simulation nodes learn their region from their partition id, deployment nodes
+from their node config; only they know. A `query` message asks them, at
+start-up (`Roster.discover`, waits) and for nodes that join later
+(`Roster.poll`, never waits). A ClientApp that does not answer queries (a
+plain Flower one) is named `node-<id>` and assumed equal in data; Flower's
+FedAvg, which never asks, learns names from the replies (`Roster.learn`).
+
+Membership decisions live here too: a region not in the run at its start, or
+quarantined, is refused; a new node of a region still in the run replaces the
+old one (a restarted SuperNode gets a new node id).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from ..training import protocol
+from .runbook import RunBook
+
+log = logging.getLogger("cloudless_fl")
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """A node's self-description."""
+
+    node_id: int
+    name: str
+    examples: int | None  # resident training samples, if the region said
+
+
+def query_messages(node_ids: Iterable[int], config: ConfigRecord) -> list[Message]:
+    """One `query` ("who are you?") per node."""
+    return [Message(RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in node_ids]
+
+
+def read_query_reply(reply: Message) -> RegionInfo | str:
+    """The node's `RegionInfo`, or the reason it cannot take part (the reply's error)."""
+    node = reply.metadata.src_node_id
+    if reply.has_error() and "No query function registered" not in reply.error.reason:
+        return reply.error.reason  # a cloudless-fl region that cannot serve (bad data, gone, ...)
+    region = protocol.reply_region(reply)
+    if region is None:  # a plain Flower ClientApp: name it by its node
+        return RegionInfo(node, f"node-{node}", None)
+    metrics = reply.content.metric_records.get(protocol.METRICS, {})
+    examples = metrics.get("resident-examples")
+    return RegionInfo(node, region, None if examples is None else int(examples))
+
+
+def data_shares(regions: Iterable[RegionInfo]) -> dict[str, float]:
+    """Each region's share of all resident data (equal shares where sizes are unknown)."""
+    regions = list(regions)
+    if any(r.examples is None for r in regions):
+        return {r.name: 1.0 / len(regions) for r in regions}
+    total = sum(r.examples for r in regions)
+    return {r.name: r.examples / total for r in regions}
+
+
+class Roster:
+    """The run's regions: live nodes, data shares, quarantine, refusals, nodes being asked.
+
+    Parameters
+    ----------
+    book : RunBook, optional
+        Where membership events (lost, back, quarantined, failed) are recorded;
+        the strategy that owns the run attaches its own.
+    """
+
+    def __init__(self, book: RunBook | None = None) -> None:
+        self.book = book
+        self.live: dict[int, RegionInfo] = {}  # node → region, for the nodes taking part now
+        self.shares: dict[str, float] = {}  # data share of every region of the run (fixed at start)
+        self.quarantined: set[str] = set()  # regions that get no more work
+        self._quarantined_nodes: set[int] = set()
+        self.refused: set[int] = set()  # nodes that cannot take part: never asked again
+        self.named: dict[int, str] = {}  # node → region of every node ever named (live or not)
+        self._asking: dict[str, int] = {}  # query message id → node not (yet) in the run
+        self._looked_at = -1  # the step of the last look for new nodes
+
+    # ------------------------------------------------------------------ names
+    def region_of(self, node: int) -> str:
+        info = self.live.get(node)
+        return info.name if info is not None else self.named.get(node, f"node-{node}")
+
+    def live_names(self) -> set[str]:
+        return {info.name for info in self.live.values()}
+
+    def learn(self, node: int, region: str) -> None:
+        """Name a node from its reply (strategies that never ask, like Flower's FedAvg)."""
+        self.named[node] = region
+
+    def is_quarantined(self, region: str) -> bool:
+        return region in self.quarantined
+
+    def nodes_of(self, region: str) -> list[int]:
+        return [node for node, info in self.live.items() if info.name == region]
+
+    # ------------------------------------------------------------------ start-up
+    def discover(self, grid: Grid, node_ids: Iterable[int], config: ConfigRecord, timeout: float) -> None:
+        """Ask every node who it is and wait; those that answer are the run's regions.
+
+        Raises if none can take part; each failure is logged and recorded.
+        """
+        found, failed = ask(grid, node_ids, config, timeout)
+        self.refused.update(failed)
+        for node, reason in failed.items():
+            log.warning("node %s cannot take part: %s", node, reason)
+            self.book.event("region_failed", counter="lost_regions", node=node, reason=reason)
+        if not found:
+            raise RuntimeError("no region could take part; see the warnings above")
+        self.live = found
+        self.named.update({node: info.name for node, info in found.items()})
+        self.shares = data_shares(found.values())
+
+    def names(self, grid: Grid, node_ids: Iterable[int], config: ConfigRecord, timeout: float) -> dict[int, str]:
+        """Region names of `node_ids`, asked once for the nodes not named yet (no admission)."""
+        node_ids = list(node_ids)
+        unnamed = [n for n in node_ids if n not in self.named and n not in self.refused]
+        if unnamed:
+            found, failed = ask(grid, unnamed, config, timeout)
+            self.named.update({node: info.name for node, info in found.items()})
+            self.refused.update(failed)
+        return {n: self.named.get(n, "") for n in node_ids}
+
+    # ------------------------------------------------------------------ leaving
+    def drop(self, node: int) -> None:
+        self.live.pop(node, None)
+
+    def lose(self, node: int, region: str, reason: str) -> None:
+        """A node that errs or times out leaves the run; the run goes on."""
+        log.warning("region %s (node %s) lost: %s", region, node, reason)
+        self.book.event("region_lost", counter="lost_regions", region=region, reason=reason)
+        self.drop(node)
+
+    def quarantine(self, node: int, region: str, rejected: int) -> None:
+        log.warning("region %s quarantined after %d bad updates; it gets no more work", region, rejected)
+        self.quarantined.add(region)
+        self._quarantined_nodes.add(node)
+        self.book.event("region_quarantined", counter="quarantined_regions", region=region)
+        self.drop(node)
+
+    # ------------------------------------------------------------------ (re)joining
+    def poll(self, grid: Grid, config: ConfigRecord, ask_now: bool) -> list[RegionInfo]:
+        """Answers from nodes the run did not know; with `ask_now`, first ask the ones not asked yet.
+
+        Never waits: unanswered queries are read on a later call. Returns the
+        answers of nodes that may take part (`admit` decides).
+        """
+        if ask_now:
+            asked = set(self._asking.values())
+            unknown = [n for n in grid.get_node_ids()
+                       if n not in self.live and n not in self._quarantined_nodes and n not in self.refused
+                       and n not in asked]
+            if unknown:
+                self._asking.update(zip(grid.push_messages(query_messages(unknown, config)), unknown))
+        if not self._asking:
+            return []
+        answers = []
+        for reply in grid.pull_messages(list(self._asking)):
+            node = self._asking.pop(reply.metadata.reply_to_message_id)
+            answer = read_query_reply(reply)
+            if isinstance(answer, RegionInfo):
+                answers.append(answer)
+            else:
+                self.refused.add(node)
+        return answers
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether to look for new nodes at `step` (every `every` steps, once per step)."""
+        if step % every == 0 and step != self._looked_at:
+            self._looked_at = step
+            return True
+        return False
+
+    def refusal(self, info: RegionInfo) -> str | None:
+        """Why a (re)joining node may not take part, or None."""
+        if info.name not in self.shares:
+            return "was not in this run at its start"
+        if self.is_quarantined(info.name):
+            return "is quarantined"
+        return None
+
+    def admit(self, info: RegionInfo) -> None:
+        """Take `info`'s node into the run (its region's old node, if any, must be retired first)."""
+        self.live[info.node_id] = info
+        self.named[info.node_id] = info.name
+        log.info("region %s (node %s) joins the run", info.name, info.node_id)
+        self.book.event("region_back", counter="rejoined_regions", region=info.name, node=info.node_id)
+
+    def refuse(self, info: RegionInfo, why: str) -> None:
+        log.warning("node %s is region %s, which %s: not admitted", info.node_id, info.name, why)
+        self.refused.add(info.node_id)
+
+    # ------------------------------------------------------------------ checkpoints
+    def restore_quarantine(self, regions: Iterable[str]) -> None:
+        """Quarantine again, after a resume, the regions a checkpoint names."""
+        for region in regions:
+            self.quarantined.add(region)
+            for node in self.nodes_of(region):
+                self._quarantined_nodes.add(node)
+                self.drop(node)
+
+
+def ask(grid: Grid, node_ids: Iterable[int], config: ConfigRecord,
+        timeout: float) -> tuple[dict[int, RegionInfo], dict[int, str]]:
+    """Ask every node who it is and wait: `RegionInfo` per node that answered, the error of each that failed."""
+    node_ids = list(node_ids)
+    # by message: an error the SuperLink writes for a vanished node comes from the SuperLink, not the node
+    asked = dict(zip(grid.push_messages(query_messages(node_ids, config)), node_ids))
+    deadline = time.monotonic() + timeout
+    found: dict[int, RegionInfo] = {}
+    failed: dict[int, str] = {}
+    while asked and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(asked)):
+            node = asked.pop(reply.metadata.reply_to_message_id)
+            answer = read_query_reply(reply)
+            if isinstance(answer, RegionInfo):
+                found[node] = answer
+            else:
+                failed[node] = answer
+        if asked:
+            time.sleep(0.05)
+    return found, failed

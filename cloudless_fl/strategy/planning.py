@@ -1,0 +1,84 @@
+"""A strategy following the elastic scheduler's plan: rent its workers, use its local work, re-plan.
+
+`PlanFollower` is the strategies' side of the scheduler: it plans for the
+regions that joined, adopts each new plan (workers rented from now on in the
+ledger, local steps per region), re-plans every `replan_every` steps from what
+the jobs measured, and leaves out or takes back regions as they are lost or
+rejoin. Every adopted plan is a `plan` event in results.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..control.meter import Meter
+from ..control.scheduler import Plan, Scheduler
+from ..errors import ConfigError
+from .runbook import RunBook
+
+
+class PlanFollower:
+    """Parameters
+    ----------
+    scheduler : Scheduler
+    meter : Meter
+        Its ledger rents the plan's workers.
+    book : RunBook
+        Where plan changes are recorded.
+    replan_every : int
+        Steps (versions or periods) between re-plans.
+    """
+
+    def __init__(self, scheduler: Scheduler, meter: Meter, book: RunBook, replan_every: int = 5) -> None:
+        self.scheduler = scheduler
+        self.meter = meter
+        self.book = book
+        self.replan_every = max(1, int(replan_every))
+        self.steps: dict[str, int] | None = None  # the adopted plan's local work per region taking part
+
+    def start(self, data_sizes: dict[str, int], model_bytes: int) -> None:
+        """Plan for the regions that joined: their resident data sizes and the model's size."""
+        names = set(data_sizes)
+        unknown = names - set(self.scheduler.topology.region_names)
+        if unknown:
+            raise ConfigError(f"the scheduler's topology has no region(s) {', '.join(sorted(unknown))}; "
+                              "name each SuperNode's region (node-config region='...') after the topology")
+        self.scheduler.set_workload(data_sizes=data_sizes, model_bytes=model_bytes)
+        for name in set(self.scheduler.topology.region_names) - names:
+            self.scheduler.exclude(name)
+        self.adopt(self.scheduler.start(self.meter.clock.now()))
+
+    def adopt(self, plan: Plan | None) -> None:
+        """Rent the plan's workers from now on and use its local work."""
+        if plan is None:
+            return
+        now = self.meter.clock.now()
+        if self.meter.ledger is not None:
+            for name, decision in plan.regions.items():
+                self.meter.ledger.set_workers(name, decision.workers, at=now)
+        self.steps = plan.local_steps()
+        change = self.scheduler.changes[-1]
+        self.book.event("plan", reason=change["reason"], plan=change["plan"])
+
+    def maybe_replan(self, step: int) -> None:
+        """Every `replan_every` steps: re-plan from what the jobs measured."""
+        if step % self.replan_every == 0:
+            self.adopt(self.scheduler.replan(self.meter.clock.now()))
+
+    def region_left(self, region: str, live: Iterable[str]) -> None:
+        """`region` lost its node; if no node of it is left, plan without it."""
+        if region not in set(live):
+            self.scheduler.exclude(region)
+            self.adopt(self.scheduler.replan(self.meter.clock.now()))
+
+    def region_back(self, region: str) -> None:
+        self.scheduler.readmit(region)
+        self.adopt(self.scheduler.replan(self.meter.clock.now()))
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "planned_steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["planned_steps"]
