@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         data_command(rest)
     elif command == "plan":
         from .errors import CloudlessError
-        from .control.plan_table import plan_command
+        from .reporting.plan_table import plan_command
 
         try:
             print(plan_command(rest))

@@ -20,9 +20,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .config_schema import check_config
-from .training.data import Arrays, load_npz, load_source, read_manifest, split_dataset
-from .errors import ConfigError, DataError
 from .control.topology import Topology, load_topology
+from .errors import ConfigError, DataError
+from .strategy.registry import STRATEGIES
+from .training.data import Arrays, load_npz, load_source, read_manifest, split_dataset
 
 
 
@@ -88,7 +89,7 @@ def dataset_cfg(cfg: DictConfig) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Every config key against its allowed values (`config_schema`), before anything starts."""
-    check_config(cfg)
+    check_config(cfg, {name: entry.schema for name, entry in STRATEGIES.items()})
 
 
 @dataclass

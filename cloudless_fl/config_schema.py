@@ -3,6 +3,8 @@
 Hydra composes the config but does not know that a learning rate must be
 positive; these rules do. Each failure is a `ConfigError` naming the key, the
 value, and what is allowed — before any data is loaded or engine started.
+The rules of each strategy live with it in the strategy registry; allowed
+choices are the constants of the modules that use them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .control.scheduler import BILLINGS, OBJECTIVES
 from .errors import ConfigError
+from .strategy.validation import NORM_POLICIES
 
 INF = math.inf
 
@@ -64,6 +68,7 @@ class Choice:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, self.options))}")
 
 
+Rule = Number | Choice
 POSITIVE = Number(0, low_open=True)
 COUNT = Number(1, integer=True)
 OPTIONAL_SECONDS = Number(0, low_open=True, nullable=True)
@@ -74,47 +79,29 @@ COMMON = {
     "seed": Number(integer=True), "target_accuracy": Number(0, 1, low_open=True),
     "engine": Choice(("simulation", "inprocess")), "clock": Choice(("virtual", "wall")), "progress": BOOL,
     "flower_log_level": Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
-    "validation.max_norm": OPTIONAL_SECONDS, "validation.on_norm": Choice(("reject", "clip")),
+    "validation.max_norm": OPTIONAL_SECONDS, "validation.on_norm": Choice(NORM_POLICIES),
     "validation.quarantine_after": Number(0, integer=True),
     "checkpoint.every": Number(0, integer=True), "checkpoint.at_end": BOOL,
 }
-STRATEGY_COMMON = {
-    "strategy.num_rounds": COUNT, "strategy.eval_every": COUNT, "strategy.lr": POSITIVE,
-    "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE,
-}
-ASYNC_AND_MA = {
-    "strategy.rejoin_every": COUNT, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
-    "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
-}
-STRATEGY = {
-    "fedavg": {"strategy.local_epochs": POSITIVE, "strategy.round_deadline_s": OPTIONAL_SECONDS},
-    "ma": {**ASYNC_AND_MA, "strategy.local_steps": Number(1, integer=True, per_region=True),
-           "strategy.normalize": BOOL, "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1),
-           "strategy.nesterov": BOOL, "strategy.deadline_s": OPTIONAL_SECONDS},
-    "asgd_ga": {**ASYNC_AND_MA, "strategy.accumulation_steps": Number(1, integer=True, per_region=True),
-                "strategy.momentum": Number(0, 1), "strategy.nesterov": BOOL, "strategy.tau_max": Number(0, integer=True),
-                "strategy.staleness": Choice(("inverse_sqrt", "none")), "strategy.update": Choice(("gradient", "delta")),
-                "strategy.local_lr": POSITIVE, "strategy.balance": BOOL, "strategy.max_weight": Number(1)},
-}
-STRATEGY["asgd_ga_delta"] = STRATEGY["asgd_ga"]
 SCHEDULER = {
     "none": {},
-    "elastic": {"scheduler.objective": Choice(("min_cost", "min_time", "weighted")),
+    "elastic": {"scheduler.objective": Choice(OBJECTIVES),
                 "scheduler.deadline_s": OPTIONAL_SECONDS, "scheduler.budget_usd": OPTIONAL_SECONDS,
-                "scheduler.usd_per_hour": Number(0), "scheduler.billing": Choice(("instance", "serverless")),
+                "scheduler.usd_per_hour": Number(0), "scheduler.billing": Choice(BILLINGS),
                 "scheduler.epochs": POSITIVE, "scheduler.max_steps_factor": Number(1),
                 "scheduler.replan_every": COUNT, "scheduler.smoothing": Number(0, 1, low_open=True),
                 "scheduler.tolerance": Number(0)},
 }
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Every rule that applies to the chosen strategy and scheduler; the first failure raises."""
+def check_config(cfg: DictConfig, strategies: Mapping[str, Mapping[str, Rule]]) -> None:
+    """Every rule that applies to the chosen strategy (`strategies`: name → its rules) and scheduler;
+    the first failure raises."""
     strategy = _get(cfg, "strategy.name")
-    Choice(tuple(STRATEGY)).check("strategy", strategy)
+    Choice(tuple(strategies)).check("strategy", strategy)
     scheduler = _get(cfg, "scheduler.name")
     Choice(tuple(SCHEDULER)).check("scheduler", scheduler)
-    rules = {**COMMON, **STRATEGY_COMMON, **STRATEGY[strategy], **SCHEDULER[scheduler]}
+    rules = {**COMMON, **strategies[strategy], **SCHEDULER[scheduler]}
     for key, rule in rules.items():
         rule.check(key, _get(cfg, key))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FILENAME as CHECKPOINT_FILE
@@ -28,8 +28,8 @@ from .training.models import build_model
 from .reporting.progress import Progress
 from .training.protocol import ModelSpec, WorkOrder
 from .reporting.results import History, summarize, write_results
-from .control.scheduler import Objective, Scheduler, Workload, evaluate_plan
-from .strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg, StopRules
+from .control.scheduler import Objective, Scheduler, Workload
+from .strategy.registry import Build, strategy_entry
 from .control.topology import Topology
 from .strategy.validation import UpdateLimits
 from .training.local import evaluate
@@ -77,21 +77,23 @@ def make_meter(cfg: DictConfig, topology: Topology) -> Meter:
 def workload(cfg: DictConfig, data_sizes: dict[str, int], model_bytes: int) -> Workload:
     """What the scheduler plans for: the resident data, the model's size and the strategy's local work.
 
-    Only MA fills idle time with extra steps: it has a barrier to wait at. FedAvg's local epoch and
-    ASGD-GA's jobs (no barrier: an early finisher just starts its next job) keep data-share work."""
+    Only a strategy with a barrier to wait at (MA) fills idle time with extra steps. FedAvg's local
+    epoch and ASGD-GA's jobs (no barrier: an early finisher just starts its next job) keep data-share work."""
     sc = cfg.scheduler
+    entry = strategy_entry(cfg.strategy.name)
     return Workload(data_sizes, model_bytes, base_steps=base_steps(cfg, data_sizes),
                     batch_size=int(cfg.strategy.batch_size), epochs=float(sc.get("epochs", 1.0)),
-                    max_steps_factor=float(sc.get("max_steps_factor", 1.0)) if cfg.strategy.name == "ma" else 1.0)
+                    max_steps_factor=float(sc.get("max_steps_factor", 1.0)) if entry.fills_idle_time else 1.0)
 
 
 def base_steps(cfg: DictConfig, data_sizes: dict[str, int]) -> int:
     """The strategy's configured local work per synchronisation, in mini-batches (mean over regions)."""
     s = cfg.strategy
-    if s.name == "fedavg":  # local epochs of the mean region
+    entry = strategy_entry(s.name)
+    if entry.epoch_based:  # local epochs of the mean region
         mean = sum(data_sizes.values()) / max(1, len(data_sizes))
         return max(1, round(float(s.local_epochs) * mean / int(s.batch_size)))
-    steps = _int_or_mapping(s.local_steps if s.name == "ma" else s.accumulation_steps)
+    steps = OmegaConf.to_container(s, resolve=True)[entry.local_work]
     return round(sum(steps.values()) / len(steps)) if isinstance(steps, dict) else steps
 
 
@@ -117,55 +119,15 @@ def make_checkpointer(cfg: DictConfig, run_dir: Path, model_state: dict) -> Chec
 
 
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
-                   scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None):
-    """The configured strategy (a name `config.validate` accepted), charged by `meter`.
-
-    FedAvg takes the scheduler's initial plan (its workers, and its round-time
-    estimates for `round_deadline_s` selection); MA and ASGD-GA keep re-planning.
-    """
-    s = cfg.strategy
+                   scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None) -> Strategy:
+    """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`."""
     v = cfg.validation
-    limits = UpdateLimits(max_norm=None if v.max_norm is None else float(v.max_norm), on_norm=str(v.on_norm),
-                          quarantine_after=int(v.quarantine_after))
-    if s.name == "fedavg":
-        fedavg_args = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": num_regions,
-                       "min_available_nodes": num_regions}
-        plan = scheduler.start() if scheduler is not None else None
-        if plan is not None:
-            for name, workers in plan.workers().items():
-                meter.ledger.set_workers(name, workers, at=0.0)
-        if s.round_deadline_s is None:
-            return Metered(FedAvg(**fedavg_args), meter, eval_every=int(s.eval_every), limits=limits,
-                           checkpointer=checkpointer, resume=bool(cfg.resume), reply_timeout=float(s.reply_timeout_s))
-        if meter.cost_model is None or work is None:
-            raise ConfigError("strategy.round_deadline_s needs a topology to estimate round times")
-        if plan is None:  # one worker per region, one local epoch each
-            topology = meter.cost_model.topology
-            plan = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions}, fill=False)
-        round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
-        selective = SelectiveFedAvg(round_times=round_times, deadline_s=float(s.round_deadline_s), **fedavg_args)
-        return Metered(selective, meter, eval_every=int(s.eval_every), limits=limits, checkpointer=checkpointer,
-                       resume=bool(cfg.resume), reply_timeout=float(s.reply_timeout_s))
-    stop = StopRules(max_time_s=s.stop.max_time_s, max_cost_usd=s.stop.max_cost_usd,
-                     target_accuracy=float(cfg.target_accuracy) if s.stop.at_target else None)
-    common = {"meter": meter, "eval_every": int(s.eval_every), "stop": stop, "reply_timeout": float(s.reply_timeout_s),
-              "rejoin_every": int(s.rejoin_every),
-              "scheduler": scheduler, "replan_every": int(cfg.scheduler.get("replan_every", 5)), "limits": limits,
-              "checkpointer": checkpointer, "resume": bool(cfg.resume)}
-    if s.name in ("asgd_ga", "asgd_ga_delta"):  # the same strategy, gradient or delta updates
-        return AsyncGradAccum(lr=float(s.lr), momentum=float(s.momentum), nesterov=bool(s.nesterov),
-                              accumulation_steps=_int_or_mapping(s.accumulation_steps),
-                              batch_size=int(s.batch_size), tau_max=int(s.tau_max), staleness=str(s.staleness),
-                              update=str(s["update"]), local_lr=float(s.local_lr), balance=bool(s.balance),
-                              max_weight=float(s.max_weight), **common)
-    return ModelAveraging(lr=float(s.lr), local_steps=_int_or_mapping(s.local_steps), batch_size=int(s.batch_size),
-                          normalize=bool(s.normalize), outer_lr=float(s.outer_lr),
-                          outer_momentum=float(s.outer_momentum), nesterov=bool(s.nesterov),
-                          deadline_s=None if s.deadline_s is None else float(s.deadline_s), **common)
-
-
-def _int_or_mapping(value):
-    return {str(k): int(v) for k, v in value.items()} if isinstance(value, DictConfig) else int(value)
+    limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after)
+    context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
+                    work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", 5),
+                    checkpointer=checkpointer, resume=bool(cfg.resume))
+    settings = OmegaConf.to_container(cfg.strategy, resolve=True)
+    return strategy_entry(cfg.strategy.name).build(settings, context)
 
 
 def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: Topology | None = None,
@@ -182,7 +144,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     spec = ModelSpec(cfg.model.name, layout.num_classes, OmegaConf.to_container(cfg.model.options))
     train_config = ConfigRecord({**spec.to_config(), "regions": ",".join(topology.region_names),
                                  "data-seed": int(cfg.seed)})
-    if cfg.strategy.name == "fedavg":  # Flower's FedAvg sends this one work order to every region
+    entry = strategy_entry(cfg.strategy.name)
+    if entry.epoch_based:  # Flower's FedAvg sends this one work order to every region
         order = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),
                           epochs=float(cfg.strategy.local_epochs), data_seed=int(cfg.seed))
         train_config = ConfigRecord({**dict(train_config), **order.to_config()})
@@ -193,7 +156,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict())
     strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)
-    progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds)) if cfg.progress else None
+    progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit) if cfg.progress else None
     if progress is not None:
         strategy.history.listeners.append(progress)
     try:

@@ -91,13 +91,13 @@ def test_progress_prints_plain_lines_off_a_terminal_and_a_live_bar_on_one(capsys
     from cloudless_fl.reporting.progress import Progress
 
     entry = {"version": 2, "time_s": 1.5, "cost_usd": {"instance": 0.01}, "wan_bytes": 2e6, "accuracy": 0.5}
-    plain = Progress("ma", total=4, live=False)
+    plain = Progress("ma", total=4, unit="period", live=False)
     plain(entry)
     plain({**entry, "version": 3, "accuracy": None})  # not evaluated: no line
     plain.close()
     out = capsys.readouterr().out.splitlines()
     assert out == ["[ma] period    2  t=    1.50s  acc=0.5000  cost=$0.0100  wan=     2.0 MB"]
-    live = Progress("asgd_ga", total=4, live=True)
+    live = Progress("asgd_ga", total=4, unit="version", live=True)
     live(entry)
     live.close()
     captured = capsys.readouterr()

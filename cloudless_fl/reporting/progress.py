@@ -14,15 +14,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-UNITS = {"fedavg": "round", "ma": "period"}
-
 
 class Progress:
     """A `History` listener; call `close()` when the run ends."""
 
-    def __init__(self, strategy: str, total: int, live: bool | None = None) -> None:
+    def __init__(self, strategy: str, total: int, unit: str, live: bool | None = None) -> None:
         self.strategy = strategy
-        self.unit = UNITS.get(strategy, "version")
+        self.unit = unit  # what `total` counts: round, period or version
         self.live = sys.stderr.isatty() if live is None else live
         self.bar = tqdm(total=total, desc=strategy, unit=self.unit, dynamic_ncols=True) if self.live else None
         self._last_accuracy = "    -"

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from flwr.app import ArrayRecord
+
 from ..config import compose, prepare_data, topology_of, validate
-from .meter import record_bytes
-from ..training.models import build_model
-from .scheduler import Plan, evaluate_plan, plan, static_plan
+from ..control.meter import record_bytes
+from ..control.scheduler import Plan, evaluate_plan, plan, static_plan
 from ..server_app import make_scheduler, resident_sizes, workload
+from ..strategy.registry import strategy_entry
+from ..training.models import build_model
 
 
 def plans_for(cfg: DictConfig) -> tuple[Plan, Plan]:
     """(elastic plan, static plan) for the config's topology, data, model and strategy."""
-    from flwr.app import ArrayRecord
-
     validate(cfg)
     topology, layout = topology_of(cfg), prepare_data(cfg)
     model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, **cfg.model.options)
     work = workload(cfg, resident_sizes(topology, layout), record_bytes(ArrayRecord(model.state_dict())))
     objective = make_scheduler(cfg, topology, work).objective
-    if cfg.strategy.name == "fedavg":  # unscheduled FedAvg: minimum workers, one local epoch each
+    if strategy_entry(cfg.strategy.name).epoch_based:  # unscheduled FedAvg: minimum workers, one local epoch each
         static = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions},
                                objective.billing, fill=False)
     else:

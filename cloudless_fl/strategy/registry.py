@@ -1,0 +1,162 @@
+"""Every strategy `strategy=<name>` can choose, in one place: its config schema, its builder, its unit.
+
+Nothing else switches on a strategy's name. A new strategy is a new
+`StrategyEntry` here plus a `conf/strategy/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from ..checkpoint import Checkpointer
+from ..config_schema import BOOL, COUNT, OPTIONAL_SECONDS, POSITIVE, Choice, Number, Rule
+from ..control.meter import Meter
+from ..control.scheduler import Scheduler, Workload, evaluate_plan
+from ..errors import ConfigError
+from .asgd_ga import STALENESS_FUNCTIONS, UPDATES, AsyncGradAccum
+from .ma import ModelAveraging
+from .metered import Metered
+from .runbook import StopRules
+from .selective import SelectiveFedAvg
+from .validation import UpdateLimits
+
+
+@dataclass(frozen=True)
+class Build:
+    """What every builder gets besides the strategy's own settings (`cfg.strategy` as plain values)."""
+
+    meter: Meter
+    num_regions: int
+    limits: UpdateLimits
+    target_accuracy: float
+    work: Workload | None = None
+    scheduler: Scheduler | None = None
+    replan_every: int = 5
+    checkpointer: Checkpointer | None = None
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """One choice of the `strategy` config group.
+
+    Parameters
+    ----------
+    name : str
+    unit : str
+        What `num_rounds` counts: "round", "period" or "version".
+    local_work : str
+        The config key of a region's local work per synchronisation:
+        "local_epochs" (one work order for every region, as Flower's FedAvg
+        sends), "local_steps" or "accumulation_steps" (mini-batches per job).
+    schema : mapping key → rule
+        Allowed values of every `strategy.*` key it reads.
+    build : callable(settings, Build) → Strategy
+    fills_idle_time : bool
+        Under the scheduler, early finishers get extra local steps to fill the
+        period (only a strategy with a barrier to wait at).
+    """
+
+    name: str
+    unit: str
+    local_work: str
+    schema: Mapping[str, Rule]
+    build: Callable[[dict[str, Any], Build], Strategy]
+    fills_idle_time: bool = False
+
+    @property
+    def epoch_based(self) -> bool:
+        """Local work in epochs: one work order for every region, as Flower's FedAvg sends."""
+        return self.local_work == "local_epochs"
+
+
+STRATEGY_COMMON: dict[str, Rule] = {
+    "strategy.num_rounds": COUNT, "strategy.eval_every": COUNT, "strategy.lr": POSITIVE,
+    "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE,
+}
+_OWN_LOOP: dict[str, Rule] = {  # strategies that run their own loop (GeoStrategy)
+    "strategy.rejoin_every": COUNT, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
+    "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
+}
+
+
+def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
+    stop = StopRules(max_time_s=s["stop"]["max_time_s"], max_cost_usd=s["stop"]["max_cost_usd"],
+                     target_accuracy=b.target_accuracy if s["stop"]["at_target"] else None)
+    return {"meter": b.meter, "eval_every": s["eval_every"], "stop": stop, "reply_timeout": s["reply_timeout_s"],
+            "rejoin_every": s["rejoin_every"], "scheduler": b.scheduler, "replan_every": b.replan_every,
+            "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume}
+
+
+def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
+    """Flower's own FedAvg, metered; with `round_deadline_s`, slow regions join only every m-th round.
+
+    FedAvg takes the scheduler's initial plan (its workers, and its round-time
+    estimates for the deadline); it does not re-plan.
+    """
+    fedavg_args = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": b.num_regions,
+                   "min_available_nodes": b.num_regions}
+    plan = b.scheduler.start() if b.scheduler is not None else None
+    if plan is not None:
+        for name, workers in plan.workers().items():
+            b.meter.ledger.set_workers(name, workers, at=0.0)
+    if s["round_deadline_s"] is None:
+        inner: Strategy = FedAvg(**fedavg_args)
+    else:
+        if b.meter.cost_model is None or b.work is None:
+            raise ConfigError("strategy.round_deadline_s needs a topology to estimate round times")
+        if plan is None:  # one worker per region, one local epoch each
+            topology = b.meter.cost_model.topology
+            plan = evaluate_plan(topology, b.work, {r.name: r.workers_min for r in topology.regions}, fill=False)
+        round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
+        inner = SelectiveFedAvg(round_times=round_times, deadline_s=s["round_deadline_s"], **fedavg_args)
+    return Metered(inner, b.meter, eval_every=s["eval_every"], limits=b.limits, checkpointer=b.checkpointer,
+                   resume=b.resume, reply_timeout=s["reply_timeout_s"])
+
+
+def build_ma(s: dict[str, Any], b: Build) -> Strategy:
+    return ModelAveraging(lr=s["lr"], local_steps=s["local_steps"], batch_size=s["batch_size"],
+                          normalize=s["normalize"], outer_lr=s["outer_lr"], outer_momentum=s["outer_momentum"],
+                          nesterov=s["nesterov"], deadline_s=s["deadline_s"], **_geo_common(s, b))
+
+
+def build_asgd_ga(s: dict[str, Any], b: Build) -> Strategy:
+    return AsyncGradAccum(lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"],
+                          accumulation_steps=s["accumulation_steps"], batch_size=s["batch_size"],
+                          tau_max=s["tau_max"], staleness=s["staleness"], update=s["update"], local_lr=s["local_lr"],
+                          balance=s["balance"], max_weight=s["max_weight"], **_geo_common(s, b))
+
+
+_ASGD_GA_SCHEMA: dict[str, Rule] = {
+    **_OWN_LOOP, "strategy.accumulation_steps": Number(1, integer=True, per_region=True),
+    "strategy.momentum": Number(0, 1), "strategy.nesterov": BOOL, "strategy.tau_max": Number(0, integer=True),
+    "strategy.staleness": Choice(tuple(STALENESS_FUNCTIONS)), "strategy.update": Choice(UPDATES),
+    "strategy.local_lr": POSITIVE, "strategy.balance": BOOL, "strategy.max_weight": Number(1),
+}
+
+
+def _rules(own: Mapping[str, Rule]) -> dict[str, Rule]:
+    return {**STRATEGY_COMMON, **own}
+
+STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
+    StrategyEntry("fedavg", unit="round", local_work="local_epochs", build=build_fedavg, schema=_rules({
+        "strategy.local_epochs": POSITIVE, "strategy.round_deadline_s": OPTIONAL_SECONDS})),
+    StrategyEntry("ma", unit="period", local_work="local_steps", build=build_ma, fills_idle_time=True, schema=_rules({
+        **_OWN_LOOP, "strategy.local_steps": Number(1, integer=True, per_region=True), "strategy.normalize": BOOL,
+        "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1), "strategy.nesterov": BOOL,
+        "strategy.deadline_s": OPTIONAL_SECONDS})),
+    StrategyEntry("asgd_ga", unit="version", local_work="accumulation_steps", build=build_asgd_ga,
+                  schema=_rules(_ASGD_GA_SCHEMA)),
+    StrategyEntry("asgd_ga_delta", unit="version", local_work="accumulation_steps", build=build_asgd_ga,
+                  schema=_rules(_ASGD_GA_SCHEMA)),  # the same strategy, delta updates by default
+)}
+
+
+def strategy_entry(name: str) -> StrategyEntry:
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy={name!r} is not allowed; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
