@@ -12,7 +12,8 @@ import pytest
 
 from cloudless_fl.config import compose
 from cloudless_fl.reporting.plots import PLOTS
-from cloudless_fl.reporting.report import load_runs, rows, write_report
+from cloudless_fl.reporting.report import rows, write_report
+from cloudless_fl.reporting.results import load_runs
 from cloudless_fl.run import run
 from conftest import small_run_overrides
 
@@ -59,6 +60,22 @@ def test_table_values_equal_those_recomputed_from_the_json(runs_folder):
             assert table["ma+elastic"]["red_i"][i] == pytest.approx(reduction)
     assert compared >= 1  # the ratios were checked for at least one seed
     assert (runs_folder / "report.md").read_text().startswith("| topology | run | seeds |")
+    header = text.splitlines()[0]
+    assert "time-to-60 % (s)" in header and "WAN GB to 60 %" in header and "95" not in header
+
+
+def test_runs_at_other_targets_get_their_own_rows_and_a_target_column(runs_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(runs_folder / "fedavg-1", folder / "at-60")
+    other = json.loads((runs_folder / "fedavg-1" / "results.json").read_text())
+    other["summary"]["target_accuracy"] = 0.5
+    (folder / "at-50").mkdir()
+    (folder / "at-50" / "results.json").write_text(json.dumps(other))
+    lines = write_report(folder).splitlines()
+    assert lines[0].startswith("| topology | run | seeds | target | time-to-target (s) |")
+    assert {line.split(" | ")[3] for line in lines[2:4]} == {"50 %", "60 %"}
 
 
 def test_every_plot_is_written(runs_folder):

@@ -151,8 +151,10 @@ def test_asgd_ga_carries_on_when_a_node_disappears(tmp_path):
         return MetricRecord({"accuracy": 0.0, "loss": 0.0})
 
     strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=100, meter=fed.meter(),
-                              reply_timeout=0.3)
-    strategy.start(fed.grid, fed.initial, num_rounds=30, train_config=fed.config, evaluate_fn=take_slow_offline)
+                              reply_timeout=600)
+    # Flower's start(timeout=...) bounds the wait for a reply, as in Flower's own strategies
+    strategy.start(fed.grid, fed.initial, num_rounds=30, timeout=0.3, train_config=fed.config,
+                   evaluate_fn=take_slow_offline)
     assert strategy.version == 30
     assert strategy.history.counters["lost_regions"] == 1
     assert [e["region"] for e in strategy.history.events] == ["slow"]

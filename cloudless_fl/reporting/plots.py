@@ -11,7 +11,6 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -20,9 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..control import region_model  # noqa: E402
 from ..control.topology import load_topology  # noqa: E402
-
-if TYPE_CHECKING:
-    from .report import Run
+from .results import Run  # noqa: E402
 
 PLOTS = ("accuracy_vs_time", "accuracy_vs_cost", "accuracy_vs_samples", "utilisation", "staleness", "bandwidth")
 

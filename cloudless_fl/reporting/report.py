@@ -11,63 +11,16 @@ FedAvg on the same topology (and seed) and against the Ideal reference
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REQUIRED = ("strategy", "seed", "config", "history", "summary")
+from .results import Run, load_runs
+
 BASELINE = "fedavg"
 IDEAL_TOPOLOGY = "lan"
-
-
-@dataclass
-class Run:
-    path: Path
-    data: dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        """The run's `label`, else its strategy, marked `+elastic` when the elastic scheduler planned it."""
-        if self.data["config"].get("label"):
-            return str(self.data["config"]["label"])
-        scheduler = (self.data["config"].get("scheduler") or {}).get("name", "none")
-        return self.data["strategy"] + ("" if scheduler == "none" else f"+{scheduler}")
-
-    @property
-    def topology_spec(self) -> dict[str, Any]:
-        """The topology the run used (older results: the config's topology group)."""
-        return self.data.get("topology") or self.data["config"]["topology"]
-
-    @property
-    def topology(self) -> str:
-        return str(self.topology_spec.get("name", "unnamed"))
-
-    @property
-    def seed(self) -> int:
-        return int(self.data["seed"])
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return self.data["summary"]
-
-
-def load_runs(folder: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """All readable runs below `folder`, and (path, reason) for each that is not."""
-    runs, skipped = [], []
-    for path in sorted(Path(folder).rglob("results.json")):
-        try:
-            data = json.loads(path.read_text())
-            missing = [k for k in REQUIRED if k not in data]
-            if missing:
-                raise ValueError(f"missing keys {missing}")
-            runs.append(Run(path, data))
-        except (OSError, ValueError) as exc:
-            skipped.append((path, str(exc)))
-    return runs, skipped
 
 
 def _mean_std(values: Iterable[float | None]) -> str:
@@ -84,20 +37,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per (topology, strategy) with per-seed figures relative to FedAvg and Ideal."""
-    by_key: dict[tuple[str, str], dict[int, Run]] = defaultdict(dict)
+    """One row per (topology, strategy, target) with per-seed figures relative to FedAvg and Ideal
+    (at the same target)."""
+    by_key: dict[tuple[str, str, float], dict[int, Run]] = defaultdict(dict)
     for run in runs:
-        by_key[run.topology, run.label][run.seed] = run
-    ideal = {seed: run for (topo, _), seeds in by_key.items() if topo == IDEAL_TOPOLOGY
+        by_key[run.topology, run.label, run.target][run.seed] = run
+    ideal = {(target, seed): run for (topo, _, target), seeds in by_key.items() if topo == IDEAL_TOPOLOGY
              for seed, run in seeds.items()}
     table = []
-    for (topo, label), seeds in sorted(by_key.items()):
-        base = by_key.get((topo, BASELINE), {})
+    for (topo, label, target), seeds in sorted(by_key.items()):
+        base = by_key.get((topo, BASELINE, target), {})
         per_seed = defaultdict(list)
         for seed, run in seeds.items():
             s = run.summary
             b = base.get(seed).summary if seed in base else None
-            i = ideal.get(seed).summary if seed in ideal else None
+            i = ideal[target, seed].summary if (target, seed) in ideal else None
             cost = s["cost_to_target_usd"] or {}
             base_cost = (b or {}).get("cost_to_target_usd") or {}
             per_seed["t95"].append(s["time_to_target_s"])
@@ -117,26 +71,36 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
             per_seed["wan"].append(None if wan is None else wan / 1e9)
             util = s.get("utilization") or {}
             per_seed["util"].append(statistics.fmean(util.values()) if util else None)
-        table.append({"topology": topo, "label": label, "seeds": sorted(seeds), **per_seed})
+        table.append({"topology": topo, "label": label, "target": target, "seeds": sorted(seeds), **per_seed})
     return table
 
 
-COLUMNS = [
-    ("time-to-95 % (s)", "t95"), ("cost-to-95 % $ inst.", "cost_i"), ("cost-to-95 % $ srvl.", "cost_s"),
+COLUMNS = [  # {t}: the target accuracy, e.g. "95 %"
+    ("time-to-{t} (s)", "t95"), ("cost-to-{t} $ inst.", "cost_i"), ("cost-to-{t} $ srvl.", "cost_s"),
     ("speedup vs FedAvg", "speedup"), ("cost reduction (inst.)", "red_i"), ("cost reduction (srvl.)", "red_s"),
     ("ideal gap", "ideal_gap"), ("accuracy gap (pts)", "acc_gap"), ("final accuracy", "final"),
-    ("WAN GB to 95 %", "wan"), ("mean utilisation", "util"),
+    ("WAN GB to {t}", "wan"), ("mean utilisation", "util"),
 ]
 
 
+def _percent(target: float) -> str:
+    return f"{100 * target:g} %"
+
+
 def markdown(table: list[dict[str, Any]]) -> str:
-    head = "| topology | run | seeds | " + " | ".join(c for c, _ in COLUMNS) + " |"
-    sep = "|" + "---|" * (3 + len(COLUMNS))
+    """The table; headers name the runs' target accuracy, or say "target" with a column for it if they differ."""
+    targets = {row["target"] for row in table}
+    single = len(targets) == 1
+    t = _percent(next(iter(targets))) if single else "target"
+    fixed = ["topology", "run", "seeds"] + ([] if single else ["target"])
+    head = "| " + " | ".join(fixed + [c.format(t=t) for c, _ in COLUMNS]) + " |"
+    sep = "|" + "---|" * (len(fixed) + len(COLUMNS))
     lines = [head, sep]
     for row in table:
         cells = [_mean_std(row[key]) for _, key in COLUMNS]
         seeds = ",".join(str(s) for s in row["seeds"])
-        lines.append(f"| {row['topology']} | {row['label']} | {seeds} | " + " | ".join(cells) + " |")
+        first = [row["topology"], row["label"], seeds] + ([] if single else [_percent(row["target"])])
+        lines.append("| " + " | ".join(first + cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,11 @@
-"""A run's history and its `results.json` (the contract in docs/results.md).
+"""A run's history and its `results.json`, written and read back here (the contract: README, "results.json").
 
 `History` collects one entry per round (sync) or model version (async) plus the
 counters strategies keep (rejected updates, stale drops, lost regions,
 staleness). `summarize` derives the figures users compare: time-, cost- and
 WAN-bytes-to-target, totals, utilisation, and the Ideal reference.
+`write_results` writes the file atomically; `Run` / `load_runs` read it back
+(the report and its plots).
 """
 
 from __future__ import annotations
@@ -118,3 +120,59 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+REQUIRED = ("strategy", "seed", "config", "history", "summary")  # keys a results.json must have
+
+
+@dataclass
+class Run:
+    """One results.json read back: its path, its content, and the fields reports group by."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """The run's `label`, else its strategy, marked `+elastic` when the elastic scheduler planned it."""
+        if self.data["config"].get("label"):
+            return str(self.data["config"]["label"])
+        scheduler = (self.data["config"].get("scheduler") or {}).get("name", "none")
+        return self.data["strategy"] + ("" if scheduler == "none" else f"+{scheduler}")
+
+    @property
+    def topology_spec(self) -> dict[str, Any]:
+        """The topology the run used (older results: the config's topology group)."""
+        return self.data.get("topology") or self.data["config"]["topology"]
+
+    @property
+    def topology(self) -> str:
+        return str(self.topology_spec.get("name", "unnamed"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.data["seed"])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.data["summary"]
+
+    @property
+    def target(self) -> float:
+        """The target accuracy its time-, cost- and bytes-to-target figures refer to."""
+        return float(self.summary["target_accuracy"])
+
+
+def load_runs(folder: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """All readable runs below `folder`, and (path, reason) for each that is not."""
+    runs, skipped = [], []
+    for path in sorted(Path(folder).rglob("results.json")):
+        try:
+            data = json.loads(path.read_text())
+            missing = [k for k in REQUIRED if k not in data]
+            if missing:
+                raise ValueError(f"missing keys {missing}")
+            runs.append(Run(path, data))
+        except (OSError, ValueError) as exc:
+            skipped.append((path, str(exc)))
+    return runs, skipped

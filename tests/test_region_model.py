@@ -1,0 +1,65 @@
+"""One region model: the cost model, the scheduler and the WAN proxy time a region the same way."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from cloudless_fl.control import region_model
+from cloudless_fl.control.costmodel import CostModel
+from cloudless_fl.control.scheduler import Workload, evaluate_plan
+from cloudless_fl.control.topology import load_topology
+from cloudless_fl.deployment.wanproxy import link_shapes
+from conftest import TWO_REGIONS
+
+MODEL_BYTES = 4_000_000
+
+
+def two_regions(job_start_s: float = 0.0, sigma: float = 0.0):
+    raw = copy.deepcopy(TWO_REGIONS)
+    raw["regions"]["slow"]["job_start_s"] = job_start_s
+    raw["fluctuation"] = {"window_s": 10, "sigma": sigma}
+    return load_topology(raw)
+
+
+def test_the_cost_model_charges_the_region_models_compute_time():
+    topo = two_regions(job_start_s=1.5)
+    slow = topo.region("slow")
+    cm = CostModel(topo, seed=0, compute_jitter=0)
+    assert cm.compute_seconds("slow", 640, 2, job_id=0) == region_model.compute_seconds(slow, 640, 2)
+    assert region_model.compute_seconds(slow, 640, 2) == pytest.approx(1.5 + 640 / (100 * 2 * 1.0))
+
+
+def test_a_plan_includes_each_jobs_fixed_start_up():
+    work = Workload({"fast": 500, "slow": 500}, MODEL_BYTES, base_steps=10, batch_size=16)
+    workers = {"fast": 1, "slow": 1}
+    without = evaluate_plan(two_regions(0.0), work, workers, fill=False).regions["slow"]
+    with_start = evaluate_plan(two_regions(2.0), work, workers, fill=False).regions["slow"]
+    assert with_start.compute_s == pytest.approx(without.compute_s + 2.0)
+    assert with_start.local_steps == without.local_steps
+
+
+def test_the_scheduler_plans_the_transfer_the_cost_model_charges():
+    topo = two_regions()
+    cm = CostModel(topo, seed=0, compute_jitter=0)
+    plan = evaluate_plan(topo, Workload({"fast": 500, "slow": 500}, MODEL_BYTES), {"fast": 1, "slow": 1})
+    for name in ("fast", "slow"):
+        charged = cm.transfer_seconds(name, 0.0, MODEL_BYTES, region_model.DOWN) + \
+            cm.transfer_seconds(name, 0.0, MODEL_BYTES, region_model.UP)
+        assert plan.regions[name].comm_s == pytest.approx(charged)
+    assert plan.regions["slow"].comm_s == pytest.approx(2 * (0.010 + 8 * MODEL_BYTES / 80e6))
+
+
+def test_the_wan_proxy_shapes_a_link_at_the_bandwidth_the_cost_model_charges():
+    topo = two_regions(sigma=0.5)  # fluctuating: a different bandwidth in every 10 s window
+    cm = CostModel(topo, seed=3, compute_jitter=0)
+    up, down = link_shapes(topo, "slow", seed=3)
+    nbytes = 10_000  # small enough to stay inside one window
+    for t in (0.0, 12.0, 25.0, 47.0):
+        charged = cm.transfer_seconds("slow", t, nbytes, region_model.UP) - 0.010
+        assert up.transmit_seconds(nbytes, t) == pytest.approx(charged)
+        charged = cm.transfer_seconds("slow", t, nbytes, region_model.DOWN) - 0.010
+        assert down.transmit_seconds(nbytes, t) == pytest.approx(charged)
+    assert up.latency_s == down.latency_s == 0.010
+    assert len({round(up.mbps(t), 6) for t in (0.0, 12.0, 25.0, 47.0)}) > 1  # it does fluctuate
