@@ -102,3 +102,13 @@ def test_progress_prints_plain_lines_off_a_terminal_and_a_live_bar_on_one(capsys
     live.close()
     captured = capsys.readouterr()
     assert captured.out == "" and "acc=0.5000" in captured.err and "2/4" in captured.err
+
+
+@pytest.mark.parametrize("strategy", ["ma", "fedavg"])
+def test_clipped_updates_are_counted_in_results_json(two_region_topology, tmp_path, strategy):
+    overrides = small_run_overrides(two_region_topology, **{"strategy": strategy, "validation.max_norm": 1e-3,
+                                                             "validation.on_norm": "clip"})
+    payload = run(compose(overrides), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
+    assert saved["clipped_updates"] == {"fast": 3, "slow": 3}  # 3 rounds/periods, every update over the bound
+    assert saved["rejected_updates"] == 0 and payload["summary"]["clipped_updates"] == saved["clipped_updates"]
