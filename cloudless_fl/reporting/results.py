@@ -1,4 +1,4 @@
-"""A run's history and its `results.json`, written and read back here (the contract: README, "results.json").
+"""A run's history and its `results.json`, written and read back here (the contract: README, section "results.json").
 
 `History` collects one entry per round (sync) or model version (async) plus the
 counters strategies keep (rejected updates, stale drops, lost regions,
