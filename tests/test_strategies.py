@@ -96,6 +96,7 @@ def test_ma_outer_nesterov_momentum_changes_the_step(tmp_path):
     a, b = plain_result.arrays.to_torch_state_dict(), diloco_result.arrays.to_torch_state_dict()
     assert any(not torch.allclose(a[k], b[k]) for k in a)
     assert all("momentum_buffer" in state for state in diloco.optimizer.optimizer.state.values())
+    assert diloco.optimizer.optimizer.param_groups[0]["nesterov"]  # DiLoCo's outer step is Nesterov
     assert not plain.optimizer.optimizer.state  # plain averaging keeps no momentum
 
 
@@ -310,12 +311,85 @@ def test_same_seed_same_history(tmp_path, make):
     assert histories[0] == histories[1]
 
 
-def test_stop_rules_end_the_run_early(tmp_path):
+@pytest.mark.parametrize("rule, reason", [
+    ({"max_time_s": 1.0}, "time budget"),
+    ({"max_cost_usd": 0.0005}, "cost budget"),
+    ({"target_accuracy": 0.5}, "target accuracy"),
+])
+def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reason):
     from cloudless_fl.strategy import StopRules
 
     fed = Federation(tmp_path, topology())
-    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(),
-                              stop=StopRules(max_time_s=1.0))
-    strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=fed.config)
-    assert strategy.stop_reason.startswith("time budget")
-    assert strategy.version < 10_000
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(), eval_every=5,
+                              stop=StopRules(**rule))
+    strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=fed.config,
+                   evaluate_fn=_accuracy_on(fed))
+    assert strategy.stop_reason.startswith(reason)
+    entries = strategy.history.entries
+
+    def past(entry):
+        if "max_time_s" in rule:
+            return entry["time_s"] >= rule["max_time_s"]
+        if "max_cost_usd" in rule:
+            return entry["cost_usd"]["instance"] >= rule["max_cost_usd"]
+        return entry["accuracy"] is not None and entry["accuracy"] >= rule["target_accuracy"]
+
+    assert past(entries[-1]) and not any(past(e) for e in entries[:-1])  # stopped at the first, not later
+    assert len(entries) > 3  # and not at once
+
+
+def _accuracy_on(fed):
+    """Central evaluation on the test split of the federation's data."""
+    from flwr.app import MetricRecord
+
+    from cloudless_fl.training.data import load_npz
+    from cloudless_fl.training.local import evaluate
+
+    test, _ = load_npz(fed.root / "test.npz")
+    model = build_model("mlp", (1, 8, 8), 10, hidden=HIDDEN)
+
+    def evaluate_fn(version, arrays):
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    return evaluate_fn
+
+
+def test_asgd_ga_scales_each_update_by_its_staleness(tmp_path, monkeypatch):
+    from cloudless_fl.strategy.server_optimizer import ServerOptimizer
+
+    scales = []
+    step = ServerOptimizer.step
+    monkeypatch.setattr(ServerOptimizer, "step", lambda self, g, scale=1.0: (scales.append(scale), step(self, g, scale)))
+    fed = Federation(tmp_path, topology())
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, balance=False, meter=fed.meter())
+    strategy.start(fed.grid, fed.initial, num_rounds=20, train_config=fed.config)
+    expected = sorted((1 + tau) ** -0.5 for tau, n in strategy.history.staleness.items() for _ in range(n))
+    assert sorted(scales) == pytest.approx(expected)
+    assert min(scales) < 1  # some updates were stale, and scaled down
+
+
+def test_the_balance_weight_is_capped(tmp_path):
+    from cloudless_fl.strategy.membership import RegionInfo
+
+    strategy = AsyncGradAccum(max_weight=2.0)
+    strategy.roster.live = {1: RegionInfo(1, "fast", 900), 2: RegionInfo(2, "slow", 100)}
+    strategy.roster.shares = {"fast": 0.5, "slow": 0.5}
+    strategy._durations = {"fast": 1.0, "slow": 10.0}  # slow arrives 10x less often: uncapped weight 5.5
+    assert strategy._balance_weight("slow") == 2.0
+    assert strategy._balance_weight("fast") == pytest.approx(0.5 * 1.1 / 1.0)
+
+
+def test_the_server_optimizer_takes_nesterov_steps():
+    """Nesterov SGD by hand: v = m v + g; w -= lr (g + m v)."""
+    from cloudless_fl.strategy.server_optimizer import ServerOptimizer
+
+    w0, g1, g2, lr, m = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([-1.0, 0.25]), 0.7, 0.9
+    opt = ServerOptimizer({"w": w0}, lr=lr, momentum=m, nesterov=True)
+    opt.step({"w": g1})
+    opt.step({"w": g2})
+    v1 = g1
+    w1 = w0 - lr * (g1 + m * v1)
+    v2 = m * v1 + g2
+    assert torch.allclose(opt.state["w"], w1 - lr * (g2 + m * v2))
