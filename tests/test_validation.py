@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import numpy as np
@@ -221,8 +222,46 @@ def test_malformed_updates_raise_only_rejected_update(contents, mode):
 
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from(["w", "b"]), arrays(), min_size=1, max_size=2))
-def test_decode_tensors_never_raises_anything_undocumented(contents):
+def test_decode_tensors_decodes_exactly_what_numpy_reads_or_raises_a_documented_error(contents):
     try:
-        protocol.decode_tensors(ArrayRecord(contents))
+        tensors = protocol.decode_tensors(ArrayRecord(contents))
     except (TypeError, ValueError):
-        pass
+        return
+    for name, array in contents.items():  # accepted: numpy itself reads the same values, dtype and shape
+        expected = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
+        assert tensors[name].numpy().dtype == expected.dtype and tensors[name].numpy().shape == expected.shape
+        assert np.array_equal(tensors[name].numpy(), expected, equal_nan=True)
+
+
+def _npy(values: np.ndarray, **header) -> bytes:
+    """An npy payload of `values`, with header fields overridden."""
+    fields = {"descr": np.lib.format.dtype_to_descr(values.dtype), "fortran_order": False, "shape": values.shape,
+              **header}
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, fields)
+    return stream.getvalue() + values.tobytes()
+
+
+GOOD_W = np.ones((3, 2), dtype=np.float32)
+MALFORMED = {  # each an Array that declares w's float32 (3, 2) but is not a well-formed npy of it
+    "not npy": b"garbage" * 8,
+    "header dtype float64, same bytes": _npy(np.ones(3, dtype=np.float64), descr="<f8", shape=(3,)),
+    "header shape differs": _npy(GOOD_W, shape=(2, 3)),
+    "Fortran order": _npy(GOOD_W, fortran_order=True),
+    "trailing bytes": _npy(GOOD_W) + b"\x00" * 4,
+    "truncated values": _npy(GOOD_W)[:-4],
+    "object dtype header": _npy(GOOD_W, descr="|O"),
+    "header not a literal": _npy(GOOD_W).replace(b"'descr'", b"__import__('os')", 1),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_a_malformed_payload_is_rejected_as_malformed(kind):
+    validator = UpdateValidator(REFERENCE, UpdateLimits())
+    good = record(**REFERENCE)
+    validator.check("r", good, protocol.MODE_DELTA)
+    bad = ArrayRecord({**dict(good.items()),
+                       "w": Array(dtype="float32", shape=(3, 2), stype="numpy.ndarray", data=MALFORMED[kind])})
+    with pytest.raises(RejectedUpdate) as info:
+        validator.check("r", bad, protocol.MODE_DELTA)
+    assert info.value.reason == "malformed" and "'w'" in str(info.value)

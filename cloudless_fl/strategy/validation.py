@@ -98,7 +98,6 @@ class UpdateValidator:
         after = self.limits.quarantine_after
         return after > 0 and sum(self.rejections[region].values()) >= after
 
-
     def _check(self, region: str, arrays: ArrayRecord, mode: str,
                base: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         expected = self.expected_names(mode)
