@@ -72,7 +72,9 @@ def test_bytes_through_equal_bytes_out(proxy_to_echo):
     payload = os.urandom(3_000_001)
     echoed, _ = roundtrip(proxy.port, payload)
     assert echoed == payload
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5  # the counters are added when the proxy's side of the connection closes
+    while (proxy.bytes_up, proxy.bytes_down) != (len(payload), len(payload)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert proxy.bytes_up == proxy.bytes_down == len(payload)
 
 
@@ -84,8 +86,19 @@ def test_a_megabyte_over_10_mbits_and_50_ms_takes_about_0_85_s(proxy_to_echo):
     assert 0.7 < seconds < 1.3  # 0.8 s on the wire + 50 ms latency
 
 
+def test_latency_delays_each_direction(proxy_to_echo):
+    """A kilobyte over fast links: the round trip is the two one-way latencies (control: none)."""
+    slow = proxy_to_echo(constant(10_000, 150), constant(10_000, 100))
+    free = proxy_to_echo(constant(10_000, 0), constant(10_000, 0))
+    _, with_latency = roundtrip(slow.port, os.urandom(1000))
+    _, without = roundtrip(free.port, os.urandom(1000))
+    assert 0.25 <= with_latency < 0.25 + 0.15
+    assert without < 0.1
+
+
 def test_time_scale_speeds_the_link_up(proxy_to_echo):
+    """1 MB over 10 Mbit/s + 50 ms, ten times faster: ~0.085 s (unscaled: ~0.85 s, the test above)."""
     fast = Shape(lambda t: 10, 0.05, time_scale=10.0)
     proxy = proxy_to_echo(fast, constant(10_000, 0))
     _, seconds = roundtrip(proxy.port, os.urandom(1_000_000))
-    assert seconds < 0.4  # ~0.085 s
+    assert 0.07 < seconds < 0.4
