@@ -112,3 +112,28 @@ def test_clipped_updates_are_counted_in_results_json(two_region_topology, tmp_pa
     saved = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
     assert saved["clipped_updates"] == {"fast": 3, "slow": 3}  # 3 rounds/periods, every update over the bound
     assert saved["rejected_updates"] == 0 and payload["summary"]["clipped_updates"] == saved["clipped_updates"]
+
+
+def test_a_dataset_file_outside_conf_is_used(two_region_topology, tmp_path):
+    from cloudless_fl.training.data import load_source, split_dataset
+
+    split_dataset(load_source("digits"), {"fast": 0.3, "slow": 0.7}, tmp_path / "data")
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(f"name: mine\nsource: presplit\nroot: {tmp_path / 'data'}\nformat: auto\nnum_classes: null\n")
+    payload = run(compose(small_run_overrides(two_region_topology, dataset_file=spec)), tmp_path / "run")
+    assert payload["config"]["dataset_file"] == str(spec)
+    assert sum(payload["regions"][r]["bytes_up"] > 0 for r in ("fast", "slow")) == 2
+    with pytest.raises(ConfigError, match="dataset_file .*missing.yaml does not exist"):
+        run(compose(small_run_overrides(two_region_topology, dataset_file=tmp_path / "missing.yaml")),
+            tmp_path / "run2")
+
+
+def test_a_finished_run_extended_by_more_rounds_equals_the_longer_run(two_region_topology, tmp_path):
+    ma = ["strategy=ma", "strategy.local_steps=3"]
+    longer = run(compose(small_run_overrides(two_region_topology, **{"strategy.num_rounds": 5}) + ma),
+                 tmp_path / "whole")
+    run(compose(small_run_overrides(two_region_topology, **{"strategy.num_rounds": 3}) + ma), tmp_path / "short")
+    extended = run(compose(small_run_overrides(two_region_topology, **{"strategy.num_rounds": 5}) + ma
+                           + [f"resume={tmp_path / 'short'}"]), tmp_path / "short")
+    assert [e["version"] for e in extended["history"]] == [0, 1, 2, 3, 4, 5]
+    assert extended["history"] == longer["history"] and extended["summary"] == longer["summary"]
