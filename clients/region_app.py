@@ -59,7 +59,7 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
             "train-loss": stats.loss,
             "model-version": order.version,
         })
-        info = ConfigRecord({"region": region})
+        info = ConfigRecord({"region": region, "update": order.mode})
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info}),
                        reply_to=msg)
 

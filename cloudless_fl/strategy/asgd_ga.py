@@ -48,8 +48,9 @@ class AsyncGradAccum(GeoStrategy):
 
     Parameters
     ----------
-    lr : float
-        Server learning rate (applied to the accumulated gradient, or to the delta).
+    lr : float, optional
+        Server learning rate, applied to the accumulated gradient or to the delta.
+        Default: 0.1 for gradients, 1.0 for deltas (a delta is applied as sent).
     momentum, nesterov :
         Server optimizer (SGD) momentum.
     accumulation_steps : int or mapping region → int
@@ -62,7 +63,9 @@ class AsyncGradAccum(GeoStrategy):
         `alpha(tau)`; "inverse_sqrt" (default) or "none", or any callable.
     update : "gradient" | "delta"
         `gradient`: true gradient accumulation at the sent weights. `delta`:
-        `G_r` local SGD steps at `local_lr`, the region returns `w_sent - w_new`.
+        `G_r` local SGD steps at `local_lr`, the region returns `w_sent - w_new`;
+        a stock Flower ClientApp that returns its new weights works too (the
+        server takes the difference to the model it sent).
     balance : bool
         Weight updates so each region's data counts by its share, not its speed.
     max_weight : float
@@ -72,7 +75,7 @@ class AsyncGradAccum(GeoStrategy):
         `GeoStrategy`).
     """
 
-    def __init__(self, *, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
+    def __init__(self, *, lr: float | None = None, momentum: float = 0.0, nesterov: bool = False,
                  accumulation_steps: int | Mapping[str, int] = 4, batch_size: int = 32, tau_max: int = 16,
                  staleness: str | Callable[[int], float] = "inverse_sqrt", update: str = protocol.MODE_GRADIENT,
                  local_lr: float = 0.1, balance: bool = True, max_weight: float = 4.0, **kwargs) -> None:
@@ -83,6 +86,8 @@ class AsyncGradAccum(GeoStrategy):
             if staleness not in STALENESS_FUNCTIONS:
                 raise ValueError(f"unknown staleness function {staleness!r}; use {', '.join(STALENESS_FUNCTIONS)}")
             staleness = STALENESS_FUNCTIONS[staleness]
+        if lr is None:  # a delta is already a step; a gradient needs a learning rate
+            lr = 1.0 if update == protocol.MODE_DELTA else 0.1
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
         self.accumulation_steps = accumulation_steps
         self.batch_size = batch_size

@@ -14,6 +14,7 @@ As in Flower, `configure_train` returns the messages and `start()` pushes them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..checkpoint import Checkpointer
 from ..control.jobs import Job, JobTiming
 from ..control.meter import Meter, record_bytes
 from ..control.scheduler import Scheduler
+from ..errors import ConfigError
 from ..reporting.results import History
 from ..training import protocol
 from .inflight import InFlight, InFlightJobs
@@ -73,13 +75,23 @@ class GeoStrategy(Strategy):
         Write the run's state every `checkpointer.every` versions/periods and at the end.
     resume : bool
         Continue from `checkpointer`'s checkpoint instead of starting afresh.
+    query_regions : bool, optional
+        Ask each node its region and resident data size with a `query` message
+        (the region ClientApp answers). Default: only when `meter` knows a
+        topology. Without it (a plain Flower project) nodes are `node-<id>` with
+        equal data shares, stock ClientApps never see a message they cannot
+        handle, and no node joins later.
+    min_available_nodes : int
+        Wait (up to `reply_timeout`) for this many SuperNodes before starting.
     """
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
                  rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, query_regions: bool | None = None, min_available_nodes: int = 1) -> None:
         self.meter = meter or Meter.measured()
+        self.query_regions = self.meter.cost_model is not None if query_regions is None else query_regions
+        self.min_available_nodes = max(1, int(min_available_nodes))
         self.book = RunBook(self.meter, eval_every=eval_every, stop=stop, checkpointer=checkpointer, resume=resume)
         self.roster = Roster(self.book)
         self.jobs = InFlightJobs(reply_timeout)
@@ -130,7 +142,13 @@ class GeoStrategy(Strategy):
         config = train_config or ConfigRecord()
         self.jobs.reply_timeout = min(self.jobs.reply_timeout, timeout)
         self.summary()
-        self.roster.discover(grid, grid.get_node_ids(), config, timeout=self.jobs.reply_timeout)
+        nodes = self._wait_for_nodes(grid)
+        if self.query_regions:
+            self.roster.discover(grid, nodes, config, timeout=self.jobs.reply_timeout)
+        else:
+            self.roster.take_unasked(nodes)
+            log.info("%d nodes named node-<id> with equal data shares (not asked their region: "
+                     "query_regions=False)", len(nodes))
         for info in self.roster.live.values():
             self.offsets.setdefault(info.name, 0)
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
@@ -145,6 +163,13 @@ class GeoStrategy(Strategy):
             self.plan.start(sizes, record_bytes(initial_arrays))
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
         return config, initial_arrays
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        """SuperNodes register asynchronously: wait up to the reply timeout for `min_available_nodes`."""
+        deadline = time.monotonic() + self.jobs.reply_timeout
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return nodes
 
     # ------------------------------------------------------------------ jobs
     def _train_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -182,19 +207,29 @@ class GeoStrategy(Strategy):
         return messages
 
     def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:
-        """Meter a successful reply; return its validated tensors (None if rejected) and metrics.
+        """Meter a successful reply; return its validated update in `mode` (None if rejected) and metrics.
 
         A rejected update was still computed and moved, so it is charged; it never
         reaches the model, and its region is quarantined once it has sent too many.
+        A reply of new weights (a stock Flower ClientApp's) where a delta was asked
+        for becomes the delta against the model the job was sent.
         """
         arrays = reply.content[protocol.ARRAYS]
         metrics = reply.content[protocol.METRICS]
+        sent_as = protocol.reply_update(reply)
+        if sent_as != mode and not (sent_as == protocol.MODE_WEIGHTS and mode == protocol.MODE_DELTA):
+            raise ConfigError(
+                f"{type(self).__name__} asked region {flight.region} for {mode} updates but its ClientApp sent "
+                f"{sent_as}{' (a stock Flower reply: new weights)' if sent_as == protocol.MODE_WEIGHTS else ''}. "
+                "Use update='delta' (any ClientApp that returns its new weights), or have the ClientApp send "
+                f"{mode} updates and say so in its reply (docs/drop-in.md)")
         bytes_up = record_bytes(arrays)
         samples = int(metrics.get("num-examples", 0))
         work_s, transfer_s = self.meter.complete(flight.job, bytes_up=bytes_up, samples=samples,
                                                  compute_s=float(metrics.get("compute-seconds", 0.0)))
+        base = flight.arrays.to_torch_state_dict() if sent_as != mode else self.optimizer.state
         try:
-            tensors = self.validator.check(flight.region, arrays, mode, base=self.optimizer.state)
+            tensors = self.validator.check(flight.region, arrays, sent_as, base=base)
         except RejectedUpdate:
             self.book.count("rejected_updates")
             if self.validator.quarantined(flight.region):
@@ -202,6 +237,8 @@ class GeoStrategy(Strategy):
                                        sum(self.validator.rejections[flight.region].values()))
                 self._region_left(flight.region)
             return None, metrics
+        if sent_as != mode:  # new weights → the change a delta job reports: sent - new
+            tensors = {k: base[k] - v for k, v in tensors.items() if v.is_floating_point()}
         self.book.samples += samples
         if self.plan is not None:
             self.plan.scheduler.observe(flight.region, samples=samples, work_s=work_s,
@@ -231,6 +268,8 @@ class GeoStrategy(Strategy):
         Every `rejoin_every` steps the nodes the run does not know are asked who
         they are; answers are read on every call, so nothing waits for a slow one.
         """
+        if not self.query_regions:
+            return []
         admitted = []
         for info in self.roster.poll(grid, config, ask_now=self.roster.due(step, self.rejoin_every)):
             if self._admit(info):

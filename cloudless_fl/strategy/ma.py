@@ -39,7 +39,9 @@ class ModelAveraging(GeoStrategy):
     batch_size : int
         Mini-batch size on the regions.
     normalize : bool
-        FedNova normalisation for unequal `H_r` (no effect when all are equal).
+        FedNova normalisation for unequal `H_r` (no effect when all are equal). Needs
+        every reply to report its `steps`; a period with a stock Flower reply (new
+        weights and `num-examples` only) is a plain weighted average.
     outer_lr, outer_momentum, nesterov :
         Outer optimizer on the averaged pseudo-gradient; `outer_lr=1, outer_momentum=0`
         is plain averaging.
@@ -93,12 +95,12 @@ class ModelAveraging(GeoStrategy):
             changes.append({k: start[k] - local[k] for k in start if start[k].is_floating_point()})
             weights.append(float(metrics["num-examples"]) if self.weight_by == "samples"
                            else self.roster.shares[flight.region])
-            steps.append(max(1, int(metrics["steps"])))
+            steps.append(max(1, int(metrics["steps"])) if "steps" in metrics else None)  # stock replies: none
         if not changes:
             return None, None
         total = sum(weights)
         p = [w / total for w in weights]
-        if self.normalize:
+        if self.normalize and None not in steps:  # FedNova needs every region's step count
             tau_eff = sum(pi * h for pi, h in zip(p, steps))
             coeffs = [pi * tau_eff / h for pi, h in zip(p, steps)]
         else:

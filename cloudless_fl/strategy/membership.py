@@ -121,6 +121,15 @@ class Roster:
         self.named.update({node: info.name for node, info in found.items()})
         self.shares = data_shares(found.values())
 
+    def take_unasked(self, node_ids: Iterable[int]) -> None:
+        """The run's regions without asking: each node is `node-<id>`, all with equal data shares."""
+        found = {n: RegionInfo(n, f"node-{n}", None) for n in node_ids}
+        if not found:
+            raise RuntimeError("no node is connected; start the SuperNodes first")
+        self.live = found
+        self.named.update({node: info.name for node, info in found.items()})
+        self.shares = data_shares(found.values())
+
     def names(self, grid: Grid, node_ids: Iterable[int], config: ConfigRecord, timeout: float) -> dict[int, str]:
         """Region names of `node_ids`, asked once for the nodes not named yet (no admission)."""
         node_ids = list(node_ids)

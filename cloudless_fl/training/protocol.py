@@ -156,6 +156,20 @@ def _npy_data_offset(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, 
     return header_end
 
 
+def reply_update(msg: Message) -> str:
+    """What a train reply's arrays are: the `update` its `info` record names, else weights.
+
+    A stock Flower ClientApp replies with its new weights and no `info` record
+    (Flower's convention); the region ClientApp (and any app that follows this
+    protocol) says `update: gradient` or `update: delta` when it sends those.
+    """
+    info = msg.content.config_records.get(INFO)
+    update = MODE_WEIGHTS if info is None else str(info.get("update", MODE_WEIGHTS))
+    if update not in MODES:
+        raise ValueError(f"reply says its arrays are {update!r}; expected one of {', '.join(MODES)}")
+    return update
+
+
 def reply_region(msg: Message) -> str | None:
     """The region a reply came from, if it said."""
     if msg.has_error() or INFO not in msg.content.config_records:

@@ -1,12 +1,14 @@
-"""A plain Flower ClientApp. To serve ASGD-GA it honours one extra config key:
-`mode == "gradient"` means "accumulate gradients over `local-steps` batches and
-send them back" instead of training. Everything else is standard Flower.
+"""A plain Flower ClientApp. To serve ASGD-GA's gradient mode it honours one extra
+config key: `mode == "gradient"` means "accumulate gradients over `local-steps`
+batches and send them back" instead of training, and says so in its reply
+(`info` record, `update: gradient`). Everything else is standard Flower: MA and
+ASGD-GA's delta mode need nothing extra.
 """
 
 from collections import OrderedDict
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from task import load_partition, make_model
@@ -28,6 +30,7 @@ def train(msg: Message, context: Context) -> Message:
         for rows in batches:
             (loss_fn(model(x[rows]), y[rows]) / steps).backward()
         arrays = ArrayRecord(OrderedDict((k, p.grad) for k, p in model.named_parameters()))
+        info = ConfigRecord({"update": "gradient"})  # the arrays are gradients, not weights
     else:  # FedAvg / MA: local SGD, send weights
         opt = torch.optim.SGD(model.parameters(), lr=float(config.get("lr", 0.1)))
         for rows in batches:
@@ -35,5 +38,6 @@ def train(msg: Message, context: Context) -> Message:
             loss_fn(model(x[rows]), y[rows]).backward()
             opt.step()
         arrays = ArrayRecord(model.state_dict())
+        info = ConfigRecord({"update": "weights"})
     metrics = MetricRecord({"num-examples": steps * batch, "steps": steps})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "info": info}), reply_to=msg)

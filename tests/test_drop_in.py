@@ -1,0 +1,91 @@
+"""Drop-in: a stock Flower ClientApp (quickstart-shaped, its own model and data) with only the strategy changed."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from cloudless_fl.deployment.grid import InProcessGrid
+from cloudless_fl.errors import ConfigError
+from cloudless_fl.strategy import AsyncGradAccum, ModelAveraging
+
+STOCK = Path(__file__).resolve().parent / "stock_app"
+NODES, ROUNDS = 3, 5
+
+
+@pytest.fixture
+def stock():
+    sys.path.insert(0, str(STOCK))
+    try:
+        import client_app
+        import task
+
+        yield client_app, task
+    finally:
+        sys.path.remove(str(STOCK))
+        for name in ("client_app", "task"):
+            sys.modules.pop(name, None)
+
+
+def _run(stock, strategy, num_rounds, train_config):
+    """Run `strategy` on the stock app; returns (best accuracy, message types sent)."""
+    client_app, task = stock
+    grid = InProcessGrid(client_app.app, NODES)
+    sent = []
+    push = grid.push_messages
+    grid.push_messages = lambda messages: push([sent.append(m.metadata.message_type) or m for m in messages])
+    torch.manual_seed(0)
+    initial = ArrayRecord(task.make_model().state_dict())
+    model = task.make_model()
+
+    def evaluate(server_round, arrays):
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return MetricRecord({"accuracy": task.accuracy(model)})
+
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, train_config=train_config,
+                            evaluate_fn=evaluate)
+    return max(m["accuracy"] for m in result.evaluate_metrics_serverapp.values()), set(sent)
+
+
+def test_ma_and_asgd_ga_delta_learn_as_well_as_fedavg_with_no_client_change(stock, caplog):
+    caplog.set_level(logging.INFO, logger="cloudless_fl")
+    config = ConfigRecord({"lr": 0.1})
+    fedavg, _ = _run(stock, FedAvg(fraction_evaluate=0.0, min_available_nodes=NODES), ROUNDS, config)
+    ma, ma_sent = _run(stock, ModelAveraging(lr=0.1), ROUNDS, config)
+    # as much work: one job (an epoch on one node) per version, NODES jobs per FedAvg round
+    asgd, asgd_sent = _run(stock, AsyncGradAccum(update="delta", local_lr=0.1, eval_every=NODES),
+                           ROUNDS * NODES, config)
+    print(f"best accuracy: FedAvg {fedavg:.3f}, MA {ma:.3f}, ASGD-GA delta {asgd:.3f}")
+    assert fedavg > 0.6  # the task is learnable: chance is 0.25
+    assert ma >= 0.9 * fedavg and asgd >= 0.9 * fedavg
+    assert ma_sent == asgd_sent == {"train"}  # no region query a stock ClientApp cannot answer
+    ours = [r for r in caplog.records if r.name == "cloudless_fl"]
+    assert not [r for r in ours if r.levelno >= logging.WARNING]
+    assert sum("named node-<id>" in r.getMessage() for r in ours) == 2  # one INFO line per run
+
+
+def test_gradient_mode_refuses_a_stock_reply_with_what_to_do(stock):
+    with pytest.raises(ConfigError, match=r"asked region node-\d+ for gradient updates .* stock Flower reply.*"
+                                          r"update='delta'"):
+        _run(stock, AsyncGradAccum(update="gradient"), 5, ConfigRecord({"lr": 0.1}))
+
+
+def test_ma_without_reported_steps_is_a_plain_num_examples_weighted_average(stock, monkeypatch):
+    """With no `steps` in the replies FedNova has nothing to normalise by: MA must equal Flower's FedAvg."""
+    client_app, task = stock
+    results = []
+    for strategy in (ModelAveraging(lr=0.1), FedAvg(fraction_evaluate=0.0, min_available_nodes=NODES)):
+        grid = InProcessGrid(client_app.app, NODES)
+        torch.manual_seed(0)
+        initial = ArrayRecord(task.make_model().state_dict())
+        monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.arange(n))  # same batches both runs
+        results.append(strategy.start(grid=grid, initial_arrays=initial, num_rounds=2,
+                                      train_config=ConfigRecord({"lr": 0.1})).arrays.to_torch_state_dict())
+    for name, tensor in results[1].items():
+        assert torch.allclose(results[0][name], tensor, atol=1e-6), name
