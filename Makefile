@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast mutation clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,10 @@ test: install
 test-fast: install  ## skip the tests that start real Flower engines or the quick reproduction suite
 	$(BIN)/python -m pytest -q -m "not integration and not suite"
 
+mutation: install  ## mutation testing (mutmut) of strategies, validation, cost/region model, scheduler: hours on 2 cores
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'mutmut==3.8.1'
+	$(BIN)/mutmut run || true
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache mutants

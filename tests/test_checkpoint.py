@@ -44,6 +44,7 @@ def comparable(payload: dict) -> dict:
             "events": [e for e in payload["events"] if e["event"] != "resumed"]}
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("strategy", RUNS)
 def test_a_killed_run_resumes_to_the_same_model_and_figures(two_region_topology, tmp_path, strategy):
     whole = tmp_path / "whole"

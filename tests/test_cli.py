@@ -61,6 +61,7 @@ def test_data_split_of_an_unknown_topology_exits_with_the_error(tmp_path):
         main(["data", "split", "--out", str(tmp_path), "--topology", "nowhere"])
 
 
+@pytest.mark.subprocess
 def test_the_installed_command_runs():
     exe = Path(sys.executable).parent / "cloudless-fl"
     done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
