@@ -89,3 +89,51 @@ def test_ma_without_reported_steps_is_a_plain_num_examples_weighted_average(stoc
                                       train_config=ConfigRecord({"lr": 0.1})).arrays.to_torch_state_dict())
     for name, tensor in results[1].items():
         assert torch.allclose(results[0][name], tensor, atol=1e-6), name
+
+
+def _local_superlink_processes(flwr_home: Path) -> list[int]:
+    """Pids of the managed local SuperLink `flwr run` started for `flwr_home` (its database lies there)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(flwr_home).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
+@pytest.mark.integration
+def test_flwr_run_trains_the_stock_app_with_ma_on_the_simulation_engine(tmp_path):
+    """`flwr run` itself, Flower's managed local SuperLink, the app's environment as it is (no per-run install)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    try:
+        httpx.get("http://127.0.0.1:39091/health", timeout=1)
+        pytest.fail("a local Flower SuperLink already runs on 127.0.0.1:39091; stop it (this test starts its own)")
+    except httpx.HTTPError:
+        pass
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--federation-config", "num-supernodes=3",
+                               "--stream", "--run-config", "strategy='ma' num-server-rounds=5"],
+                              cwd=STOCK, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        for pid in _local_superlink_processes(tmp_path / "flwr"):
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _local_superlink_processes(tmp_path / "flwr") and time.monotonic() < deadline:
+            time.sleep(0.2)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    best = float(log.split("best accuracy ")[1].split()[0])
+    assert best > 0.85, log[-2000:]
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+    assert not _local_superlink_processes(tmp_path / "flwr")
