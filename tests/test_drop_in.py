@@ -104,8 +104,9 @@ def _local_superlink_processes(flwr_home: Path) -> list[int]:
 
 
 @pytest.mark.integration
-def test_flwr_run_trains_the_stock_app_with_ma_on_the_simulation_engine(tmp_path):
-    """`flwr run` itself, Flower's managed local SuperLink, the app's environment as it is (no per-run install)."""
+def test_flwr_run_trains_the_stock_app_on_the_simulation_engine(tmp_path):
+    """`flwr run` itself on Flower's managed local SuperLink, the app's environment as it is (no per-run install):
+    FedAvg, MA and ASGD-GA delta with the same work; MA and ASGD-GA within 90 % of FedAvg's best accuracy."""
     import os
     import signal
     import subprocess
@@ -121,19 +122,23 @@ def test_flwr_run_trains_the_stock_app_with_ma_on_the_simulation_engine(tmp_path
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    best, logs = {}, {}
     try:
-        done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--federation-config", "num-supernodes=3",
-                               "--stream", "--run-config", "strategy='ma' num-server-rounds=5"],
-                              cwd=STOCK, env=env, capture_output=True, text=True, timeout=300)
+        for strategy, rounds in (("fedavg", ROUNDS), ("ma", ROUNDS), ("asgd_ga_delta", ROUNDS * NODES)):
+            done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--federation-config", f"num-supernodes={NODES}",
+                                   "--stream", "--run-config", f"strategy='{strategy}' num-server-rounds={rounds}"],
+                                  cwd=STOCK, env=env, capture_output=True, text=True, timeout=300)
+            logs[strategy] = log = done.stdout + done.stderr
+            assert done.returncode == 0, log[-3000:]
+            assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+            best[strategy] = float(log.split("best accuracy ")[1].split()[0])
     finally:
         for pid in _local_superlink_processes(tmp_path / "flwr"):
             os.killpg(os.getpgid(pid), signal.SIGTERM)
         deadline = time.monotonic() + 30
         while _local_superlink_processes(tmp_path / "flwr") and time.monotonic() < deadline:
             time.sleep(0.2)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-3000:]
-    best = float(log.split("best accuracy ")[1].split()[0])
-    assert best > 0.85, log[-2000:]
-    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+    print(f"flwr run, best accuracy: {best}")
+    assert best["fedavg"] > 0.6
+    assert best["ma"] >= 0.9 * best["fedavg"] and best["asgd_ga_delta"] >= 0.9 * best["fedavg"], best
     assert not _local_superlink_processes(tmp_path / "flwr")
