@@ -28,5 +28,20 @@ def atomic_write(file: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def ensure_writable(folder: str | Path, what: str = "run folder") -> Path:
+    """Create `folder` if needed and check a file can be written there; a `CloudlessError` naming it if not."""
+    from .errors import CloudlessError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise CloudlessError(f"the {what} {folder} is not writable ({exc.strerror or exc}); "
+                             "choose another (hydra.run.dir=... or resume=...) or fix its permissions") from None
+    return folder
+
+
 def atomic_write_text(file: str | Path, text: str) -> None:
     atomic_write(file, lambda fh: fh.write(text.encode()))

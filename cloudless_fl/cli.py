@@ -42,9 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "report":
         if len(rest) != 1:
             raise SystemExit("usage: cloudless-fl report FOLDER")
-        from .reporting.report import write_report
+        from pathlib import Path
 
-        print(write_report(rest[0]))
+        from .reporting.report import write_report
+        from .reporting.results import load_runs
+
+        if not Path(rest[0]).is_dir():
+            raise SystemExit(f"error: {rest[0]} is not a folder; pass the folder holding the runs' results.json")
+        text = write_report(rest[0])
+        print(text)
+        if not load_runs(rest[0])[0]:
+            raise SystemExit(f"error: no readable results.json under {rest[0]}")
     else:
         raise SystemExit(f"unknown command {command!r}\n\n{USAGE}")
 

@@ -16,6 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from .atomic import ensure_writable
 from .config import DataLayout, conf_dir, dataset_cfg, prepare_data, topology_of, validate
 from .training.data import check_labels, load_resident
 from .errors import CloudlessError, DataError
@@ -51,8 +52,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     flwr_log.propagate = False  # Flower has its own console handler; Hydra's would print twice
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations chatter
     client_app = make_client_app(layout.root, dataset_cfg(cfg).get("format", "auto"))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ensure_writable(run_dir, "resume folder" if cfg.resume else "run folder")
     if cfg.engine == "inprocess":
         grid = InProcessGrid(client_app, len(topology.regions))
         return run_experiment(grid, cfg, run_dir, topology, layout)

@@ -8,6 +8,7 @@ through the ServerApp's main. `app` is what `flwr run .` loads.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,23 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import ensure_writable
 from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .checkpoint import Checkpointer, model_fingerprint
 from .config import (DataLayout, config_from_run_config, dataset_cfg, prepare_data, topology_of, topology_spec,
                      validate)
-from .errors import ConfigError
-from .training.data import read_manifest
 from .control.meter import Meter, record_bytes
-from .training.models import build_model
-from .reporting.progress import Progress
-from .training.protocol import ModelSpec, WorkOrder
-from .reporting.results import History, summarize, write_results
 from .control.scheduler import Objective, Scheduler, Workload
-from .strategy.registry import Build, strategy_entry
 from .control.topology import Topology
+from .errors import CloudlessError, ConfigError
+from .reporting.progress import Progress
+from .reporting.results import History, summarize, write_results
+from .strategy.registry import Build, strategy_entry
 from .strategy.validation import UpdateLimits
+from .training.data import read_manifest
 from .training.local import evaluate
+from .training.models import build_model
+from .training.protocol import ModelSpec, WorkOrder
 
 log = logging.getLogger("cloudless_fl")
 NODE_WAIT_S = 120.0
@@ -136,6 +138,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
 
     `topology` and `layout` are resolved from `cfg` unless the caller already did (`cloudless-fl run`).
     """
+    ensure_writable(run_dir, "resume folder" if cfg.resume else "run folder")  # before any training
     if topology is None or layout is None:
         validate(cfg)
         topology, layout = topology_of(cfg), prepare_data(cfg)
@@ -168,8 +171,22 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
             progress.close()
     payload = results_payload(cfg, strategy.history, meter)
     payload["schedule"] = scheduler.changes if scheduler is not None else None
-    write_results(Path(run_dir) / "results.json", payload)
+    where = save_results(Path(run_dir) / "results.json", payload)
+    if not strategy.roster.remaining():
+        raise CloudlessError(f"no region was left at the end of the run (every one lost or quarantined: see "
+                             f"'events' in {where}); fix the regions and start again")
     return payload
+
+
+def save_results(path: Path, payload: dict[str, Any]) -> Path:
+    """Write results.json; if that fails (disk full, read-only), keep them in the temp folder and say where."""
+    try:
+        return write_results(path, payload)
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"cloudless-fl-results-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        write_results(fallback, payload)
+        raise CloudlessError(f"results.json could not be written to {path} ({exc.strerror or exc}); "
+                             f"the results are kept in {fallback}") from None
 
 
 def resident_sizes(topology: Topology, layout: DataLayout) -> dict[str, int]:
@@ -185,7 +202,7 @@ def resident_sizes(topology: Topology, layout: DataLayout) -> dict[str, int]:
 def results_payload(cfg: DictConfig, history: History, meter: Meter) -> dict[str, Any]:
     cm = meter.cost_model
     ideal = sum(cm.throughput(r.name, meter.workers(r.name)) for r in cm.topology.regions) if cm else None
-    summary = summarize(history, float(cfg.target_accuracy), meter.utilization(), ideal)
+    summary = summarize(history, float(cfg.target_accuracy), meter.utilization(), ideal, final=meter.figures())
     return {
         "strategy": cfg.strategy.name,
         "seed": int(cfg.seed),

@@ -66,12 +66,19 @@ def first_reaching(entries: list[dict[str, Any]], target: float) -> dict[str, An
 
 
 def summarize(history: History, target: float, utilization: dict[str, float] | None,
-              ideal_samples_per_s: float | None) -> dict[str, Any]:
-    """The contract's `summary`, plus the Ideal reference for the same samples."""
+              ideal_samples_per_s: float | None, final: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The contract's `summary`, plus the Ideal reference for the same samples.
+
+    Totals come from `final` (the meter's figures when the run ended: work done
+    after the last history entry, or in a run that never got past its first,
+    is still counted), else from the last entry.
+    """
     entries = history.entries
     evaluated = [e for e in entries if e.get("accuracy") is not None]
     hit = first_reaching(entries, target)
     last = entries[-1] if entries else {"time_s": 0.0, "cost_usd": None, "wan_bytes": 0, "samples": 0}
+    if final is not None:
+        last = {**last, **final}
     ideal = None
     if ideal_samples_per_s:
         ideal = {
@@ -97,6 +104,7 @@ def summarize(history: History, target: float, utilization: dict[str, float] | N
         "lost_regions": int(history.counters.get("lost_regions", 0)),
         "rejoined_regions": int(history.counters.get("rejoined_regions", 0)),
         "failed_replies": int(history.counters.get("failed_replies", 0)),
+        "failed_checkpoints": int(history.counters.get("failed_checkpoints", 0)),
         "quarantined_regions": int(history.counters.get("quarantined_regions", 0)),
         "rejections": {region: dict(reasons) for region, reasons in history.rejections.items() if reasons},
         "clipped_updates": dict(history.clipped),
@@ -122,7 +130,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-REQUIRED = ("strategy", "seed", "config", "history", "summary")  # keys a results.json must have
+REQUIRED = {"strategy": str, "seed": int, "config": dict, "history": list, "summary": dict}  # key → type
 
 
 @dataclass
@@ -132,9 +140,16 @@ class Run:
     path: Path
     data: dict[str, Any]
 
+    distinction: str = ""  # what sets it apart from runs with the same label (see `distinguish`)
+
     @property
     def label(self) -> str:
-        """The run's `label`, else its strategy, marked `+elastic` when the elastic scheduler planned it."""
+        """The run's `label`, else its strategy, marked `+elastic` when the elastic scheduler planned it;
+        followed by its `distinction`, if any."""
+        return self.base_label + (f" {self.distinction}" if self.distinction else "")
+
+    @property
+    def base_label(self) -> str:
         if self.data["config"].get("label"):
             return str(self.data["config"]["label"])
         scheduler = (self.data["config"].get("scheduler") or {}).get("name", "none")
@@ -169,10 +184,49 @@ def load_runs(folder: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     for path in sorted(Path(folder).rglob("results.json")):
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"holds a {type(data).__name__}, not a results object")
             missing = [k for k in REQUIRED if k not in data]
             if missing:
                 raise ValueError(f"missing keys {missing}")
+            wrong = [k for k, kind in REQUIRED.items() if not isinstance(data[k], kind)]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} of the wrong type")
+            if not isinstance(data["summary"].get("target_accuracy"), (int, float)):
+                raise ValueError("summary.target_accuracy missing")
             runs.append(Run(path, data))
         except (OSError, ValueError) as exc:
             skipped.append((path, str(exc)))
+    distinguish(runs)
     return runs, skipped
+
+
+IGNORED_KEYS = ("seed", "resume", "progress", "label", "engine", "flower_log_level", "hydra")  # never a distinction
+
+
+def distinguish(runs: list[Run]) -> None:
+    """Tell apart runs that would share a label, topology, target and seed: each such group gets, as its
+    `distinction`, the config values that differ within it (or its folder, if none do)."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.topology, run.base_label, run.target), []).append(run)
+    for group in groups.values():
+        seeds = [run.seed for run in group]
+        if len(seeds) == len(set(seeds)):
+            continue
+        flat = [_flatten(run.data["config"]) for run in group]
+        keys = sorted({k for f in flat for k in f if not k.startswith(IGNORED_KEYS)})
+        differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+        for run, values in zip(group, flat):
+            run.distinction = (" ".join(f"{k}={values.get(k)}" for k in differing) if differing
+                               else str(run.path.parent))
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

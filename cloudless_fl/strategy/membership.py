@@ -98,6 +98,12 @@ class Roster:
         """Name a node from its reply (strategies that never ask, like Flower's FedAvg)."""
         self.named[node] = region
 
+    def remaining(self) -> set[str]:
+        """Regions still taking part: the live ones (strategies that keep a run's membership), else every
+        region a reply has named that is not quarantined (Flower's FedAvg, which only learns from replies)."""
+        known = self.live_names() if self.shares else set(self.named.values())
+        return known - self.quarantined
+
     def is_quarantined(self, region: str) -> bool:
         return region in self.quarantined
 

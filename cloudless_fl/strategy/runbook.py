@@ -121,10 +121,20 @@ class RunBook:
         return self.checkpointer is not None and (force or self.checkpointer.due(step))
 
     def save(self, meta: dict[str, Any], tensors: dict[str, Any]) -> None:
-        """Write a checkpoint: the books every strategy keeps, plus the strategy's own `meta` and `tensors`."""
+        """Write a checkpoint: the books every strategy keeps, plus the strategy's own `meta` and `tensors`.
+
+        A checkpoint that cannot be written (disk full, folder gone read-only)
+        never ends the run: it is logged and recorded, and the run goes on to
+        write its results.
+        """
         books = {"step": self.step, "samples": self.samples, "meter": self.meter.state_dict(),
                  "history": self.history.state_dict()}
-        self.checkpointer.save({**books, **meta}, tensors)
+        try:
+            self.checkpointer.save({**books, **meta}, tensors)
+        except OSError as exc:
+            log.error("checkpoint at step %d not written (%s); the run goes on, but cannot resume from it",
+                      self.step, exc)
+            self.event("checkpoint_failed", counter="failed_checkpoints", step=self.step, reason=str(exc))
 
     def load(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore the books from the checkpoint; returns it for the strategy's own part."""
