@@ -59,8 +59,9 @@ def test_results_that_cannot_be_written_are_kept_elsewhere_and_named(two_region_
     kept.unlink()
 
 
-def test_a_run_that_loses_every_region_fails_with_its_results_and_costs_kept(two_region_topology, tmp_path):
-    overrides = small_run_overrides(two_region_topology, strategy="ma", **{
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga_delta"])
+def test_a_run_that_loses_every_region_fails_with_its_results_and_costs_kept(two_region_topology, tmp_path, strategy):
+    overrides = small_run_overrides(two_region_topology, strategy=strategy, **{
         "validation.max_norm": 1e-6, "validation.quarantine_after": 1})  # every update rejected: all quarantined
     with pytest.raises(CloudlessError, match="no region was left"):
         run(compose(overrides), tmp_path / "run")
