@@ -88,8 +88,21 @@ def dataset_cfg(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Every config key against its allowed values (`config_schema`), before anything starts."""
+    """Every config key against its allowed values (`config_schema`), before anything starts; a per-region
+    setting given as a mapping must name every region of the topology, and only those."""
+    schema = STRATEGIES[cfg.strategy.name].schema if cfg.strategy.name in STRATEGIES else {}
     check_config(cfg, {name: entry.schema for name, entry in STRATEGIES.items()})
+    regions = set(topology_of(cfg).region_names)
+    for key, rule in schema.items():
+        value = OmegaConf.select(cfg, key)
+        if getattr(rule, "per_region", False) and isinstance(value, DictConfig):
+            missing, unknown = sorted(regions - set(value)), sorted(set(value) - regions)
+            if missing or unknown:
+                raise ConfigError(f"{key} must give a value for every region of the topology ("
+                                  + "; ".join(part for part in (f"missing: {', '.join(missing)}" if missing else "",
+                                                                 f"unknown: {', '.join(unknown)}" if unknown else "")
+                                              if part)
+                                  + ") or one number for all")
 
 
 @dataclass

@@ -77,6 +77,9 @@ def test_presplit_npz_folder_runs(two_region_topology, tmp_path):
     ("validation.on_norm=ignore", "validation.on_norm='ignore' is not allowed; choose one of reject, clip"),
     ("scheduler=elastic scheduler.smoothing=0", "scheduler.smoothing=0 is out of range; allowed: > 0 and ≤ 1"),
     ("strategy=ma strategy.local_steps={a:0}", "strategy.local_steps.a=0 is out of range"),
+    ("strategy=ma strategy.local_steps={fast:10}", "strategy.local_steps must give a value for every region of the "
+                                                   "topology (missing: slow) or one number for all"),
+    ("strategy=asgd_ga strategy.accumulation_steps={fast:2,slow:3,mars:4}", "(unknown: mars)"),
     ("strategy=asgd_ga strategy.update=sideways", "strategy.update='sideways' is not allowed"),
     ("target_accuracy=1.5", "target_accuracy=1.5 is out of range"),
 ])
