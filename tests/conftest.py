@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,15 @@ def small_run_overrides(topology: Path, run_dir: Path | None = None, **extra) ->
                  "model.options.hidden=[64]", "strategy.num_rounds=3"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return overrides
+
+
+@contextlib.contextmanager
+def app_modules(folder: Path, *names: str):
+    """Import a Flower app's own modules (`client_app`, `task`, ...) from its folder, then forget them."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield tuple(importlib.import_module(name) for name in names)
+    finally:
+        sys.path.remove(str(folder))
+        for name in (*names, "task"):
+            sys.modules.pop(name, None)

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from cloudless_fl.deployment.grid import InProcessGrid
+from conftest import app_modules
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.strategy import AsyncGradAccum, ModelAveraging
 
@@ -21,16 +22,8 @@ NODES, ROUNDS = 3, 5
 
 @pytest.fixture
 def stock():
-    sys.path.insert(0, str(STOCK))
-    try:
-        import client_app
-        import task
-
-        yield client_app, task
-    finally:
-        sys.path.remove(str(STOCK))
-        for name in ("client_app", "task"):
-            sys.modules.pop(name, None)
+    with app_modules(STOCK, "client_app", "task") as modules:
+        yield modules
 
 
 def _run(stock, strategy, num_rounds, train_config):

@@ -1,6 +1,5 @@
 """The documented example: a plain Flower ServerApp with FedAvg swapped for our strategies."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,22 +7,15 @@ import torch
 from flwr.app import Context, RecordDict
 
 from cloudless_fl.deployment.grid import InProcessGrid
+from conftest import app_modules
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plain-flower-app"
 
 
 @pytest.fixture
 def example_modules():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        import client_app
-        import server_app
-
-        yield client_app, server_app
-    finally:
-        sys.path.remove(str(EXAMPLE))
-        for name in ("client_app", "server_app", "task"):
-            sys.modules.pop(name, None)
+    with app_modules(EXAMPLE, "client_app", "server_app") as modules:
+        yield modules
 
 
 @pytest.mark.parametrize("strategy", ["asgd_ga", "ma"])
@@ -35,4 +27,4 @@ def test_plain_flower_app_runs_our_strategies_without_topology(example_modules, 
     server_app.app(grid, context)
     out = capsys.readouterr().out
     accuracy = float(out.split("'accuracy': ")[1].split("}")[0].split(",")[0].strip("'"))
-    assert accuracy > 0.8  # digits, a small MLP: learns well past chance (0.1)
+    assert accuracy > 0.8  # held-out digits, a small MLP: learns well past chance (0.1)
