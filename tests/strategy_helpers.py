@@ -54,3 +54,20 @@ class Federation:
 
     def resident(self, region: str):
         return load_resident(self.root / region).train
+
+    def evaluator(self):
+        """Central evaluation of a model on the split's test set."""
+        from flwr.app import MetricRecord
+
+        from cloudless_fl.training.data import load_npz
+        from cloudless_fl.training.local import evaluate
+
+        test, _ = load_npz(self.root / "test.npz")
+        model = build_model("mlp", (1, 8, 8), 10, hidden=HIDDEN)
+
+        def evaluate_fn(version, arrays):
+            model.load_state_dict(arrays.to_torch_state_dict())
+            loss, accuracy = evaluate(model, test)
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+        return evaluate_fn

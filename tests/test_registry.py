@@ -44,3 +44,27 @@ def test_units_and_local_work():
         "fedavg": "round", "ma": "period", "asgd_ga": "version", "asgd_ga_delta": "version"}
     assert [n for n, e in STRATEGIES.items() if e.epoch_based] == ["fedavg"]
     assert [n for n, e in STRATEGIES.items() if e.fills_idle_time] == ["ma"]
+
+
+@pytest.mark.parametrize("strategy, inner", [("fedavg", "FedMedian"), ("ma", None)])
+def test_the_aggregation_setting_reaches_the_strategy(strategy, inner):
+    from cloudless_fl.config import compose, topology_of
+    from cloudless_fl.control.meter import Meter
+    from cloudless_fl.server_app import build_strategy
+
+    cfg = compose([f"strategy={strategy}", "strategy.aggregation=median"])
+    built = build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4)
+    if inner:
+        assert type(built.inner).__name__ == inner
+    else:
+        assert built.aggregation == "median"
+
+
+def test_round_deadlines_refuse_a_robust_rule():
+    from cloudless_fl.config import compose, topology_of
+    from cloudless_fl.control.meter import Meter
+    from cloudless_fl.server_app import build_strategy
+
+    cfg = compose(["strategy=fedavg", "strategy.aggregation=median", "strategy.round_deadline_s=2"])
+    with pytest.raises(ConfigError, match="aggregation=mean only"):
+        build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4)

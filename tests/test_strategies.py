@@ -323,7 +323,7 @@ def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reas
     strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(), eval_every=5,
                               stop=StopRules(**rule))
     strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=fed.config,
-                   evaluate_fn=_accuracy_on(fed))
+                   evaluate_fn=fed.evaluator())
     assert strategy.stop_reason.startswith(reason)
     entries = strategy.history.entries
 
@@ -336,24 +336,6 @@ def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reas
 
     assert past(entries[-1]) and not any(past(e) for e in entries[:-1])  # stopped at the first, not later
     assert len(entries) > 3  # and not at once
-
-
-def _accuracy_on(fed):
-    """Central evaluation on the test split of the federation's data."""
-    from flwr.app import MetricRecord
-
-    from cloudless_fl.training.data import load_npz
-    from cloudless_fl.training.local import evaluate
-
-    test, _ = load_npz(fed.root / "test.npz")
-    model = build_model("mlp", (1, 8, 8), 10, hidden=HIDDEN)
-
-    def evaluate_fn(version, arrays):
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, test)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
-    return evaluate_fn
 
 
 def test_asgd_ga_scales_each_update_by_its_staleness(tmp_path, monkeypatch):

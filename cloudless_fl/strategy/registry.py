@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
 from ..checkpoint import Checkpointer
 from ..config_schema import BOOL, COUNT, OPTIONAL_SECONDS, POSITIVE, Choice, Number, Rule
@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from .asgd_ga import STALENESS_FUNCTIONS, UPDATES, AsyncGradAccum
 from .ma import ModelAveraging
 from .metered import Metered
+from .robust import AGGREGATIONS
 from .runbook import StopRules
 from .selective import SelectiveFedAvg
 from .validation import UpdateLimits
@@ -74,6 +75,8 @@ class StrategyEntry:
         return self.local_work == "local_epochs"
 
 
+_ROBUST: dict[str, Rule] = {"strategy.aggregation": Choice(AGGREGATIONS),
+                            "strategy.trim_fraction": Number(0, 0.4)}
 STRATEGY_COMMON: dict[str, Rule] = {
     "strategy.num_rounds": COUNT, "strategy.eval_every": COUNT, "strategy.lr": POSITIVE,
     "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE,
@@ -104,8 +107,12 @@ def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
     if plan is not None:
         for name, workers in plan.workers().items():
             b.meter.ledger.set_workers(name, workers, at=0.0)
+    robust = {"mean": {}, "median": {}, "trimmed_mean": {"beta": s["trim_fraction"]}}[s["aggregation"]]
+    if s["aggregation"] != "mean" and s["round_deadline_s"] is not None:
+        raise ConfigError("strategy.round_deadline_s works with strategy.aggregation=mean only")
     if s["round_deadline_s"] is None:
-        inner: Strategy = FedAvg(**fedavg_args)
+        inner: Strategy = {"mean": FedAvg, "median": FedMedian, "trimmed_mean": FedTrimmedAvg}[s["aggregation"]](
+            **fedavg_args, **robust)
     else:
         if b.meter.cost_model is None or b.work is None:
             raise ConfigError("strategy.round_deadline_s needs a topology to estimate round times")
@@ -121,7 +128,8 @@ def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
 def build_ma(s: dict[str, Any], b: Build) -> Strategy:
     return ModelAveraging(lr=s["lr"], local_steps=s["local_steps"], batch_size=s["batch_size"],
                           normalize=s["normalize"], outer_lr=s["outer_lr"], outer_momentum=s["outer_momentum"],
-                          nesterov=s["nesterov"], deadline_s=s["deadline_s"], **_geo_common(s, b))
+                          nesterov=s["nesterov"], deadline_s=s["deadline_s"], aggregation=s["aggregation"],
+                          trim_fraction=s["trim_fraction"], **_geo_common(s, b))
 
 
 def build_asgd_ga(s: dict[str, Any], b: Build) -> Strategy:
@@ -144,11 +152,11 @@ def _rules(own: Mapping[str, Rule]) -> dict[str, Rule]:
 
 STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
     StrategyEntry("fedavg", unit="round", local_work="local_epochs", build=build_fedavg, schema=_rules({
-        "strategy.local_epochs": POSITIVE, "strategy.round_deadline_s": OPTIONAL_SECONDS})),
+        "strategy.local_epochs": POSITIVE, "strategy.round_deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
     StrategyEntry("ma", unit="period", local_work="local_steps", build=build_ma, fills_idle_time=True, schema=_rules({
         **_OWN_LOOP, "strategy.local_steps": Number(1, integer=True, per_region=True), "strategy.normalize": BOOL,
         "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1), "strategy.nesterov": BOOL,
-        "strategy.deadline_s": OPTIONAL_SECONDS})),
+        "strategy.deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
     StrategyEntry("asgd_ga", unit="version", local_work="accumulation_steps", build=build_asgd_ga,
                   schema=_rules(_ASGD_GA_SCHEMA)),
     StrategyEntry("asgd_ga_delta", unit="version", local_work="accumulation_steps", build=build_asgd_ga,
