@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Result
 from ..training import protocol
 from .base import EvaluateFn, GeoStrategy
 from .inflight import POLL_S
+from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
 
 WEIGHT_BY = ("samples", "shares")  # what a region's weight in the average is
 
@@ -51,6 +52,12 @@ class ModelAveraging(GeoStrategy):
         A region's weight in the average: samples it processed this period, or its
         share of all resident data. Default: shares with a scheduler (its extra
         steps must not mean extra weight), samples without.
+    aggregation : "mean" | "median" | "trimmed_mean"
+        How the regions' changes are combined: the (FedNova-normalised, weighted)
+        mean, or robustly (robust.py): coordinate-wise median, or a mean after
+        trimming `trim_fraction` of each side; the robust ones count every region once.
+    trim_fraction : float
+        For `trimmed_mean`: the fraction of largest and of smallest values dropped per entry.
     **kwargs :
         `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every`, `rejoin_every`, ... (see
         `GeoStrategy`).
@@ -58,8 +65,12 @@ class ModelAveraging(GeoStrategy):
 
     def __init__(self, *, lr: float = 0.1, local_steps: int | Mapping[str, int] = 10, batch_size: int = 32,
                  normalize: bool = True, outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = True,
-                 deadline_s: float | None = None, weight_by: str | None = None, **kwargs) -> None:
+                 deadline_s: float | None = None, weight_by: str | None = None, aggregation: str = "mean",
+                 trim_fraction: float = 0.25, **kwargs) -> None:
         super().__init__(**kwargs)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
         weight_by = weight_by or ("shares" if self.plan is not None else "samples")
         if weight_by not in WEIGHT_BY:
             raise ValueError(f"weight_by must be one of {', '.join(WEIGHT_BY)}, got {weight_by!r}")
@@ -98,6 +109,11 @@ class ModelAveraging(GeoStrategy):
             steps.append(max(1, int(metrics["steps"])) if "steps" in metrics else None)  # stock replies: none
         if not changes:
             return None, None
+        if self.aggregation != "mean":
+            robust = (coordinate_median(changes) if self.aggregation == "median"
+                      else trimmed_mean(changes, self.trim_fraction))
+            self.optimizer.step(robust)
+            return self.optimizer.arrays(), MetricRecord({"regions": len(changes)})
         total = sum(weights)
         p = [w / total for w in weights]
         if self.normalize and None not in steps:  # FedNova needs every region's step count
