@@ -40,6 +40,12 @@ def _bad(mutate):
     (lambda t: t["regions"]["fast"].update(efficiency=1.5), "'efficiency' = 1.5 is out of range"),
     (lambda t: t.update(regions={}), "non-empty mapping"),
     (lambda t: t["regions"]["fast"].update(usd_per_worker_hour="cheap"), "must be a number"),
+    (lambda t: t["regions"]["fast"].update(efficency=0.5), r"region 'fast': unknown key\(s\) 'efficency'; allowed:"),
+    (lambda t: t["regions"]["slow"].update(worker={"min": 2}), r"unknown key\(s\) 'worker'"),
+    (lambda t: t["regions"]["slow"]["workers"].update(maximum=4), r"workers: unknown key\(s\) 'maximum'"),
+    (lambda t: t["regions"]["slow"]["link"].update(latency=5), r"link: unknown key\(s\) 'latency'"),
+    (lambda t: t.update(fluctuation={"sigma": 0.1, "dips": 0.5}), r"fluctuation: unknown key\(s\) 'dips'"),
+    (lambda t: t.update(cordinator="fast"), r"unknown key\(s\) 'cordinator'"),
 ])
 def test_malformed_topology(mutate, message):
     with pytest.raises(ConfigError, match=message):

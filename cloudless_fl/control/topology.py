@@ -17,6 +17,20 @@ import yaml
 from ..errors import ConfigError
 
 _SHARE_TOLERANCE = 1e-6
+TOPOLOGY_KEYS = ("name", "coordinator", "regions", "fluctuation", "free_communication")
+REGION_KEYS = ("workers", "samples_per_s", "efficiency", "usd_per_worker_hour", "egress_usd_per_gb", "link",
+               "data_share", "cold_start_usd", "job_start_s")
+LINK_KEYS = ("up_mbps", "down_mbps", "latency_ms", "trace")
+WORKER_KEYS = ("min", "max")
+FLUCTUATION_KEYS = ("window_s", "sigma", "dip_probability", "dip_factor")
+
+
+def _known_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    """A typo in an optional key must not fall back to its default silently."""
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,7 @@ def load_topology(source: str | Path | Mapping[str, Any]) -> Topology:
 
 def _parse_topology(raw: dict[str, Any], origin: str) -> Topology:
     where = f"topology ({origin})"
+    _known_keys(raw, TOPOLOGY_KEYS, where)
     name = str(raw.get("name", "unnamed"))
     regions_raw = raw.get("regions")
     if not isinstance(regions_raw, Mapping) or not regions_raw:
@@ -162,9 +177,11 @@ def _number(raw: Mapping[str, Any], key: str, where: str, *, low: float, high: f
 
 def _parse_region(name: str, raw: dict[str, Any], where: str) -> Region:
     here = f"{where}, region {name!r}"
+    _known_keys(raw, REGION_KEYS, here)
     workers = raw.get("workers", {"min": 1, "max": 1})
     if not isinstance(workers, Mapping):
         raise ConfigError(f"{here}: 'workers' must be a mapping with 'min' and 'max'")
+    _known_keys(workers, WORKER_KEYS, here + " workers")
     wmin = int(_number(workers, "min", here + " workers", low=1))
     wmax = int(_number(workers, "max", here + " workers", low=1))
     if wmin > wmax:
@@ -172,6 +189,7 @@ def _parse_region(name: str, raw: dict[str, Any], where: str) -> Region:
     link_raw = raw.get("link")
     if not isinstance(link_raw, Mapping):
         raise ConfigError(f"{here}: missing 'link' mapping (up_mbps, down_mbps, latency_ms)")
+    _known_keys(link_raw, LINK_KEYS, here + " link")
     trace = link_raw.get("trace")
     link = Link(
         up_mbps=_number(link_raw, "up_mbps", here + " link", low=0, low_inclusive=False),
@@ -196,6 +214,7 @@ def _parse_region(name: str, raw: dict[str, Any], where: str) -> Region:
 
 def _parse_fluctuation(raw: dict[str, Any], where: str) -> Fluctuation:
     here = f"{where}, fluctuation"
+    _known_keys(raw, FLUCTUATION_KEYS, here)
     return Fluctuation(
         window_s=_number(raw, "window_s", here, low=0, low_inclusive=False, default=30.0),
         sigma=_number(raw, "sigma", here, low=0, default=0.0),
