@@ -29,6 +29,7 @@ from .control.topology import Topology
 from .errors import CloudlessError, ConfigError
 from .reporting.progress import Progress
 from .reporting.results import History, summarize, write_results
+from .strategy.membership import wait_for_nodes
 from .strategy.registry import Build, strategy_entry
 from .strategy.validation import UpdateLimits
 from .training.data import read_manifest
@@ -40,20 +41,16 @@ log = logging.getLogger("cloudless_fl")
 NODE_WAIT_S = 120.0
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float = NODE_WAIT_S) -> list[int]:
-    """SuperNodes register asynchronously; wait until all `count` regions are there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"only {len(nodes)} of {count} regions' SuperNodes connected within {timeout:.0f} s; "
-                "start one SuperNode per region of the topology (under `flwr run .` in simulation: "
-                f"--federation-config \"num-supernodes={count}\")"
-            )
-        time.sleep(0.5)
+def require_nodes(grid: Grid, count: int, timeout: float = NODE_WAIT_S) -> list[int]:
+    """Wait for one SuperNode per region of the topology; a `ConfigError` saying how to start them if not."""
+    nodes = wait_for_nodes(grid, count, timeout)
+    if len(nodes) < count:
+        raise ConfigError(
+            f"only {len(nodes)} of {count} regions' SuperNodes connected within {timeout:.0f} s; "
+            "start one SuperNode per region of the topology (under `flwr run .` in simulation: "
+            f"--federation-config \"num-supernodes={count}\")"
+        )
+    return nodes
 
 
 def central_evaluator(cfg: DictConfig, layout: DataLayout):
@@ -152,7 +149,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
         order = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),
                           epochs=float(cfg.strategy.local_epochs), data_seed=int(cfg.seed))
         train_config = ConfigRecord({**dict(train_config), **order.to_config()})
-    wait_for_nodes(grid, len(topology.regions))
+    require_nodes(grid, len(topology.regions))
     meter = make_meter(cfg, topology)
     initial_arrays = ArrayRecord(model.state_dict())  # serialised once: sized here, sent by the strategy
     work = workload(cfg, resident_sizes(topology, layout), record_bytes(initial_arrays))

@@ -14,7 +14,6 @@ As in Flower, `configure_train` returns the messages and `start()` pushes them.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,7 +29,7 @@ from ..errors import ConfigError
 from ..reporting.results import History
 from ..training import protocol
 from .inflight import InFlight, InFlightJobs
-from .membership import RegionInfo, Roster
+from .membership import RegionInfo, Roster, wait_for_nodes
 from .planning import PlanFollower
 from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
@@ -142,7 +141,7 @@ class GeoStrategy(Strategy):
         config = train_config or ConfigRecord()
         self.jobs.reply_timeout = min(self.jobs.reply_timeout, timeout)
         self.summary()
-        nodes = self._wait_for_nodes(grid)
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.jobs.reply_timeout)
         if self.query_regions:
             self.roster.discover(grid, nodes, config, timeout=self.jobs.reply_timeout)
         else:
@@ -153,8 +152,7 @@ class GeoStrategy(Strategy):
             self.offsets.setdefault(info.name, 0)
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
-        self.history.rejections = self.validator.rejections
-        self.history.clipped = self.validator.clipped
+        self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)
             return config, self.optimizer.arrays()
@@ -163,13 +161,6 @@ class GeoStrategy(Strategy):
             self.plan.start(sizes, record_bytes(initial_arrays))
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
         return config, initial_arrays
-
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        """SuperNodes register asynchronously: wait up to the reply timeout for `min_available_nodes`."""
-        deadline = time.monotonic() + self.jobs.reply_timeout
-        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return nodes
 
     # ------------------------------------------------------------------ jobs
     def _train_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord,

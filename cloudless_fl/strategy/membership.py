@@ -225,6 +225,14 @@ class Roster:
                 self.drop(node)
 
 
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """SuperNodes register asynchronously: the connected nodes once `count` are there, or when `timeout` ends."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return nodes
+
+
 def ask(grid: Grid, node_ids: Iterable[int], config: ConfigRecord,
         timeout: float) -> tuple[dict[int, RegionInfo], dict[int, str]]:
     """Ask every node who it is and wait: `RegionInfo` per node that answered, the error of each that failed."""

@@ -20,7 +20,6 @@ region map a `Roster`, as for ASGD-GA and MA; an inner strategy that keeps a
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -31,7 +30,7 @@ from ..checkpoint import Checkpointer
 from ..control.meter import Meter, record_bytes
 from ..reporting.results import History
 from ..training.protocol import MODE_WEIGHTS, reply_region
-from .membership import Roster
+from .membership import Roster, wait_for_nodes
 from .runbook import EvaluateFn, RunBook
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
@@ -91,10 +90,7 @@ class Metered(Strategy):
         self._global = arrays.to_torch_state_dict()
         if self.validator is None:
             self.validator = UpdateValidator(self._global, self.limits)
-            self.validator.rejections.update(self.history.rejections)  # a resumed run's counts go on
-            self.validator.clipped.update(self.history.clipped)
-            self.history.rejections = self.validator.rejections
-            self.history.clipped = self.validator.clipped
+            self.book.count_with(self.validator)
         self._wait_for_regions(grid)
         messages = self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
         messages = [m for m in messages if not self.roster.is_quarantined(self.roster.region_of(m.metadata.dst_node_id))]
@@ -104,9 +100,7 @@ class Metered(Strategy):
     def _wait_for_regions(self, grid: Grid) -> None:
         """Wait up to `reply_timeout` for the inner strategy's `min_available_nodes`, then go on with fewer."""
         needed = int(getattr(self.inner, "min_available_nodes", 0))
-        deadline = time.monotonic() + self.reply_timeout
-        while len(nodes := list(grid.get_node_ids())) < needed and time.monotonic() < deadline:
-            time.sleep(1.0)
+        nodes = wait_for_nodes(grid, needed, self.reply_timeout)
         if len(nodes) >= needed:
             return
         if not nodes:

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Result
 from ..checkpoint import Checkpointer
 from ..control.meter import Meter
 from ..reporting.results import History
+from .validation import UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -87,6 +88,13 @@ class RunBook:
 
     def count(self, counter: str, n: int = 1) -> None:
         self.history.counters[counter] += n
+
+    def count_with(self, validator: UpdateValidator) -> None:
+        """Keep the validator's rejection and clip counts as the history's (a resumed run's counts go on)."""
+        validator.rejections.update(self.history.rejections)
+        validator.clipped.update(self.history.clipped)
+        self.history.rejections = validator.rejections
+        self.history.clipped = validator.clipped
 
     # ------------------------------------------------------------------ evaluation and stopping
     def record(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
