@@ -174,4 +174,5 @@ def reply_region(msg: Message) -> str | None:
     """The region a reply came from, if it said."""
     if msg.has_error() or INFO not in msg.content.config_records:
         return None
-    return str(msg.content.config_records[INFO].get("region"))
+    region = msg.content.config_records[INFO].get("region")
+    return None if region is None else str(region)
