@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from cloudless_fl.deployment.grid import InProcessGrid
 from conftest import app_modules
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.strategy import AsyncGradAccum, ModelAveraging
+from cloudless_fl.training.mod import cloudless_mod
 
 STOCK = Path(__file__).resolve().parent / "stock_app"
 NODES, ROUNDS = 3, 5
@@ -69,6 +73,22 @@ def test_gradient_mode_refuses_a_stock_reply_with_what_to_do(stock):
         _run(stock, AsyncGradAccum(update="gradient"), 5, ConfigRecord({"lr": 0.1}))
 
 
+def with_mod(client_app) -> ClientApp:
+    """The stock app with the one line a user adds: `ClientApp(mods=[cloudless_mod])`."""
+    app = ClientApp(mods=[cloudless_mod])
+    app.train()(client_app.train)
+    return app
+
+
+def test_the_stock_app_with_the_mod_added_learns_in_gradient_mode(stock):
+    client_app, task = stock
+    fedavg, _ = _run(stock, FedAvg(fraction_evaluate=0.0, min_available_nodes=NODES), ROUNDS, ConfigRecord({"lr": 0.1}))
+    modded = (SimpleNamespace(app=with_mod(client_app)), task)
+    gradient, _ = _run(modded, AsyncGradAccum(update="gradient", lr=0.5, eval_every=6), 60, ConfigRecord({"lr": 0.1}))
+    print(f"best accuracy: FedAvg {fedavg:.3f}, ASGD-GA gradient (stock app + Mod) {gradient:.3f}")
+    assert gradient >= 0.9 * fedavg
+
+
 def test_ma_without_reported_steps_is_a_plain_num_examples_weighted_average(stock, monkeypatch):
     """With no `steps` in the replies FedNova has nothing to normalise by: MA must equal Flower's FedAvg."""
     client_app, task = stock
@@ -99,7 +119,8 @@ def _local_superlink_processes(flwr_home: Path) -> list[int]:
 @pytest.mark.integration
 def test_flwr_run_trains_the_stock_app_on_the_simulation_engine(tmp_path):
     """`flwr run` itself on Flower's managed local SuperLink, the app's environment as it is (no per-run install):
-    FedAvg, MA and ASGD-GA delta with the same work; MA and ASGD-GA within 90 % of FedAvg's best accuracy."""
+    FedAvg, MA and ASGD-GA delta with the same work, and with the Mod added ASGD-GA's gradient mode; each within
+    90 % of FedAvg's best accuracy."""
     import os
     import signal
     import subprocess
@@ -115,12 +136,19 @@ def test_flwr_run_trains_the_stock_app_on_the_simulation_engine(tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    modded = tmp_path / "stock_app_with_mod"  # the same app plus the one line a user adds
+    shutil.copytree(STOCK, modded, ignore=shutil.ignore_patterns("__pycache__"))
+    source = (modded / "client_app.py").read_text()
+    assert "app = ClientApp()" in source
+    (modded / "client_app.py").write_text(source.replace(
+        "app = ClientApp()", "from cloudless_fl.training.mod import cloudless_mod\napp = ClientApp(mods=[cloudless_mod])"))
     best, logs = {}, {}
     try:
-        for strategy, rounds in (("fedavg", ROUNDS), ("ma", ROUNDS), ("asgd_ga_delta", ROUNDS * NODES)):
+        for app, strategy, rounds in ((STOCK, "fedavg", ROUNDS), (STOCK, "ma", ROUNDS),
+                                      (STOCK, "asgd_ga_delta", ROUNDS * NODES), (modded, "asgd_ga_gradient", 60)):
             done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--federation-config", f"num-supernodes={NODES}",
                                    "--stream", "--run-config", f"strategy='{strategy}' num-server-rounds={rounds}"],
-                                  cwd=STOCK, env=env, capture_output=True, text=True, timeout=300)
+                                  cwd=app, env=env, capture_output=True, text=True, timeout=300)
             logs[strategy] = log = done.stdout + done.stderr
             assert done.returncode == 0, log[-3000:]
             assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
@@ -133,5 +161,5 @@ def test_flwr_run_trains_the_stock_app_on_the_simulation_engine(tmp_path):
             time.sleep(0.2)
     print(f"flwr run, best accuracy: {best}")
     assert best["fedavg"] > 0.6
-    assert best["ma"] >= 0.9 * best["fedavg"] and best["asgd_ga_delta"] >= 0.9 * best["fedavg"], best
+    assert all(best[s] >= 0.9 * best["fedavg"] for s in ("ma", "asgd_ga_delta", "asgd_ga_gradient")), best
     assert not _local_superlink_processes(tmp_path / "flwr")

@@ -75,12 +75,12 @@ class OptimizerTap:
         return exc[0] is _PlannedStepsDone  # the planned steps ended the loop: not an error
 
     def _name(self, param: torch.Tensor) -> str:
-        """The sent array this parameter was loaded from (equal shape and values, first unused in order)."""
+        """The sent array this parameter was loaded from (equal values, the first unused one in order)."""
         if id(param) not in self._names:
             taken = set(self._names.values())
             value = param.detach()
-            name = next((k for k, v in self.sent.items() if k not in taken and v.shape == value.shape
-                         and torch.equal(v, value.to(v.dtype))), None)
+            name = next((k for k, v in self.sent.items() if k not in taken and torch.equal(v, value.to(v.dtype))),
+                        None)
             if name is None:
                 raise ConfigError(
                     f"cloudless_mod: an optimizer parameter of shape {tuple(value.shape)} matches none of the "

@@ -17,7 +17,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy = {"fedavg": lambda: FedAvg(fraction_evaluate=0.0, min_available_nodes=3),
                 "ma": lambda: ModelAveraging(lr=0.1, min_available_nodes=3),
                 "asgd_ga_delta": lambda: AsyncGradAccum(update="delta", local_lr=0.1, eval_every=3,
-                                                        min_available_nodes=3)}[name]()
+                                                        min_available_nodes=3),
+                # needs the ClientApp's cooperation: ClientApp(mods=[cloudless_mod])
+                "asgd_ga_gradient": lambda: AsyncGradAccum(update="gradient", lr=0.5, eval_every=6,
+                                                           min_available_nodes=3)}[name]()
     model = make_model()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
