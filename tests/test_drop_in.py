@@ -89,6 +89,18 @@ def test_the_stock_app_with_the_mod_added_learns_in_gradient_mode(stock):
     assert gradient >= 0.9 * fedavg
 
 
+def test_the_mod_makes_the_stock_app_do_mas_planned_local_steps(stock):
+    client_app, task = stock
+    grid = InProcessGrid(with_mod(client_app), NODES)
+    pull = grid.pull_messages
+    steps = []
+    grid.pull_messages = lambda ids: [steps.append(r.content["metrics"]["steps"]) or r for r in pull(ids)]
+    torch.manual_seed(0)
+    ModelAveraging(lr=0.1, local_steps=7).start(grid=grid, initial_arrays=ArrayRecord(task.make_model().state_dict()),
+                                                num_rounds=2, train_config=ConfigRecord({"lr": 0.1}))
+    assert steps == [7] * (2 * NODES)  # not the app's own epoch (~37 steps)
+
+
 def test_ma_without_reported_steps_is_a_plain_num_examples_weighted_average(stock, monkeypatch):
     """With no `steps` in the replies FedNova has nothing to normalise by: MA must equal Flower's FedAvg."""
     client_app, task = stock
