@@ -14,6 +14,8 @@ from cloudless_fl.training.data import (
     check_labels, detect_format, load_npz, load_resident, load_source, read_manifest, split_dataset,
 )
 from cloudless_fl.errors import DataError
+from cloudless_fl.strategy import ModelAveraging
+from strategy_helpers import Federation, topology
 
 SHARES = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
 
@@ -155,3 +157,26 @@ def test_labels_outside_classes():
 def test_unknown_source():
     with pytest.raises(DataError, match="unknown dataset source"):
         load_source("imagenet", "/tmp")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("row", [0, 7])
+def test_nan_or_inf_samples_are_refused_naming_the_row(tmp_path, bad, row):
+    x = np.ones((10, 4), dtype=np.float32)
+    x[row, 2] = bad
+    np.savez(tmp_path / "train.npz", x=x, y=np.zeros(10, dtype=np.int64))
+    with pytest.raises(DataError, match=rf"1 sample\(s\) hold NaN or Inf values \(first: row {row}\)"):
+        load_resident(tmp_path)
+
+
+def test_a_region_with_nan_data_is_refused_before_training_and_the_others_train(tmp_path):
+    fed = Federation(tmp_path, topology())
+    shard = np.load(tmp_path / "slow" / "train.npz")
+    x = shard["x"].copy()
+    x[3, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "slow" / "train.npz", x=x, y=shard["y"])
+    ma = ModelAveraging(lr=0.1, local_steps=2, meter=fed.meter())
+    ma.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config, evaluate_fn=fed.evaluator())
+    failed = [e for e in ma.history.events if e["event"] == "region_failed"]
+    assert len(failed) == 1 and "NaN or Inf" in failed[0]["reason"]
+    assert ma.roster.live_names() == {"fast"} and ma.history.counters["rejected_updates"] == 0

@@ -64,3 +64,10 @@ def test_topology_file_errors(tmp_path):
 def test_unknown_config_group_choice():
     with pytest.raises(ConfigError, match="dataset"):
         compose(["dataset=imagenet"])
+
+
+def test_a_region_named_twice_is_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: t\ncoordinator: a\nregions:\n  a: {samples_per_s: 10}\n  a: {samples_per_s: 20}\n")
+    with pytest.raises(ConfigError, match="key 'a' is given twice"):
+        load_topology(twice)

@@ -105,6 +105,20 @@ class Topology:
         return {r.name: r.data_share for r in self.regions}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice (two regions of one name would silently become one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice; each key "
+                                                        "(each region's name) must be unique", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_topology(source: str | Path | Mapping[str, Any]) -> Topology:
     """Load and validate a topology from a YAML path or an already-parsed mapping."""
     if isinstance(source, Mapping):
@@ -117,7 +131,7 @@ def load_topology(source: str | Path | Mapping[str, Any]) -> Topology:
                 "(geo4, geo4-fluct, lan) or the path of a topology YAML file"
             )
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"topology file {path} is not valid YAML: {exc}") from exc
         origin = str(path)

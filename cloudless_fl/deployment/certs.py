@@ -41,5 +41,7 @@ def write_certificates(folder: Path, days: int = 2) -> None:
     pem = serialization.Encoding.PEM
     (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
     (folder / "server.pem").write_bytes(server.public_bytes(pem))
-    (folder / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
+    private = folder / "server.key"
+    private.touch(mode=0o600)  # readable by its owner only, before it holds the key
+    private.chmod(0o600)
+    private.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

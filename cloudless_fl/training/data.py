@@ -157,6 +157,10 @@ def _to_float_images(x: np.ndarray, origin: Path | str) -> np.ndarray:
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     elif x.ndim not in (2, 4):
         raise DataError(f"{origin}: x must be (N, D), (N, H, W) or (N, C, H, W); got shape {x.shape}")
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():  # one NaN row would make every update of this region NaN: refuse it before training
+        raise DataError(f"{origin}: {int(bad.sum())} sample(s) hold NaN or Inf values (first: row "
+                        f"{int(np.argmax(bad))}); drop or repair those rows")
     return x
 
 
