@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ def validate(cfg: DictConfig) -> None:
     setting given as a mapping must name every region of the topology, and only those."""
     schema = STRATEGIES[cfg.strategy.name].schema if cfg.strategy.name in STRATEGIES else {}
     check_config(cfg, {name: entry.schema for name, entry in STRATEGIES.items()})
+    _refuse_unknown_keys(cfg)
     regions = set(topology_of(cfg).region_names)
     for key, rule in schema.items():
         value = OmegaConf.select(cfg, key)
@@ -103,6 +105,40 @@ def validate(cfg: DictConfig) -> None:
                                                                  f"unknown: {', '.join(unknown)}" if unknown else "")
                                               if part)
                                   + ") or one number for all")
+
+
+def _leaf_keys(node: Any, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict) or not node:
+        return {prefix}
+    return set().union(*(_leaf_keys(value, f"{prefix}.{key}" if prefix else str(key)) for key, value in node.items()))
+
+
+@lru_cache(maxsize=None)
+def _known_keys(strategy: str, scheduler: str) -> frozenset[str]:
+    """The keys of config.yaml, of the experiment files, of every file of the dataset and model groups,
+    and of the chosen strategy's and scheduler's files (the topology section has its own strict check)."""
+    root, chosen = conf_dir(), {"strategy": strategy, "scheduler": scheduler}
+    known = set()
+    for file in [root / "config.yaml", *root.glob("*/*.yaml")]:
+        raw = yaml.safe_load(file.read_text()) or {}
+        group = file.parent.name if file.parent != root else ""
+        if group == "topology" or (group in chosen and raw.get("name") != chosen[group]):
+            continue
+        raw.pop("defaults", None)
+        known |= _leaf_keys(raw, group if group in ("strategy", "scheduler", "dataset", "model") else "")
+    return frozenset(known)
+
+
+def _refuse_unknown_keys(cfg: DictConfig) -> None:
+    """A key no conf/ file defines (`+foo=1`, `+strategy.lcoal_steps=3`) is read by nothing: refuse it.
+    A per-region mapping may stand where a value is known."""
+    known = _known_keys(cfg.strategy.name, cfg.scheduler.name)
+    given = _leaf_keys({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("hydra", "topology")})
+    for key in sorted(given):
+        if not any(key == k or key.startswith(k + ".") for k in known):
+            raise ConfigError(f"config key {key} is not a setting of cloudless-fl (was it added with +{key}=...?): "
+                              "check its spelling against conf/ (the chosen strategy's and scheduler's files, "
+                              "config.yaml) or remove it")
 
 
 @dataclass

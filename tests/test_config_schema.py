@@ -29,6 +29,9 @@ def test_the_defaults_pass():
         validate(cfg)
 
 
+ABSENT = object()
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.sampled_from(sorted(BASES)), st.lists(st.tuples(st.sampled_from(KEYS), values), min_size=1, max_size=3))
 def test_random_values_raise_only_config_errors(base, changes):
@@ -46,8 +49,12 @@ def test_random_values_raise_only_config_errors(base, changes):
     rules = {**COMMON, **STRATEGIES[strategy].schema, **SCHEDULER[scheduler]}
     final = dict(changes)
     forbidden = [key for key, rule in rules.items() if key in final and not _allows(rule, key, final[key])]
+    foreign = sorted(key for key in final if OmegaConf.select(BASES[base], key, default=ABSENT) is ABSENT)
     if forbidden:  # the first rule that forbids its value names its key
         with pytest.raises(ConfigError, match=re.escape(forbidden[0])):
+            validate(cfg)
+    elif foreign:  # another strategy's or scheduler's key: nothing in this run reads it
+        with pytest.raises(ConfigError, match=re.escape(f"config key {foreign[0]}") + r"(\..*)? is not a setting"):
             validate(cfg)
     else:
         validate(cfg)
@@ -70,3 +77,18 @@ def test_each_kind_of_bad_value_is_refused_naming_its_key(key, value):
     OmegaConf.update(cfg, key, value, force_add=True)
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(cfg)
+
+
+@pytest.mark.parametrize("override, key", [("+foo=1", "foo"), ("+strategy.lcoal_steps=3", "strategy.lcoal_steps"),
+                                           ("+strategy.tau_max=3", "strategy.tau_max"),  # ASGD-GA's, not MA's
+                                           ("+validation.max_nrom=5", "validation.max_nrom")])
+def test_a_key_nothing_reads_is_refused_by_name(override, key):
+    with pytest.raises(ConfigError, match=rf"config key {key} is not a setting of cloudless-fl"):
+        validate(compose(["strategy=ma", override]))
+
+
+@pytest.mark.parametrize("overrides", [["+experiment=cost_utilisation"], ["strategy=asgd_ga_delta", "scheduler=elastic"],
+                                       ["strategy=ma", "strategy.local_steps={ap-beijing:10,ap-chengdu:10,"
+                                                       "ap-guangzhou:10,ap-shanghai:10}"]])
+def test_every_key_conf_defines_is_accepted(overrides):
+    validate(compose(overrides))
