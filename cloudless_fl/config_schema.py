@@ -81,6 +81,8 @@ COMMON = {
     "flower_log_level": Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     "validation.max_norm": OPTIONAL_SECONDS, "validation.on_norm": Choice(NORM_POLICIES),
     "validation.quarantine_after": Number(0, integer=True),
+    "validation.norm_factor": Number(1, low_open=True, nullable=True),
+    "validation.min_agreement": Number(-1, 1, nullable=True),
     "checkpoint.every": Number(0, integer=True), "checkpoint.at_end": BOOL,
 }
 SCHEDULER = {

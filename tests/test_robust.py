@@ -9,7 +9,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
-from cloudless_fl.strategy import Metered, ModelAveraging
+from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
+from cloudless_fl.strategy.validation import UpdateLimits
 from cloudless_fl.strategy.robust import coordinate_median, trimmed_mean
 from cloudless_fl.training.protocol import WorkOrder
 from conftest import TWO_REGIONS
@@ -37,18 +38,29 @@ def four_regions():
                     shares={"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25})
 
 
-def attacked(fed: Federation, factor: float = -10.0) -> None:
-    """Region 'a' (node 1) replies with w_sent + factor * (its honest change): finite, so validation passes."""
+def attacked(fed: Federation, attack: str = "x-10") -> None:
+    """Region 'a' (node 1) replaces its honest change by × −10, × 1e4 or noise of its norm: finite, so it
+    passes validation. Replies of weights or deltas alike."""
     honest = fed.grid._app
+    noise = torch.Generator().manual_seed(0)
 
     def app(msg, context):
         reply = honest(msg, context)
         if context.node_id != 1 or msg.metadata.message_type != "train" or reply.has_error():
             return reply
+        weights = reply.content["info"]["update"] == "weights"
         sent = msg.content["arrays"].to_torch_state_dict()
-        new = reply.content["arrays"].to_torch_state_dict()
-        reply.content["arrays"] = ArrayRecord({k: sent[k] + factor * (new[k] - sent[k]) if v.is_floating_point()
-                                               else v for k, v in new.items()})
+        out = {}
+        for k, v in reply.content["arrays"].to_torch_state_dict().items():
+            if not v.is_floating_point():
+                out[k] = v
+                continue
+            change = v - sent[k] if weights else v
+            change = {"x-10": lambda c: -10 * c, "x1e4": lambda c: 1e4 * c,
+                      "noise": lambda c: torch.randn(c.shape, generator=noise) * c.norm() / c.numel() ** 0.5}[attack](
+                change)
+            out[k] = sent[k] + change if weights else change
+        reply.content["arrays"] = ArrayRecord(out)
         return reply
 
     fed.grid._app = app
@@ -58,16 +70,60 @@ def _final_accuracy(result) -> float:
     return result.evaluate_metrics_serverapp[max(result.evaluate_metrics_serverapp)]["accuracy"]
 
 
+NO_SCREEN = UpdateLimits(norm_factor=None, min_agreement=None)
+
+
+def _ma(fed, limits=None, aggregation="mean"):
+    ma = ModelAveraging(lr=0.1, local_steps=10, batch_size=16, meter=fed.meter(), aggregation=aggregation,
+                        limits=limits)
+    return ma, _final_accuracy(ma.start(fed.grid, fed.initial, num_rounds=12, train_config=fed.config,
+                                        evaluate_fn=fed.evaluator()))
+
+
+@pytest.mark.parametrize("attack", ["x-10", "x1e4", "noise"])
+def test_ma_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_path, attack):
+    """Label-skewed regions (alpha 0.5): the attacker's data is lost either way, so its absence is the bar."""
+    absent_fed = Federation(tmp_path / "absent", four_regions(), alpha=0.5)
+    absent_fed.grid.set_offline(1)
+    _, absent = _ma(absent_fed)
+    undefended_fed = Federation(tmp_path / "undefended", four_regions(), alpha=0.5)
+    attacked(undefended_fed, attack)
+    _, undefended = _ma(undefended_fed, NO_SCREEN)
+    fed = Federation(tmp_path / "defended", four_regions(), alpha=0.5)
+    attacked(fed, attack)
+    ma, defended = _ma(fed)
+    print(f"{attack}: absent {absent:.3f}, undefended {undefended:.3f}, screened {defended:.3f}")
+    harm = 0.01 if attack == "noise" else 0.1  # measured: noise 0.608, the others chance (0.1), vs absent 0.633
+    assert undefended < absent - harm  # the attack works without the screen...
+    assert defended >= absent - 0.03  # ...and costs at most 3 points more than the attacker's absence with it
+    screened = [e for e in ma.history.events if e["event"] == "update_screened"]
+    assert screened and {e["region"] for e in screened} == {"a"}  # only the attacker is held back
+    assert ma.history.counters["quarantined_regions"] == 0
+
+
+def test_asgd_ga_holds_back_an_update_longer_than_the_model(tmp_path):
+    accuracy = {}
+    for name, limits in (("undefended", UpdateLimits(norm_factor=None, min_agreement=None)), ("defended", None)):
+        fed = Federation(tmp_path / name, four_regions(), alpha=0.5)
+        attacked(fed, "x1e4")
+        strategy = AsyncGradAccum(update="delta", local_lr=0.1, accumulation_steps=10, batch_size=16, eval_every=10,
+                                  meter=fed.meter(), limits=limits)
+        accuracy[name] = _final_accuracy(strategy.start(fed.grid, fed.initial, num_rounds=40,
+                                                        train_config=fed.config, evaluate_fn=fed.evaluator()))
+        if name == "defended":
+            assert strategy.history.counters["screened_updates"] > 0
+    print(accuracy)
+    assert accuracy["undefended"] < 0.3 and accuracy["defended"] > 0.6
+
+
 @pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
-def test_ma_holds_against_one_region_sending_minus_ten_times_its_update(tmp_path, aggregation):
+def test_ma_median_and_trimmed_mean_hold_against_minus_ten_times_an_update(tmp_path, aggregation):
     accuracy = {}
     for name, attack, rule in (("clean", False, "mean"), ("mean", True, "mean"), ("robust", True, aggregation)):
         fed = Federation(tmp_path / name, four_regions(), alpha=100.0)
         if attack:
             attacked(fed)
-        ma = ModelAveraging(lr=0.1, local_steps=10, batch_size=16, meter=fed.meter(), aggregation=rule)
-        accuracy[name] = _final_accuracy(ma.start(fed.grid, fed.initial, num_rounds=12, train_config=fed.config,
-                                                  evaluate_fn=fed.evaluator()))
+        accuracy[name] = _ma(fed, NO_SCREEN, rule)[1]
     assert accuracy["clean"] > 0.7
     assert accuracy["mean"] < 0.3  # the attack works on the plain average (chance: 0.1)...
     assert accuracy["robust"] > 0.75 * accuracy["clean"]  # ...and not on the robust rule (measured: 0.70 vs 0.85)
@@ -88,3 +144,27 @@ def test_fedavg_baseline_takes_flowers_robust_rules(tmp_path, robust):
                                                         evaluate_fn=fed.evaluator()))
     assert accuracy["clean"] > 0.7 and accuracy["mean"] < 0.3
     assert accuracy["robust"] > 0.75 * accuracy["clean"]  # measured: 0.66 vs 0.86 after 4 rounds
+
+
+def test_a_resumed_run_screens_as_the_uninterrupted_one(tmp_path):
+    """The screen's memory (recent norms, each region's last update) is in the checkpoint: the noisy region's
+    first update after the resume is still judged against its last one."""
+    from cloudless_fl.checkpoint import Checkpointer
+
+    def ma_run(name, rounds, resume=False, folder=None):
+        fed = Federation(tmp_path / name, four_regions(), alpha=0.5)
+        attacked(fed, "noise")
+        folder = folder or tmp_path / f"{name}-ckpt"
+        folder.mkdir(exist_ok=True)
+        ma = ModelAveraging(lr=0.1, local_steps=10, batch_size=16, meter=fed.meter(), resume=resume,
+                            checkpointer=Checkpointer(folder / "checkpoint.pt", every=1))
+        result = ma.start(fed.grid, fed.initial, num_rounds=rounds, train_config=fed.config,
+                          evaluate_fn=fed.evaluator())
+        return ma, result.arrays.to_torch_state_dict()
+
+    whole, whole_model = ma_run("whole", 6)
+    ma_run("first", 3, folder=tmp_path / "split")
+    resumed, resumed_model = ma_run("second", 6, resume=True, folder=tmp_path / "split")
+    assert whole.history.counters["screened_updates"] == resumed.history.counters["screened_updates"] == 5
+    for name, tensor in whole_model.items():
+        assert torch.equal(resumed_model[name], tensor), name

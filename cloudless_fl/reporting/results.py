@@ -100,6 +100,7 @@ def summarize(history: History, target: float, utilization: dict[str, float] | N
         "samples": last["samples"],
         "utilization": utilization,
         "rejected_updates": int(history.counters.get("rejected_updates", 0)),
+        "screened_updates": int(history.counters.get("screened_updates", 0)),
         "dropped_stale": int(history.counters.get("dropped_stale", 0)),
         "lost_regions": int(history.counters.get("lost_regions", 0)),
         "rejoined_regions": int(history.counters.get("rejoined_regions", 0)),

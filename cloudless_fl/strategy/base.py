@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -33,6 +34,7 @@ from .membership import RegionInfo, Roster, wait_for_nodes
 from .planning import PlanFollower
 from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
+from .screen import Candidate, UpdateScreen
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
@@ -83,6 +85,10 @@ class GeoStrategy(Strategy):
     min_available_nodes : int
         Wait (up to `reply_timeout`) for this many SuperNodes before starting.
     """
+
+    # Updates are comparable across regions and with each region's previous one (synchronous periods from one
+    # model): screen.py's length-per-step and agreement checks apply. Otherwise only its model-norm bound does.
+    comparable_updates = True
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
@@ -152,6 +158,9 @@ class GeoStrategy(Strategy):
             self.offsets.setdefault(info.name, 0)
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
+        comparable, factor = self.comparable_updates, self.limits.norm_factor
+        self.screen = UpdateScreen(factor if comparable else None, self.limits.min_agreement if comparable else None,
+                                   model_bound=factor is not None)
         self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)
@@ -237,6 +246,21 @@ class GeoStrategy(Strategy):
                                         nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s)
         return tensors, metrics
 
+    def _screened(self, candidates: list[Candidate]) -> list[bool]:
+        """Which well-formed updates may touch the model (screen.py); held-back ones are counted and recorded."""
+        model = [t.float() for t in self.optimizer.state.values() if t.is_floating_point()]
+        model_norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in model])))
+        admitted = []
+        for candidate, reason in zip(candidates, self.screen.admit(candidates, model_norm)):
+            if reason is not None:
+                if not self.book.history.counters.get("screened_updates"):
+                    log.warning("update from region %s held back: %s (counted as screened_updates; "
+                                "see docs/reliability.md)", candidate.region, reason)
+                self.book.event("update_screened", counter="screened_updates", region=candidate.region,
+                                reason=reason)
+            admitted.append(reason is None)
+        return admitted
+
     def _lose(self, key: str, reason: str) -> None:
         """The job's node errs or times out: it leaves the run, which goes on."""
         flight = self.jobs.pop(key)
@@ -308,7 +332,9 @@ class GeoStrategy(Strategy):
         meta = {"offsets": self.offsets, "shares": self.roster.shares, **plan,
                 "quarantined": sorted(self.roster.quarantined),
                 "inflight": [f.state_dict() for f in self.jobs.values()], **self._extra_state()}
-        self.book.save(meta, {"optimizer": self.optimizer.state_dict(), "sent": sent})
+        norms, last = self.screen.state_dict()
+        self.book.save({**meta, "screen_norms": norms},
+                       {"optimizer": self.optimizer.state_dict(), "sent": sent, "screen": last})
 
     def _extra_state(self) -> dict[str, Any]:
         """A subclass's own JSON-able state for the checkpoint."""
@@ -321,6 +347,7 @@ class GeoStrategy(Strategy):
         """Continue from the checkpoint: same model, momentum, books and plan; jobs in flight re-sent."""
         meta, tensors = self.book.load()
         self.optimizer.load_state_dict(tensors["optimizer"])
+        self.screen.load_state_dict(meta["screen_norms"], tensors["screen"])
         self.offsets.update(meta["offsets"])
         self.roster.shares = dict(meta["shares"])
         if self.plan is not None:

@@ -24,6 +24,7 @@ from ..training import protocol
 from .base import EvaluateFn, GeoStrategy
 from .inflight import POLL_S
 from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
+from .screen import Candidate
 
 WEIGHT_BY = ("samples", "shares")  # what a region's weight in the average is
 
@@ -97,16 +98,19 @@ class ModelAveraging(GeoStrategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedNova-normalised, sample-weighted average of on-time replies, through the outer optimizer."""
         start = self.optimizer.state
-        changes, weights, steps = [], [], []
+        regions, changes, weights, steps = [], [], [], []
         for reply in replies:
             flight = self.jobs.pop(reply.metadata.reply_to_message_id)
             local, metrics = self._complete(flight, reply, protocol.MODE_WEIGHTS)
             if local is None:  # rejected: the period goes on without it
                 continue
+            regions.append(flight.region)
             changes.append({k: start[k] - local[k] for k in start if start[k].is_floating_point()})
             weights.append(float(metrics["num-examples"]) if self.weight_by == "samples"
                            else self.roster.shares[flight.region])
             steps.append(max(1, int(metrics["steps"])) if "steps" in metrics else None)  # stock replies: none
+        kept = self._screened([Candidate(r, c, h) for r, c, h in zip(regions, changes, steps)]) if changes else []
+        changes, weights, steps = ([x for x, keep in zip(xs, kept) if keep] for xs in (changes, weights, steps))
         if not changes:
             return None, None
         if self.aggregation != "mean":

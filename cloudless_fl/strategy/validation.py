@@ -49,17 +49,29 @@ class UpdateLimits:
         What to do with an update over `max_norm`.
     quarantine_after : int
         Rejections after which a region gets no more work (0: never).
+    norm_factor, min_agreement : float, optional
+        The screen of well-formed updates (screen.py): hold back one longer than
+        the model, or (MA) whose norm per step is over `norm_factor` x the recent
+        median, or whose cosine with its region's previous update is below
+        `min_agreement`. None: that check off (`norm_factor`: every length check).
     """
 
     max_norm: float | None = None
     on_norm: str = "reject"
     quarantine_after: int = 5
+    norm_factor: float | None = 5.0
+    min_agreement: float | None = 0.2
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
             raise ConfigError(f"validation.max_norm={self.max_norm!r} must be a number > 0 (or null for no bound)")
         if self.on_norm not in NORM_POLICIES:
             raise ConfigError(f"validation.on_norm={self.on_norm!r} is unknown; use one of {', '.join(NORM_POLICIES)}")
+        if self.norm_factor is not None and not (isinstance(self.norm_factor, (int, float)) and self.norm_factor > 1):
+            raise ConfigError(f"validation.norm_factor={self.norm_factor!r} must be a number > 1 (or null: no check)")
+        if self.min_agreement is not None and not (isinstance(self.min_agreement, (int, float))
+                                                   and -1 <= self.min_agreement <= 1):
+            raise ConfigError(f"validation.min_agreement={self.min_agreement!r} must be in [-1, 1] (or null: no check)")
         if not isinstance(self.quarantine_after, int) or self.quarantine_after < 0:
             raise ConfigError(f"validation.quarantine_after={self.quarantine_after!r} must be an integer ≥ 0")
 
