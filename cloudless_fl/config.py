@@ -158,6 +158,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLOUDLESS_FL_CACHE", Path.home() / ".cache" / "cloudless-fl"))
 
 
+def data_digest(root: Path) -> str:
+    """SHA-256 over every file under `root` (relative path and contents): a resume must see the same data."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with file.open("rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
 def prepare_data(cfg: DictConfig) -> DataLayout:
     """Resolve (and, for a source dataset, write once into the cache) the per-region split."""
     ds = dataset_cfg(cfg)

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import ensure_writable
 from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .checkpoint import Checkpointer, model_fingerprint
-from .config import (DataLayout, config_from_run_config, dataset_cfg, prepare_data, topology_of, topology_spec,
-                     validate)
+from .config import (DataLayout, config_from_run_config, data_digest, dataset_cfg, prepare_data, topology_of,
+                     topology_spec, validate)
 from .control.meter import Meter, record_bytes
 from .control.scheduler import Objective, Scheduler, Workload
 from .control.topology import Topology
@@ -106,14 +106,40 @@ def make_scheduler(cfg: DictConfig, topology: Topology, work: Workload) -> Sched
     return Scheduler(topology, work, objective, smoothing=float(sc.smoothing), tolerance=float(sc.tolerance))
 
 
-def make_checkpointer(cfg: DictConfig, run_dir: Path, model_state: dict) -> Checkpointer | None:
-    """The run's checkpointer (None when `checkpoint.every=0 checkpoint.at_end=false` and not resuming)."""
+# May change on resume: how the run is shown and driven, where it goes on, and how far (num_rounds: a finished run
+# can be extended). Everything else in the resolved config is in the checkpoint's fingerprint.
+RESUMABLE_KEYS = ("hydra", "resume", "progress", "flower_log_level", "label", "engine", "checkpoint",
+                  "strategy.num_rounds", "topology", "topology_file", "dataset", "dataset_file")
+
+
+def training_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys, minus `RESUMABLE_KEYS` (topology and dataset: by content instead)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif not any(prefix == k or prefix.startswith(k + ".") for k in RESUMABLE_KEYS):
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def make_checkpointer(cfg: DictConfig, run_dir: Path, model_state: dict, layout: DataLayout) -> Checkpointer | None:
+    """The run's checkpointer (None when `checkpoint.every=0 checkpoint.at_end=false` and not resuming).
+
+    Its fingerprint — the model's layout, every training setting, the topology as
+    written and the data's contents — must match for a resume; the first key that
+    differs is named.
+    """
     every, at_end = int(cfg.checkpoint.every), bool(cfg.checkpoint.at_end)  # ranges checked by validate()
     if every == 0 and not at_end and not cfg.resume:
         return None
     fingerprint = {"model": model_fingerprint(model_state), "strategy": cfg.strategy.name, "seed": int(cfg.seed),
-                   "topology": cfg.topology.name if not cfg.get("topology_file") else str(cfg.topology_file),
-                   "dataset": dataset_cfg(cfg).name, "scheduler": cfg.scheduler.name}
+                   "topology": topology_spec(cfg), "dataset": OmegaConf.to_container(dataset_cfg(cfg), resolve=True),
+                   "data": data_digest(layout.root), **training_settings(cfg)}
     return Checkpointer(Path(run_dir) / CHECKPOINT_FILE, every=every, fingerprint=fingerprint)
 
 
@@ -155,7 +181,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     initial_arrays = ArrayRecord(model.state_dict())  # serialised once: sized here, sent by the strategy
     work = workload(cfg, resident_sizes(topology, layout), record_bytes(initial_arrays))
     scheduler = make_scheduler(cfg, topology, work)
-    checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict())
+    checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict(), layout)
     strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)
     progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit) if cfg.progress else None
     if progress is not None:

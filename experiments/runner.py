@@ -39,10 +39,10 @@ def pool(workers: int):
     return mp.get_context("fork").Pool(workers, initializer=_init_worker)
 
 
-def execute(workers_pool, jobs: list[Job]) -> dict[str, dict]:
-    """Run `jobs`, printing one line per finished run; returns run folder → summary."""
+def execute(workers_pool, jobs: list[Job], run=_run) -> dict[str, dict]:
+    """Run `jobs` (each with `run`), printing one line per finished run; returns run folder → summary."""
     done = {}
-    for run_dir, summary, seconds in workers_pool.imap_unordered(_run, jobs):
+    for run_dir, summary, seconds in workers_pool.imap_unordered(run, jobs):
         done[run_dir] = summary
         t95 = summary["time_to_target_s"]
         print(f"  {run_dir}: t95={'—' if t95 is None else f'{t95:.1f}s'} "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cloudless_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cloudless_fl.config import compose
+from cloudless_fl.config import compose, prepare_data
 from cloudless_fl.run import run
 from conftest import small_run_overrides
 
@@ -128,3 +128,42 @@ def test_checkpoints_never_unpickle(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("change, key", [(["strategy.lr=0.05"], "strategy.lr"),
+                                         (["validation.min_agreement=0.5"], "validation.min_agreement"),
+                                         (["target_accuracy=0.5"], "target_accuracy")])
+def test_resume_refuses_a_changed_training_setting_naming_it(two_region_topology, tmp_path, change, key):
+    base = [*small_run_overrides(two_region_topology), "strategy=ma", "strategy.num_rounds=2"]
+    run(compose(base), tmp_path)
+    with pytest.raises(CheckpointError, match=rf"its {key} is .* this run's is"):
+        run(compose([*base, *change, f"resume={tmp_path}"]), tmp_path)
+
+
+def test_resume_refuses_changed_topology_or_data_contents(two_region_topology, tmp_path):
+    import yaml
+
+    base = [*small_run_overrides(two_region_topology), "strategy=ma", "strategy.num_rounds=2"]
+    run(compose(base), tmp_path / "run")
+    topo = yaml.safe_load(open(two_region_topology))
+    next(iter(topo["regions"].values()))["samples_per_s"] *= 2
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(topo))
+    with pytest.raises(CheckpointError, match="its topology is"):
+        run(compose([*base, f"topology_file={edited}", f"resume={tmp_path / 'run'}"]), tmp_path / "run")
+    layout = prepare_data(compose(base))
+    shard = next(layout.root.glob("*/train.npz"))
+    original = shard.read_bytes()
+    try:
+        shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(CheckpointError, match="its data is"):
+            run(compose([*base, f"resume={tmp_path / 'run'}"]), tmp_path / "run")
+    finally:
+        shard.write_bytes(original)
+
+
+def test_a_finished_run_extends_by_growing_num_rounds(two_region_topology, tmp_path):
+    base = [*small_run_overrides(two_region_topology), "strategy=ma"]
+    run(compose([*base, "strategy.num_rounds=2"]), tmp_path)
+    extended = run(compose([*base, "strategy.num_rounds=4", f"resume={tmp_path}"]), tmp_path)
+    assert [e["version"] for e in extended["history"]][-1] == 4
