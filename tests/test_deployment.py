@@ -103,7 +103,7 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path)
     evaluated = [e for e in results["history"] if e["accuracy"] is not None]
     assert results["clock"] == "wall" and results["history"][-1]["version"] == rounds
     assert evaluated[-1]["accuracy"] > evaluated[0]["accuracy"] + 0.1  # it learned
-    assert evaluated[-1]["loss"] < 10 * evaluated[0]["loss"]
+    assert evaluated[-1]["loss"] < evaluated[0]["loss"]
     assert set(results["regions"]) == {"ap-shanghai", "ap-guangzhou", "ap-chengdu"}
     assert results["summary"]["total_cost_usd"]["instance"] > 0  # the cost model on measured time
     assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])
@@ -162,7 +162,7 @@ def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_r
     assert received >= 2
     assert results["history"][-1]["version"] == 16
     evaluated = [e["accuracy"] for e in results["history"] if e["accuracy"] is not None]
-    assert max(evaluated[1:]) > evaluated[0] + 0.1  # it learned
+    assert evaluated[-1] > evaluated[0] + 0.1  # it learned, and the model it ends with is the learned one
     assert "insecure" not in (federation.home / "config.toml").read_text()
     assert results["summary"]["lost_regions"] == 1 and results["summary"]["rejoined_regions"] == 1
     assert flower_processes() <= before
