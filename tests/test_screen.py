@@ -28,14 +28,16 @@ def test_a_change_far_longer_per_step_than_the_others_is_held_back():
     honest = [Candidate(r, change([1.0, 0.0, 0.0, 0.0])) for r in "bcd"]
     reasons = screen.admit([*honest, Candidate("a", change([-10.0, 0.0, 0.0, 0.0]))], MODEL_NORM)
     assert reasons[:3] == [None, None, None]
-    assert "norm per step 10 is over 5x the recent median 1" in reasons[3]
+    assert "norm per √step 10 is over 5x the recent median 1" in reasons[3]
 
 
-def test_length_is_judged_per_local_step():
+def test_length_is_judged_per_root_of_local_steps():
     screen = UpdateScreen(norm_factor=5.0, min_agreement=None)
-    screen.admit([Candidate(r, change([1.0, 0.0, 0.0, 0.0]), steps=10) for r in "abc"], MODEL_NORM)
-    assert screen.admit([Candidate("d", change([8.0, 0.0, 0.0, 0.0]), steps=80)], MODEL_NORM) == [None]
-    assert screen.admit([Candidate("d", change([8.0, 0.0, 0.0, 0.0]), steps=10)], MODEL_NORM)[0] is not None
+    screen.admit([Candidate(r, change([1.0, 0.0, 0.0, 0.0]), steps=4) for r in "abc"], MODEL_NORM)
+    # 36x the steps: up to 6x the length (√36) is in line, over 5 x 6 = 30x is not
+    assert screen.admit([Candidate("d", change([29.0, 0.0, 0.0, 0.0]), steps=144)], MODEL_NORM) == [None]
+    assert screen.admit([Candidate("e", change([31.0, 0.0, 0.0, 0.0]), steps=144)], MODEL_NORM)[0] is not None
+    assert screen.admit([Candidate("f", change([6.0, 0.0, 0.0, 0.0]), steps=4)], MODEL_NORM)[0] is not None
 
 
 def test_an_update_unlike_its_regions_previous_one_is_held_back():

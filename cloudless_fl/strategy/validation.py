@@ -51,7 +51,7 @@ class UpdateLimits:
         Rejections after which a region gets no more work (0: never).
     norm_factor, min_agreement : float, optional
         The screen of well-formed updates (screen.py): hold back one longer than
-        the model, or (MA) whose norm per step is over `norm_factor` x the recent
+        the model, or (MA) whose norm per √step is over `norm_factor` x the recent
         median, or whose cosine with its region's previous update is below
         `min_agreement`. None: that check off (`norm_factor`: every length check).
     """
@@ -60,7 +60,7 @@ class UpdateLimits:
     on_norm: str = "reject"
     quarantine_after: int = 5
     norm_factor: float | None = 5.0
-    min_agreement: float | None = 0.2
+    min_agreement: float | None = 0.05
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
