@@ -107,10 +107,19 @@ def validate(cfg: DictConfig) -> None:
                                   + ") or one number for all")
 
 
-def _leaf_keys(node: Any, prefix: str = "") -> set[str]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys → leaf values (an empty mapping is a leaf)."""
     if not isinstance(node, dict) or not node:
-        return {prefix}
-    return set().union(*(_leaf_keys(value, f"{prefix}.{key}" if prefix else str(key)) for key, value in node.items()))
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def under(key: str, prefixes) -> bool:
+    """`key` is one of `prefixes` or lies below one of them."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 @lru_cache(maxsize=None)
@@ -125,7 +134,7 @@ def _known_keys(strategy: str, scheduler: str) -> frozenset[str]:
         if group == "topology" or (group in chosen and raw.get("name") != chosen[group]):
             continue
         raw.pop("defaults", None)
-        known |= _leaf_keys(raw, group if group in ("strategy", "scheduler", "dataset", "model") else "")
+        known |= set(flatten(raw, group if group in ("strategy", "scheduler", "dataset", "model") else ""))
     return frozenset(known)
 
 
@@ -133,9 +142,9 @@ def _refuse_unknown_keys(cfg: DictConfig) -> None:
     """A key no conf/ file defines (`+foo=1`, `+strategy.lcoal_steps=3`) is read by nothing: refuse it.
     A per-region mapping may stand where a value is known."""
     known = _known_keys(cfg.strategy.name, cfg.scheduler.name)
-    given = _leaf_keys({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("hydra", "topology")})
+    given = flatten({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("hydra", "topology")})
     for key in sorted(given):
-        if not any(key == k or key.startswith(k + ".") for k in known):
+        if not under(key, known):
             raise ConfigError(f"config key {key} is not a setting of cloudless-fl (was it added with +{key}=...?): "
                               "check its spelling against conf/ (the chosen strategy's and scheduler's files, "
                               "config.yaml) or remove it")

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import ensure_writable
 from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .checkpoint import Checkpointer, model_fingerprint
-from .config import (DataLayout, config_from_run_config, data_digest, dataset_cfg, prepare_data, topology_of,
-                     topology_spec, validate)
+from .config import (DataLayout, config_from_run_config, data_digest, dataset_cfg, flatten, prepare_data,
+                     topology_of, topology_spec, under, validate)
 from .control.meter import Meter, record_bytes
 from .control.scheduler import Objective, Scheduler, Workload
 from .control.topology import Topology
@@ -114,17 +114,7 @@ RESUMABLE_KEYS = ("hydra", "resume", "progress", "flower_log_level", "label", "e
 
 def training_settings(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as dotted keys, minus `RESUMABLE_KEYS` (topology and dataset: by content instead)."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
-        elif not any(prefix == k or prefix.startswith(k + ".") for k in RESUMABLE_KEYS):
-            flat[prefix] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    return {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items() if not under(k, RESUMABLE_KEYS)}
 
 
 def make_checkpointer(cfg: DictConfig, run_dir: Path, model_state: dict, layout: DataLayout) -> Checkpointer | None:

@@ -30,6 +30,7 @@ def test_the_defaults_pass():
 
 
 ABSENT = object()
+GEO4 = {"ap-beijing", "ap-shanghai", "ap-guangzhou", "ap-chengdu"}  # the bases' topology
 
 
 @settings(max_examples=500, deadline=None)
@@ -55,6 +56,11 @@ def test_random_values_raise_only_config_errors(base, changes):
             validate(cfg)
     elif foreign:  # another strategy's or scheduler's key: nothing in this run reads it
         with pytest.raises(ConfigError, match=re.escape(f"config key {foreign[0]}") + r"(\..*)? is not a setting"):
+            validate(cfg)
+    elif partial := [key for key, rule in STRATEGIES[strategy].schema.items() if key in final
+                     and getattr(rule, "per_region", False) and isinstance(final[key], dict)
+                     and set(final[key]) != GEO4]:  # a per-region mapping must name exactly the regions
+        with pytest.raises(ConfigError, match=re.escape(partial[0]) + " must give a value for every region"):
             validate(cfg)
     else:
         validate(cfg)

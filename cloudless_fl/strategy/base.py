@@ -248,8 +248,8 @@ class GeoStrategy(Strategy):
 
     def _screened(self, candidates: list[Candidate]) -> list[bool]:
         """Which well-formed updates may touch the model (screen.py); held-back ones are counted and recorded."""
-        model = [t.float() for t in self.optimizer.state.values() if t.is_floating_point()]
-        model_norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in model])))
+        model_norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(t.float()) for t in self.optimizer.state.values() if t.is_floating_point()])))
         admitted = []
         for candidate, reason in zip(candidates, self.screen.admit(candidates, model_norm)):
             if reason is not None:
