@@ -13,6 +13,7 @@ from cloudless_fl.training.models import build_model
 from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
 from cloudless_fl.training.local import make_batches
+from conftest import TWO_REGIONS
 from strategy_helpers import HIDDEN, Federation, solo_topology, topology
 
 
@@ -358,9 +359,34 @@ def test_the_balance_weight_is_capped(tmp_path):
     strategy = AsyncGradAccum(max_weight=2.0)
     strategy.roster.live = {1: RegionInfo(1, "fast", 900), 2: RegionInfo(2, "slow", 100)}
     strategy.roster.shares = {"fast": 0.5, "slow": 0.5}
-    strategy._durations = {"fast": 1.0, "slow": 10.0}  # slow arrives 10x less often: uncapped weight 5.5
+    strategy._intervals = {"fast": 1.0, "slow": 10.0}  # slow arrives 10x less often: uncapped weight 5.5
     assert strategy._balance_weight("slow") == 2.0
     assert strategy._balance_weight("fast") == pytest.approx(0.5 * 1.1 / 1.0)
+
+
+def test_asgd_ga_balances_by_measured_arrivals_on_the_wall_clock(tmp_path, monkeypatch):
+    """Deployment's lock-step, in-process: the region model says the regions differ 27x in pace, but on the
+    wall clock every region's job is done when the server pulls, so all arrive equally often. The balance
+    weights must follow the arrivals (data share x regions: 0.4 ... 1.6), not the model (0.14 ... 4 diverged)."""
+    from cloudless_fl.control.meter import Meter
+
+    shares = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
+    base = TWO_REGIONS["regions"]["fast"]
+    regions = {name: {**base, "samples_per_s": speed, "data_share": shares[name],
+                      "link": {"up_mbps": mbps, "down_mbps": mbps, "latency_ms": 10}}
+               for name, speed, mbps in zip(shares, (4000, 2500, 1200, 500), (10000, 200, 60, 20))}
+    fed = Federation(tmp_path, topology(regions), alpha=0.3)
+    weights: dict[str, list[float]] = {name: [] for name in shares}
+    balance_weight = AsyncGradAccum._balance_weight
+    monkeypatch.setattr(AsyncGradAccum, "_balance_weight",
+                        lambda self, region: weights[region].append(balance_weight(self, region)) or weights[region][-1])
+    strategy = AsyncGradAccum(update="delta", accumulation_steps=10, local_lr=0.3, batch_size=16, eval_every=20,
+                              meter=Meter.measured(fed.topology))
+    strategy.start(fed.grid, fed.initial, num_rounds=120, train_config=fed.config, evaluate_fn=fed.evaluator())
+    for name, share in shares.items():  # once every region has arrived twice
+        assert weights[name][2:] == pytest.approx([share * 4] * len(weights[name][2:]), rel=0.3), name
+    later = [e["accuracy"] for e in strategy.history.entries if e["version"] >= 40 and e["accuracy"] is not None]
+    assert sum(later) / len(later) > 0.8  # measured: 0.88 (0.65 with the region model's rates)
 
 
 def test_the_server_optimizer_takes_nesterov_steps():

@@ -12,6 +12,16 @@ model toward its data. Each update is therefore weighted by
 summed arrival rate; mean weight 1), capped at `max_weight` so a rare, stale
 update cannot blow up a step. With the elastic scheduler's `G_r` the rates
 already follow the shares and the weights stay near 1.
+
+A rate is how often the region's updates actually arrive, read from the clock
+that orders them: under the virtual clock the modelled job duration (known at
+dispatch; one job in flight per region, so it is the interval between
+arrivals), under the wall clock the measured interval between the region's
+arrivals. The region model's durations must never stand in for measured
+arrivals: on a real federation whose start-ups put the regions in lock-step
+they claimed ap-chengdu arrives 27x less often than ap-beijing, and weights of
+0.14 … 4 (summing to 2.3x an unweighted cycle) drove the model to one
+region's data (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -104,7 +114,8 @@ class AsyncGradAccum(GeoStrategy):
         self.balance = balance
         self.max_weight = max_weight
         self._idle: set[int] = set()
-        self._durations: dict[str, float] = {}
+        self._intervals: dict[str, float] = {}  # region → smoothed seconds between its arrivals
+        self._last_arrival: dict[str, float] = {}  # wall clock only: when the region's last reply was taken
 
     @property
     def version(self) -> int:
@@ -125,10 +136,10 @@ class AsyncGradAccum(GeoStrategy):
         """One job for every idle region, from model version `server_round` (metered from now)."""
         messages = self._job_messages(self._idle, arrays, config, steps=self.accumulation_steps, lr=self.local_lr,
                                       mode=self.update, batch_size=self.batch_size, version=server_round)
-        for message in messages:
-            job = self.jobs.staged(message).job
-            if job.timing is not None:  # virtual clock: the pace is known at dispatch
-                self._observe_duration(job.region, job.timing.end - job.dispatched_at)
+        if self.meter.clock.modelled:  # the pace is known at dispatch
+            for message in messages:
+                job = self.jobs.staged(message).job
+                self._observe_interval(job.region, job.timing.end - job.dispatched_at)
         self._idle.clear()
         return messages
 
@@ -140,14 +151,14 @@ class AsyncGradAccum(GeoStrategy):
         for reply in replies:
             flight = self.jobs.pop(reply.metadata.reply_to_message_id)
             self._idle.add(flight.node_id)
+            if not self.meter.clock.modelled:
+                self._observe_arrival(flight.region, flight.job.dispatched_at)
             update, metrics = self._complete(flight, reply, self.update)
             if update is None:  # rejected: the region simply gets the newest model again
                 continue
             steps = None if self.update == protocol.MODE_GRADIENT else flight.order.steps  # a mean gradient: no scaling
             if not self._screened([Candidate(flight.region, update, steps)])[0]:
                 continue
-            if flight.job.timing is None:  # wall clock: learn the region's pace from what it took
-                self._observe_duration(flight.region, self.meter.clock.now() - flight.job.dispatched_at)
             tau = self.version - flight.version
             if tau > self.tau_max:
                 self.book.count("dropped_stale")
@@ -211,21 +222,31 @@ class AsyncGradAccum(GeoStrategy):
     # ------------------------------------------------------------------ helpers
 
     def _extra_state(self) -> dict:
-        return {"durations": self._durations}
+        return {"durations": self._intervals}  # the key older checkpoints used for the same figures
 
     def _load_extra_state(self, meta: dict) -> None:
-        self._durations = dict(meta["durations"])
+        self._intervals = dict(meta["durations"])
 
-    def _observe_duration(self, region: str, seconds: float) -> None:
-        old = self._durations.get(region)
-        self._durations[region] = seconds if old is None else (1 - RATE_EMA) * old + RATE_EMA * seconds
+    def _region_left(self, region: str) -> None:
+        super()._region_left(region)
+        self._last_arrival.pop(region, None)  # if it comes back, its next interval starts from that job
+
+    def _observe_arrival(self, region: str, dispatched_at: float) -> None:
+        """Wall clock: the seconds since the region's previous arrival (or since this job left, if none)."""
+        now = self.meter.clock.now()
+        self._observe_interval(region, now - self._last_arrival.get(region, dispatched_at))
+        self._last_arrival[region] = now
+
+    def _observe_interval(self, region: str, seconds: float) -> None:
+        old = self._intervals.get(region)
+        self._intervals[region] = seconds if old is None else (1 - RATE_EMA) * old + RATE_EMA * seconds
 
     def _balance_weight(self, region: str) -> float:
         """`share_r * R / rate_r`, mean 1 over arrivals, capped at `max_weight`."""
         live = self.roster.live_names()
-        if not self.balance or len(live) < 2 or any(r not in self._durations for r in live):
+        if not self.balance or len(live) < 2 or any(r not in self._intervals for r in live):
             return 1.0
-        rates = {r: 1.0 / max(self._durations[r], 1e-9) for r in live}
+        rates = {r: 1.0 / max(self._intervals[r], 1e-9) for r in live}
         shares = self.roster.shares
         share_total = sum(shares[r] for r in live)
         weight = (shares[region] / share_total) * sum(rates.values()) / rates[region]
