@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from cloudless_fl.training import protocol
+from cloudless_fl.training import pacing, protocol
 from cloudless_fl.training.data import ResidentData, check_labels, load_resident
 from cloudless_fl.errors import ConfigError, DataError
 from cloudless_fl.training.models import build_model
@@ -52,10 +52,12 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
                 arrays = ArrayRecord(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
             else:
                 arrays = ArrayRecord(model.state_dict())
+        paced = _paced(context, region, stats.samples, order.workers, stats.compute_seconds)
         metrics = MetricRecord({
             "num-examples": stats.samples,
             "steps": stats.steps,
-            "compute-seconds": stats.compute_seconds,
+            "compute-seconds": paced.seconds,
+            "pace-behind-seconds": paced.behind_s,
             "train-loss": stats.loss,
             "model-version": order.version,
         })
@@ -117,6 +119,14 @@ def locate_region(context: Context, config: ConfigRecord, data_root: str | Path 
     if data_root is None:
         raise DataError(f"region {region} has no data-dir; set --node-config \"data-dir='/path'\" on its SuperNode")
     return region, Path(data_root) / region
+
+
+def _paced(context: Context, region: str, samples: int, workers: int, took_s: float) -> pacing.Paced:
+    """The job's compute at the profile's pace if the SuperNode was given one (`launch` does), else as measured."""
+    pace = context.node_config.get(pacing.NODE_KEY)
+    if pace is None:
+        return pacing.Paced(took_s, 0.0)
+    return pacing.wait_out(samples, workers, float(pace), took_s, region)
 
 
 def _resident(context: Context, config: ConfigRecord, data_root, data_format: str) -> tuple[str, ResidentData]:

@@ -103,7 +103,10 @@ def launch_command(argv: list[str]) -> None:
     parser.add_argument("--strategy", default="asgd_ga_delta")
     parser.add_argument("--rounds", type=int, default=20, help="rounds / periods / model versions")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--time-scale", type=float, default=1.0, help="> 1: links that many times faster")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="> 1: links and paced compute that many times faster")
+    parser.add_argument("--no-pace", action="store_true",
+                        help="compute at this machine's speed instead of each region's profile")
     parser.add_argument("--tls", action="store_true", help="throwaway certificates, every connection over TLS")
     parser.add_argument("--out", default=None, help="run folder (default outputs/launch/<time>)")
     parser.add_argument("--app", default=".", help="the Flower app folder (this checkout)")
@@ -115,7 +118,7 @@ def launch_command(argv: list[str]) -> None:
     try:
         with sigterm_as_interrupt():
             code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed,
-                          time_scale=args.time_scale, tls=args.tls, overrides=args.overrides, app_dir=Path(args.app))
+                          time_scale=args.time_scale, pace=not args.no_pace, tls=args.tls, overrides=args.overrides, app_dir=Path(args.app))
     except CloudlessError as exc:
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:

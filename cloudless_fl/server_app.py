@@ -82,7 +82,8 @@ def workload(cfg: DictConfig, data_sizes: dict[str, int], model_bytes: int) -> W
     entry = strategy_entry(cfg.strategy.name)
     return Workload(data_sizes, model_bytes, base_steps=base_steps(cfg, data_sizes),
                     batch_size=int(cfg.strategy.batch_size), epochs=float(sc.get("epochs", 1.0)),
-                    max_steps_factor=float(sc.get("max_steps_factor", 1.0)) if entry.fills_idle_time else 1.0)
+                    max_steps_factor=float(sc.get("max_steps_factor", 1.0)) if entry.fills_idle_time else 1.0,
+                    max_overhead_share=sc.get("max_overhead_share"))
 
 
 def base_steps(cfg: DictConfig, data_sizes: dict[str, int]) -> int:
@@ -216,7 +217,8 @@ def resident_sizes(topology: Topology, layout: DataLayout) -> dict[str, int]:
 def results_payload(cfg: DictConfig, history: History, meter: Meter) -> dict[str, Any]:
     cm = meter.cost_model
     ideal = sum(cm.throughput(r.name, meter.workers(r.name)) for r in cm.topology.regions) if cm else None
-    summary = summarize(history, float(cfg.target_accuracy), meter.utilization(), ideal, final=meter.figures())
+    summary = {**summarize(history, float(cfg.target_accuracy), meter.utilization(), ideal, final=meter.figures()),
+               **meter.job_figures()}
     return {
         "strategy": cfg.strategy.name,
         "seed": int(cfg.seed),

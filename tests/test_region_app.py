@@ -70,3 +70,42 @@ def test_bad_labels_become_an_error_reply(tmp_path):
     [mid] = grid.push_messages([_train_message(model, steps=1)])
     [reply] = grid.pull_messages([mid])
     assert reply.has_error() and "outside the model's 10 classes" in reply.error.reason
+
+
+def _paced_job(tmp_path, pace: float | None, workers: int = 1) -> tuple[float, dict]:
+    """Wall seconds and reply metrics of one 320-sample job on a SuperNode paced at `pace` samples/s."""
+    import time
+
+    if not (tmp_path / "a").is_dir():
+        split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    grid = InProcessGrid(make_client_app(), 2)  # node 2: the SuperNode, told its region, data and pace by --node-config
+    grid._contexts[2].node_config.update({"region": "a", "data-dir": str(tmp_path / "a")})
+    if pace is not None:
+        grid._contexts[2].node_config["pace-samples-per-s"] = pace
+    model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32])
+    send = lambda: grid.pull_messages(grid.push_messages([_train_message(model, steps=20, offset=0, workers=workers)]))  # noqa: E731
+    send()  # warm: data loaded and model built, as for a SuperNode's later jobs
+    start = time.perf_counter()
+    [reply] = send()
+    assert not reply.has_error(), reply.error.reason
+    return time.perf_counter() - start, dict(reply.content[protocol.METRICS])
+
+
+def test_a_paced_region_computes_at_its_profile_speed(tmp_path):
+    """launch paces each SuperNode to its profile: half the speed takes about twice as long for the same
+    job, twice the workers half as long, and the reply reports the profile's time (measured loosely)."""
+    fast_s, fast = _paced_job(tmp_path, pace=800.0)  # 320 samples: 0.4 s
+    slow_s, slow = _paced_job(tmp_path, pace=400.0)  # 0.8 s
+    doubled_s, doubled = _paced_job(tmp_path, pace=400.0, workers=2)  # 0.4 s
+    assert fast["compute-seconds"] == pytest.approx(0.4) and slow["compute-seconds"] == pytest.approx(0.8)
+    assert doubled["compute-seconds"] == pytest.approx(0.4)
+    assert 1.6 < slow_s / fast_s < 2.4 and 0.7 < doubled_s / fast_s < 1.4
+    assert fast["pace-behind-seconds"] == slow["pace-behind-seconds"] == 0.0
+
+
+def test_a_region_slower_than_its_profile_is_reported_not_hidden(tmp_path):
+    unpaced_s, unpaced = _paced_job(tmp_path, pace=None)
+    _, behind = _paced_job(tmp_path, pace=1e9)  # no machine trains 320 samples in 0.3 µs
+    assert unpaced["pace-behind-seconds"] == 0.0 and unpaced_s < 0.4  # unpaced: this machine's own speed
+    assert behind["pace-behind-seconds"] > 0 and behind["compute-seconds"] == pytest.approx(
+        behind["pace-behind-seconds"], rel=0.01)

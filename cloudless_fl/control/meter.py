@@ -3,11 +3,20 @@
 It joins a `Clock` (modelled or measured time), a `CostModel` and a `Ledger`.
 Without a topology it still measures time and bytes, and reports no cost — so a
 strategy dropped into a plain Flower project works unchanged.
+
+A job's fixed overhead (`job_start_s` in the region model: in deployment, the
+Flower message's trip through SuperNode and SuperExec, the ClientApp process
+start, imports, data loading) is modelled in simulation and *measured* under
+the wall clock: the time from dispatch to the reply's creation, minus the
+compute the region reports and the download the region model gives its link.
+On a WAN-emulated federation the proxies shape links with that same model, so
+the remainder is the overhead; on real links it also takes up their error.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 
 from flwr.app import ArrayRecord
 
@@ -15,6 +24,10 @@ from .clock import Clock, VirtualClock, WallClock
 from .costmodel import CostModel, Ledger
 from .jobs import Job, JobTiming
 from .topology import Topology
+
+OVERHEAD_EMA = 0.3  # weight of a new measurement in a region's overhead average
+
+log = logging.getLogger(__name__)
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -41,6 +54,8 @@ class Meter:
         self.ledger = Ledger(cost_model) if cost_model else None
         self._job_counts: dict[str, int] = defaultdict(int)
         self.wan_bytes_unpriced = 0  # bytes moved when there is no topology to price them
+        self.overhead_s: dict[str, float] = {}  # region → smoothed per-job overhead (modelled or measured)
+        self.behind_pace: Counter[str] = Counter()  # region → jobs slower here than its paced profile
 
     @classmethod
     def simulated(cls, topology: Topology, seed: int) -> "Meter":
@@ -63,29 +78,54 @@ class Meter:
             job.timing = self._model(job, samples, bytes_up=bytes_down)
         return job
 
-    def complete(self, job: Job, *, bytes_up: int, samples: int, compute_s: float) -> tuple[float, float]:
+    def complete(self, job: Job, *, bytes_up: int, samples: int, compute_s: float, replied_s_ago: float = 0.0,
+                 behind_s: float = 0.0) -> tuple[float, float, float]:
         """Finish `job` (reported `samples`, measured `compute_s`) and charge it.
 
-        Returns what the job took, `(work_s, transfer_s)`: modelled under the
-        virtual clock, measured under the wall clock — what the scheduler learns
-        from. `work_s` leaves out the job's fixed start-up (`job_start_s`), which
-        the region model adds per job (a ClientApp measures only its own compute).
+        Returns what the job took, `(work_s, transfer_s, overhead_s)`: modelled
+        under the virtual clock, measured under the wall clock — what the
+        scheduler learns from. `work_s` is compute without the job's fixed
+        overhead, which the region model adds per job as `job_start_s`; the
+        overhead is charged as busy time (it runs on the region's machine).
+        `replied_s_ago`: how long the reply waited at the server before it was
+        taken (wall clock); `behind_s`: how far the region fell behind its
+        paced profile (training/pacing.py).
         """
         if self.cost_model and job.timing is None:
             job.timing = self._model(job, samples, bytes_up=bytes_up)
         end = self.clock.finish(job)
         if self.clock.modelled:
             busy, transfer = job.timing.compute_s, job.timing.download_s + job.timing.upload_s
-            work = busy - self.cost_model.topology.region(job.region).job_start_s
+            overhead = self.cost_model.topology.region(job.region).job_start_s
+            work = busy - overhead
         else:
-            busy, transfer = compute_s, max(0.0, end - job.dispatched_at - compute_s)
-            work = busy
+            to_reply = max(0.0, end - replied_s_ago - job.dispatched_at)  # dispatch → the reply's creation
+            if job.timing is not None:  # the modelled link; the rest of the wait is the job's overhead
+                download = min(job.timing.download_s, max(0.0, to_reply - compute_s))
+                transfer = download + job.timing.upload_s
+                overhead = max(0.0, to_reply - compute_s - download)
+            else:  # no model of the link: overhead and transfer cannot be told apart
+                transfer, overhead = max(0.0, end - job.dispatched_at - compute_s), 0.0
+            busy, work = compute_s + overhead, compute_s
+            if behind_s > 0:
+                self._note_behind(job.region, behind_s)
+        self._note_overhead(job.region, overhead)
         if self.ledger:
             self.ledger.record_job(job.region, busy, transfer, job.bytes_down, bytes_up)
             self.ledger.hold_until(self.clock.now())
         else:
             self.wan_bytes_unpriced += job.bytes_down + bytes_up
-        return work, transfer
+        return work, transfer, overhead
+
+    def _note_overhead(self, region: str, seconds: float) -> None:
+        old = self.overhead_s.get(region)
+        self.overhead_s[region] = seconds if old is None else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * seconds
+
+    def _note_behind(self, region: str, seconds: float) -> None:
+        if not self.behind_pace[region]:
+            log.warning("region %s computes slower than its profile (%.2f s behind on one job): the deployment is "
+                        "slower than the topology it emulates (summary.behind_pace counts such jobs)", region, seconds)
+        self.behind_pace[region] += 1
 
     def abandon(self, job: Job, at: float) -> None:
         """A job cut off at `at` (a missed deadline): charge its download and the compute done by then."""
@@ -107,7 +147,8 @@ class Meter:
         """The books so far, for a checkpoint: time, job counters, ledger, unpriced bytes."""
         return {"now": self.clock.now(), "job_counts": dict(self._job_counts),
                 "ledger": self.ledger.state_dict() if self.ledger else None,
-                "wan_bytes_unpriced": self.wan_bytes_unpriced}
+                "wan_bytes_unpriced": self.wan_bytes_unpriced, "overhead_s": dict(self.overhead_s),
+                "behind_pace": dict(self.behind_pace)}
 
     def load_state_dict(self, state: dict) -> None:
         self.clock.restore(float(state["now"]))
@@ -115,6 +156,8 @@ class Meter:
         if self.ledger and state["ledger"] is not None:
             self.ledger.load_state_dict(state["ledger"])
         self.wan_bytes_unpriced = int(state["wan_bytes_unpriced"])
+        self.overhead_s = dict(state.get("overhead_s", {}))  # absent from checkpoints of earlier versions
+        self.behind_pace = Counter(state.get("behind_pace", {}))
 
     def figures(self) -> dict:
         """Time, cost and WAN bytes so far, in the `results.json` history shape."""
@@ -123,6 +166,11 @@ class Meter:
             return {"time_s": now, "cost_usd": None, "wan_bytes": self.wan_bytes_unpriced}
         self.ledger.hold_until(now)
         return {"time_s": now, "cost_usd": self.ledger.cost_usd(), "wan_bytes": self.ledger.wan_bytes}
+
+    def job_figures(self) -> dict:
+        """Per region: the smoothed per-job overhead (seconds; modelled, or measured under the wall clock)
+        and how many jobs fell behind their paced profile."""
+        return {"job_overhead_s": dict(self.overhead_s), "behind_pace": dict(self.behind_pace)}
 
     def utilization(self) -> dict[str, float] | None:
         if not self.ledger:

@@ -100,6 +100,9 @@ class Workload:
         Epochs of all resident data the plan's totals cover.
     max_steps_factor : float
         A region's local work is raised to fill idle time up to this multiple of its share.
+    max_overhead_share : float, optional
+        Local work is raised (every region's alike) until the largest per-job overhead (`job_start_s`,
+        measured in deployment) is at most this share of the period; None: never.
     """
 
     data_sizes: Mapping[str, int]
@@ -108,6 +111,7 @@ class Workload:
     batch_size: int = 32
     epochs: float = 10.0
     max_steps_factor: float = 4.0
+    max_overhead_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,27 @@ def evaluate_plan(topology: Topology, work: Workload, workers: Mapping[str, int]
                   exclude: Iterable[str] = (), fill: bool = True) -> Plan:
     """The plan a given worker vector yields (the scheduler's model; search and tests both use it)."""
     steps, f = share_steps(topology, work, exclude)
+    steps, f = _amortise_overhead(topology, work, workers, steps, f)
     return _build(topology, work, workers, steps, f, billing, fill)
+
+
+def _amortise_overhead(topology: Topology, work: Workload, workers: Mapping[str, int], steps: Mapping[str, int],
+                       f: float) -> tuple[dict[str, int], float]:
+    """Every region's work scaled by one factor `c >= 1`, the least that makes the period at least
+    `max(job_start_s) / max_overhead_share` (a period lasts as long as its slowest job, and the
+    others are filled towards it): a fixed per-job overhead then stays that small a share of a job."""
+    start = max(topology.region(n).job_start_s for n in steps)
+    if work.max_overhead_share is None or start <= 0:
+        return dict(steps), f
+    target = start / work.max_overhead_share
+    b = work.batch_size
+    reach = []  # for each region, the factor at which its own job alone lasts `target`
+    for name, k in steps.items():
+        region = topology.region(name)
+        fixed = comm_seconds(topology, name, work.model_bytes) + region.job_start_s
+        reach.append((target - fixed) / region_model.work_seconds(region, k * b, workers[name]))
+    c = max(1.0, min(reach))
+    return {name: max(1, math.ceil(k * c - _EPS)) for name, k in steps.items()}, f * c
 
 
 def static_plan(topology: Topology, work: Workload, billing: str = "instance") -> Plan:
@@ -298,6 +322,7 @@ class _Measured:
 
     samples_per_worker_s: float | None = None
     link_mbps: float | None = None
+    job_start_s: float | None = None
 
 
 @dataclass
@@ -340,13 +365,15 @@ class Scheduler:
         return self.current
 
     def observe(self, region: str, *, samples: int, work_s: float, workers: int,
-                nbytes: int, transfer_s: float) -> None:
-        """Fold one finished job's measured pace (`work_s`: compute without the job's start-up)
-        into the region's moving averages."""
+                nbytes: int, transfer_s: float, overhead_s: float | None = None) -> None:
+        """Fold one finished job's measured pace (`work_s`: compute without the job's start-up, and
+        `overhead_s`: that start-up) into the region's moving averages."""
         if region not in {r.name for r in self.topology.regions}:
             return
         m = self._measured.setdefault(region, _Measured())
         r = self.topology.region(region)
+        if overhead_s is not None:
+            m.job_start_s = self._average(m.job_start_s, overhead_s)
         if work_s > 0 and samples > 0:
             m.samples_per_worker_s = self._average(m.samples_per_worker_s,
                                                    region_model.speed_per_worker(r, samples, work_s, workers))
@@ -365,12 +392,14 @@ class Scheduler:
         self.excluded.discard(region)
 
     def measured_topology(self) -> Topology:
-        """The profile with each region's measured speed and link substituted where known."""
+        """The profile with each region's measured speed, link and per-job overhead substituted where known."""
         regions = []
         for r in self.topology.regions:
             m = self._measured.get(r.name, _Measured())
             if m.samples_per_worker_s is not None:
                 r = replace(r, samples_per_s=m.samples_per_worker_s)
+            if m.job_start_s is not None:
+                r = replace(r, job_start_s=m.job_start_s)
             if m.link_mbps is not None:
                 r = replace(r, link=Link(up_mbps=m.link_mbps, down_mbps=m.link_mbps,
                                          latency_ms=r.link.latency_ms, trace=r.link.trace))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..config import compose, topology_of
 from ..training.data import load_source, split_dataset
+from ..training.pacing import NODE_KEY as NODE_PACE
 from ..errors import ConfigError
 from ..control.topology import Topology
 from .wanproxy import WanProxy, link_shapes
@@ -64,7 +65,10 @@ class Federation:
     seed : int
         Seeds the links' bandwidth fluctuation, as in simulation.
     time_scale : float
-        > 1 makes every link faster by that factor (and latency shorter).
+        > 1 makes every link faster by that factor (and latency shorter), and paced compute too.
+    pace : bool
+        Each SuperNode computes at its region's profile speed (training/pacing.py): a job that is done
+        sooner on this machine waits out the difference, so the federation has the topology's heterogeneity.
     tls : bool
         Generate throwaway certificates and run every connection over TLS.
     """
@@ -73,6 +77,7 @@ class Federation:
     run_dir: Path
     seed: int = 1
     time_scale: float = 1.0
+    pace: bool = True
     tls: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     proxies: dict[str, WanProxy] = field(default_factory=dict)
@@ -135,7 +140,15 @@ class Federation:
         self._start(f"supernode-{region}", [
             "flower-supernode", *self._security("supernode"),
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
-            "--node-config", f"region='{region}' data-dir='{data_dir}'"])
+            "--node-config", f"region='{region}' data-dir='{data_dir}'" + self._pace(region)])
+
+    def _pace(self, region: str) -> str:
+        """The node config that paces the region's compute to its profile (one worker's samples/s, efficiency
+        and time scale applied; the work order says how many workers the job has)."""
+        if not self.pace:
+            return ""
+        profile = self.topology.region(region)
+        return f" {NODE_PACE}={profile.samples_per_s * profile.efficiency * self.time_scale!r}"
 
     def kill_region(self, region: str) -> None:
         """SIGKILL a region's SuperNode and everything it started, as a crash would (its proxy stays up);
@@ -272,7 +285,7 @@ def prepare_split(topology: Topology, data_dir: Path, source: str = "digits", se
 
 
 def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *, seed: int = 1,
-           time_scale: float = 1.0, tls: bool = False, overrides: list[str] = (), app_dir: Path | None = None,
+           time_scale: float = 1.0, pace: bool = True, tls: bool = False, overrides: list[str] = (), app_dir: Path | None = None,
            stream_to=sys.stdout) -> int:
     """Run `strategy` on a local federation shaped like `topology_name`; returns `flwr run`'s exit code."""
     from_file = topology_name.endswith((".yaml", ".yml"))
@@ -288,7 +301,7 @@ def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *,
         raise ConfigError(f"{app_dir} is not a Flower app folder (no pyproject.toml); run from the cloudless-fl "
                           "checkout or pass --app")
     hydra_overrides = ["dataset=npz", f"dataset.root={data_dir}", "clock=wall", *overrides]
-    with Federation(topology, run_dir, seed=seed, time_scale=time_scale, tls=tls) as federation:
+    with Federation(topology, run_dir, seed=seed, time_scale=time_scale, pace=pace, tls=tls) as federation:
         federation.start_superlink()
         for region in topology.region_names:
             federation.start_region(region, data_dir / region)

@@ -199,7 +199,7 @@ class GeoStrategy(Strategy):
             samples = count * batch_size
             order = protocol.WorkOrder(lr=lr, batch_size=batch_size, steps=count, mode=mode,
                                        data_seed=int(config.get("data-seed", 0)), offset=self.offsets[region],
-                                       version=version)
+                                       version=version, workers=self.meter.workers(region))
             self.offsets[region] += samples
             job = self.meter.dispatch(region, bytes_down=nbytes, samples=samples)
             message = self._train_message(node_id, arrays, config, order)
@@ -225,8 +225,9 @@ class GeoStrategy(Strategy):
                 f"{mode} updates and say so in its reply (docs/drop-in.md)")
         bytes_up = record_bytes(arrays)
         samples = int(metrics.get("num-examples", 0))
-        work_s, transfer_s = self.meter.complete(flight.job, bytes_up=bytes_up, samples=samples,
-                                                 compute_s=float(metrics.get("compute-seconds", 0.0)))
+        work_s, transfer_s, overhead_s = self.meter.complete(
+            flight.job, bytes_up=bytes_up, samples=samples, compute_s=float(metrics.get("compute-seconds", 0.0)),
+            replied_s_ago=protocol.reply_age_s(reply), behind_s=float(metrics.get("pace-behind-seconds", 0.0)))
         base = flight.arrays.to_torch_state_dict() if sent_as != mode else self.optimizer.state
         try:
             tensors = self.validator.check(flight.region, arrays, sent_as, base=base)
@@ -243,7 +244,8 @@ class GeoStrategy(Strategy):
         if self.plan is not None:
             self.plan.scheduler.observe(flight.region, samples=samples, work_s=work_s,
                                         workers=self.meter.workers(flight.region),
-                                        nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s)
+                                        nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s,
+                                        overhead_s=overhead_s)
         return tensors, metrics
 
     def _screened(self, candidates: list[Candidate]) -> list[bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +63,12 @@ class WorkOrder:
     round: int | None = None  # Flower's "server-round", set by synchronous strategies
     data_seed: int = 0
     version: int = 0  # model version the job starts from
+    workers: int = 1  # workers the region rents for the job (the plan's); paced compute assumes this many
 
     def to_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"lr": float(self.lr), "batch-size": int(self.batch_size), "mode": self.mode,
-                               "data-seed": int(self.data_seed), "model-version": int(self.version)}
+                               "data-seed": int(self.data_seed), "model-version": int(self.version),
+                               "workers": int(self.workers)}
         if self.offset is not None:
             cfg["sample-offset"] = int(self.offset)
         if self.steps is not None:
@@ -88,7 +91,7 @@ class WorkOrder:
                    offset=int(config["sample-offset"]) if "sample-offset" in config else None,
                    round=int(config["server-round"]) if "server-round" in config else None,
                    data_seed=int(config.get("data-seed", 0)),
-                   version=int(config.get("model-version", 0)))
+                   version=int(config.get("model-version", 0)), workers=int(config.get("workers", 1)))
 
     def samples(self, n_resident: int) -> int:
         """How many stream positions the job consumes on a region holding `n_resident` samples."""
@@ -168,6 +171,11 @@ def reply_update(msg: Message) -> str:
     if update not in MODES:
         raise ValueError(f"reply says its arrays are {update!r}; expected one of {', '.join(MODES)}")
     return update
+
+
+def reply_age_s(msg: Message) -> float:
+    """Seconds since the reply was created on its node (it may have waited at the server since)."""
+    return max(0.0, time.time() - float(msg.metadata.created_at))
 
 
 def reply_region(msg: Message) -> str | None:
