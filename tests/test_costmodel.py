@@ -139,3 +139,40 @@ def test_virtual_clock_orders_by_modelled_end_not_arrival():
     assert clock.pick(pending, ["a", "b"]) == "b"
     assert clock.finish(pending["b"]) == 3.0 and clock.now() == 3.0
     assert WallClock().pick(pending, ["a", "b"]) == "a"  # wall clock: arrival order
+
+
+class _SetClock(WallClock):
+    """A measured clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+def test_the_wall_clock_meter_measures_a_jobs_overhead_apart_from_compute_and_download():
+    clock = _SetClock()
+    meter = Meter(clock, CostModel(_topology(), seed=0, compute_jitter=0.0))
+    job = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
+    download = job.timing.download_s  # 0.11 s over slow's 80 Mbps link, modelled
+    clock.t = 10.0
+    work, transfer, overhead = meter.complete(job, bytes_up=1_000_000, samples=100, compute_s=1.5, replied_s_ago=2.0)
+    # dispatch → the reply's creation took 8 s: 1.5 s compute, the download, the rest was overhead
+    assert (work, transfer) == (1.5, pytest.approx(download + job.timing.upload_s))
+    assert overhead == pytest.approx(8.0 - 1.5 - download)
+    assert meter.ledger.accounts["slow"].busy_s == pytest.approx(1.5 + overhead)  # the overhead runs on the region
+    assert meter.job_figures()["job_overhead_s"] == {"slow": pytest.approx(overhead)}
+    second = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
+    clock.t = 12.0
+    meter.complete(second, bytes_up=1_000_000, samples=100, compute_s=1.5, replied_s_ago=0.0, behind_s=0.2)
+    assert meter.overhead_s["slow"] == pytest.approx(0.7 * overhead + 0.3 * (2.0 - 1.5 - download))  # smoothed
+    assert meter.job_figures()["behind_pace"] == {"slow": 1}
+
+
+def test_the_virtual_clock_meter_reports_the_modelled_overhead():
+    meter = Meter(VirtualClock(), CostModel(_topology(slow={"job_start_s": 3.0}), seed=0, compute_jitter=0.0))
+    job = meter.dispatch("slow", bytes_down=1000, samples=100)
+    work, _, overhead = meter.complete(job, bytes_up=1000, samples=100, compute_s=0.0)
+    assert (work, overhead) == (pytest.approx(1.0), 3.0)  # 100 samples at 100/s, then the 3 s start-up

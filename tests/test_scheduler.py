@@ -261,3 +261,60 @@ def test_scheduler_config_runs_end_to_end(two_region_topology, tmp_path):
     assert payload["summary"]["samples"] == 3 * 32 * sum(d["local_steps"] for d in plan.values())
     none = run(compose(small_run_overrides(two_region_topology) + ["strategy=ma"]), tmp_path / "none")
     assert none["schedule"] is None
+
+
+def _with_start(topo, **job_start_s):
+    from dataclasses import replace
+
+    return replace(topo, regions=tuple(replace(r, job_start_s=job_start_s.get(r.name, 0.0)) for r in topo.regions))
+
+
+@pytest.mark.parametrize("topo", HAND_BUILT)
+def test_local_work_grows_until_the_overhead_is_a_small_share_of_the_period(topo):
+    """A 2 s overhead per job in one region: with max_overhead_share 0.2 the period lasts at least 10 s,
+    and no more than rounding the steps up needs; every region's work grows by the same factor."""
+    from dataclasses import replace
+
+    slowed = _with_start(topo, **{topo.region_names[-1]: 2.0})
+    workers = {r.name: r.workers_min for r in topo.regions}
+    free = evaluate_plan(slowed, workload(topo, factor=1.0), workers)
+    amortised = evaluate_plan(slowed, replace(workload(topo, factor=1.0), max_overhead_share=0.2), workers)
+    assert free.period_s < 10.0 <= amortised.period_s * (1 + 1e-9) < 10.0 * 1.1
+    growth = {n: amortised.regions[n].local_steps / free.regions[n].local_steps for n in topo.region_names}
+    assert max(growth.values()) < 1.1 * min(growth.values())  # one factor, up to rounding
+    assert amortised.epochs_per_period / free.epochs_per_period == pytest.approx(min(growth.values()), rel=0.1)
+    no_overhead = evaluate_plan(topo, replace(workload(topo, factor=1.0), max_overhead_share=0.2), workers)
+    assert no_overhead.regions == evaluate_plan(topo, workload(topo, factor=1.0), workers).regions
+
+
+def test_a_delay_in_one_region_is_learned_and_the_plan_gives_it_more_work(tmp_path):
+    """Deployment's per-job overhead, injected in-process (0.3 s before every job of region `slow`) under
+    the wall clock on paced regions: the meter measures it within a few jobs, and the re-plan raises
+    local work."""
+    import time as _time
+
+    from cloudless_fl.control.meter import Meter
+
+    topo = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=1, latency=0),
+                      slow=region(400, 1.8, 80, 0.5, wmax=1, latency=10))
+    fed = Federation(tmp_path, topo)
+    app = fed.grid._app
+
+    def delayed(message, context):
+        if context.node_config["partition-id"] == 1:  # region `slow`
+            _time.sleep(0.3)
+        return app(message, context)
+
+    fed.grid._app = delayed
+    for node, profile in zip((1, 2), topo.regions):  # paced as launch does: compute at the profile's speed
+        fed.grid._contexts[node].node_config["pace-samples-per-s"] = profile.samples_per_s * profile.efficiency
+    sizes = {r: len(fed.resident(r).y) for r in topo.region_names}
+    scheduler = Scheduler(topo, Workload(sizes, 0, base_steps=3, batch_size=16, max_overhead_share=0.5))
+    strategy = AsyncGradAccum(lr=0.1, batch_size=16, update="delta", meter=Meter.measured(topo), scheduler=scheduler,
+                              replan_every=3)
+    strategy.start(fed.grid, fed.initial, num_rounds=10, train_config=fed.config)
+    assert 0.25 < strategy.meter.overhead_s["slow"] < 0.45 and strategy.meter.overhead_s["fast"] < 0.1
+    first, last = scheduler.changes[0]["plan"], scheduler.current.local_steps()
+    assert last["slow"] > first["slow"]["local_steps"] and last["fast"] > first["fast"]["local_steps"]
+    # at the plan's own speeds the 0.3 s overhead is at most half the period
+    assert scheduler.current.period_s >= 0.3 / 0.5 * (1 - 1e-9)
