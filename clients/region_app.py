@@ -8,7 +8,10 @@ data lives in `<data-root>/<region>/` (the split tool's layout).
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import time
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -30,12 +33,14 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        entered = time.time()
         config = msg.content.config_records[protocol.CONFIG]
         region, data = _resident(context, config, data_root, data_format)
         spec = protocol.ModelSpec.from_config(config)
         order = protocol.WorkOrder.from_config(config)
         check_labels(data.train.y, spec.num_classes, f"region {region}")
         model = _model(spec, data.input_shape)
+        loaded = time.time()
         model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
         batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed,
                                offset=order.start_position(len(data.train)),
@@ -58,9 +63,13 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
             "steps": stats.steps,
             "compute-seconds": paced.seconds,
             "pace-behind-seconds": paced.behind_s,
+            "load-seconds": loaded - entered,
             "train-loss": stats.loss,
             "model-version": order.version,
         })
+        started = _process_started() if next(_handled) == 0 else entered  # a warm process started nothing
+        if started is not None:
+            metrics["startup-seconds"] = max(0.0, entered - started)
         info = ConfigRecord({"region": region, "update": order.mode})
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info}),
                        reply_to=msg)
@@ -119,6 +128,21 @@ def locate_region(context: Context, config: ConfigRecord, data_root: str | Path 
     if data_root is None:
         raise DataError(f"region {region} has no data-dir; set --node-config \"data-dir='/path'\" on its SuperNode")
     return region, Path(data_root) / region
+
+
+_handled = itertools.count()  # train messages this process has handled
+
+
+def _process_started() -> float | None:
+    """When this process started (Unix time, Linux /proc), so a reply can say what its start-up took:
+    in deployment every message gets a fresh ClientApp process. None where /proc is not there."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _paced(context: Context, region: str, samples: int, workers: int, took_s: float) -> pacing.Paced:

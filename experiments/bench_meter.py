@@ -11,6 +11,7 @@ import time
 
 from cloudless_fl.config import compose, topology_of
 from cloudless_fl.control.meter import Meter
+from cloudless_fl.control.jobs import Reported
 
 MODEL_BYTES = 4_505_640  # the benchmark MLP in float32
 
@@ -23,7 +24,7 @@ def main(n: int = 100_000) -> None:
     start = time.perf_counter()
     for _ in range(n):
         region = meter.clock.pick(pending, regions)
-        meter.complete(pending[region], bytes_up=MODEL_BYTES, samples=320, compute_s=0.0)
+        meter.complete(pending[region], bytes_up=MODEL_BYTES, reported=Reported(320))
         pending[region] = meter.dispatch(region, bytes_down=MODEL_BYTES, samples=320)
     elapsed = time.perf_counter() - start
     figures = meter.figures()

@@ -11,7 +11,7 @@ from cloudless_fl.control.clock import VirtualClock, WallClock
 from cloudless_fl.config import compose, topology_of
 from cloudless_fl.control.costmodel import DOWN, UP, CostModel, Ledger
 from cloudless_fl.errors import ConfigError
-from cloudless_fl.control.jobs import Job
+from cloudless_fl.control.jobs import Job, Reported
 from cloudless_fl.control.meter import Meter
 from cloudless_fl.control.topology import Fluctuation, load_topology
 from conftest import TWO_REGIONS
@@ -120,7 +120,7 @@ def test_sync_round_fast_region_idles_for_the_slow_ones_extra_time():
     size = 4_000_000
     jobs = [meter.dispatch(r, bytes_down=size, at=0.0) for r in ("fast", "slow")]
     for job, samples in zip(jobs, (500, 500)):
-        meter.complete(job, bytes_up=size, samples=samples, compute_s=0.0)
+        meter.complete(job, bytes_up=size, reported=Reported(samples))
     fast, slow = (meter.ledger.accounts[r] for r in ("fast", "slow"))
     t_fast, t_slow = jobs[0].timing.end, jobs[1].timing.end
     assert meter.clock.now() == pytest.approx(t_slow)  # the round ends with its slowest region
@@ -158,7 +158,8 @@ def test_the_wall_clock_meter_measures_a_jobs_overhead_apart_from_compute_and_do
     job = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
     download = job.timing.download_s  # 0.11 s over slow's 80 Mbps link, modelled
     clock.t = 10.0
-    work, transfer, overhead = meter.complete(job, bytes_up=1_000_000, samples=100, compute_s=1.5, replied_s_ago=2.0)
+    work, transfer, overhead = meter.complete(job, bytes_up=1_000_000,
+                                              reported=Reported(100, compute_s=1.5, replied_s_ago=2.0))
     # dispatch → the reply's creation took 8 s: 1.5 s compute, the download, the rest was overhead
     assert (work, transfer) == (1.5, pytest.approx(download + job.timing.upload_s))
     assert overhead == pytest.approx(8.0 - 1.5 - download)
@@ -166,13 +167,15 @@ def test_the_wall_clock_meter_measures_a_jobs_overhead_apart_from_compute_and_do
     assert meter.job_figures()["job_overhead_s"] == {"slow": pytest.approx(overhead)}
     second = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
     clock.t = 12.0
-    meter.complete(second, bytes_up=1_000_000, samples=100, compute_s=1.5, replied_s_ago=0.0, behind_s=0.2)
+    meter.complete(second, bytes_up=1_000_000,
+                   reported=Reported(100, compute_s=1.5, behind_s=0.2, startup_s=4.0, load_s=0.5))
     assert meter.overhead_s["slow"] == pytest.approx(0.7 * overhead + 0.3 * (2.0 - 1.5 - download))  # smoothed
     assert meter.job_figures()["behind_pace"] == {"slow": 1}
+    assert meter.job_figures()["job_overhead_parts"] == {"slow": {"process_start_s": 4.0, "data_load_s": 0.5}}
 
 
 def test_the_virtual_clock_meter_reports_the_modelled_overhead():
     meter = Meter(VirtualClock(), CostModel(_topology(slow={"job_start_s": 3.0}), seed=0, compute_jitter=0.0))
     job = meter.dispatch("slow", bytes_down=1000, samples=100)
-    work, _, overhead = meter.complete(job, bytes_up=1000, samples=100, compute_s=0.0)
+    work, _, overhead = meter.complete(job, bytes_up=1000, reported=Reported(100))
     assert (work, overhead) == (pytest.approx(1.0), 3.0)  # 100 samples at 100/s, then the 3 s start-up

@@ -383,8 +383,8 @@ def test_asgd_ga_balances_by_measured_arrivals_on_the_wall_clock(tmp_path, monke
     strategy = AsyncGradAccum(update="delta", accumulation_steps=10, local_lr=0.3, batch_size=16, eval_every=20,
                               meter=Meter.measured(fed.topology))
     strategy.start(fed.grid, fed.initial, num_rounds=120, train_config=fed.config, evaluate_fn=fed.evaluator())
-    for name, share in shares.items():  # once every region has arrived twice
-        assert weights[name][2:] == pytest.approx([share * 4] * len(weights[name][2:]), rel=0.3), name
+    for name, share in shares.items():  # once every region has arrived twice; the median: a busy machine jitters
+        assert float(np.median(weights[name][2:])) == pytest.approx(share * 4, rel=0.15), name
     later = [e["accuracy"] for e in strategy.history.entries if e["version"] >= 40 and e["accuracy"] is not None]
     assert sum(later) / len(later) > 0.8  # measured: 0.88 (0.65 with the region model's rates)
 

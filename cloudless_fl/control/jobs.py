@@ -1,7 +1,7 @@
 """A job: one unit of work sent to a region, and when its phases happen.
 
 The clock orders jobs, the cost model times them, the meter charges them;
-all three share these two records.
+all three share these records.
 """
 
 from __future__ import annotations
@@ -32,3 +32,15 @@ class Job:
     dispatched_at: float
     bytes_down: int
     timing: JobTiming | None = None
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What a region's reply says about a finished job, and how long the reply waited at the server."""
+
+    samples: int
+    compute_s: float = 0.0  # its compute (paced: as long as the profile says)
+    replied_s_ago: float = 0.0  # since the reply was created on the node
+    behind_s: float = 0.0  # how far the region fell behind its paced profile
+    startup_s: float | None = None  # ClientApp process start → its handler: interpreter, imports, app load
+    load_s: float | None = None  # the handler reading its resident data and building the model

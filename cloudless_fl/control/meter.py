@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord
 
 from .clock import Clock, VirtualClock, WallClock
 from .costmodel import CostModel, Ledger
-from .jobs import Job, JobTiming
+from .jobs import Job, JobTiming, Reported
 from .topology import Topology
 
 OVERHEAD_EMA = 0.3  # weight of a new measurement in a region's overhead average
@@ -56,6 +56,7 @@ class Meter:
         self.wan_bytes_unpriced = 0  # bytes moved when there is no topology to price them
         self.overhead_s: dict[str, float] = {}  # region → smoothed per-job overhead (modelled or measured)
         self.behind_pace: Counter[str] = Counter()  # region → jobs slower here than its paced profile
+        self.overhead_parts: dict[str, dict[str, float]] = {}  # region → smoothed parts the region reported
 
     @classmethod
     def simulated(cls, topology: Topology, seed: int) -> "Meter":
@@ -78,19 +79,16 @@ class Meter:
             job.timing = self._model(job, samples, bytes_up=bytes_down)
         return job
 
-    def complete(self, job: Job, *, bytes_up: int, samples: int, compute_s: float, replied_s_ago: float = 0.0,
-                 behind_s: float = 0.0) -> tuple[float, float, float]:
-        """Finish `job` (reported `samples`, measured `compute_s`) and charge it.
+    def complete(self, job: Job, *, bytes_up: int, reported: Reported) -> tuple[float, float, float]:
+        """Finish `job` with what its reply `reported` (samples, measured compute, ...) and charge it.
 
         Returns what the job took, `(work_s, transfer_s, overhead_s)`: modelled
         under the virtual clock, measured under the wall clock — what the
         scheduler learns from. `work_s` is compute without the job's fixed
         overhead, which the region model adds per job as `job_start_s`; the
         overhead is charged as busy time (it runs on the region's machine).
-        `replied_s_ago`: how long the reply waited at the server before it was
-        taken (wall clock); `behind_s`: how far the region fell behind its
-        paced profile (training/pacing.py).
         """
+        samples, compute_s = reported.samples, reported.compute_s
         if self.cost_model and job.timing is None:
             job.timing = self._model(job, samples, bytes_up=bytes_up)
         end = self.clock.finish(job)
@@ -99,7 +97,7 @@ class Meter:
             overhead = self.cost_model.topology.region(job.region).job_start_s
             work = busy - overhead
         else:
-            to_reply = max(0.0, end - replied_s_ago - job.dispatched_at)  # dispatch → the reply's creation
+            to_reply = max(0.0, end - reported.replied_s_ago - job.dispatched_at)  # dispatch → reply's creation
             if job.timing is not None:  # the modelled link; the rest of the wait is the job's overhead
                 download = min(job.timing.download_s, max(0.0, to_reply - compute_s))
                 transfer = download + job.timing.upload_s
@@ -107,8 +105,9 @@ class Meter:
             else:  # no model of the link: overhead and transfer cannot be told apart
                 transfer, overhead = max(0.0, end - job.dispatched_at - compute_s), 0.0
             busy, work = compute_s + overhead, compute_s
-            if behind_s > 0:
-                self._note_behind(job.region, behind_s)
+            if reported.behind_s > 0:
+                self._note_behind(job.region, reported.behind_s)
+            self._note_parts(job.region, reported)
         self._note_overhead(job.region, overhead)
         if self.ledger:
             self.ledger.record_job(job.region, busy, transfer, job.bytes_down, bytes_up)
@@ -118,8 +117,14 @@ class Meter:
         return work, transfer, overhead
 
     def _note_overhead(self, region: str, seconds: float) -> None:
-        old = self.overhead_s.get(region)
-        self.overhead_s[region] = seconds if old is None else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * seconds
+        self.overhead_s[region] = _smoothed(self.overhead_s.get(region), seconds)
+
+    def _note_parts(self, region: str, reported: Reported) -> None:
+        """The parts of the overhead the region itself saw (its process start, its data load)."""
+        parts = self.overhead_parts.setdefault(region, {})
+        for name, seconds in (("process_start_s", reported.startup_s), ("data_load_s", reported.load_s)):
+            if seconds is not None:
+                parts[name] = _smoothed(parts.get(name), seconds)
 
     def _note_behind(self, region: str, seconds: float) -> None:
         if not self.behind_pace[region]:
@@ -148,7 +153,7 @@ class Meter:
         return {"now": self.clock.now(), "job_counts": dict(self._job_counts),
                 "ledger": self.ledger.state_dict() if self.ledger else None,
                 "wan_bytes_unpriced": self.wan_bytes_unpriced, "overhead_s": dict(self.overhead_s),
-                "behind_pace": dict(self.behind_pace)}
+                "overhead_parts": self.overhead_parts, "behind_pace": dict(self.behind_pace)}
 
     def load_state_dict(self, state: dict) -> None:
         self.clock.restore(float(state["now"]))
@@ -158,6 +163,7 @@ class Meter:
         self.wan_bytes_unpriced = int(state["wan_bytes_unpriced"])
         self.overhead_s = dict(state.get("overhead_s", {}))  # absent from checkpoints of earlier versions
         self.behind_pace = Counter(state.get("behind_pace", {}))
+        self.overhead_parts = {r: dict(p) for r, p in state.get("overhead_parts", {}).items()}
 
     def figures(self) -> dict:
         """Time, cost and WAN bytes so far, in the `results.json` history shape."""
@@ -168,12 +174,17 @@ class Meter:
         return {"time_s": now, "cost_usd": self.ledger.cost_usd(), "wan_bytes": self.ledger.wan_bytes}
 
     def job_figures(self) -> dict:
-        """Per region: the smoothed per-job overhead (seconds; modelled, or measured under the wall clock)
-        and how many jobs fell behind their paced profile."""
-        return {"job_overhead_s": dict(self.overhead_s), "behind_pace": dict(self.behind_pace)}
+        """Per region: the smoothed per-job overhead (seconds; modelled, or measured under the wall clock),
+        the parts of it the region reported, and how many jobs fell behind their paced profile."""
+        return {"job_overhead_s": dict(self.overhead_s), "job_overhead_parts": self.overhead_parts,
+                "behind_pace": dict(self.behind_pace)}
 
     def utilization(self) -> dict[str, float] | None:
         if not self.ledger:
             return None
         self.ledger.hold_until(self.clock.now())
         return {name: acc.utilization for name, acc in self.ledger.accounts.items()}
+
+
+def _smoothed(old: float | None, new: float) -> float:
+    return new if old is None else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * new

@@ -225,9 +225,8 @@ class GeoStrategy(Strategy):
                 f"{mode} updates and say so in its reply (docs/drop-in.md)")
         bytes_up = record_bytes(arrays)
         samples = int(metrics.get("num-examples", 0))
-        work_s, transfer_s, overhead_s = self.meter.complete(
-            flight.job, bytes_up=bytes_up, samples=samples, compute_s=float(metrics.get("compute-seconds", 0.0)),
-            replied_s_ago=protocol.reply_age_s(reply), behind_s=float(metrics.get("pace-behind-seconds", 0.0)))
+        work_s, transfer_s, overhead_s = self.meter.complete(flight.job, bytes_up=bytes_up,
+                                                             reported=protocol.job_report(reply, metrics))
         base = flight.arrays.to_torch_state_dict() if sent_as != mode else self.optimizer.state
         try:
             tensors = self.validator.check(flight.region, arrays, sent_as, base=base)

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from ..checkpoint import Checkpointer
 from ..control.meter import Meter, record_bytes
 from ..reporting.results import History
-from ..training.protocol import MODE_WEIGHTS, reply_age_s, reply_region
+from ..training.protocol import MODE_WEIGHTS, job_report, reply_region
 from .membership import Roster, wait_for_nodes
 from .runbook import EvaluateFn, RunBook
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
@@ -130,9 +130,7 @@ class Metered(Strategy):
             self.roster.learn(msg.metadata.src_node_id, region)
             job = self.meter.dispatch(region, bytes_down=self._bytes_down, at=self._round_start)
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
-            self.meter.complete(job, bytes_up=bytes_up, samples=samples,
-                                compute_s=float(metrics.get("compute-seconds", 0.0)), replied_s_ago=reply_age_s(msg),
-                                behind_s=float(metrics.get("pace-behind-seconds", 0.0)))
+            self.meter.complete(job, bytes_up=bytes_up, reported=job_report(msg, metrics))
             if not self.roster.is_quarantined(region) and self._valid(region, msg):
                 self.book.samples += samples
                 accepted.append(msg)

@@ -21,6 +21,8 @@ from numpy.lib import format as npy_format
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from ..control.jobs import Reported
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -173,9 +175,15 @@ def reply_update(msg: Message) -> str:
     return update
 
 
-def reply_age_s(msg: Message) -> float:
-    """Seconds since the reply was created on its node (it may have waited at the server since)."""
-    return max(0.0, time.time() - float(msg.metadata.created_at))
+def job_report(msg: Message, metrics) -> Reported:
+    """What a train reply (with its `metrics`) says about the job; a stock reply says samples only."""
+    def seconds(key: str) -> float | None:
+        return None if metrics.get(key) is None else float(metrics[key])
+
+    return Reported(samples=int(metrics.get("num-examples", 0)), compute_s=seconds("compute-seconds") or 0.0,
+                    replied_s_ago=max(0.0, time.time() - float(msg.metadata.created_at)),
+                    behind_s=seconds("pace-behind-seconds") or 0.0, startup_s=seconds("startup-seconds"),
+                    load_s=seconds("load-seconds"))
 
 
 def reply_region(msg: Message) -> str | None:
