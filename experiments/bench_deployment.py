@@ -1,27 +1,24 @@
-"""Wall-clock ASGD-GA vs FedAvg on a real federation over geo4-shaped links, beside the simulator's prediction.
+"""Wall-clock FedAvg, MA and ASGD-GA on a real local federation shaped like geo4, beside the simulator's prediction.
 
-Each strategy runs twice on the same data split and settings:
+Each run goes twice on the same data split and settings:
 
 - deployed: `cloudless-fl launch` machinery — a real SuperLink, one SuperNode per
   geo4 region behind its WAN-emulating proxy (the topology's bandwidth, seeded
-  fluctuation and latency), the wall clock;
-- simulated: the same ServerApp, strategy and ClientApp in-process under the
-  virtual clock, i.e. the simulator's prediction for that setting.
+  fluctuation and latency), each region's compute paced to its profile
+  (training/pacing.py), the wall clock;
+- predicted: the same ServerApp, strategy and ClientApp in-process under the
+  virtual clock, with each region's per-job overhead (`job_start_s`) set to what
+  the deployed run itself measured (`summary.job_overhead_s`: dispatch to reply
+  minus compute and the modelled download, smoothed) — no hand calibration.
 
-Both use one topology file: geo4 with every link's bandwidth times
-`--bandwidth-scale` (1 = geo4 as it is; below 1 a slower WAN, to see the
-WAN-bound regime on a machine where each job's own start-up takes seconds).
+It prints, per run, time and cost to the target deployed and predicted, the
+ratios against FedAvg, and where each job's time went (waiting for the node,
+process start and imports, data load, compute, transfers), and writes
+`<out>/summary.json`. `--bandwidth-scale` multiplies every link's bandwidth
+(1 = geo4 as it is); `--time-scale` makes links and paced compute that many
+times faster (as `cloudless-fl launch --time-scale`).
 
-It prints time-to-target for both, their ratio (FedAvg / ASGD-GA) and the gap
-between measured and predicted. The model has no per-job start-up by default,
-while in deployment every Flower message starts a ClientApp process: the
-script measures that start-up from FedAvg's rounds (deployed minus modelled
-time per round), sets it as every region's `job_start_s`, and simulates both
-strategies again — a prediction of ASGD-GA calibrated on FedAvg only. On one machine every region computes on the
-same cores, so the deployment's heterogeneity is the links' (and the data
-sizes'); the simulator also models each region's compute speed.
-
-    .venv/bin/python experiments/bench_deployment.py [--target 0.9] [--bandwidth-scale 1] [--out DIR]
+    .venv/bin/python experiments/bench_deployment.py [--target 0.9] [--runs fedavg ma asgd_ga_delta] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,28 +30,39 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from cloudless_fl.atomic import atomic_write_text
 from cloudless_fl.config import compose
 from cloudless_fl.deployment.launch import launch, sigterm_as_interrupt
 from cloudless_fl.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = "geo4"
+# run name → (strategy, its rounds/periods/versions at most, Hydra overrides); every run stops at the target
+RUNS = {
+    "fedavg": ("fedavg", 20, ["strategy.eval_every=1"]),
+    "ma": ("ma", 20, ["strategy.eval_every=1", "strategy.stop.at_target=true"]),
+    "ma_elastic": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true", "scheduler=elastic"]),
+    "asgd_ga_delta": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true"]),
+    "asgd_ga": ("asgd_ga", 600, ["strategy.eval_every=8", "strategy.stop.at_target=true"]),
+}
 
 
-def scaled_geo4(scale: float, folder: Path, job_start_s: float = 0.0) -> Path:
-    """geo4 with every link's bandwidth times `scale` (and a job start-up per region), as a topology file."""
+def geo4_file(folder: Path, scale: float, job_start_s: dict[str, float] | None = None, tag: str = "") -> Path:
+    """geo4 with every link's bandwidth times `scale` and, if given, each region's measured job overhead."""
     raw = OmegaConf.to_container(compose([f"topology={TOPOLOGY}"]).topology)
-    raw["name"] = f"{TOPOLOGY}-bw{scale:g}" + (f"-start{job_start_s:.1f}s" if job_start_s else "")
-    for region in raw["regions"].values():
+    raw["name"] = f"{TOPOLOGY}-bw{scale:g}{tag}"
+    for name, region in raw["regions"].items():
         region["link"]["up_mbps"] *= scale
         region["link"]["down_mbps"] *= scale
-        region["job_start_s"] = job_start_s
+        if job_start_s:
+            region["job_start_s"] = float(job_start_s.get(name, 0.0))
     path = folder / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path.resolve()
 
 
-def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, run_dir: Path) -> dict:
+def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, run_dir: Path,
+             time_scale: float) -> dict:
     """The run's results; a folder that already holds them (an earlier invocation) is not run again."""
     done = list(run_dir.glob("*/results.json"))
     if done:
@@ -63,7 +71,8 @@ def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, r
         raise SystemExit(f"{run_dir} holds an unfinished run: remove it to run again")
     log = open(run_dir.with_suffix(".log"), "w")  # noqa: SIM115 - closed below
     try:
-        code = launch(str(topology), strategy, rounds, run_dir, overrides=overrides, app_dir=ROOT, stream_to=log)
+        code = launch(str(topology), strategy, rounds, run_dir, overrides=overrides, app_dir=ROOT, stream_to=log,
+                      time_scale=time_scale)
     finally:
         log.close()
     if code != 0:
@@ -72,7 +81,7 @@ def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, r
     return json.loads(results.read_text())
 
 
-def simulated(strategy: str, rounds: int, overrides: list[str], topology: Path, data_dir: Path,
+def predicted(strategy: str, rounds: int, overrides: list[str], topology: Path, data_dir: Path,
               run_dir: Path) -> dict:
     cfg = compose([f"strategy={strategy}", f"topology_file={topology}", f"strategy.num_rounds={rounds}", "dataset=npz",
                    f"dataset.root={data_dir}", "engine=inprocess", "clock=virtual", "progress=false", *overrides])
@@ -87,64 +96,88 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "—"
 
 
-def describe(label: str, results: dict, target: float) -> None:
-    summary, last = results["summary"], results["history"][-1]
-    print(f"{label}: {_seconds(summary['time_to_target_s'])} to {target:.0%}; ran {last['version']} versions/rounds "
-          f"in {last['time_s']:.0f} s, best {summary['best_accuracy']:.3f}, final {summary['final_accuracy']:.3f}; "
-          f"staleness of applied updates {summary['staleness_histogram'] or '—'}", flush=True)
+def _usd(value: dict | None) -> str:
+    return "—" if value is None else f"${value['instance']:.4f}"
+
+
+def breakdown(results: dict) -> dict[str, dict[str, float]]:
+    """Per region, where one job's time went (seconds, smoothed over the run's jobs)."""
+    summary, costs = results["summary"], results.get("regions") or {}
+    out = {}
+    for region, overhead in summary["job_overhead_s"].items():
+        parts = summary["job_overhead_parts"].get(region, {})
+        start, load = parts.get("process_start_s", 0.0), parts.get("data_load_s", 0.0)
+        account = costs.get(region, {})
+        jobs = max(1, account.get("jobs", 0))
+        out[region] = {"waiting_for_node_s": max(0.0, overhead - start - load), "process_start_s": start,
+                       "data_load_s": load, "compute_s": account.get("busy_s", 0.0) / jobs - overhead,
+                       "transfer_s": account.get("transfer_s", 0.0) / jobs}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.90, help="accuracy to reach (default 0.90)")
-    parser.add_argument("--bandwidth-scale", type=float, default=1.0,
-                        help="every geo4 link's bandwidth times this (default 1)")
+    parser.add_argument("--runs", nargs="+", default=["fedavg", "ma", "asgd_ga_delta"], choices=sorted(RUNS),
+                        help="which runs (default: fedavg ma asgd_ga_delta); fedavg is always run, as the reference")
+    parser.add_argument("--bandwidth-scale", type=float, default=1.0, help="every link's bandwidth times this")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="links and paced compute this many times faster")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--fedavg-rounds", type=int, default=20, help="FedAvg's rounds (default 20)")
     parser.add_argument("--budget-s", type=float, default=600.0,
-                        help="seconds (wall clock deployed, modelled simulated) after which ASGD-GA stops (default 600)")
-    parser.add_argument("--asgd-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a Hydra override for the ASGD-GA runs only (repeatable), e.g. strategy.balance=false")
+                        help="wall-clock seconds after which a run that has not reached the target stops (default 600)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for every run but FedAvg (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="default outputs/bench-deployment/bw<scale>")
     args = parser.parse_args()
-    args.out = args.out or Path(f"outputs/bench-deployment/bw{args.bandwidth_scale:g}")
+    args.out = (args.out or Path(f"outputs/bench-deployment/bw{args.bandwidth_scale:g}")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    topology = scaled_geo4(args.bandwidth_scale, args.out)
+    names = ["fedavg", *[n for n in args.runs if n != "fedavg"]]
+    topology = geo4_file(args.out, args.bandwidth_scale)
     common = [f"target_accuracy={args.target}", f"seed={args.seed}"]
-    runs = {"fedavg": (args.fedavg_rounds, [*common, "strategy.eval_every=1"]),
-            # ASGD-GA stops at the target or when the budget is spent
-            "asgd_ga_delta": (300, [*common, "strategy.eval_every=4", "strategy.stop.at_target=true",
-                                    f"strategy.stop.max_time_s={args.budget_s}", *args.asgd_set])}
-    results: dict[str, dict[str, dict]] = {}
-    for strategy, (rounds, overrides) in runs.items():
-        run_dir = (args.out / f"{strategy}-deployed").resolve()
+    table: dict[str, dict] = {}
+    for name in names:
+        strategy, rounds, overrides = RUNS[name]
+        overrides = [*common, *overrides, *([] if name == "fedavg" else
+                                           [f"strategy.stop.max_time_s={args.budget_s}", *args.set])]
+        run_dir = args.out / f"{name}-deployed"
         with sigterm_as_interrupt():
-            results[strategy] = {"deployed": deployed(strategy, rounds, overrides, topology, run_dir)}
-        results[strategy]["simulated"] = simulated(strategy, rounds, overrides, topology, run_dir / "data",
-                                                   (args.out / f"{strategy}-simulated").resolve())
-    # What the model leaves out here: each job's start-up. FedAvg's rounds (one job per region, in parallel)
-    # measure it: the deployed minus the modelled time per round. The model with it then predicts ASGD-GA.
-    fedavg = results["fedavg"]
-    job_start_s = max(0.0, (fedavg["deployed"]["history"][-1]["time_s"] - fedavg["simulated"]["history"][-1]["time_s"])
-                      / fedavg["deployed"]["history"][-1]["version"])
-    calibrated = scaled_geo4(args.bandwidth_scale, args.out, job_start_s)
-    for strategy, (rounds, overrides) in runs.items():
-        results[strategy]["simulated + start-up"] = simulated(
-            strategy, rounds, overrides, calibrated, (args.out / f"{strategy}-deployed" / "data").resolve(),
-            (args.out / f"{strategy}-simulated-start").resolve())
-        for label, result in results[strategy].items():
-            describe(f"{strategy} {label}", result, args.target)
-    columns = ["deployed", "simulated", "simulated + start-up"]
-    print(f"\nTime to {args.target:.0%} on {topology.stem}, seed {args.seed}, ASGD-GA {args.asgd_set or 'as configured'}; "
-          f"job start-up measured from FedAvg's rounds: {job_start_s:.1f} s")
-    print("| strategy | deployed (wall clock) | simulated (predicted) | simulated + measured start-up |")
-    print("|---|---|---|---|")
-    t = {s: [results[s][c]["summary"]["time_to_target_s"] for c in columns] for s in runs}
-    for strategy, times in t.items():
-        print(f"| {strategy} | " + " | ".join(_seconds(v) for v in times) + " |")
-    print("| FedAvg / ASGD-GA | " + " | ".join(_ratio(f, a) for f, a in zip(t["fedavg"], t["asgd_ga_delta"])) + " |")
-    print("| deployed / predicted | — | " + " / ".join(_ratio(t[s][0], t[s][1]) for s in runs) + " | "
-          + " / ".join(_ratio(t[s][0], t[s][2]) for s in runs) + " |")
+            real = deployed(strategy, rounds, overrides, topology, run_dir, args.time_scale)
+        measured = geo4_file(args.out, args.bandwidth_scale, real["summary"]["job_overhead_s"], tag=f"-{name}")
+        model = predicted(strategy, rounds, overrides, measured, run_dir / "data", args.out / f"{name}-predicted")
+        table[name] = {"deployed": real, "predicted": model}
+        for label, result in table[name].items():
+            s, last = result["summary"], result["history"][-1]
+            print(f"{name} {label}: {_seconds(s['time_to_target_s'])} to {args.target:.0%}; {last['version']} "
+                  f"versions/rounds in {last['time_s']:.0f} s, best {s['best_accuracy']:.3f}, "
+                  f"final {s['final_accuracy']:.3f}, staleness {s['staleness_histogram'] or '—'}", flush=True)
+
+    t = {n: {k: r["summary"]["time_to_target_s"] for k, r in v.items()} for n, v in table.items()}
+    print(f"\nTo {args.target:.0%} on {topology.stem} (compute paced, links shaped, time scale {args.time_scale:g}), "
+          f"seed {args.seed}; predicted = the simulator given the run's own measured per-job overheads")
+    print("| run | deployed (wall clock) | predicted | deployed / predicted | FedAvg / run deployed | "
+          "FedAvg / run predicted | deployed $ to target (instance) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        d, p = t[name]["deployed"], t[name]["predicted"]
+        cost = table[name]["deployed"]["summary"]["cost_to_target_usd"]
+        print(f"| {name} | {_seconds(d)} | {_seconds(p)} | {_ratio(d, p)} | {_ratio(t['fedavg']['deployed'], d)} | "
+              f"{_ratio(t['fedavg']['predicted'], p)} | {_usd(cost)} |")
+    print("\nWhere a job's time went (seconds per job, deployed; waiting = overhead the region did not see: "
+          "the SuperNode's pull loop, SuperExec, FAB)")
+    print("| run | region | waiting for node | process start + imports | data load | compute | transfers |")
+    print("|---|---|---|---|---|---|---|")
+    parts = {}
+    for name in names:
+        parts[name] = breakdown(table[name]["deployed"])
+        for region, p in parts[name].items():
+            print(f"| {name} | {region} | " + " | ".join(f"{v:.2f}" for v in p.values()) + " |")
+    summary = {name: {"deployed_time_to_target_s": t[name]["deployed"], "predicted_time_to_target_s":
+                      t[name]["predicted"],
+                      "deployed_cost_to_target_usd": (table[name]["deployed"]["summary"]["cost_to_target_usd"]
+                                                      or {}).get("instance"),
+                      "job_breakdown_s": parts[name]} for name in names}
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"\n{args.out / 'summary.json'}")
 
 
 if __name__ == "__main__":
