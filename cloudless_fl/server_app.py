@@ -83,7 +83,8 @@ def workload(cfg: DictConfig, data_sizes: dict[str, int], model_bytes: int) -> W
     return Workload(data_sizes, model_bytes, base_steps=base_steps(cfg, data_sizes),
                     batch_size=int(cfg.strategy.batch_size), epochs=float(sc.get("epochs", 1.0)),
                     max_steps_factor=float(sc.get("max_steps_factor", 1.0)) if entry.fills_idle_time else 1.0,
-                    max_overhead_share=sc.get("max_overhead_share"))
+                    max_overhead_share=sc.get("max_overhead_share"),
+                    max_overhead_growth=float(sc.get("max_steps_factor", 1.0)))
 
 
 def base_steps(cfg: DictConfig, data_sizes: dict[str, int]) -> int:

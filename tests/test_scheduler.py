@@ -278,11 +278,15 @@ def test_local_work_grows_until_the_overhead_is_a_small_share_of_the_period(topo
     slowed = _with_start(topo, **{topo.region_names[-1]: 2.0})
     workers = {r.name: r.workers_min for r in topo.regions}
     free = evaluate_plan(slowed, workload(topo, factor=1.0), workers)
-    amortised = evaluate_plan(slowed, replace(workload(topo, factor=1.0), max_overhead_share=0.2), workers)
+    amortised = evaluate_plan(slowed, replace(workload(topo, factor=1.0), max_overhead_share=0.2,
+                                             max_overhead_growth=100.0), workers)
     assert free.period_s < 10.0 <= amortised.period_s * (1 + 1e-9) < 10.0 * 1.1
     growth = {n: amortised.regions[n].local_steps / free.regions[n].local_steps for n in topo.region_names}
     assert max(growth.values()) < 1.1 * min(growth.values())  # one factor, up to rounding
     assert amortised.epochs_per_period / free.epochs_per_period == pytest.approx(min(growth.values()), rel=0.1)
+    huge = evaluate_plan(_with_start(topo, **{topo.region_names[-1]: 500.0}),
+                         replace(workload(topo, factor=1.0), max_overhead_share=0.2, max_overhead_growth=3.0), workers)
+    assert huge.epochs_per_period / free.epochs_per_period == pytest.approx(3.0)  # the drift bound holds
     no_overhead = evaluate_plan(topo, replace(workload(topo, factor=1.0), max_overhead_share=0.2), workers)
     assert no_overhead.regions == evaluate_plan(topo, workload(topo, factor=1.0), workers).regions
 
