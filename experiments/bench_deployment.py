@@ -18,7 +18,7 @@ process start and imports, data load, compute, transfers), and writes
 (1 = geo4 as it is); `--time-scale` makes links and paced compute that many
 times faster (as `cloudless-fl launch --time-scale`).
 
-    .venv/bin/python experiments/bench_deployment.py [--target 0.9] [--runs fedavg ma asgd_ga_delta] [--out DIR]
+    .venv/bin/python experiments/bench_deployment.py [--target 0.9] [--runs fedavg ma asgd_ga_delta ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ TOPOLOGY = "geo4"
 RUNS = {
     "fedavg": ("fedavg", 20, ["strategy.eval_every=1"]),
     "ma": ("ma", 20, ["strategy.eval_every=1", "strategy.stop.at_target=true"]),
-    # re-planned after every period, so the overhead measured in the first one sizes the second
+    # re-planned after every period from what the last one measured (speeds, overheads)
     "ma_elastic": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true", "scheduler=elastic",
                               "scheduler.replan_every=1"]),
+    # ... and local work raised until the measured overhead is at most a fifth of a period
+    "ma_elastic_amortised": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true",
+                                        "scheduler=elastic", "scheduler.replan_every=1",
+                                        "scheduler.max_overhead_share=0.2"]),
     "asgd_ga_delta": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true"]),
     "asgd_ga": ("asgd_ga", 600, ["strategy.eval_every=8", "strategy.stop.at_target=true"]),
 }
