@@ -41,13 +41,14 @@ TOPOLOGY = "geo4"
 RUNS = {
     "fedavg": ("fedavg", 20, ["strategy.eval_every=1"]),
     "ma": ("ma", 20, ["strategy.eval_every=1", "strategy.stop.at_target=true"]),
-    # re-planned after every period from what the last one measured (speeds, overheads)
+    # re-planned after every period from what the last one measured (speeds, overheads), local work raised
+    # (at most max_steps_factor-fold) until the measured overhead is at most a fifth of a period
     "ma_elastic": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true", "scheduler=elastic",
                               "scheduler.replan_every=1"]),
-    # ... and local work raised until the measured overhead is at most a fifth of a period
-    "ma_elastic_amortised": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true",
-                                        "scheduler=elastic", "scheduler.replan_every=1",
-                                        "scheduler.max_overhead_share=0.2"]),
+    # ... without raising local work against the overhead
+    "ma_elastic_no_amortise": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true",
+                                          "scheduler=elastic", "scheduler.replan_every=1",
+                                          "scheduler.max_overhead_share=null"]),
     "asgd_ga_delta": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true"]),
     "asgd_ga": ("asgd_ga", 600, ["strategy.eval_every=8", "strategy.stop.at_target=true"]),
 }
