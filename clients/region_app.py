@@ -57,7 +57,7 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
                 arrays = ArrayRecord(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
             else:
                 arrays = ArrayRecord(model.state_dict())
-        paced = _paced(context, region, stats.samples, order.workers, stats.compute_seconds)
+        paced = _paced(context, stats.samples, order.workers, stats.compute_seconds)
         metrics = MetricRecord({
             "num-examples": stats.samples,
             "steps": stats.steps,
@@ -145,12 +145,12 @@ def _process_started() -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _paced(context: Context, region: str, samples: int, workers: int, took_s: float) -> pacing.Paced:
+def _paced(context: Context, samples: int, workers: int, took_s: float) -> pacing.Paced:
     """The job's compute at the profile's pace if the SuperNode was given one (`launch` does), else as measured."""
     pace = context.node_config.get(pacing.NODE_KEY)
     if pace is None:
         return pacing.Paced(took_s, 0.0)
-    return pacing.wait_out(samples, workers, float(pace), took_s, region)
+    return pacing.wait_out(samples, workers, float(pace), took_s)
 
 
 def _resident(context: Context, config: ConfigRecord, data_root, data_format: str) -> tuple[str, ResidentData]:

@@ -174,6 +174,18 @@ def test_the_wall_clock_meter_measures_a_jobs_overhead_apart_from_compute_and_do
     assert meter.job_figures()["job_overhead_parts"] == {"slow": {"process_start_s": 4.0, "data_load_s": 0.5}}
 
 
+def test_a_reply_without_its_compute_has_no_overhead_to_measure():
+    """A stock ClientApp reports no compute-seconds: its compute must not be learned as a fixed overhead
+    (the scheduler would then raise local work against it), yet its region was busy all along."""
+    clock = _SetClock()
+    meter = Meter(clock, CostModel(_topology(), seed=0, compute_jitter=0.0))
+    job = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
+    clock.t = 10.0
+    work, _, overhead = meter.complete(job, bytes_up=1_000_000, reported=Reported(100, replied_s_ago=2.0))
+    assert (work, overhead) == (0.0, None) and meter.overhead_s == {}
+    assert meter.ledger.accounts["slow"].busy_s == pytest.approx(8.0 - job.timing.download_s)
+
+
 def test_the_virtual_clock_meter_reports_the_modelled_overhead():
     meter = Meter(VirtualClock(), CostModel(_topology(slow={"job_start_s": 3.0}), seed=0, compute_jitter=0.0))
     job = meter.dispatch("slow", bytes_down=1000, samples=100)

@@ -39,8 +39,13 @@ class Reported:
     """What a region's reply says about a finished job, and how long the reply waited at the server."""
 
     samples: int
-    compute_s: float = 0.0  # its compute (paced: as long as the profile says)
+    compute_s: float | None = None  # its compute (paced: as long as the profile says); None: not reported
     replied_s_ago: float = 0.0  # since the reply was created on the node
     behind_s: float = 0.0  # how far the region fell behind its paced profile
     startup_s: float | None = None  # ClientApp process start → its handler: interpreter, imports, app load
     load_s: float | None = None  # the handler reading its resident data and building the model
+
+
+def moving_average(old: float | None, new: float, weight: float) -> float:
+    """An exponential moving average of measurements; `weight` is the newest one's share (the first is taken as is)."""
+    return new if old is None else (1 - weight) * old + weight * new

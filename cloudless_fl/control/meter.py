@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord
 
 from .clock import Clock, VirtualClock, WallClock
 from .costmodel import CostModel, Ledger
-from .jobs import Job, JobTiming, Reported
+from .jobs import Job, JobTiming, Reported, moving_average
 from .topology import Topology
 
 OVERHEAD_EMA = 0.3  # weight of a new measurement in a region's overhead average
@@ -79,7 +79,7 @@ class Meter:
             job.timing = self._model(job, samples, bytes_up=bytes_down)
         return job
 
-    def complete(self, job: Job, *, bytes_up: int, reported: Reported) -> tuple[float, float, float]:
+    def complete(self, job: Job, *, bytes_up: int, reported: Reported) -> tuple[float, float, float | None]:
         """Finish `job` with what its reply `reported` (samples, measured compute, ...) and charge it.
 
         Returns what the job took, `(work_s, transfer_s, overhead_s)`: modelled
@@ -87,28 +87,32 @@ class Meter:
         scheduler learns from. `work_s` is compute without the job's fixed
         overhead, which the region model adds per job as `job_start_s`; the
         overhead is charged as busy time (it runs on the region's machine).
+        A reply that reports no compute (a stock ClientApp's) has no overhead
+        to tell apart from it: `overhead_s` is None (busy time is the same).
         """
-        samples, compute_s = reported.samples, reported.compute_s
+        samples = reported.samples
         if self.cost_model and job.timing is None:
             job.timing = self._model(job, samples, bytes_up=bytes_up)
         end = self.clock.finish(job)
+        overhead: float | None
         if self.clock.modelled:
             busy, transfer = job.timing.compute_s, job.timing.download_s + job.timing.upload_s
             overhead = self.cost_model.topology.region(job.region).job_start_s
             work = busy - overhead
         else:
-            to_reply = max(0.0, end - reported.replied_s_ago - job.dispatched_at)  # dispatch → reply's creation
-            if job.timing is not None:  # the modelled link; the rest of the wait is the job's overhead
-                download = min(job.timing.download_s, max(0.0, to_reply - compute_s))
-                transfer = download + job.timing.upload_s
-                overhead = max(0.0, to_reply - compute_s - download)
-            else:  # no model of the link: overhead and transfer cannot be told apart
-                transfer, overhead = max(0.0, end - job.dispatched_at - compute_s), 0.0
-            busy, work = compute_s + overhead, compute_s
+            work = reported.compute_s or 0.0
+            if job.timing is None:  # no cost model, no model of the link: the rest of the wait is transfer
+                busy, transfer, overhead = work, max(0.0, end - job.dispatched_at - work), None
+            else:  # the modelled link; the rest of the wait until the reply was made, the region was busy
+                to_reply = max(0.0, end - reported.replied_s_ago - job.dispatched_at)  # dispatch → reply made
+                download = min(job.timing.download_s, max(0.0, to_reply - work))
+                busy, transfer = max(work, to_reply - download), download + job.timing.upload_s  # clock skew
+                overhead = None if reported.compute_s is None else busy - work
             if reported.behind_s > 0:
                 self._note_behind(job.region, reported.behind_s)
             self._note_parts(job.region, reported)
-        self._note_overhead(job.region, overhead)
+        if overhead is not None:
+            self.overhead_s[job.region] = moving_average(self.overhead_s.get(job.region), overhead, OVERHEAD_EMA)
         if self.ledger:
             self.ledger.record_job(job.region, busy, transfer, job.bytes_down, bytes_up)
             self.ledger.hold_until(self.clock.now())
@@ -116,15 +120,12 @@ class Meter:
             self.wan_bytes_unpriced += job.bytes_down + bytes_up
         return work, transfer, overhead
 
-    def _note_overhead(self, region: str, seconds: float) -> None:
-        self.overhead_s[region] = _smoothed(self.overhead_s.get(region), seconds)
-
     def _note_parts(self, region: str, reported: Reported) -> None:
         """The parts of the overhead the region itself saw (its process start, its data load)."""
         parts = self.overhead_parts.setdefault(region, {})
         for name, seconds in (("process_start_s", reported.startup_s), ("data_load_s", reported.load_s)):
             if seconds is not None:
-                parts[name] = _smoothed(parts.get(name), seconds)
+                parts[name] = moving_average(parts.get(name), seconds, OVERHEAD_EMA)
 
     def _note_behind(self, region: str, seconds: float) -> None:
         if not self.behind_pace[region]:
@@ -184,7 +185,3 @@ class Meter:
             return None
         self.ledger.hold_until(self.clock.now())
         return {name: acc.utilization for name, acc in self.ledger.accounts.items()}
-
-
-def _smoothed(old: float | None, new: float) -> float:
-    return new if old is None else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * new

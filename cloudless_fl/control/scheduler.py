@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import region_model
+from .jobs import moving_average
 from .region_model import DOWN, UP
 from .topology import Link, Topology
 
@@ -390,7 +391,7 @@ class Scheduler:
             m.link_mbps = self._average(m.link_mbps, mbps)
 
     def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+        return moving_average(old, new, self.smoothing)
 
     def exclude(self, region: str) -> None:
         self.excluded.add(region)

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
+from ..control.jobs import moving_average
 from ..training import protocol
 from .base import EvaluateFn, GeoStrategy
 from .inflight import POLL_S
@@ -222,7 +223,7 @@ class AsyncGradAccum(GeoStrategy):
     # ------------------------------------------------------------------ helpers
 
     def _extra_state(self) -> dict:
-        return {"durations": self._intervals}  # the key older checkpoints used for the same figures
+        return {"durations": self._intervals}  # the key checkpoints have always used for the rates
 
     def _load_extra_state(self, meta: dict) -> None:
         self._intervals = dict(meta["durations"])
@@ -238,8 +239,7 @@ class AsyncGradAccum(GeoStrategy):
         self._last_arrival[region] = now
 
     def _observe_interval(self, region: str, seconds: float) -> None:
-        old = self._intervals.get(region)
-        self._intervals[region] = seconds if old is None else (1 - RATE_EMA) * old + RATE_EMA * seconds
+        self._intervals[region] = moving_average(self._intervals.get(region), seconds, RATE_EMA)
 
     def _balance_weight(self, region: str) -> float:
         """`share_r * R / rate_r`, mean 1 over arrivals, capped at `max_weight`."""

@@ -180,7 +180,7 @@ def job_report(msg: Message, metrics) -> Reported:
     def seconds(key: str) -> float | None:
         return None if metrics.get(key) is None else float(metrics[key])
 
-    return Reported(samples=int(metrics.get("num-examples", 0)), compute_s=seconds("compute-seconds") or 0.0,
+    return Reported(samples=int(metrics.get("num-examples", 0)), compute_s=seconds("compute-seconds"),
                     replied_s_ago=max(0.0, time.time() - float(msg.metadata.created_at)),
                     behind_s=seconds("pace-behind-seconds") or 0.0, startup_s=seconds("startup-seconds"),
                     load_s=seconds("load-seconds"))
