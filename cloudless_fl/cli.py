@@ -118,7 +118,8 @@ def launch_command(argv: list[str]) -> None:
     try:
         with sigterm_as_interrupt():
             code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed,
-                          time_scale=args.time_scale, pace=not args.no_pace, tls=args.tls, overrides=args.overrides, app_dir=Path(args.app))
+                          time_scale=args.time_scale, pace=not args.no_pace, tls=args.tls, overrides=args.overrides,
+                          app_dir=Path(args.app))
     except CloudlessError as exc:
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:

@@ -83,7 +83,9 @@ def _paced_job(tmp_path, pace: float | None, workers: int = 1) -> tuple[float, d
     if pace is not None:
         grid._contexts[2].node_config["pace-samples-per-s"] = pace
     model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32])
-    send = lambda: grid.pull_messages(grid.push_messages([_train_message(model, steps=20, offset=0, workers=workers)]))  # noqa: E731
+    def send():
+        return grid.pull_messages(grid.push_messages([_train_message(model, steps=20, offset=0, workers=workers)]))
+
     send()  # warm: data loaded and model built, as for a SuperNode's later jobs
     start = time.perf_counter()
     [reply] = send()

@@ -378,8 +378,12 @@ def test_asgd_ga_balances_by_measured_arrivals_on_the_wall_clock(tmp_path, monke
     fed = Federation(tmp_path, topology(regions), alpha=0.3)
     weights: dict[str, list[float]] = {name: [] for name in shares}
     balance_weight = AsyncGradAccum._balance_weight
-    monkeypatch.setattr(AsyncGradAccum, "_balance_weight",
-                        lambda self, region: weights[region].append(balance_weight(self, region)) or weights[region][-1])
+
+    def recorded(self, region):
+        weights[region].append(balance_weight(self, region))
+        return weights[region][-1]
+
+    monkeypatch.setattr(AsyncGradAccum, "_balance_weight", recorded)
     strategy = AsyncGradAccum(update="delta", accumulation_steps=10, local_lr=0.3, batch_size=16, eval_every=20,
                               meter=Meter.measured(fed.topology))
     strategy.start(fed.grid, fed.initial, num_rounds=120, train_config=fed.config, evaluate_fn=fed.evaluator())

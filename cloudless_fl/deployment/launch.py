@@ -289,8 +289,8 @@ def prepare_split(topology: Topology, data_dir: Path, source: str = "digits", se
 
 
 def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *, seed: int = 1,
-           time_scale: float = 1.0, pace: bool = True, tls: bool = False, overrides: list[str] = (), app_dir: Path | None = None,
-           stream_to=sys.stdout) -> int:
+           time_scale: float = 1.0, pace: bool = True, tls: bool = False, overrides: list[str] = (),
+           app_dir: Path | None = None, stream_to=sys.stdout) -> int:
     """Run `strategy` on a local federation shaped like `topology_name`; returns `flwr run`'s exit code."""
     from_file = topology_name.endswith((".yaml", ".yml"))
     if from_file:
