@@ -68,7 +68,7 @@ def data_command(argv: list[str]) -> None:
     split = sub.add_parser("split", help="write <out>/<region>/train.npz and <out>/test.npz")
     split.add_argument("--out", required=True, help="output folder")
     split.add_argument("--topology", default="geo4", help="preset name or topology YAML path (data shares)")
-    split.add_argument("--source", default="digits", help="digits, npz, mnist, fashionmnist, cifar10, imagefolder")
+    split.add_argument("--source", default="digits", help="digits, tabular, npz, mnist, fashionmnist, cifar10, imagefolder")
     split.add_argument("--root", default=None, help="where the source dataset lies (not needed for digits)")
     split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     split.add_argument("--seed", type=int, default=0)

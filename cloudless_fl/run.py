@@ -91,7 +91,8 @@ def print_summary(payload: dict[str, Any]) -> None:
 
     tt = s["time_to_target_s"]
     print(f"== {payload['strategy']} (seed {payload['seed']}): final accuracy {s['final_accuracy']:.4f}")
-    print(f"time-to-{pct}: {'not reached' if tt is None else f'{tt:.1f} s'}")
+    reached = f"{tt:.1f} s" if tt is not None else f"not reached (run ended: {s['ended_by']})"
+    print(f"time-to-{pct}: {reached}")
     print(f"cost-to-{pct}: {usd(s['cost_to_target_usd'])}")
     print(f"total: {s['total_time_s']:.1f} s, {usd(s['total_cost_usd'])}")
     print(f"WAN GB: {s['wan_bytes'] / 1e9:.4f}")

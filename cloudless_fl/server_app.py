@@ -185,7 +185,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     finally:
         if progress is not None:
             progress.close()
-    payload = results_payload(cfg, strategy.history, meter)
+    ended_by = strategy.stop_reason or f"strategy.num_rounds ({int(cfg.strategy.num_rounds)} {entry.unit}s) done"
+    payload = results_payload(cfg, strategy.history, meter, ended_by)
     payload["schedule"] = scheduler.changes if scheduler is not None else None
     where = save_results(Path(run_dir) / "results.json", payload)
     if not strategy.roster.remaining():
@@ -215,11 +216,12 @@ def resident_sizes(topology: Topology, layout: DataLayout) -> dict[str, int]:
     return {name: max(1, round(1000 * share)) for name, share in topology.shares().items()}
 
 
-def results_payload(cfg: DictConfig, history: History, meter: Meter) -> dict[str, Any]:
+def results_payload(cfg: DictConfig, history: History, meter: Meter, ended_by: str) -> dict[str, Any]:
+    """results.json's content; `ended_by` says why the run ended (a stop rule, or its num_rounds done)."""
     cm = meter.cost_model
     ideal = sum(cm.throughput(r.name, meter.workers(r.name)) for r in cm.topology.regions) if cm else None
     summary = {**summarize(history, float(cfg.target_accuracy), meter.utilization(), ideal, final=meter.figures()),
-               **meter.job_figures()}
+               **meter.job_figures(), "ended_by": ended_by}
     return {
         "strategy": cfg.strategy.name,
         "seed": int(cfg.seed),

@@ -124,6 +124,14 @@ def test_digits_source():
     assert set(digits.y.tolist()) == set(range(10))
 
 
+def test_tabular_source_is_generated_the_same_every_time():
+    first, again = load_source("tabular"), load_source("tabular")
+    assert first.x.shape == (8000, 40) and first.x.dtype == np.float32
+    assert set(first.y.tolist()) == set(range(10))
+    assert np.abs(first.x.mean(axis=0)).max() < 1e-4 and np.allclose(first.x.std(axis=0), 1, atol=1e-3)
+    assert np.array_equal(first.x, again.x) and np.array_equal(first.y, again.y)
+
+
 # ---------------------------------------------------------------- bad input
 
 

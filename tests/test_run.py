@@ -31,7 +31,19 @@ def test_results_json_is_complete(two_region_topology, tmp_path):
     assert summary["final_accuracy"] > results["history"][0]["accuracy"]
     assert set(summary["utilization"]) == {"fast", "slow"}
     assert summary["total_time_s"] > 0 and summary["wan_bytes"] > 0
+    assert summary["ended_by"] == "strategy.num_rounds (3 rounds) done"
     assert not list(tmp_path.glob(".results.json.*"))  # no temp file left behind
+
+
+def test_a_run_that_misses_its_target_says_which_budget_ended_it(two_region_topology, tmp_path, capsys):
+    from cloudless_fl.run import print_summary
+
+    cfg = compose(small_run_overrides(two_region_topology, target_accuracy=0.999) + ["strategy.stop.max_time_s=1"])
+    payload = run(cfg, tmp_path)
+    assert payload["summary"]["ended_by"] == "time budget 1 s reached"
+    assert payload["summary"]["total_time_s"] >= 1 and len(payload["history"]) < 4  # before num_rounds
+    print_summary(payload)
+    assert "time-to-99.9 %: not reached (run ended: time budget 1 s reached)" in capsys.readouterr().out
 
 
 def test_same_seed_same_figures(two_region_topology, tmp_path):

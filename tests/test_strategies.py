@@ -312,19 +312,30 @@ def test_same_seed_same_history(tmp_path, make):
     assert histories[0] == histories[1]
 
 
+def _asgd_ga_stopped_by(meter, stop):
+    return AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=meter, eval_every=5, stop=stop)
+
+
+def _fedavg_stopped_by(meter, stop):
+    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+    return Metered(inner, meter, eval_every=5, stop=stop)
+
+
 @pytest.mark.parametrize("rule, reason", [
     ({"max_time_s": 1.0}, "time budget"),
-    ({"max_cost_usd": 0.0005}, "cost budget"),
+    ({"max_cost_usd": 0.003}, "cost budget"),
     ({"target_accuracy": 0.5}, "target accuracy"),
 ])
-def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reason):
+@pytest.mark.parametrize("make", [_asgd_ga_stopped_by, _fedavg_stopped_by], ids=["asgd_ga", "fedavg"])
+def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reason, make):
     from cloudless_fl.strategy import StopRules
 
     fed = Federation(tmp_path, topology())
-    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(), eval_every=5,
-                              stop=StopRules(**rule))
-    strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=fed.config,
-                   evaluate_fn=fed.evaluator())
+    strategy = make(fed.meter(), StopRules(**rule))
+    config = fed.config
+    if isinstance(strategy, Metered):  # Flower's FedAvg sends one work order to every region
+        config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0).to_config()})
+    strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=config, evaluate_fn=fed.evaluator())
     assert strategy.stop_reason.startswith(reason)
     entries = strategy.history.entries
 
@@ -337,6 +348,7 @@ def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reas
 
     assert past(entries[-1]) and not any(past(e) for e in entries[:-1])  # stopped at the first, not later
     assert len(entries) > 3  # and not at once
+    assert entries[-1]["accuracy"] is not None  # the model the run ends with is evaluated, due or not
 
 
 def test_asgd_ga_scales_each_update_by_its_staleness(tmp_path, monkeypatch):

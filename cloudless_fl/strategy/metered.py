@@ -12,6 +12,9 @@ is gone, the wrapper waits `reply_timeout` for it and then lowers the inner
 strategy's minimums to the regions still connected (recorded as lost), so the
 run goes on without it, and with it again if it comes back.
 
+Stop rules (time, cost, target) end Flower's round loop after the round that
+crosses them, as they end MA's and ASGD-GA's, so budgets compare across strategies.
+
 The books (history, evaluation, checkpoints) are a `RunBook` and the node →
 region map a `Roster`, as for ASGD-GA and MA; an inner strategy that keeps a
 `roster` of its own (`SelectiveFedAvg`) shares it, so there is one map.
@@ -31,10 +34,18 @@ from ..control.meter import Meter, record_bytes
 from ..reporting.results import History
 from ..training.protocol import MODE_WEIGHTS, job_report, reply_region
 from .membership import Roster, wait_for_nodes
-from .runbook import EvaluateFn, RunBook
+from .runbook import EvaluateFn, RunBook, StopRules
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
+
+
+class _StopRuleFired(Exception):
+    """Ends Flower's round loop (which has no other exit) once a stop rule fires; carries the model."""
+
+    def __init__(self, arrays: ArrayRecord) -> None:
+        super().__init__("stop rule fired")
+        self.arrays = arrays
 
 
 class Metered(Strategy):
@@ -48,6 +59,9 @@ class Metered(Strategy):
         Clock and cost model; by default the wall clock with no prices.
     eval_every : int (default: 1)
         Run the central `evaluate_fn` every k rounds (and after the last).
+    stop : StopRules, optional
+        Time, cost or target-accuracy budget checked after every round; the run
+        ends after the first round past it (evaluated, checkpointed).
     limits : UpdateLimits, optional
         Update validation: replies whose weights are bad never reach `strategy`;
         a region that keeps sending them gets no more rounds.
@@ -60,11 +74,12 @@ class Metered(Strategy):
     """
 
     def __init__(self, strategy: Strategy, meter: Meter | None = None, eval_every: int = 1,
-                 limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
-                 resume: bool = False, reply_timeout: float = 600.0) -> None:
+                 stop: StopRules | None = None, limits: UpdateLimits | None = None,
+                 checkpointer: Checkpointer | None = None, resume: bool = False,
+                 reply_timeout: float = 600.0) -> None:
         self.inner = strategy
         self.meter = meter or Meter.measured()
-        self.book = RunBook(self.meter, eval_every=eval_every, checkpointer=checkpointer, resume=resume)
+        self.book = RunBook(self.meter, eval_every=eval_every, stop=stop, checkpointer=checkpointer, resume=resume)
         self.roster: Roster = getattr(strategy, "roster", None) or Roster()
         self.roster.book = self.book
         self.limits = limits or UpdateLimits()
@@ -79,6 +94,10 @@ class Metered(Strategy):
     @property
     def history(self) -> History:
         return self.book.history
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.book.stop_reason
 
     def summary(self) -> None:
         self.inner.summary()
@@ -185,15 +204,22 @@ class Metered(Strategy):
                 return None
             self.book.step = done
             res = self.book.record(done, arrays, evaluate_fn, self.book.evaluation_due(done) or done == num_rounds)
-            if self.book.checkpoint_due(done, force=done == num_rounds):
+            stopping = self.book.should_stop(None if res is None else res.get("accuracy"))
+            if self.book.checkpoint_due(done, force=done == num_rounds or stopping):
                 self.book.save({"quarantined": sorted(self.roster.quarantined)},
                                {"model": arrays.to_torch_state_dict()})
+            if stopping:
+                raise _StopRuleFired(arrays)
             return res
 
-        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.round_offset,
-                             timeout=min(timeout, self.reply_timeout),
-                             train_config=train_config, evaluate_config=evaluate_config,
-                             evaluate_fn=evaluate_and_record)
+        try:
+            return super().start(grid, initial_arrays, num_rounds=num_rounds - self.round_offset,
+                                 timeout=min(timeout, self.reply_timeout),
+                                 train_config=train_config, evaluate_config=evaluate_config,
+                                 evaluate_fn=evaluate_and_record)
+        except _StopRuleFired as stopped:
+            log.info("%s after round %d", self.book.stop_reason, self.book.step)
+            return self.book.result(stopped.arrays)
 
     def _restore(self) -> ArrayRecord:
         meta, tensors = self.book.load()

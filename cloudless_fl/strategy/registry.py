@@ -79,18 +79,20 @@ _ROBUST: dict[str, Rule] = {"strategy.aggregation": Choice(AGGREGATIONS),
                             "strategy.trim_fraction": Number(0, 0.4)}
 STRATEGY_COMMON: dict[str, Rule] = {
     "strategy.num_rounds": COUNT, "strategy.eval_every": COUNT, "strategy.lr": POSITIVE,
-    "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE,
-}
-_OWN_LOOP: dict[str, Rule] = {  # strategies that run their own loop (GeoStrategy)
-    "strategy.rejoin_every": COUNT, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
+    "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
     "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
 }
+_OWN_LOOP: dict[str, Rule] = {"strategy.rejoin_every": COUNT}  # strategies that run their own loop (GeoStrategy)
+
+
+def _stop_rules(s: dict[str, Any], b: Build) -> StopRules:
+    return StopRules(max_time_s=s["stop"]["max_time_s"], max_cost_usd=s["stop"]["max_cost_usd"],
+                     target_accuracy=b.target_accuracy if s["stop"]["at_target"] else None)
 
 
 def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
-    stop = StopRules(max_time_s=s["stop"]["max_time_s"], max_cost_usd=s["stop"]["max_cost_usd"],
-                     target_accuracy=b.target_accuracy if s["stop"]["at_target"] else None)
-    return {"meter": b.meter, "eval_every": s["eval_every"], "stop": stop, "reply_timeout": s["reply_timeout_s"],
+    return {"meter": b.meter, "eval_every": s["eval_every"], "stop": _stop_rules(s, b),
+            "reply_timeout": s["reply_timeout_s"],
             "rejoin_every": s["rejoin_every"], "scheduler": b.scheduler, "replan_every": b.replan_every,
             "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume}
 
@@ -121,8 +123,8 @@ def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
             plan = evaluate_plan(topology, b.work, {r.name: r.workers_min for r in topology.regions}, fill=False)
         round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
         inner = SelectiveFedAvg(round_times=round_times, deadline_s=s["round_deadline_s"], **fedavg_args)
-    return Metered(inner, b.meter, eval_every=s["eval_every"], limits=b.limits, checkpointer=b.checkpointer,
-                   resume=b.resume, reply_timeout=s["reply_timeout_s"])
+    return Metered(inner, b.meter, eval_every=s["eval_every"], stop=_stop_rules(s, b), limits=b.limits,
+                   checkpointer=b.checkpointer, resume=b.resume, reply_timeout=s["reply_timeout_s"])
 
 
 def build_ma(s: dict[str, Any], b: Build) -> Strategy:

@@ -99,7 +99,9 @@ class RunBook:
     # ------------------------------------------------------------------ evaluation and stopping
     def record(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
                due: bool) -> MetricRecord | None:
-        """Add a history entry for `version`, evaluated centrally if `due`; returns the evaluation."""
+        """Add a history entry for `version`, evaluated centrally if `due` or if a time or cost budget
+        is spent (the run ends with this model: its accuracy is the run's final one); returns the evaluation."""
+        due = due or self.should_stop(None)
         res = evaluate_fn(version, arrays) if evaluate_fn and due else None
         self.history.record(version, self.meter.figures(), self.samples,
                             accuracy=None if res is None else res.get("accuracy"),
