@@ -162,9 +162,10 @@ def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_r
     assert received >= 2
     assert results["history"][-1]["version"] == 16
     evaluated = [e["accuracy"] for e in results["history"] if e["accuracy"] is not None]
-    # Judged by the best model, not the final one: ASGD-GA delta still oscillates on real processes (measured
-    # 0.17, 0.49, 0.71, 0.23, 0.56 at versions 0-16; issue 14), so the final one is not yet a stable check.
-    assert max(evaluated[1:]) > evaluated[0] + 0.1  # it learned
+    # Judged by the model the run ends with: since ASGD-GA balances by measured arrivals on the wall clock it
+    # no longer swings on real processes (before: 0.17, 0.49, 0.71, 0.23, 0.56 at versions 0-16; after: 0.17,
+    # 0.48, 0.73, 0.73, 0.90).
+    assert evaluated[-1] > 0.6 and evaluated[-1] > evaluated[0] + 0.3  # it learned, and kept it
     assert "insecure" not in (federation.home / "config.toml").read_text()
     assert results["summary"]["lost_regions"] == 1 and results["summary"]["rejoined_regions"] == 1
     assert flower_processes() <= before

@@ -93,6 +93,7 @@ def _paced_job(tmp_path, pace: float | None, workers: int = 1) -> tuple[float, d
     return time.perf_counter() - start, dict(reply.content[protocol.METRICS])
 
 
+@pytest.mark.wallclock
 def test_a_paced_region_computes_at_its_profile_speed(tmp_path):
     """launch paces each SuperNode to its profile: half the speed takes about twice as long for the same
     job, twice the workers half as long, and the reply reports the profile's time (measured loosely)."""

@@ -11,6 +11,8 @@ import pytest
 
 from cloudless_fl.deployment.wanproxy import Shape, WanProxy
 
+pytestmark = pytest.mark.wallclock  # link shaping is judged by real elapsed time
+
 
 def echo_server() -> tuple[socket.socket, int]:
     """A server that sends back everything it receives, then closes."""
