@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -68,3 +70,30 @@ def test_round_deadlines_refuse_a_robust_rule():
     cfg = compose(["strategy=fedavg", "strategy.aggregation=median", "strategy.round_deadline_s=2"])
     with pytest.raises(ConfigError, match="aggregation=mean only"):
         build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4)
+
+
+def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
+    """geo4, unscheduled: data-share steps (mean 20) for the period-setting region, the others filled
+    towards the period (at most 4x their share), weighted by data share; off, every region does H=20."""
+    from cloudless_fl.config import compose, topology_of
+    from cloudless_fl.control.meter import Meter
+    from cloudless_fl.control.scheduler import Workload
+    from cloudless_fl.server_app import build_strategy
+
+    sizes = {"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575}  # geo4's digits
+    work = Workload(sizes, model_bytes=4_500_000, base_steps=20, batch_size=32, max_steps_factor=1.0)
+
+    def built(*overrides):
+        cfg = compose(["strategy=ma", *overrides])
+        return build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4, work=work)
+
+    fixed = built()
+    assert fixed.local_steps == 20 and fixed.weight_by == "samples"
+    fitted = built("strategy.heterogeneity_aware=true")
+    steps = fitted.local_steps
+    assert fitted.weight_by == "shares"
+    share = {r: math.ceil(20 * 4 * n / sum(sizes.values())) for r, n in sizes.items()}  # 20 x 4 x data share
+    assert steps["ap-chengdu"] == share["ap-chengdu"]  # the slowest (20 Mbps) sets the period with its share
+    for region in ("ap-beijing", "ap-shanghai", "ap-guangzhou"):  # the rest fill it, at most 4x
+        assert share[region] < steps[region] <= 4 * share[region]
+    assert steps["ap-beijing"] == 4 * share["ap-beijing"]  # 4,000 samples/s at 10 Gbps: capped

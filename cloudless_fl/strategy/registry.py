@@ -7,7 +7,7 @@ Nothing else switches on a strategy's name. A new strategy is a new
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
@@ -127,11 +127,29 @@ def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
                    checkpointer=b.checkpointer, resume=b.resume, reply_timeout=s["reply_timeout_s"])
 
 
+FILL_FACTOR = 4.0  # heterogeneity-aware MA: early finishers fill the period up to this x (scheduler's default)
+
+
+def region_model_steps(b: Build) -> dict[str, int]:
+    """Heterogeneity-aware `H_r` from the region model at the regions' minimum workers: each region's data
+    share of the configured mean, raised until it finishes with the period's slowest job (at most
+    `FILL_FACTOR` x), so fast regions do not idle at the barrier while the slowest one (its link or
+    its compute) sets the period."""
+    topology = b.meter.cost_model.topology
+    work = replace(b.work, max_steps_factor=FILL_FACTOR)
+    return evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions}).local_steps()
+
+
 def build_ma(s: dict[str, Any], b: Build) -> Strategy:
-    return ModelAveraging(lr=s["lr"], local_steps=s["local_steps"], batch_size=s["batch_size"],
-                          normalize=s["normalize"], outer_lr=s["outer_lr"], outer_momentum=s["outer_momentum"],
-                          nesterov=s["nesterov"], deadline_s=s["deadline_s"], aggregation=s["aggregation"],
-                          trim_fraction=s["trim_fraction"], **_geo_common(s, b))
+    # with a scheduler the plan sets H_r; without a region model (no topology) there is nothing to fit to
+    fitted = (s["heterogeneity_aware"] and b.scheduler is None and b.work is not None
+              and b.meter.cost_model is not None)
+    return ModelAveraging(lr=s["lr"], local_steps=region_model_steps(b) if fitted else s["local_steps"],
+                          batch_size=s["batch_size"], normalize=s["normalize"], outer_lr=s["outer_lr"],
+                          outer_momentum=s["outer_momentum"], nesterov=s["nesterov"], deadline_s=s["deadline_s"],
+                          aggregation=s["aggregation"], trim_fraction=s["trim_fraction"],
+                          weight_by="shares" if fitted else None,  # extra steps must not mean extra weight
+                          **_geo_common(s, b))
 
 
 def build_asgd_ga(s: dict[str, Any], b: Build) -> Strategy:
@@ -157,6 +175,7 @@ STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
         "strategy.local_epochs": POSITIVE, "strategy.round_deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
     StrategyEntry("ma", unit="period", local_work="local_steps", build=build_ma, fills_idle_time=True, schema=_rules({
         **_OWN_LOOP, "strategy.local_steps": Number(1, integer=True, per_region=True), "strategy.normalize": BOOL,
+        "strategy.heterogeneity_aware": BOOL,
         "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1), "strategy.nesterov": BOOL,
         "strategy.deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
     StrategyEntry("asgd_ga", unit="version", local_work="accumulation_steps", build=build_asgd_ga,
