@@ -55,7 +55,8 @@ def test_random_values_raise_only_config_errors(base, changes):
         with pytest.raises(ConfigError, match=re.escape(forbidden[0])):
             validate(cfg)
     elif foreign:  # another strategy's or scheduler's key: nothing in this run reads it
-        with pytest.raises(ConfigError, match=re.escape(f"config key {foreign[0]}") + r"(\..*)? is not a setting"):
+        named = r"(?s)" + re.escape(f"config key {foreign[0]}") + r"(\..*)? is not a setting"  # (?s): keys may hold \n
+        with pytest.raises(ConfigError, match=named):
             validate(cfg)
     elif partial := [key for key, rule in STRATEGIES[strategy].schema.items() if key in final
                      and getattr(rule, "per_region", False) and isinstance(final[key], dict)
