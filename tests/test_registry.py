@@ -97,3 +97,5 @@ def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
     for region in ("ap-beijing", "ap-shanghai", "ap-guangzhou"):  # the rest fill it, at most 4x
         assert share[region] < steps[region] <= 4 * share[region]
     assert steps["ap-beijing"] == 4 * share["ap-beijing"]  # 4,000 samples/s at 10 Gbps: capped
+    with pytest.raises(ConfigError, match="heterogeneity_aware needs the region model"):
+        build_strategy(compose(["strategy=ma", "strategy.heterogeneity_aware=true"]), Meter.measured(), num_regions=4)

@@ -141,9 +141,10 @@ def region_model_steps(b: Build) -> dict[str, int]:
 
 
 def build_ma(s: dict[str, Any], b: Build) -> Strategy:
-    # with a scheduler the plan sets H_r; without a region model (no topology) there is nothing to fit to
-    fitted = (s["heterogeneity_aware"] and b.scheduler is None and b.work is not None
-              and b.meter.cost_model is not None)
+    fitted = s["heterogeneity_aware"] and b.scheduler is None  # with a scheduler its plan sets H_r
+    if fitted and (b.work is None or b.meter.cost_model is None):
+        raise ConfigError("strategy.heterogeneity_aware needs the region model (a topology with its regions' "
+                          "speeds and links); set strategy.heterogeneity_aware=false or give the run a topology")
     return ModelAveraging(lr=s["lr"], local_steps=region_model_steps(b) if fitted else s["local_steps"],
                           batch_size=s["batch_size"], normalize=s["normalize"], outer_lr=s["outer_lr"],
                           outer_momentum=s["outer_momentum"], nesterov=s["nesterov"], deadline_s=s["deadline_s"],
