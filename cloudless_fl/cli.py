@@ -94,7 +94,7 @@ def launch_command(argv: list[str]) -> None:
     from pathlib import Path
 
     from .errors import CloudlessError
-    from .deployment.launch import launch, sigterm_as_interrupt
+    from .deployment.launch import SECURITY, launch, sigterm_as_interrupt
 
     parser = argparse.ArgumentParser(prog="cloudless-fl launch",
                                      description="Run the app on a local Deployment Engine federation "
@@ -107,7 +107,9 @@ def launch_command(argv: list[str]) -> None:
                         help="> 1: links and paced compute that many times faster")
     parser.add_argument("--no-pace", action="store_true",
                         help="compute at this machine's speed instead of each region's profile")
-    parser.add_argument("--tls", action="store_true", help="throwaway certificates, every connection over TLS")
+    parser.add_argument("--security", choices=SECURITY, default="auth",
+                        help="auth (default): TLS, and only SuperNodes with a registered key, each bound to its "
+                             "region; tls: TLS only; insecure: plain HTTP")
     parser.add_argument("--out", default=None, help="run folder (default outputs/launch/<time>)")
     parser.add_argument("--app", default=".", help="the Flower app folder (this checkout)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the run (key=value)")
@@ -118,7 +120,8 @@ def launch_command(argv: list[str]) -> None:
     try:
         with sigterm_as_interrupt():
             code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed,
-                          time_scale=args.time_scale, pace=not args.no_pace, tls=args.tls, overrides=args.overrides,
+                          time_scale=args.time_scale, pace=not args.no_pace, security=args.security,
+                          overrides=args.overrides,
                           app_dir=Path(args.app))
     except CloudlessError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -98,13 +98,25 @@ def validate(cfg: DictConfig) -> None:
     for key, rule in schema.items():
         value = OmegaConf.select(cfg, key)
         if getattr(rule, "per_region", False) and isinstance(value, DictConfig):
-            missing, unknown = sorted(regions - set(value)), sorted(set(value) - regions)
-            if missing or unknown:
-                raise ConfigError(f"{key} must give a value for every region of the topology ("
-                                  + "; ".join(part for part in (f"missing: {', '.join(missing)}" if missing else "",
-                                                                 f"unknown: {', '.join(unknown)}" if unknown else "")
-                                              if part)
-                                  + ") or one number for all")
+            _every_region(key, value, regions, "or one number for all")
+    if cfg.region_nodes is not None:
+        _every_region("region_nodes", cfg.region_nodes, regions, "(each its SuperNode's id)")
+        for region, node in cfg.region_nodes.items():
+            if isinstance(node, bool) or not isinstance(node, int):
+                raise ConfigError(f"region_nodes.{region}={node!r} must be a node id (an integer)")
+
+
+def _every_region(key: str, value: Any, regions: set[str], otherwise: str) -> None:
+    """A per-region mapping must name every region of the topology, and only those."""
+    if not isinstance(value, (DictConfig, dict)):
+        raise ConfigError(f"{key} must map each region of the topology to a value {otherwise}")
+    missing, unknown = sorted(regions - set(value)), sorted(set(value) - regions)
+    if missing or unknown:
+        raise ConfigError(f"{key} must give a value for every region of the topology ("
+                          + "; ".join(part for part in (f"missing: {', '.join(missing)}" if missing else "",
+                                                         f"unknown: {', '.join(unknown)}" if unknown else "")
+                                      if part)
+                          + f") {otherwise}")
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

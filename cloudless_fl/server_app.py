@@ -111,7 +111,7 @@ def make_scheduler(cfg: DictConfig, topology: Topology, work: Workload) -> Sched
 # May change on resume: how the run is shown and driven, where it goes on, and how far (num_rounds: a finished run
 # can be extended). Everything else in the resolved config is in the checkpoint's fingerprint.
 RESUMABLE_KEYS = ("hydra", "resume", "progress", "flower_log_level", "label", "engine", "checkpoint",
-                  "strategy.num_rounds", "topology", "topology_file", "dataset", "dataset_file")
+                  "strategy.num_rounds", "topology", "topology_file", "dataset", "dataset_file", "region_nodes")
 
 
 def training_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -175,6 +175,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict(), layout)
     strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)
+    if cfg.region_nodes is not None:
+        strategy.roster.bind(OmegaConf.to_container(cfg.region_nodes))
     progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit) if cfg.progress else None
     if progress is not None:
         strategy.history.listeners.append(progress)

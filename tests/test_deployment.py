@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -17,7 +18,9 @@ from omegaconf import OmegaConf
 
 from cloudless_fl.checkpoint import CheckpointError, load_checkpoint
 from cloudless_fl.config import compose
-from cloudless_fl.deployment.launch import Federation, descendants, launch, prepare_split, sigterm_as_interrupt, submit
+from cloudless_fl.deployment.certs import write_node_key
+from cloudless_fl.deployment.launch import (CONNECTION, Federation, descendants, free_port, launch, prepare_split,
+                                           sigterm_as_interrupt, submit)
 from cloudless_fl.control.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +70,8 @@ def _events_so_far(run_dir: Path) -> list[str]:
     return [e["event"] for e in meta["history"]["events"]]
 
 
-def _federation_run(three_regions, tmp_path, strategy: str, rounds: int, extra: str, tls: bool = False):
+def _federation_run(three_regions, tmp_path, strategy: str, rounds: int, extra: str,
+                    security: str = "insecure"):
     """A started federation and the `flwr run` config for `strategy` on it (checkpoint every step: progress)."""
     topology = load_topology(three_regions)
     run_dir = (tmp_path / "run").resolve()
@@ -75,7 +79,7 @@ def _federation_run(three_regions, tmp_path, strategy: str, rounds: int, extra: 
     overrides = (f"topology_file={three_regions} dataset=npz dataset.root={run_dir / 'data'} clock=wall "
                  f"progress=false checkpoint.every=1 {extra}")
     config = {"strategy": strategy, "num-rounds": rounds, "overrides": overrides, "output-dir": str(run_dir)}
-    return Federation(topology, run_dir, time_scale=20.0, tls=tls), config
+    return Federation(topology, run_dir, time_scale=20.0, security=security), config
 
 
 def _submit_after_first_checkpoint(federation: Federation, config: dict) -> tuple[threading.Thread, list[int]]:
@@ -107,7 +111,34 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path)
     assert set(results["regions"]) == {"ap-shanghai", "ap-guangzhou", "ap-chengdu"}
     assert results["summary"]["total_cost_usd"]["instance"] > 0  # the cost model on measured time
     assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])
+    # by default over TLS with SuperNode authentication, each region bound to its key's node
+    assert "insecure" not in (tmp_path / "run" / "flwr-home" / "config.toml").read_text()
+    assert set(results["config"]["region_nodes"]) == set(results["regions"])
+    assert not [e for e in results["events"] if e["event"] in ("node_refused", "region_failed")]
+    assert stat.S_IMODE((tmp_path / "run" / "keys" / "ap-chengdu").stat().st_mode) == 0o600
     assert flower_processes() <= before  # every process it started is gone
+
+
+def test_supernode_authentication_admits_only_registered_keys(three_regions, tmp_path):
+    """Neither a SuperNode without a key nor one with a key the SuperLink never registered gets in."""
+    before = flower_processes()
+    with Federation(load_topology(three_regions), tmp_path / "run", time_scale=20.0) as federation:
+        federation.start_superlink()
+        federation.start_region("ap-shanghai", tmp_path / "run" / "data" / "ap-shanghai")
+        unregistered, _ = write_node_key(federation.keys, "rogue")
+        rogues = {name: federation._start(name, [
+            "flower-supernode", *federation._security("supernode"), *key,
+            "--superlink", f"127.0.0.1:{federation.superlink_port}", "--port", str(free_port()),
+            "--node-config", "region='ap-chengdu'"])
+            for name, key in {"keyless": [], "unregistered": ["--auth-supernode-private-key", str(unregistered)]}.items()}
+        for name, rogue in rogues.items():
+            assert rogue.wait(120) != 0, name
+            assert "Failed to initialize the connection" in (federation.logs / f"{name}.log").read_text()
+        listed = subprocess.run(["flwr", "supernode", "ls", CONNECTION, "--format", "json"], capture_output=True,
+                                text=True, env=federation.env(), cwd=federation.run_dir, check=True).stdout
+        nodes = {int(n["node-id"]): n["status"] for n in json.loads(listed)["nodes"]}
+        assert nodes == {federation.node_ids["ap-shanghai"]: "online"}
+    assert flower_processes() <= before
 
 
 def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
@@ -139,7 +170,7 @@ def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_r
     before = flower_processes()
     federation, config = _federation_run(three_regions, tmp_path, "asgd_ga_delta", 16,
                                          "strategy.reply_timeout_s=30 strategy.rejoin_every=2 strategy.eval_every=4",
-                                         tls=True)
+                                         security="tls")
     with federation:
         run, codes = _submit_after_first_checkpoint(federation, config)
         run_log = federation.logs / "flwr-run.log"

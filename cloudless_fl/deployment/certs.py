@@ -1,8 +1,10 @@
-"""Throwaway TLS certificates for a local federation (`cloudless-fl launch --tls`).
+"""Throwaway TLS certificates and SuperNode keys for a local federation (`cloudless-fl launch`).
 
 A self-signed CA and a server certificate for 127.0.0.1/localhost, signed by it:
 what Flower's `--ssl-*` (SuperLink) and `--root-certificates` (SuperNode, flwr)
-expect. For real deployments use certificates from your own CA (docs/deployment.md).
+expect. One key pair per region in OpenSSH format on a NIST curve: what
+`flwr supernode register` and `flower-supernode --auth-supernode-private-key`
+expect. For real deployments use your own CA and keys (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -41,7 +43,25 @@ def write_certificates(folder: Path, days: int = 2) -> None:
     pem = serialization.Encoding.PEM
     (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
     (folder / "server.pem").write_bytes(server.public_bytes(pem))
-    private = folder / "server.key"
-    private.touch(mode=0o600)  # readable by its owner only, before it holds the key
-    private.chmod(0o600)
-    private.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(folder / "server.key",
+                   key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def write_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """Write the key pair `<name>` (private, 0600) and `<name>.pub` into `folder`, unless they exist;
+    returns (private, public). The public key is what the SuperLink registers for the node."""
+    private, public = folder / name, folder / f"{name}.pub"
+    if not private.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                  serialization.NoEncryption()))
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                         serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+def _write_private(path: Path, secret: bytes) -> None:
+    path.touch(mode=0o600)  # readable by its owner only, before it holds the key
+    path.chmod(0o600)
+    path.write_bytes(secret)

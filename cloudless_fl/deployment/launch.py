@@ -8,10 +8,17 @@ and streams its log. Everything lives in the run folder: `flwr-home/`
 split), `logs/` (one file per process) and the run's `results.json`. Ctrl-C
 or the end of the run stops every process it started (whole process groups:
 SuperNodes start children of their own).
+
+By default every connection is over TLS and the SuperLink admits only
+SuperNodes whose key it registered (Flower's SuperNode authentication): one
+key pair per region under `keys/`, registered with `flwr supernode register`,
+and the run is told which node id each region's key has (`region_nodes`), so a
+node cannot speak for another region (strategy/membership.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -29,9 +36,11 @@ from ..training.data import load_source, split_dataset
 from ..training.pacing import NODE_KEY as NODE_PACE
 from ..errors import ConfigError
 from ..control.topology import Topology
+from .certs import write_certificates, write_node_key
 from .wanproxy import WanProxy, link_shapes
 
 CONNECTION = "cloudless-launch"
+SECURITY = ("auth", "tls", "insecure")  # TLS + SuperNode authentication | TLS only | neither
 STOP_GRACE_S = 10.0
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # flwr/supercore/superexec/run_superexec.py
 
@@ -70,8 +79,9 @@ class Federation:
     pace : bool
         Each SuperNode computes at its region's profile speed (training/pacing.py): a job that is done
         sooner on this machine waits out the difference, so the federation has the topology's heterogeneity.
-    tls : bool
-        Generate throwaway certificates and run every connection over TLS.
+    security : str
+        `auth` (default): throwaway certificates, every connection over TLS, and only SuperNodes with a
+        registered key admitted, each region's key bound to its name; `tls`: TLS only; `insecure`: neither.
     """
 
     topology: Topology
@@ -79,10 +89,19 @@ class Federation:
     seed: int = 1
     time_scale: float = 1.0
     pace: bool = True
-    tls: bool = False
+    security: str = "auth"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     proxies: dict[str, WanProxy] = field(default_factory=dict)
     superlink_port: int = 0
+    node_ids: dict[str, int] = field(default_factory=dict)  # region → the node id its registered key has
+
+    def __post_init__(self) -> None:
+        if self.security not in SECURITY:
+            raise ConfigError(f"security={self.security!r} is unknown; use one of {', '.join(SECURITY)}")
+
+    @property
+    def tls(self) -> bool:
+        return self.security != "insecure"
 
     @property
     def home(self) -> Path:
@@ -96,6 +115,10 @@ class Federation:
     def certs(self) -> Path:
         return self.run_dir / "certs"
 
+    @property
+    def keys(self) -> Path:
+        return self.run_dir / "keys"
+
     def env(self) -> dict[str, str]:
         """The processes' environment: our FLWR_HOME, this venv first on PATH, and SuperExec looking for new
         tasks every 0.1 s instead of Flower's default 1 s (each message is a task; unless set already)."""
@@ -108,7 +131,8 @@ class Federation:
             return ["--insecure"]
         if role == "superlink":
             return ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
-                    "--ssl-keyfile", str(self.certs / "server.key")]
+                    "--ssl-keyfile", str(self.certs / "server.key"),
+                    *(["--enable-supernode-auth"] if self.security == "auth" else [])]
         return ["--root-certificates", str(self.certs / "ca.crt")]
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -122,8 +146,6 @@ class Federation:
     def start_superlink(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         if self.tls:
-            from .certs import write_certificates
-
             write_certificates(self.certs)
         self.superlink_port = free_port()
         proc = self._start("superlink", ["flower-superlink", *self._security("superlink"),
@@ -141,10 +163,29 @@ class Federation:
             up, down = link_shapes(self.topology, region, self.seed, self.time_scale)
             self.proxies[region] = WanProxy(("127.0.0.1", self.superlink_port), up, down)
             self.proxies[region].start()
+        key = ["--auth-supernode-private-key", str(self.register(region))] if self.security == "auth" else []
         self._start(f"supernode-{region}", [
-            "flower-supernode", *self._security("supernode"),
+            "flower-supernode", *self._security("supernode"), *key,
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
             "--node-config", f"region='{region}' data-dir='{data_dir}'" + self._pace(region)])
+
+    def register(self, region: str) -> Path:
+        """The region's private key; the first time, a new key pair whose public key the SuperLink registers
+        (`flwr supernode register`), its node id kept in `node_ids`. A restarted SuperNode reuses key and id."""
+        private, public = write_node_key(self.keys, region)
+        if region not in self.node_ids:
+            done = subprocess.run(["flwr", "supernode", "register", str(public), CONNECTION, "--format", "json"],
+                                  capture_output=True, text=True, env=self.env(), cwd=self.run_dir)
+            try:
+                self.node_ids[region] = int(json.loads(done.stdout)["node-id"])
+            except (ValueError, KeyError, TypeError):
+                raise RuntimeError(f"the SuperLink did not register region {region}'s key (exit {done.returncode}): "
+                                   f"{(done.stdout + done.stderr).strip()[-1000:]}") from None
+        return private
+
+    def region_nodes(self) -> str:
+        """The `region_nodes` override that binds each region to its key's node id (`auth` only)."""
+        return "region_nodes={" + ",".join(f"{region}:{node}" for region, node in self.node_ids.items()) + "}"
 
     def _pace(self, region: str) -> str:
         """The node config that paces the region's compute to its profile (one worker's samples/s, efficiency
@@ -156,7 +197,8 @@ class Federation:
 
     def kill_region(self, region: str) -> None:
         """SIGKILL a region's SuperNode and everything it started, as a crash would (its proxy stays up);
-        `start_region` starts it again, under a new node id."""
+        `start_region` starts it again: under a new node id, or with `auth` under its key's (which the
+        SuperLink accepts once it has marked the old node offline: Flower's heartbeat, up to 60 s)."""
         proc = self.processes.pop(f"supernode-{region}")
         family = set(descendants(proc.pid))
         _signal_group(proc, signal.SIGKILL)
@@ -289,7 +331,7 @@ def prepare_split(topology: Topology, data_dir: Path, source: str = "digits", se
 
 
 def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *, seed: int = 1,
-           time_scale: float = 1.0, pace: bool = True, tls: bool = False, overrides: list[str] = (),
+           time_scale: float = 1.0, pace: bool = True, security: str = "auth", overrides: list[str] = (),
            app_dir: Path | None = None, stream_to=sys.stdout) -> int:
     """Run `strategy` on a local federation shaped like `topology_name`; returns `flwr run`'s exit code."""
     from_file = topology_name.endswith((".yaml", ".yml"))
@@ -305,10 +347,12 @@ def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *,
         raise ConfigError(f"{app_dir} is not a Flower app folder (no pyproject.toml); run from the cloudless-fl "
                           "checkout or pass --app")
     hydra_overrides = ["dataset=npz", f"dataset.root={data_dir}", "clock=wall", *overrides]
-    with Federation(topology, run_dir, seed=seed, time_scale=time_scale, pace=pace, tls=tls) as federation:
+    with Federation(topology, run_dir, seed=seed, time_scale=time_scale, pace=pace, security=security) as federation:
         federation.start_superlink()
         for region in topology.region_names:
             federation.start_region(region, data_dir / region)
+        if federation.node_ids:
+            hydra_overrides.append(federation.region_nodes())
         run_config = {"strategy": strategy, "num-rounds": num_rounds, "seed": seed,
                       **({} if from_file else {"topology": topology_name}),
                       "overrides": " ".join(shlex.quote(o) for o in hydra_overrides), "output-dir": str(run_dir)}

@@ -9,14 +9,17 @@ FedAvg, which never asks, learns names from the replies (`Roster.learn`).
 
 Membership decisions live here too: a region not in the run at its start, or
 quarantined, is refused; a new node of a region still in the run replaces the
-old one (a restarted SuperNode gets a new node id).
+old one (a restarted SuperNode gets a new node id). Under SuperNode
+authentication each region's key has a known node id (`bind`): a node that
+claims a region whose key is not its own is refused, at start-up, on joining,
+and (Flower's FedAvg, which never asks) when its reply names the region.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -85,6 +88,19 @@ class Roster:
         self.named: dict[int, str] = {}  # node → region of every node ever named (live or not)
         self._asking: dict[str, int] = {}  # query message id → node not (yet) in the run
         self._looked_at = -1  # the step of the last look for new nodes
+        self.bound: dict[str, int] | None = None  # region → node id of its registered key; None: not checked
+
+    def bind(self, region_nodes: Mapping[str, int]) -> None:
+        """Each region may be spoken for only by the node its registered key belongs to."""
+        self.bound = {str(region): int(node) for region, node in region_nodes.items()}
+
+    def impostor(self, node: int, region: str) -> str | None:
+        """Why `node` may not speak for `region` under `bind`, or None."""
+        if self.bound is None or self.bound.get(region) == node:
+            return None
+        if region not in self.bound:
+            return f"claims region {region}, which has no registered key"
+        return f"claims region {region}, whose registered key is node {self.bound[region]}'s"
 
     # ------------------------------------------------------------------ names
     def region_of(self, node: int) -> str:
@@ -116,7 +132,7 @@ class Roster:
 
         Raises if none can take part; each failure is logged and recorded.
         """
-        found, failed = ask(grid, node_ids, config, timeout)
+        found, failed = self._ask(grid, node_ids, config, timeout)
         self.refused.update(failed)
         for node, reason in failed.items():
             log.warning("node %s cannot take part: %s", node, reason)
@@ -141,10 +157,22 @@ class Roster:
         node_ids = list(node_ids)
         unnamed = [n for n in node_ids if n not in self.named and n not in self.refused]
         if unnamed:
-            found, failed = ask(grid, unnamed, config, timeout)
+            found, failed = self._ask(grid, unnamed, config, timeout)
+            for node, reason in failed.items():
+                log.warning("node %s cannot take part: %s", node, reason)
             self.named.update({node: info.name for node, info in found.items()})
             self.refused.update(failed)
         return {n: self.named.get(n, "") for n in node_ids}
+
+    def _ask(self, grid: Grid, node_ids: Iterable[int], config: ConfigRecord,
+              timeout: float) -> tuple[dict[int, RegionInfo], dict[int, str]]:
+        """`ask`, with impostors (under `bind`) among the failed."""
+        found, failed = ask(grid, node_ids, config, timeout)
+        for node, info in list(found.items()):
+            if (why := self.impostor(node, info.name)) is not None:
+                failed[node] = why
+                del found[node]
+        return found, failed
 
     # ------------------------------------------------------------------ leaving
     def drop(self, node: int) -> None:
@@ -198,10 +226,12 @@ class Roster:
 
     def refusal(self, info: RegionInfo) -> str | None:
         """Why a (re)joining node may not take part, or None."""
+        if (why := self.impostor(info.node_id, info.name)) is not None:
+            return why
         if info.name not in self.shares:
-            return "was not in this run at its start"
+            return f"region {info.name} was not in this run at its start"
         if self.is_quarantined(info.name):
-            return "is quarantined"
+            return f"region {info.name} is quarantined"
         return None
 
     def admit(self, info: RegionInfo) -> None:
@@ -212,7 +242,7 @@ class Roster:
         self.book.event("region_back", counter="rejoined_regions", region=info.name, node=info.node_id)
 
     def refuse(self, info: RegionInfo, why: str) -> None:
-        log.warning("node %s is region %s, which %s: not admitted", info.node_id, info.name, why)
+        log.warning("node %s not admitted: %s", info.node_id, why)
         self.refused.add(info.node_id)
 
     # ------------------------------------------------------------------ checkpoints

@@ -112,7 +112,8 @@ class Metered(Strategy):
             self.book.count_with(self.validator)
         self._wait_for_regions(grid)
         messages = self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
-        messages = [m for m in messages if not self.roster.is_quarantined(self.roster.region_of(m.metadata.dst_node_id))]
+        messages = [m for m in messages if m.metadata.dst_node_id not in self.roster.refused
+                    and not self.roster.is_quarantined(self.roster.region_of(m.metadata.dst_node_id))]
         self._round_messages = messages
         return messages
 
@@ -146,6 +147,9 @@ class Metered(Strategy):
             metrics = next(iter(msg.content.metric_records.values()), {})
             samples = int(metrics.get("num-examples", 0))
             region = reply_region(msg) or f"node-{msg.metadata.src_node_id}"
+            if (why := self.roster.impostor(msg.metadata.src_node_id, region)) is not None:
+                self._refuse(msg.metadata.src_node_id, why)
+                continue
             self.roster.learn(msg.metadata.src_node_id, region)
             job = self.meter.dispatch(region, bytes_down=self._bytes_down, at=self._round_start)
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
@@ -154,6 +158,13 @@ class Metered(Strategy):
                 self.book.samples += samples
                 accepted.append(msg)
         return self.inner.aggregate_train(server_round + self.round_offset, accepted)
+
+    def _refuse(self, node: int, why: str) -> None:
+        """A node whose reply speaks for a region that is not its own: dropped, and given no more rounds."""
+        if node not in self.roster.refused:
+            log.warning("node %s refused: %s; its replies are dropped", node, why)
+            self.book.event("node_refused", node=node, reason=why)
+            self.roster.refused.add(node)
 
     def _note_incomplete_round(self, server_round: int, replies: list[Message]) -> None:
         """Count and record the regions whose reply failed or did not come within `reply_timeout`."""

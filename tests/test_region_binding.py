@@ -1,0 +1,94 @@
+"""Under SuperNode authentication each region's key has one node id: no other node may speak for it."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from cloudless_fl.config import compose, validate
+from cloudless_fl.errors import ConfigError
+from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
+from cloudless_fl.strategy.membership import Roster
+from cloudless_fl.training import protocol
+from strategy_helpers import Federation
+from test_validation import three_regions
+
+STRATEGIES = {
+    "ma": lambda fed: ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter()),
+    "asgd_ga_delta": lambda fed: AsyncGradAccum(lr=1.0, accumulation_steps=2, batch_size=16, update="delta",
+                                                local_lr=0.1, balance=False, tau_max=100, meter=fed.meter(),
+                                                reply_timeout=3.0),
+    "fedavg": lambda fed: Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=3), fed.meter()),
+}
+ROUNDS = {"ma": 3, "asgd_ga_delta": 30, "fedavg": 2}
+
+
+def run(tmp_path, strategy: str, bound: dict[str, int] | None, restart_at: int | None = None):
+    """`strategy` on three in-process regions (node 3 is region "c"), bound as given; optionally node 3
+    restarts (under a new id, still claiming "c") once `restart_at` versions are done."""
+    fed = Federation(tmp_path, three_regions())
+    s = STRATEGIES[strategy](fed)
+    if bound is not None:
+        s.roster.bind(bound)
+    if strategy == "asgd_ga_delta":
+        s.rejoin_every = 1
+    config = fed.config
+    if strategy == "fedavg":
+        config = ConfigRecord({**dict(config), **protocol.WorkOrder(lr=0.1, batch_size=16, epochs=0.5).to_config()})
+    restarted = []
+
+    def restart(version, arrays):
+        if restart_at is not None and version >= restart_at and not restarted:
+            restarted.append(fed.grid.restart(3))
+        return None
+
+    s.start(fed.grid, fed.initial, num_rounds=ROUNDS[strategy], train_config=config, evaluate_fn=restart)
+    return s, restarted
+
+
+def jobs_of(s, region: str) -> int:
+    account = s.meter.ledger.accounts.get(region)
+    return 0 if account is None else account.invocations
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_node_claiming_a_region_whose_key_is_not_its_own_gets_no_say(tmp_path, strategy):
+    honest, _ = run(tmp_path / "honest", strategy, {"a": 1, "b": 2, "c": 3})
+    assert jobs_of(honest, "c") > 0  # bound to its own key, "c" takes part
+    impostor, _ = run(tmp_path / "impostor", strategy, {"a": 1, "b": 2, "c": 99})
+    assert jobs_of(impostor, "c") == 0 and jobs_of(impostor, "a") > 0 and jobs_of(impostor, "b") > 0
+    assert 3 in impostor.roster.refused
+    reasons = [e.get("reason", "") for e in impostor.history.events]
+    assert any("claims region c, whose registered key is node 99's" in r for r in reasons), reasons
+    assert impostor.history.entries[-1]["version"] == ROUNDS[strategy]  # the run went on without it
+
+
+def test_a_restarted_node_of_a_bound_region_is_not_taken_in_under_another_key(tmp_path):
+    unbound, restarted = run(tmp_path / "unbound", "asgd_ga_delta", None, restart_at=5)
+    assert restarted and unbound.history.counters["rejoined_regions"] == 1  # without keys: the new node is "c"
+    bound, restarted = run(tmp_path / "bound", "asgd_ga_delta", {"a": 1, "b": 2, "c": 3}, restart_at=5)
+    assert restarted[0] in bound.roster.refused
+    assert bound.history.counters["rejoined_regions"] == 0
+    assert "c" not in bound.roster.live_names()
+
+
+def test_impostor_names_the_reason():
+    roster = Roster()
+    assert roster.impostor(5, "a") is None  # nothing bound: nothing checked
+    roster.bind({"a": 1})
+    assert roster.impostor(1, "a") is None
+    assert roster.impostor(5, "a") == "claims region a, whose registered key is node 1's"
+    assert roster.impostor(5, "z") == "claims region z, which has no registered key"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("region_nodes={ap-beijing:1}", "missing: ap-chengdu, ap-guangzhou, ap-shanghai"),
+    ("region_nodes={ap-beijing:1,ap-shanghai:2,ap-guangzhou:3,ap-chengdu:4,mars:5}", "unknown: mars"),
+    ("region_nodes={ap-beijing:1,ap-shanghai:2,ap-guangzhou:3,ap-chengdu:x}", "region_nodes.ap-chengdu='x'"),
+    ("region_nodes=5", "must map each region"),
+])
+def test_region_nodes_must_bind_every_region_to_a_node_id(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose([override]))
+    validate(compose(["region_nodes={ap-beijing:1,ap-shanghai:2,ap-guangzhou:3,ap-chengdu:18416244718050819670}"]))
