@@ -66,9 +66,11 @@ class _Pipe:
                 await queue.put((self.link_free_at + self.shape.delay_s, data))
                 if self.link_free_at - now > 0.05:  # back-pressure: do not read far ahead of the link
                     await asyncio.sleep(self.link_free_at - now - 0.05)
-        finally:
-            await queue.put(None)
-            await sender
+        except BaseException:  # cancelled (the proxy stops) or the connection broke: nothing more to deliver
+            sender.cancel()
+            raise
+        await queue.put(None)  # the sender delivers what is queued, then half-closes
+        await sender
 
     async def _deliver(self, queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
         try:
