@@ -20,7 +20,8 @@ from conftest import small_run_overrides
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "ma": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "strategy.outer_momentum=0.5"],
-    "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=300", "strategy.eval_every=10", "strategy.momentum=0.9"],
+    "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=300", "strategy.eval_every=10", "strategy.momentum=0.9",
+                "strategy.average_decay=0.9"],  # the served average is resumed too
     "fedavg": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25"],
 }
 EVERY = {"ma": 2, "asgd_ga": 20, "fedavg": 2}
@@ -77,6 +78,11 @@ def test_a_killed_run_resumes_to_the_same_model_and_figures(two_region_topology,
     (_, model_whole), (_, model_resumed) = final_state(whole), final_state(killed)
     for name, tensor in model_whole.items():
         assert torch.equal(model_resumed[name], tensor), name
+    average_whole = load_checkpoint(whole / "checkpoint.pt")[1].get("optimizer", {}).get("average", {})
+    average_resumed = load_checkpoint(killed / "checkpoint.pt")[1].get("optimizer", {}).get("average", {})
+    assert set(average_whole) == set(average_resumed) and (strategy != "asgd_ga" or average_whole)
+    for name, tensor in average_whole.items():
+        assert torch.equal(average_resumed[name], tensor), name
 
 
 def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):

@@ -417,3 +417,41 @@ def test_the_server_optimizer_takes_nesterov_steps():
     w1 = w0 - lr * (g1 + m * v1)
     v2 = m * v1 + g2
     assert torch.allclose(opt.state["w"], w1 - lr * (g2 + m * v2))
+
+
+def test_the_served_model_is_an_exponential_moving_average_of_the_versions():
+    from cloudless_fl.strategy.server_optimizer import ServerOptimizer
+
+    w0, decay = torch.tensor([1.0, -2.0]), 0.8
+    opt = ServerOptimizer({"w": w0, "count": torch.tensor(3)}, lr=0.5, average_decay=decay)
+    average = w0.clone()
+    for g in (torch.tensor([0.5, 1.0]), torch.tensor([-1.0, 0.25]), torch.tensor([2.0, 0.0])):
+        opt.step({"w": g})
+        average = decay * average + (1 - decay) * opt.state["w"]
+    served = opt.served(opt.arrays()).to_torch_state_dict()
+    assert torch.allclose(served["w"], average) and not torch.allclose(served["w"], opt.state["w"])
+    assert int(served["count"]) == 3
+    last = opt.arrays()
+    assert ServerOptimizer({"w": w0}, lr=0.5).served(last) is last  # no average kept: the last version
+    restored = ServerOptimizer({"w": w0, "count": torch.tensor(3)}, lr=0.5, average_decay=decay)
+    restored.load_state_dict(opt.state_dict())
+    assert torch.equal(restored.average["w"], opt.average["w"])
+    with pytest.raises(ValueError, match="average_decay"):
+        restored.load_state_dict(ServerOptimizer({"w": w0, "count": torch.tensor(3)}, lr=0.5).state_dict())
+
+
+def test_asgd_ga_evaluates_and_returns_the_average_it_serves(tmp_path):
+    fed = Federation(tmp_path, topology())
+    strategy = AsyncGradAccum(lr=1.0, accumulation_steps=2, batch_size=16, update="delta", local_lr=0.1,
+                              balance=False, meter=fed.meter(), eval_every=5, average_decay=0.9)
+    evaluated = []
+
+    def evaluate_fn(version, arrays):
+        evaluated.append(arrays.to_torch_state_dict())
+        return fed.evaluator()(version, arrays)
+
+    result = strategy.start(fed.grid, fed.initial, num_rounds=20, train_config=fed.config, evaluate_fn=evaluate_fn)
+    final = result.arrays.to_torch_state_dict()
+    assert all(torch.equal(final[k], strategy.optimizer.average[k]) for k in final)
+    assert not all(torch.equal(final[k], strategy.optimizer.state[k]) for k in final)  # not the last version
+    assert all(torch.equal(evaluated[-1][k], final[k]) for k in final)  # the run's final accuracy is its own

@@ -218,7 +218,7 @@ class AsyncGradAccum(GeoStrategy):
         if self.history.entries[-1]["version"] != self.version:
             self._evaluate(self.version, arrays, evaluate_fn, force=True)
         self._checkpoint(force=True)
-        return self.book.result(arrays)
+        return self.book.result(self.optimizer.served(arrays))
 
     # ------------------------------------------------------------------ helpers
 

@@ -84,6 +84,9 @@ class GeoStrategy(Strategy):
         handle, and no node joins later.
     min_available_nodes : int
         Wait (up to `reply_timeout`) for this many SuperNodes before starting.
+    average_decay : float, optional
+        Evaluate and return an exponential moving average of the model versions with this decay per
+        version/period (server_optimizer.py) instead of the last version; None: the last version.
     """
 
     # Updates are comparable across regions and with each region's previous one (synchronous periods from one
@@ -93,8 +96,10 @@ class GeoStrategy(Strategy):
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
                  rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
-                 resume: bool = False, query_regions: bool | None = None, min_available_nodes: int = 1) -> None:
+                 resume: bool = False, query_regions: bool | None = None, min_available_nodes: int = 1,
+                 average_decay: float | None = None) -> None:
         self.meter = meter or Meter.measured()
+        self.average_decay = average_decay
         self.query_regions = self.meter.cost_model is not None if query_regions is None else query_regions
         self.min_available_nodes = max(1, int(min_available_nodes))
         self.book = RunBook(self.meter, eval_every=eval_every, stop=stop, checkpointer=checkpointer, resume=resume)
@@ -156,7 +161,7 @@ class GeoStrategy(Strategy):
                      "query_regions=False)", len(nodes))
         for info in self.roster.live.values():
             self.offsets.setdefault(info.name, 0)
-        self.optimizer = ServerOptimizer.from_arrays(initial_arrays, **optimizer)
+        self.optimizer = ServerOptimizer.from_arrays(initial_arrays, average_decay=self.average_decay, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
         comparable, factor = self.comparable_updates, self.limits.norm_factor
         self.screen = UpdateScreen(factor if comparable else None, self.limits.min_agreement if comparable else None,
@@ -318,8 +323,10 @@ class GeoStrategy(Strategy):
     # ------------------------------------------------------------------ books
     def _evaluate(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
                   force: bool = False) -> float | None:
-        """Record a history entry; evaluate centrally when due. Returns the accuracy if evaluated."""
-        res = self.book.record(version, arrays, evaluate_fn, force or self.book.evaluation_due(version))
+        """Record a history entry; evaluate the served model (`arrays`, or the average of the versions)
+        centrally when due. Returns the accuracy if evaluated."""
+        due = force or self.book.evaluation_due(version) or self.book.should_stop(None)
+        res = self.book.record(version, self.optimizer.served(arrays) if due else arrays, evaluate_fn, due)
         return None if res is None else res.get("accuracy")
 
     def _checkpoint(self, force: bool = False) -> None:

@@ -156,7 +156,7 @@ class ModelAveraging(GeoStrategy):
                 self.plan.maybe_replan(period)
             self._checkpoint()
         self._checkpoint(force=True)
-        return self.book.result(arrays)
+        return self.book.result(self.optimizer.served(arrays))
 
     def _collect(self, grid: Grid, deadline: float | None) -> list[Message]:
         """Replies that make the deadline; late ones are cut off (charged up to it) and counted."""

@@ -82,7 +82,8 @@ STRATEGY_COMMON: dict[str, Rule] = {
     "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
     "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
 }
-_OWN_LOOP: dict[str, Rule] = {"strategy.rejoin_every": COUNT}  # strategies that run their own loop (GeoStrategy)
+_OWN_LOOP: dict[str, Rule] = {  # strategies that run their own loop (GeoStrategy)
+    "strategy.rejoin_every": COUNT, "strategy.average_decay": Number(0, 0.999, nullable=True)}
 
 
 def _stop_rules(s: dict[str, Any], b: Build) -> StopRules:
@@ -92,7 +93,7 @@ def _stop_rules(s: dict[str, Any], b: Build) -> StopRules:
 
 def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
     return {"meter": b.meter, "eval_every": s["eval_every"], "stop": _stop_rules(s, b),
-            "reply_timeout": s["reply_timeout_s"],
+            "reply_timeout": s["reply_timeout_s"], "average_decay": s["average_decay"],
             "rejoin_every": s["rejoin_every"], "scheduler": b.scheduler, "replan_every": b.replan_every,
             "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume}
 
