@@ -115,3 +115,30 @@ def test_quick_reproduction_suite_has_every_row(tmp_path):
         assert f"| {label} |" in report, label
     assert all((out / "plots" / f"{name}.png").is_file() for name in PLOTS)
     assert "skipped" not in report
+
+
+def test_runs_on_another_dataset_get_their_own_rows_and_ideal(runs_folder, tmp_path):
+    """A run on another dataset is neither merged with, nor compared against, the first dataset's runs."""
+    import shutil
+
+    folder = tmp_path / "datasets"
+    for name in ("fedavg-1", "ma-1"):
+        shutil.copytree(runs_folder / name, folder / name)
+    other = json.loads((runs_folder / "ma-1" / "results.json").read_text())
+    other["config"]["dataset"]["name"] = "tabular"
+    (folder / "ma-tabular").mkdir()
+    (folder / "ma-tabular" / "results.json").write_text(json.dumps(other))
+    ideal = json.loads((runs_folder / "fedavg-1" / "results.json").read_text())
+    ideal["topology"]["name"] = "lan"
+    (folder / "ideal-digits").mkdir()
+    (folder / "ideal-digits" / "results.json").write_text(json.dumps(ideal))
+    found = rows(load_runs(folder)[0])
+    assert sorted((row["topology"] == "lan", row["dataset"], row["label"]) for row in found) == [
+        (False, "digits", "fedavg"), (False, "digits", "ma+elastic"), (False, "tabular", "ma+elastic"),
+        (True, "digits", "fedavg")]
+    table = {(row["dataset"], row["label"]): row for row in found if row["topology"] != "lan"}
+    assert table["digits", "ma+elastic"]["acc_gap"] != [None]  # digits' Ideal is digits'
+    assert table["tabular", "ma+elastic"]["acc_gap"] == [None] and table["tabular", "ma+elastic"]["speedup"] == [None]
+    lines = write_report(folder).splitlines()
+    assert lines[0].startswith("| topology | dataset | run | seeds |")
+    assert any("| tabular | ma+elastic |" in line for line in lines)

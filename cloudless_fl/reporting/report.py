@@ -1,11 +1,11 @@
 """`cloudless-fl report <folder>`: compare the runs in a folder as a Markdown table and plots.
 
 Every `results.json` below the folder is read (a corrupt or partial one is
-listed as skipped, with its path, never fatal). Runs are grouped by topology
-and label (the config's `label`, else the strategy, `+elastic` when
-scheduled); figures are mean ± std over seeds, and ratios are taken against
-FedAvg on the same topology (and seed) and against the Ideal reference
-(topology `lan`). `write_report` also saves `report.md` and the PNG figures of
+listed as skipped, with its path, never fatal). Runs are grouped by topology,
+dataset, label (the config's `label`, else the strategy, `+elastic` when
+scheduled) and target; figures are mean ± std over seeds, and ratios are taken
+against FedAvg on the same topology and dataset (and seed) and against the
+Ideal reference (topology `lan`, same dataset). `write_report` also saves `report.md` and the PNG figures of
 `plots.py` in the folder.
 """
 
@@ -37,21 +37,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per (topology, strategy, target) with per-seed figures relative to FedAvg and Ideal
-    (at the same target)."""
-    by_key: dict[tuple[str, str, float], dict[int, Run]] = defaultdict(dict)
+    """One row per (topology, dataset, strategy, target) with per-seed figures relative to FedAvg and Ideal
+    (on the same dataset, at the same target)."""
+    by_key: dict[tuple[str, str, str, float], dict[int, Run]] = defaultdict(dict)
     for run in runs:
-        by_key[run.topology, run.label, run.target][run.seed] = run
-    ideal = {(target, seed): run for (topo, _, target), seeds in by_key.items() if topo == IDEAL_TOPOLOGY
-             for seed, run in seeds.items()}
+        by_key[run.topology, run.dataset, run.label, run.target][run.seed] = run
+    ideal = {(data, target, seed): run for (topo, data, _, target), seeds in by_key.items()
+             if topo == IDEAL_TOPOLOGY for seed, run in seeds.items()}
     table = []
-    for (topo, label, target), seeds in sorted(by_key.items()):
-        base = by_key.get((topo, BASELINE, target), {})
+    for (topo, data, label, target), seeds in sorted(by_key.items()):
+        base = by_key.get((topo, data, BASELINE, target), {})
         per_seed = defaultdict(list)
         for seed, run in seeds.items():
             s = run.summary
             b = base.get(seed).summary if seed in base else None
-            i = ideal[target, seed].summary if (target, seed) in ideal else None
+            i = ideal[data, target, seed].summary if (data, target, seed) in ideal else None
             cost = s["cost_to_target_usd"] or {}
             base_cost = (b or {}).get("cost_to_target_usd") or {}
             per_seed["t95"].append(s["time_to_target_s"])
@@ -71,7 +71,8 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
             per_seed["wan"].append(None if wan is None else wan / 1e9)
             util = s.get("utilization") or {}
             per_seed["util"].append(statistics.fmean(util.values()) if util else None)
-        table.append({"topology": topo, "label": label, "target": target, "seeds": sorted(seeds), **per_seed})
+        table.append({"topology": topo, "dataset": data, "label": label, "target": target, "seeds": sorted(seeds),
+                      **per_seed})
     return table
 
 
@@ -88,18 +89,21 @@ def _percent(target: float) -> str:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    """The table; headers name the runs' target accuracy, or say "target" with a column for it if they differ."""
+    """The table; headers name the runs' target accuracy, or say "target" with a column for it if they differ;
+    a dataset column when the runs used more than one."""
     targets = {row["target"] for row in table}
     single = len(targets) == 1
+    datasets = len({row["dataset"] for row in table}) > 1
     t = _percent(next(iter(targets))) if single else "target"
-    fixed = ["topology", "run", "seeds"] + ([] if single else ["target"])
+    fixed = ["topology"] + (["dataset"] if datasets else []) + ["run", "seeds"] + ([] if single else ["target"])
     head = "| " + " | ".join(fixed + [c.format(t=t) for c, _ in COLUMNS]) + " |"
     sep = "|" + "---|" * (len(fixed) + len(COLUMNS))
     lines = [head, sep]
     for row in table:
         cells = [_mean_std(row[key]) for _, key in COLUMNS]
         seeds = ",".join(str(s) for s in row["seeds"])
-        first = [row["topology"], row["label"], seeds] + ([] if single else [_percent(row["target"])])
+        first = ([row["topology"]] + ([row["dataset"]] if datasets else []) + [row["label"], seeds]
+                 + ([] if single else [_percent(row["target"])]))
         lines.append("| " + " | ".join(first + cells) + " |")
     return "\n".join(lines)
 

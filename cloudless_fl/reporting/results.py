@@ -166,6 +166,10 @@ class Run:
         return str(self.topology_spec.get("name", "unnamed"))
 
     @property
+    def dataset(self) -> str:
+        return str((self.data["config"].get("dataset") or {}).get("name", "unknown"))
+
+    @property
     def seed(self) -> int:
         return int(self.data["seed"])
 
@@ -206,11 +210,11 @@ IGNORED_KEYS = ("seed", "resume", "progress", "label", "engine", "flower_log_lev
 
 
 def distinguish(runs: list[Run]) -> None:
-    """Tell apart runs that would share a label, topology, target and seed: each such group gets, as its
-    `distinction`, the config values that differ within it (or its folder, if none do)."""
+    """Tell apart runs that would share a label, topology, dataset, target and seed: each such group gets, as
+    its `distinction`, the config values that differ within it (or its folder, if none do)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.topology, run.base_label, run.target), []).append(run)
+        groups.setdefault((run.topology, run.dataset, run.base_label, run.target), []).append(run)
     for group in groups.values():
         seeds = [run.seed for run in group]
         if len(seeds) == len(set(seeds)):
