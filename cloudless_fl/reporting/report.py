@@ -5,8 +5,8 @@ listed as skipped, with its path, never fatal). Runs are grouped by topology,
 dataset, label (the config's `label`, else the strategy, `+elastic` when
 scheduled) and target; figures are mean ± std over seeds, and ratios are taken
 against FedAvg on the same topology and dataset (and seed) and against the
-Ideal reference (topology `lan`, same dataset). `write_report` also saves `report.md` and the PNG figures of
-`plots.py` in the folder.
+Ideal reference (topology `lan`, same dataset). `write_report` also saves
+`report.md` and the PNG figures of `plots.py` in the folder.
 """
 
 from __future__ import annotations

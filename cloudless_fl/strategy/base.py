@@ -325,7 +325,7 @@ class GeoStrategy(Strategy):
                   force: bool = False) -> float | None:
         """Record a history entry; evaluate the served model (`arrays`, or the average of the versions)
         centrally when due. Returns the accuracy if evaluated."""
-        due = force or self.book.evaluation_due(version) or self.book.should_stop(None)
+        due = self.book.evaluation_due(version, force)
         res = self.book.record(version, self.optimizer.served(arrays) if due else arrays, evaluate_fn, due)
         return None if res is None else res.get("accuracy")
 

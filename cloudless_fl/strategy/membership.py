@@ -242,7 +242,9 @@ class Roster:
         self.book.event("region_back", counter="rejoined_regions", region=info.name, node=info.node_id)
 
     def refuse(self, info: RegionInfo, why: str) -> None:
+        """The node gets no work, and is never asked again."""
         log.warning("node %s not admitted: %s", info.node_id, why)
+        self.book.event("node_refused", node=info.node_id, region=info.name, reason=why)
         self.refused.add(info.node_id)
 
     # ------------------------------------------------------------------ checkpoints

@@ -33,7 +33,7 @@ from ..checkpoint import Checkpointer
 from ..control.meter import Meter, record_bytes
 from ..reporting.results import History
 from ..training.protocol import MODE_WEIGHTS, job_report, reply_region
-from .membership import Roster, wait_for_nodes
+from .membership import RegionInfo, Roster, wait_for_nodes
 from .runbook import EvaluateFn, RunBook, StopRules
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
 
@@ -148,7 +148,8 @@ class Metered(Strategy):
             samples = int(metrics.get("num-examples", 0))
             region = reply_region(msg) or f"node-{msg.metadata.src_node_id}"
             if (why := self.roster.impostor(msg.metadata.src_node_id, region)) is not None:
-                self._refuse(msg.metadata.src_node_id, why)
+                if msg.metadata.src_node_id not in self.roster.refused:  # its replies are dropped from now on
+                    self.roster.refuse(RegionInfo(msg.metadata.src_node_id, region, None), why)
                 continue
             self.roster.learn(msg.metadata.src_node_id, region)
             job = self.meter.dispatch(region, bytes_down=self._bytes_down, at=self._round_start)
@@ -158,13 +159,6 @@ class Metered(Strategy):
                 self.book.samples += samples
                 accepted.append(msg)
         return self.inner.aggregate_train(server_round + self.round_offset, accepted)
-
-    def _refuse(self, node: int, why: str) -> None:
-        """A node whose reply speaks for a region that is not its own: dropped, and given no more rounds."""
-        if node not in self.roster.refused:
-            log.warning("node %s refused: %s; its replies are dropped", node, why)
-            self.book.event("node_refused", node=node, reason=why)
-            self.roster.refused.add(node)
 
     def _note_incomplete_round(self, server_round: int, replies: list[Message]) -> None:
         """Count and record the regions whose reply failed or did not come within `reply_timeout`."""
@@ -214,7 +208,7 @@ class Metered(Strategy):
             if server_round == 0 and self.round_offset:  # a resumed run's start: already recorded
                 return None
             self.book.step = done
-            res = self.book.record(done, arrays, evaluate_fn, self.book.evaluation_due(done) or done == num_rounds)
+            res = self.book.record(done, arrays, evaluate_fn, self.book.evaluation_due(done, force=done == num_rounds))
             stopping = self.book.should_stop(None if res is None else res.get("accuracy"))
             if self.book.checkpoint_due(done, force=done == num_rounds or stopping):
                 self.book.save({"quarantined": sorted(self.roster.quarantined)},

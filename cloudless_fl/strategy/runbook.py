@@ -99,17 +99,18 @@ class RunBook:
     # ------------------------------------------------------------------ evaluation and stopping
     def record(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
                due: bool) -> MetricRecord | None:
-        """Add a history entry for `version`, evaluated centrally if `due` or if a time or cost budget
-        is spent (the run ends with this model: its accuracy is the run's final one); returns the evaluation."""
-        due = due or self.should_stop(None)
+        """Add a history entry for `version`, evaluated centrally if `due` (`evaluation_due`); returns the
+        evaluation."""
         res = evaluate_fn(version, arrays) if evaluate_fn and due else None
         self.history.record(version, self.meter.figures(), self.samples,
                             accuracy=None if res is None else res.get("accuracy"),
                             loss=None if res is None else res.get("loss"))
         return res
 
-    def evaluation_due(self, version: int) -> bool:
-        return version % self.eval_every == 0
+    def evaluation_due(self, version: int, force: bool = False) -> bool:
+        """Evaluate `version` centrally: when forced, every `eval_every`, or when a time or cost budget is
+        spent (the run ends with this model: its accuracy is the run's final one)."""
+        return force or version % self.eval_every == 0 or self.should_stop(None)
 
     def should_stop(self, accuracy: float | None) -> bool:
         if self.stop_reason is None:
