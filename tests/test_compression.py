@@ -1,0 +1,121 @@
+"""WAN codecs: round-trip error bounds, error feedback, strict decoding, encoded sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloudless_fl.control.meter import record_bytes
+from cloudless_fl.training.compression import ErrorFeedback, Fp16, Int8, TopK, codec_from_spec, make_codec
+
+shapes = st.lists(st.integers(1, 40), min_size=0, max_size=3).map(tuple)
+dtypes = st.sampled_from([torch.float32, torch.float64])
+
+
+def _tensors(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(shape, generator=g, dtype=dtype) * scale,
+            "steps": torch.tensor(seed, dtype=torch.int64)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, dtype=dtypes, seed=st.integers(0, 10_000), scale=st.sampled_from([1e-4, 1.0, 1e3]),
+       chunk=st.sampled_from([1, 7, 256, 1024]))
+def test_int8_error_is_at_most_half_a_step_of_its_chunk_scale(shape, dtype, seed, scale, chunk):
+    x = _tensors(shape, dtype, seed, scale)
+    codec = Int8(chunk)
+    y = codec.decode(codec.encode(x), x)
+    assert y["w"].dtype == dtype and y["w"].shape == x["w"].shape
+    assert torch.equal(y["steps"], x["steps"])  # integer entries travel as they are
+    flat = x["w"].reshape(-1).double()
+    step = torch.nn.functional.pad(flat.abs(), (0, (-flat.numel()) % chunk)).view(-1, chunk).amax(1) / 127
+    bound = step.repeat_interleave(chunk)[:flat.numel()] * 0.5 * (1 + 1e-5) + 1e-30
+    assert bool(((y["w"].reshape(-1).double() - flat).abs() <= bound).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, dtype=dtypes, seed=st.integers(0, 10_000), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_fp16_error_is_within_half_precision(shape, dtype, seed, scale):
+    x = _tensors(shape, dtype, seed, scale)
+    codec = Fp16()
+    y = codec.decode(codec.encode(x), x)
+    assert y["w"].dtype == dtype
+    torch.testing.assert_close(y["w"], x["w"], rtol=2 ** -11, atol=6e-8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 10_000), fraction=st.sampled_from([0.001, 0.1, 0.5, 1.0]))
+def test_topk_keeps_exactly_the_largest_entries(shape, seed, fraction):
+    x = _tensors(shape, torch.float32, seed)
+    codec = TopK(fraction)
+    y = codec.decode(codec.encode(x), x)["w"].reshape(-1)
+    flat = x["w"].reshape(-1)
+    kept = y != 0
+    assert int(kept.sum()) == min(flat.numel(), max(1, math.ceil(fraction * flat.numel())))
+    assert torch.equal(y[kept], flat[kept])  # kept values are exact
+    if (~kept).any():
+        assert float(flat[~kept].abs().max()) <= float(flat[kept].abs().min())
+
+
+def test_error_feedback_delivers_the_sum_of_the_true_updates():
+    """Whatever topk leaves out is sent later: sent-so-far + residual equals the true sum at every step,
+    and the residual stays bounded, so the average sent update converges to the average true one."""
+    g = torch.Generator().manual_seed(0)
+    like = {"w": torch.zeros(500)}
+    ef, codec = ErrorFeedback(TopK(0.02)), TopK(0.02)
+    true_sum, sent_sum, residual_norms = torch.zeros(500), torch.zeros(500), []
+    for _ in range(400):
+        update = {"w": torch.randn(500, generator=g) + 0.5}
+        true_sum += update["w"]
+        sent_sum += codec.decode(ef.encode(update), like)["w"]
+        torch.testing.assert_close(sent_sum + ef.residual["w"], true_sum, rtol=1e-4, atol=1e-3)
+        residual_norms.append(float(ef.residual["w"].norm()))
+    assert max(residual_norms[200:]) < 2 * max(residual_norms[:200])  # bounded, not growing
+    assert float((sent_sum - true_sum).norm() / true_sum.norm()) < 0.2
+    without_feedback = sum(codec.decode(codec.encode({"w": torch.ones(500)}), like)["w"].sum() for _ in range(3))
+    assert float(without_feedback) < 0.1 * 1500  # the control: without feedback most of the mass is lost
+
+
+def test_lossless_codec_keeps_no_residual():
+    ef = ErrorFeedback(make_codec("none"))
+    x = {"w": torch.randn(10)}
+    assert torch.equal(make_codec("none").decode(ef.encode(x), x)["w"], x["w"]) and ef.residual is None
+
+
+@pytest.mark.parametrize("codec, ratio", [(make_codec("none"), 1.0), (Fp16(), 0.5), (Int8(1024), 0.25),
+                                          (TopK(0.01), 0.02)])
+def test_encoded_size_is_what_the_codec_promises(codec, ratio):
+    x = {"w": torch.randn(1000, 1000)}
+    raw, encoded = record_bytes(codec.encode({"w": x["w"]})), 4 * 1_000_000
+    assert raw == pytest.approx(ratio * encoded, rel=0.01)
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "int8:64", "topk:0.05"])
+def test_spec_round_trips(spec):
+    assert codec_from_spec(spec).spec() == spec
+
+
+def test_bad_payloads_are_refused_with_the_entry_named():
+    like = {"w": torch.randn(10)}
+    good = Int8(4).encode(like)
+    codec = Int8(4)
+    bad_scale = dict(good.to_torch_state_dict())
+    bad_scale["w@scale"] = torch.full((3,), float("nan"))
+    with pytest.raises(ValueError, match="w@scale"):
+        codec.decode(type(good)(bad_scale), like)
+    with pytest.raises(ValueError, match="missing"):
+        codec.decode(make_codec("none").encode(like), like)
+    topk = TopK(0.3)
+    entries = dict(topk.encode(like).to_torch_state_dict())
+    entries["w@index"] = torch.tensor([0, 5, 10], dtype=torch.int32)  # 10 is past the end
+    with pytest.raises(ValueError, match="w@index"):
+        topk.decode(type(good)(entries), like)
+    entries["w@index"] = torch.tensor([3, 3, 4], dtype=torch.int32)  # repeated
+    with pytest.raises(ValueError, match="increasing"):
+        topk.decode(type(good)(entries), like)
+    with pytest.raises(ValueError, match="unknown compression"):
+        make_codec("zip")
