@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from cloudless_fl.training import pacing, protocol
+from cloudless_fl.training.region_link import RegionLink
 from cloudless_fl.training.data import ResidentData, check_labels, load_resident
 from cloudless_fl.errors import ConfigError, DataError
 from cloudless_fl.training.models import build_model
@@ -41,20 +42,23 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
         check_labels(data.train.y, spec.num_classes, f"region {region}")
         model = _model(spec, data.input_shape)
         loaded = time.time()
-        model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
-        batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed,
-                               offset=order.start_position(len(data.train)),
+        position = order.start_position(len(data.train))
+        link = RegionLink(order, position, _state_dir(context, config, region))
+        model.load_state_dict(link.received(msg.content[protocol.ARRAYS]))
+        batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed, offset=position,
                                samples=order.samples(len(data.train)))
+        update = order.mode
         if order.mode == protocol.MODE_GRADIENT:
             grads, stats = accumulate_gradient(model, data.train, batches)
             # every floating-point entry, as the server's validator expects: buffers (BN statistics) get zeros
-            arrays = ArrayRecord(OrderedDict((k, grads[k] if k in grads else torch.zeros_like(v))
-                                             for k, v in model.state_dict().items() if v.is_floating_point()))
+            arrays = link.reply(OrderedDict((k, grads[k] if k in grads else torch.zeros_like(v))
+                                            for k, v in model.state_dict().items() if v.is_floating_point()))
         else:
             start = {k: v.detach().clone() for k, v in model.state_dict().items()}
             stats = local_sgd(model, data.train, batches, lr=order.lr)
-            if order.mode == protocol.MODE_DELTA:
-                arrays = ArrayRecord(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
+            if order.mode == protocol.MODE_DELTA or link.codec.lossy:  # a lossy codec compresses changes
+                update = protocol.MODE_DELTA
+                arrays = link.reply(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
             else:
                 arrays = ArrayRecord(model.state_dict())
         paced = _paced(context, stats.samples, order.workers, stats.compute_seconds)
@@ -70,7 +74,7 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
         started = _process_started() if next(_handled) == 0 else entered  # a warm process started nothing
         if started is not None:
             metrics["startup-seconds"] = max(0.0, entered - started)
-        info = ConfigRecord({"region": region, "update": order.mode})
+        info = ConfigRecord({"region": region, "update": update, "encoding": link.codec.spec()})
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info}),
                        reply_to=msg)
 
@@ -151,6 +155,13 @@ def _paced(context: Context, samples: int, workers: int, took_s: float) -> pacin
     if pace is None:
         return pacing.Paced(took_s, 0.0)
     return pacing.wait_out(samples, workers, float(pace), took_s)
+
+
+def _state_dir(context: Context, config: ConfigRecord, region: str) -> Path | None:
+    """Where the region keeps what compressed traffic needs between jobs: the SuperNode's `state-dir`,
+    else (one machine) the folder the server names."""
+    folder = context.node_config.get("state-dir") or config.get("state-dir")
+    return None if folder is None else Path(str(folder)) / region
 
 
 def _resident(context: Context, config: ConfigRecord, data_root, data_format: str) -> tuple[str, ResidentData]:

@@ -135,10 +135,11 @@ def under(key: str, prefixes) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _known_keys(strategy: str, scheduler: str) -> frozenset[str]:
+def _known_keys(strategy: str, scheduler: str, compression: str) -> frozenset[str]:
     """The keys of config.yaml, of the experiment files, of every file of the dataset and model groups,
-    and of the chosen strategy's and scheduler's files (the topology section has its own strict check)."""
-    root, chosen = conf_dir(), {"strategy": strategy, "scheduler": scheduler}
+    and of the chosen strategy's, scheduler's and compression's files (the topology section has its own
+    strict check)."""
+    root, chosen = conf_dir(), {"strategy": strategy, "scheduler": scheduler, "compression": compression}
     known = set()
     for file in [root / "config.yaml", *root.glob("*/*.yaml")]:
         raw = yaml.safe_load(file.read_text()) or {}
@@ -146,14 +147,15 @@ def _known_keys(strategy: str, scheduler: str) -> frozenset[str]:
         if group == "topology" or (group in chosen and raw.get("name") != chosen[group]):
             continue
         raw.pop("defaults", None)
-        known |= set(flatten(raw, group if group in ("strategy", "scheduler", "dataset", "model") else ""))
+        known |= set(flatten(raw, group if group in ("strategy", "scheduler", "compression", "dataset", "model")
+                             else ""))
     return frozenset(known)
 
 
 def _refuse_unknown_keys(cfg: DictConfig) -> None:
     """A key no conf/ file defines (`+foo=1`, `+strategy.lcoal_steps=3`) is read by nothing: refuse it.
     A per-region mapping may stand where a value is known."""
-    known = _known_keys(cfg.strategy.name, cfg.scheduler.name)
+    known = _known_keys(cfg.strategy.name, cfg.scheduler.name, cfg.compression.name)
     given = flatten({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("hydra", "topology")})
     for key in sorted(given):
         if not under(key, known):

@@ -97,14 +97,22 @@ SCHEDULER = {
 }
 
 
+COMPRESSION = {
+    "none": {}, "fp16": {}, "int8": {"compression.chunk": COUNT}, "int4": {"compression.chunk": COUNT},
+    "topk": {"compression.fraction": Number(0, 1, low_open=True)},
+}
+
+
 def check_config(cfg: DictConfig, strategies: Mapping[str, Mapping[str, Rule]]) -> None:
-    """Every rule that applies to the chosen strategy (`strategies`: name → its rules) and scheduler;
+    """Every rule that applies to the chosen strategy (`strategies`: name → its rules), scheduler and compression;
     the first failure raises."""
     strategy = _get(cfg, "strategy.name")
     Choice(tuple(strategies)).check("strategy", strategy)
     scheduler = _get(cfg, "scheduler.name")
     Choice(tuple(SCHEDULER)).check("scheduler", scheduler)
-    rules = {**COMMON, **strategies[strategy], **SCHEDULER[scheduler]}
+    compression = _get(cfg, "compression.name")
+    Choice(tuple(COMPRESSION)).check("compression", compression)
+    rules = {**COMMON, **strategies[strategy], **SCHEDULER[scheduler], **COMPRESSION[compression]}
     for key, rule in rules.items():
         rule.check(key, _get(cfg, key))
 

@@ -32,6 +32,7 @@ from .reporting.results import History, summarize, write_results
 from .strategy.membership import wait_for_nodes
 from .strategy.registry import Build, strategy_entry
 from .strategy.validation import UpdateLimits
+from .training.compression import make_codec
 from .training.data import read_manifest
 from .training.local import evaluate
 from .training.models import build_model
@@ -141,9 +142,10 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
     v = cfg.validation
     limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after,
                           norm_factor=v.norm_factor, min_agreement=v.min_agreement)
+    codec = make_codec(**OmegaConf.to_container(cfg.compression))
     context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
                     work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", 5),
-                    checkpointer=checkpointer, resume=bool(cfg.resume))
+                    checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec)
     settings = OmegaConf.to_container(cfg.strategy, resolve=True)
     return strategy_entry(cfg.strategy.name).build(settings, context)
 
@@ -163,6 +165,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     spec = ModelSpec(cfg.model.name, layout.num_classes, OmegaConf.to_container(cfg.model.options))
     train_config = ConfigRecord({**spec.to_config(), "regions": ",".join(topology.region_names),
                                  "data-seed": int(cfg.seed)})
+    if cfg.compression.name != "none":  # where regions on this machine keep what compressed traffic needs
+        train_config["state-dir"] = str(Path(run_dir).resolve() / "region-state")
     entry = strategy_entry(cfg.strategy.name)
     if entry.epoch_based:  # Flower's FedAvg sends this one work order to every region
         order = WorkOrder(lr=float(cfg.strategy.lr), batch_size=int(cfg.strategy.batch_size),

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudless_fl.control.meter import record_bytes
-from cloudless_fl.training.compression import ErrorFeedback, Fp16, Int8, TopK, codec_from_spec, make_codec
+from cloudless_fl.training.compression import ErrorFeedback, Fp16, Int4, Int8, TopK, codec_from_spec, make_codec
 
 shapes = st.lists(st.integers(1, 40), min_size=0, max_size=3).map(tuple)
 dtypes = st.sampled_from([torch.float32, torch.float64])
@@ -24,15 +24,15 @@ def _tensors(shape, dtype, seed, scale=1.0):
 
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, dtype=dtypes, seed=st.integers(0, 10_000), scale=st.sampled_from([1e-4, 1.0, 1e3]),
-       chunk=st.sampled_from([1, 7, 256, 1024]))
-def test_int8_error_is_at_most_half_a_step_of_its_chunk_scale(shape, dtype, seed, scale, chunk):
+       chunk=st.sampled_from([1, 7, 256, 1024]), kind=st.sampled_from([(Int8, 127), (Int4, 7)]))
+def test_integer_codes_err_by_at_most_half_a_step_of_their_chunk_scale(shape, dtype, seed, scale, chunk, kind):
     x = _tensors(shape, dtype, seed, scale)
-    codec = Int8(chunk)
+    codec, levels = kind[0](chunk), kind[1]
     y = codec.decode(codec.encode(x), x)
     assert y["w"].dtype == dtype and y["w"].shape == x["w"].shape
     assert torch.equal(y["steps"], x["steps"])  # integer entries travel as they are
     flat = x["w"].reshape(-1).double()
-    step = torch.nn.functional.pad(flat.abs(), (0, (-flat.numel()) % chunk)).view(-1, chunk).amax(1) / 127
+    step = torch.nn.functional.pad(flat.abs(), (0, (-flat.numel()) % chunk)).view(-1, chunk).amax(1) / levels
     bound = step.repeat_interleave(chunk)[:flat.numel()] * 0.5 * (1 + 1e-5) + 1e-30
     assert bool(((y["w"].reshape(-1).double() - flat).abs() <= bound).all())
 
@@ -87,14 +87,14 @@ def test_lossless_codec_keeps_no_residual():
 
 
 @pytest.mark.parametrize("codec, ratio", [(make_codec("none"), 1.0), (Fp16(), 0.5), (Int8(1024), 0.25),
-                                          (TopK(0.01), 0.02)])
+                                          (Int4(128), 1 / 8 + 1 / 128), (TopK(0.01), 0.02)])
 def test_encoded_size_is_what_the_codec_promises(codec, ratio):
     x = {"w": torch.randn(1000, 1000)}
     raw, encoded = record_bytes(codec.encode({"w": x["w"]})), 4 * 1_000_000
     assert raw == pytest.approx(ratio * encoded, rel=0.01)
 
 
-@pytest.mark.parametrize("spec", ["none", "fp16", "int8:64", "topk:0.05"])
+@pytest.mark.parametrize("spec", ["none", "fp16", "int8:64", "int4:32", "topk:0.05"])
 def test_spec_round_trips(spec):
     assert codec_from_spec(spec).spec() == spec
 
@@ -117,5 +117,9 @@ def test_bad_payloads_are_refused_with_the_entry_named():
     entries["w@index"] = torch.tensor([3, 3, 4], dtype=torch.int32)  # repeated
     with pytest.raises(ValueError, match="increasing"):
         topk.decode(type(good)(entries), like)
+    packed = dict(Int4(4).encode(like).to_torch_state_dict())
+    packed["w"] = packed["w"] & 0xF0  # a zero nibble: no value of -7..7 packs to it
+    with pytest.raises(ValueError, match="outside"):
+        Int4(4).decode(type(good)(packed), like)
     with pytest.raises(ValueError, match="unknown compression"):
         make_codec("zip")

@@ -14,14 +14,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flwr.app import ArrayRecord
 from omegaconf import OmegaConf
 
 from cloudless_fl.checkpoint import CheckpointError, load_checkpoint
+from cloudless_fl.control.meter import record_bytes
 from cloudless_fl.config import compose
 from cloudless_fl.deployment.certs import write_node_key
 from cloudless_fl.deployment.launch import (CONNECTION, Federation, descendants, free_port, launch, prepare_split,
                                            sigterm_as_interrupt, submit)
 from cloudless_fl.control.topology import load_topology
+from cloudless_fl.training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -142,8 +145,11 @@ def test_supernode_authentication_admits_only_registered_keys(three_regions, tmp
 
 
 def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
-    """MA on a real federation: SIGKILL the ServerApp after a checkpoint, resubmit with resume=<its folder>."""
-    federation, config = _federation_run(three_regions, tmp_path, "ma", 4, "strategy.local_steps=5")
+    """MA on a real federation: SIGKILL the ServerApp after a checkpoint, resubmit with resume=<its folder>.
+
+    Over int8-compressed links: each region keeps its snapshots in its SuperNode's state-dir, across the
+    ClientApp processes of every message and across the server's restart."""
+    federation, config = _federation_run(three_regions, tmp_path, "ma", 4, "strategy.local_steps=5 compression=int8")
     with federation:
         first, _ = _submit_after_first_checkpoint(federation, config)
         server_apps = [pid for pid in descendants(federation.processes["superlink"].pid)
@@ -161,6 +167,12 @@ def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
     assert [e["event"] for e in results["events"]].count("resumed") == 1
     assert results["history"][-1]["version"] == 4
     assert [e["version"] for e in results["history"]] == [0, 1, 2, 3, 4]  # nothing lost, nothing counted twice
+    assert results["summary"]["rejected_updates"] == 0  # every compressed reply decoded and passed
+    model_bytes = record_bytes(ArrayRecord(build_model("mlp", (64,), 10, hidden=[1024, 1024]).state_dict()))
+    for region, account in results["regions"].items():  # int8 both ways after each region's first, whole download
+        assert account["bytes_up"] < 0.3 * model_bytes * account["jobs"], region
+        assert account["bytes_down"] < model_bytes + 0.3 * model_bytes * (account["jobs"] - 1), region
+    assert list((federation.run_dir / "region-state").glob("*/job-*.pt"))  # kept by the SuperNodes' ClientApps
 
 
 def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_regions, tmp_path):

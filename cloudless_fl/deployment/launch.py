@@ -167,7 +167,8 @@ class Federation:
         self._start(f"supernode-{region}", [
             "flower-supernode", *self._security("supernode"), *key,
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
-            "--node-config", f"region='{region}' data-dir='{data_dir}'" + self._pace(region)])
+            "--node-config", f"region='{region}' data-dir='{data_dir}' state-dir='{self.run_dir / 'region-state'}'"
+            + self._pace(region)])
 
     def register(self, region: str) -> Path:
         """The region's private key; the first time, a new key pair whose public key the SuperLink registers

@@ -29,6 +29,8 @@ from ..control.scheduler import Scheduler
 from ..errors import ConfigError
 from ..reporting.results import History
 from ..training import protocol
+from ..training.compression import Codec
+from .downlink import Downlink
 from .inflight import InFlight, InFlightJobs
 from .membership import RegionInfo, Roster, wait_for_nodes
 from .planning import PlanFollower
@@ -87,6 +89,10 @@ class GeoStrategy(Strategy):
     average_decay : float, optional
         Evaluate and return an exponential moving average of the model versions with this decay per
         version/period (server_optimizer.py) instead of the last version; None: the last version.
+    compression : Codec, optional
+        How models and updates cross the WAN (training/compression.py): downloads become the compressed
+        change from the model a region holds (downlink.py), uploads the compressed change with error
+        feedback at the region. Default: uncompressed.
     """
 
     # Updates are comparable across regions and with each region's previous one (synchronous periods from one
@@ -97,8 +103,9 @@ class GeoStrategy(Strategy):
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
                  rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
                  resume: bool = False, query_regions: bool | None = None, min_available_nodes: int = 1,
-                 average_decay: float | None = None) -> None:
+                 average_decay: float | None = None, compression: Codec | None = None) -> None:
         self.meter = meter or Meter.measured()
+        self.downlink = Downlink(compression or Codec())
         self.average_decay = average_decay
         self.query_regions = self.meter.cost_model is not None if query_regions is None else query_regions
         self.min_available_nodes = max(1, int(min_available_nodes))
@@ -164,8 +171,9 @@ class GeoStrategy(Strategy):
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, average_decay=self.average_decay, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
         comparable, factor = self.comparable_updates, self.limits.norm_factor
-        self.screen = UpdateScreen(factor if comparable else None, self.limits.min_agreement if comparable else None,
-                                   model_bound=factor is not None)
+        # a sparsified update is a different slice of the region's change each time: unlike its last by design
+        agreement = self.limits.min_agreement if comparable and not self.downlink.codec.sparse else None
+        self.screen = UpdateScreen(factor if comparable else None, agreement, model_bound=factor is not None)
         self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)
@@ -192,7 +200,6 @@ class GeoStrategy(Strategy):
         successive jobs walk through its data. The plan's local work, if any,
         replaces `steps` (and may leave regions out).
         """
-        nbytes = record_bytes(arrays)
         node_ids = [n for n in node_ids if n in self.roster.live]  # lost or quarantined since: no work
         if self.plan is not None and self.plan.steps is not None:
             steps = self.plan.steps
@@ -202,13 +209,18 @@ class GeoStrategy(Strategy):
             region = self.roster.live[node_id].name
             count = per_region(steps, region)
             samples = count * batch_size
+            key = self.offsets[region]
+            payload, base = self.downlink.download(region, key, arrays)
             order = protocol.WorkOrder(lr=lr, batch_size=batch_size, steps=count, mode=mode,
-                                       data_seed=int(config.get("data-seed", 0)), offset=self.offsets[region],
-                                       version=version, workers=self.meter.workers(region))
+                                       data_seed=int(config.get("data-seed", 0)), offset=key,
+                                       version=version, workers=self.meter.workers(region),
+                                       compression=self.downlink.codec.spec(), base=base,
+                                       keep_from=self.downlink.keep_from(region, base, key))
             self.offsets[region] += samples
-            job = self.meter.dispatch(region, bytes_down=nbytes, samples=samples)
-            message = self._train_message(node_id, arrays, config, order)
-            messages.append(self.jobs.stage(message, InFlight(node_id, region, version, job, order, arrays)))
+            job = self.meter.dispatch(region, bytes_down=record_bytes(payload), samples=samples)
+            message = self._train_message(node_id, payload, config, order)
+            messages.append(self.jobs.stage(message, InFlight(node_id, region, version, job, order, arrays,
+                                                              payload)))
         return messages
 
     def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:
@@ -217,12 +229,14 @@ class GeoStrategy(Strategy):
         A rejected update was still computed and moved, so it is charged; it never
         reaches the model, and its region is quarantined once it has sent too many.
         A reply of new weights (a stock Flower ClientApp's) where a delta was asked
-        for becomes the delta against the model the job was sent.
+        for becomes the delta against the model the job was sent, and a delta where
+        weights were asked for (a compressed upload) becomes new weights.
         """
         arrays = reply.content[protocol.ARRAYS]
         metrics = reply.content[protocol.METRICS]
         sent_as = protocol.reply_update(reply)
-        if sent_as != mode and not (sent_as == protocol.MODE_WEIGHTS and mode == protocol.MODE_DELTA):
+        self.downlink.delivered(flight.region, flight.order.offset)
+        if sent_as != mode and protocol.MODE_GRADIENT in (sent_as, mode):
             raise ConfigError(
                 f"{type(self).__name__} asked region {flight.region} for {mode} updates but its ClientApp sent "
                 f"{sent_as}{' (a stock Flower reply: new weights)' if sent_as == protocol.MODE_WEIGHTS else ''}. "
@@ -234,7 +248,8 @@ class GeoStrategy(Strategy):
                                                              reported=protocol.job_report(reply, metrics))
         base = flight.arrays.to_torch_state_dict() if sent_as != mode else self.optimizer.state
         try:
-            tensors = self.validator.check(flight.region, arrays, sent_as, base=base)
+            tensors = self.validator.check(flight.region, arrays, sent_as, base=base, codec=self.downlink.codec,
+                                           encoding=protocol.reply_encoding(reply))
         except RejectedUpdate:
             self.book.count("rejected_updates")
             if self.validator.quarantined(flight.region):
@@ -242,8 +257,10 @@ class GeoStrategy(Strategy):
                                        sum(self.validator.rejections[flight.region].values()))
                 self._region_left(flight.region)
             return None, metrics
-        if sent_as != mode:  # new weights → the change a delta job reports: sent - new
+        if sent_as == protocol.MODE_WEIGHTS and mode == protocol.MODE_DELTA:  # the change a delta job reports
             tensors = {k: base[k] - v for k, v in tensors.items() if v.is_floating_point()}
+        elif sent_as == protocol.MODE_DELTA and mode == protocol.MODE_WEIGHTS:  # the weights it arrived at
+            tensors = {k: base[k] - v for k, v in tensors.items()}
         self.book.samples += samples
         if self.plan is not None:
             self.plan.scheduler.observe(flight.region, samples=samples, work_s=work_s,
@@ -271,6 +288,7 @@ class GeoStrategy(Strategy):
         """The job's node errs or times out: it leaves the run, which goes on."""
         flight = self.jobs.pop(key)
         self.roster.lose(flight.node_id, flight.region, reason)
+        self.downlink.forget(flight.region)
         self._region_left(flight.region)
 
     def _drop_expired(self, answered: Iterable[str] = ()) -> None:
@@ -307,6 +325,7 @@ class GeoStrategy(Strategy):
             self.roster.refused.add(old)
             self._retire(old, f"replaced by node {info.node_id}")
         self.roster.admit(info)
+        self.downlink.forget(info.name)
         self.offsets.setdefault(info.name, 0)
         if self.plan is not None:
             self.plan.region_back(info.name)
@@ -333,16 +352,30 @@ class GeoStrategy(Strategy):
         """Write the run's state if one is due (or `force`): model, momentum, books, plan, jobs in flight."""
         if not self.book.checkpoint_due(self.step, force):
             return
+        flights = list(self.jobs.values())
         sent = {}
-        for flight in self.jobs.values():
+        for flight in flights:
             sent.setdefault(str(flight.version), flight.arrays.to_torch_state_dict())
+        payloads = {str(i): f.payload.to_torch_state_dict() for i, f in enumerate(flights) if f.payload is not f.arrays}
         plan = self.plan.state_dict() if self.plan is not None else {"scheduler": None, "planned_steps": None}
+        downlink, downlink_models = self.downlink.state_dict()
         meta = {"offsets": self.offsets, "shares": self.roster.shares, **plan,
-                "quarantined": sorted(self.roster.quarantined),
-                "inflight": [f.state_dict() for f in self.jobs.values()], **self._extra_state()}
+                "quarantined": sorted(self.roster.quarantined), "downlink": downlink,
+                "inflight": [f.state_dict() for f in flights], **self._extra_state()}
         norms, last = self.screen.state_dict()
         self.book.save({**meta, "screen_norms": norms},
-                       {"optimizer": self.optimizer.state_dict(), "sent": sent, "screen": last})
+                       {"optimizer": self.optimizer.state_dict(), "sent": sent, "payloads": payloads,
+                        "downlink": downlink_models, "screen": last})
+        self.downlink.pin(self._oldest_keys(flights))  # regions may forget what this checkpoint cannot ask for
+
+    def _oldest_keys(self, flights: list[InFlight]) -> dict[str, int]:
+        """Per region, the oldest job whose snapshot a resume from this checkpoint may need."""
+        oldest = {region: key for region, (key, _) in self.downlink.held.items()}
+        for flight in flights:
+            for key in (flight.order.base, flight.order.offset):
+                if key is not None:
+                    oldest[flight.region] = min(key, oldest.get(flight.region, key))
+        return oldest
 
     def _extra_state(self) -> dict[str, Any]:
         """A subclass's own JSON-able state for the checkpoint."""
@@ -361,20 +394,22 @@ class GeoStrategy(Strategy):
         if self.plan is not None:
             self.plan.load_state_dict(meta)
         self.roster.restore_quarantine(meta["quarantined"])
+        self.downlink.load_state_dict(meta["downlink"], tensors["downlink"])
         by_name = {info.name: node for node, info in self.roster.live.items()}
         messages = []
-        for saved in meta["inflight"]:
+        for i, saved in enumerate(meta["inflight"]):
             node = by_name.get(saved["region"])
             if node is None:
                 continue  # its region did not come back: the job is lost with it
             arrays = ArrayRecord(tensors["sent"][str(saved["version"])])
+            payload = ArrayRecord(tensors["payloads"][str(i)]) if str(i) in tensors["payloads"] else arrays
             order = protocol.WorkOrder.from_config(ConfigRecord(saved["order"]))
             job_fields = dict(saved["job"])
             timing = job_fields.pop("timing")
             job = Job(**job_fields, timing=None if timing is None else JobTiming(**timing))
-            message = self._train_message(node, arrays, config, order)
+            message = self._train_message(node, payload, config, order)
             messages.append(self.jobs.stage(message, InFlight(node, saved["region"], int(saved["version"]), job,
-                                                              order, arrays)))
+                                                              order, arrays, payload)))
         self.jobs.push(grid, messages)
         self._load_extra_state(meta)
         log.info("resumed from %s at step %d (t=%.1f s)", self.book.checkpointer.path, self.step,

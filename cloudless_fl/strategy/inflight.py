@@ -33,7 +33,12 @@ class InFlight:
     job: Job
     order: protocol.WorkOrder
     arrays: ArrayRecord  # the model it was sent: a checkpoint re-sends it on resume
+    payload: ArrayRecord | None = None  # what crossed the WAN for it, if not `arrays` (a compressed change)
     sent_at: float = field(default_factory=time.monotonic)  # real time, for reply timeouts
+
+    def __post_init__(self) -> None:
+        if self.payload is None:
+            self.payload = self.arrays
 
     def state_dict(self) -> dict[str, Any]:
         return {"region": self.region, "version": self.version, "order": dict(self.order.to_config()),

@@ -17,6 +17,7 @@ from ..config_schema import BOOL, COUNT, OPTIONAL_SECONDS, POSITIVE, Choice, Num
 from ..control.meter import Meter
 from ..control.scheduler import Scheduler, Workload, evaluate_plan
 from ..errors import ConfigError
+from ..training.compression import Codec
 from .asgd_ga import STALENESS_FUNCTIONS, UPDATES, AsyncGradAccum
 from .ma import ModelAveraging
 from .metered import Metered
@@ -39,6 +40,7 @@ class Build:
     replan_every: int = 5
     checkpointer: Checkpointer | None = None
     resume: bool = False
+    compression: Codec | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
     return {"meter": b.meter, "eval_every": s["eval_every"], "stop": _stop_rules(s, b),
             "reply_timeout": s["reply_timeout_s"], "average_decay": s["average_decay"],
             "rejoin_every": s["rejoin_every"], "scheduler": b.scheduler, "replan_every": b.replan_every,
-            "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume}
+            "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume, "compression": b.compression}
 
 
 def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
@@ -104,6 +106,9 @@ def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
     FedAvg takes the scheduler's initial plan (its workers, and its round-time
     estimates for the deadline); it does not re-plan.
     """
+    if b.compression is not None and b.compression.lossy:
+        raise ConfigError("compression works with strategy=ma, asgd_ga and asgd_ga_delta (their own loops); "
+                          "Flower's FedAvg sends the same message to every region: use compression=none with it")
     fedavg_args = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": b.num_regions,
                    "min_available_nodes": b.num_regions}
     plan = b.scheduler.start() if b.scheduler is not None else None

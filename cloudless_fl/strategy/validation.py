@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from ..training import protocol
+from ..training.compression import Codec
 from ..errors import ConfigError
 
 log = logging.getLogger("cloudless_fl")
@@ -90,6 +91,7 @@ class UpdateValidator:
         self.limits = limits
         self.layout = {name: (tuple(t.shape), _dtype_name(t)) for name, t in reference.items()}
         self.float_names = {name for name, t in reference.items() if t.is_floating_point()}
+        self.like = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in reference.items()}
         self.rejections: dict[str, Counter] = defaultdict(Counter)
         self.clipped: Counter = Counter()
 
@@ -97,11 +99,13 @@ class UpdateValidator:
         """Gradients cover the floating-point entries; weights and deltas cover all."""
         return set(self.float_names) if mode == protocol.MODE_GRADIENT else set(self.layout)
 
-    def check(self, region: str, arrays: ArrayRecord, mode: str,
-              base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The update's tensors if it passes (clipped if so configured); else `RejectedUpdate`, counted."""
+    def check(self, region: str, arrays: ArrayRecord, mode: str, base: Mapping[str, torch.Tensor] | None = None,
+              codec: Codec | None = None, encoding: str = "none") -> dict[str, torch.Tensor]:
+        """The update's tensors if it passes, clipped if so configured; else `RejectedUpdate`, counted.
+
+        `encoding` is what the reply says its arrays are: `none` (as they are) or the run's `codec`'s spec."""
         try:
-            return self._check(region, arrays, mode, base)
+            return self._check(region, arrays, mode, base, codec, encoding)
         except RejectedUpdate as exc:
             self._count(region, exc)
             raise
@@ -110,25 +114,19 @@ class UpdateValidator:
         after = self.limits.quarantine_after
         return after > 0 and sum(self.rejections[region].values()) >= after
 
-    def _check(self, region: str, arrays: ArrayRecord, mode: str,
-               base: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def _check(self, region: str, arrays: ArrayRecord, mode: str, base: Mapping[str, torch.Tensor] | None,
+               codec: Codec | None, encoding: str) -> dict[str, torch.Tensor]:
         expected = self.expected_names(mode)
-        names = set(arrays.keys())
-        if expected - names:
-            raise RejectedUpdate("missing_array", f"missing {sorted(expected - names)[:3]}")
-        if names - expected:
-            raise RejectedUpdate("unexpected_array", f"unexpected {sorted(names - expected)[:3]}")
-        for name in expected:
-            array = arrays[name]
-            shape, dtype = self.layout[name]
-            if tuple(array.shape) != shape:
-                raise RejectedUpdate("wrong_shape", f"{name} has shape {tuple(array.shape)}, the model {shape}")
-            if array.dtype != dtype:
-                raise RejectedUpdate("wrong_dtype", f"{name} has dtype {array.dtype}, the model {dtype}")
-        try:
-            tensors = protocol.decode_tensors(arrays)
-        except (TypeError, ValueError) as exc:
-            raise RejectedUpdate("malformed", str(exc)) from None
+        if encoding != "none" and (codec is None or encoding != codec.spec()):
+            raise RejectedUpdate("malformed", f"encoded as {encoding!r}; the run uses "
+                                              f"{'none' if codec is None else codec.spec()!r}")
+        if encoding != "none":
+            try:
+                tensors = codec.decode(arrays, {n: t for n, t in self.like.items() if n in expected})
+            except (TypeError, ValueError) as exc:
+                raise RejectedUpdate("malformed", str(exc)) from None
+        else:
+            tensors = self._decode(arrays, expected)
         change = {n: (tensors[n] - base[n] if mode == protocol.MODE_WEIGHTS and base is not None else tensors[n])
                   for n in expected if n in self.float_names}
         norms = [torch.linalg.vector_norm(t) for t in change.values()]
@@ -148,6 +146,25 @@ class UpdateValidator:
                 tensors[name] = base[name] + t * scale if mode == protocol.MODE_WEIGHTS and base is not None \
                     else t * scale
         return tensors
+
+    def _decode(self, arrays: ArrayRecord, expected: set[str]) -> dict[str, torch.Tensor]:
+        """An uncompressed update's tensors, once their names, shapes and dtypes match the model."""
+        names = set(arrays.keys())
+        if expected - names:
+            raise RejectedUpdate("missing_array", f"missing {sorted(expected - names)[:3]}")
+        if names - expected:
+            raise RejectedUpdate("unexpected_array", f"unexpected {sorted(names - expected)[:3]}")
+        for name in expected:
+            array = arrays[name]
+            shape, dtype = self.layout[name]
+            if tuple(array.shape) != shape:
+                raise RejectedUpdate("wrong_shape", f"{name} has shape {tuple(array.shape)}, the model {shape}")
+            if array.dtype != dtype:
+                raise RejectedUpdate("wrong_dtype", f"{name} has dtype {array.dtype}, the model {dtype}")
+        try:
+            return protocol.decode_tensors(arrays)
+        except (TypeError, ValueError) as exc:
+            raise RejectedUpdate("malformed", str(exc)) from None
 
     def _count(self, region: str, exc: RejectedUpdate) -> None:
         first = self.rejections[region][exc.reason] == 0

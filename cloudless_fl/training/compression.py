@@ -10,7 +10,8 @@ record stays readable and its size is what Flower serialises.
 - `fp16`: half precision.
 - `int8`: symmetric 8-bit integers with one float32 scale per chunk of
   `chunk` consecutive values (Dettmers, arXiv 1511.04561; INTELLECT-1's int8
-  all-reduce, arXiv 2412.01152).
+  all-reduce, arXiv 2412.01152); `int4`: the same in 4 bits, two values to a
+  byte (Streaming DiLoCo, arXiv 2501.18512).
 - `topk`: the `fraction` largest-magnitude entries of each tensor, as flat int32
   indices and float32 values (deep gradient compression, arXiv 1712.01887).
 
@@ -46,6 +47,7 @@ class Codec:
 
     name = "none"
     lossy = False
+    sparse = False  # sends a different subset of entries each time
 
     def encode(self, tensors: Tensors) -> ArrayRecord:
         return ArrayRecord(OrderedDict((k, v.detach().contiguous()) for k, v in tensors.items()))
@@ -98,14 +100,18 @@ class Fp16(Codec):
 
 
 class Int8(Codec):
-    """Parameters: chunk — values per float32 scale (the scale of a chunk is its largest magnitude / 127)."""
+    """Symmetric integers with one float32 scale per chunk (a chunk's scale is its largest magnitude / `levels`).
 
-    name, lossy = "int8", True
+    Parameters: chunk — values per scale.
+    """
+
+    name, lossy, bits = "int8", True, 8
 
     def __init__(self, chunk: int = 1024) -> None:
         if int(chunk) < 1:
-            raise ValueError(f"int8 chunk must be at least 1, got {chunk}")
+            raise ValueError(f"{self.name} chunk must be at least 1, got {chunk}")
         self.chunk = int(chunk)
+        self.levels = 2 ** (self.bits - 1) - 1  # 127 for int8, 7 for int4: zero stays exact
 
     def spec(self) -> str:
         return f"{self.name}:{self.chunk}"
@@ -122,19 +128,25 @@ class Int8(Codec):
             flat = value.detach().reshape(-1).float()
             pad = (-flat.numel()) % self.chunk
             chunks = torch.nn.functional.pad(flat, (0, pad)).view(-1, self.chunk)
-            scale = chunks.abs().amax(dim=1) / 127.0
+            scale = chunks.abs().amax(dim=1) / self.levels
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            quantised = torch.round(chunks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-            out[name] = quantised.reshape(-1)[:flat.numel()].contiguous()
+            quantised = torch.round(chunks / safe[:, None]).clamp_(-self.levels, self.levels).to(torch.int8)
+            out[name] = self._pack(quantised.reshape(-1)[:flat.numel()]).contiguous()
             out[name + SCALE] = scale.contiguous()
         return ArrayRecord(out)
 
-    def _decode_one(self, name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
-        values, scale = arrays[name], arrays[name + SCALE]
-        n = ref.numel()
-        chunks = math.ceil(n / self.chunk)
+    def _pack(self, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    def _unpack(self, name: str, values: torch.Tensor, n: int) -> torch.Tensor:
         if values.dtype != torch.int8 or tuple(values.shape) != (n,):
             raise ValueError(f"{name}: {values.dtype} {tuple(values.shape)}, expected int8 ({n},)")
+        return values
+
+    def _decode_one(self, name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
+        n = ref.numel()
+        values, scale = self._unpack(name, arrays[name], n), arrays[name + SCALE]
+        chunks = math.ceil(n / self.chunk)
         if scale.dtype != torch.float32 or tuple(scale.shape) != (chunks,):
             raise ValueError(f"{name}{SCALE}: {scale.dtype} {tuple(scale.shape)}, expected float32 ({chunks},)")
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
@@ -143,10 +155,31 @@ class Int8(Codec):
         return (padded * scale[:, None]).reshape(-1)[:n].reshape(ref.shape).to(ref.dtype)
 
 
+class Int4(Int8):
+    """As `Int8` with values in -7..7, two to a byte (Streaming DiLoCo's 4-bit outer updates, arXiv 2501.18512)."""
+
+    name, bits = "int4", 4
+
+    def __init__(self, chunk: int = 128) -> None:
+        super().__init__(chunk)
+
+    def _pack(self, q: torch.Tensor) -> torch.Tensor:
+        nibbles = torch.nn.functional.pad((q + 8).to(torch.uint8), (0, q.numel() % 2))  # 1..15; pad with 0
+        return nibbles[0::2] | (nibbles[1::2] << 4)
+
+    def _unpack(self, name: str, values: torch.Tensor, n: int) -> torch.Tensor:
+        if values.dtype != torch.uint8 or tuple(values.shape) != ((n + 1) // 2,):
+            raise ValueError(f"{name}: {values.dtype} {tuple(values.shape)}, expected uint8 ({(n + 1) // 2},)")
+        nibbles = torch.stack([values & 0x0F, values >> 4], dim=1).reshape(-1)[:n]
+        if bool((nibbles == 0).any()):
+            raise ValueError(f"{name} holds a value outside -7..7")
+        return nibbles.to(torch.int8) - 8
+
+
 class TopK(Codec):
     """Parameters: fraction — of each tensor's entries sent (at least one), the largest in magnitude."""
 
-    name, lossy = "topk", True
+    name, lossy, sparse = "topk", True, True
 
     def __init__(self, fraction: float = 0.01) -> None:
         if not 0.0 < float(fraction) <= 1.0:
@@ -189,11 +222,11 @@ class TopK(Codec):
         return out.reshape(ref.shape).to(ref.dtype)
 
 
-CODECS = {"none": Codec, "fp16": Fp16, "int8": Int8, "topk": TopK}
+CODECS = {"none": Codec, "fp16": Fp16, "int8": Int8, "int4": Int4, "topk": TopK}
 
 
 def make_codec(name: str, **options: Any) -> Codec:
-    """The codec `name` with its options (`chunk` for int8, `fraction` for topk)."""
+    """The codec `name` with its options (`chunk` for int8 and int4, `fraction` for topk)."""
     if name not in CODECS:
         raise ValueError(f"unknown compression {name!r}; expected one of {', '.join(CODECS)}")
     return CODECS[name](**options)
@@ -202,7 +235,7 @@ def make_codec(name: str, **options: Any) -> Codec:
 def codec_from_spec(spec: str) -> Codec:
     """Inverse of `Codec.spec()`: `int8:1024` → `Int8(chunk=1024)`."""
     name, _, arg = str(spec).partition(":")
-    option = {"int8": "chunk", "topk": "fraction"}.get(name)
+    option = {"int8": "chunk", "int4": "chunk", "topk": "fraction"}.get(name)
     if option is None:
         return make_codec(name)
     if not arg:

@@ -12,7 +12,10 @@ trains (PyTorch's global optimizer step hooks), so it can
   whatever optimizer the app uses;
 - honour **`local-steps`**: leave the app's training loop after the planned steps;
 - report `steps`, `compute-seconds` and, when the SuperNode's node config names
-  it, the `region` — what FedNova normalisation and the scheduler read.
+  it, the `region` — what FedNova normalisation and the scheduler read;
+- take part in **compressed WAN traffic** (`compression=...`): rebuild the model
+  from a compressed download before the app sees it, and send the app's change
+  compressed, with error feedback (region_link.py; the node's `state-dir`).
 
 The app must load the weights it is sent into the model it trains (every
 quickstart does): the Mod finds each optimizer parameter's name by matching it to
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -38,6 +42,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from ..errors import ConfigError
 from . import protocol
+from .region_link import RegionLink
 
 
 class _PlannedStepsDone(Exception):
@@ -125,7 +130,10 @@ def cloudless_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     config = msg.content.config_records[protocol.CONFIG]
     mode = str(config.get("mode", protocol.MODE_WEIGHTS))
     limit = int(config["local-steps"]) if "local-steps" in config else None
-    sent = msg.content[protocol.ARRAYS].to_torch_state_dict()
+    link = _link(config, context)
+    sent = link.received(msg.content[protocol.ARRAYS])
+    if link.codec.lossy:  # the app sees the model, never the compressed change
+        msg.content[protocol.ARRAYS] = ArrayRecord(sent)
     reply = None
     start = time.perf_counter()
     with OptimizerTap(sent, gradient=mode == protocol.MODE_GRADIENT, limit=limit) as tap:
@@ -142,14 +150,27 @@ def cloudless_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         arrays, update = tap.weight_arrays(), protocol.MODE_WEIGHTS
     else:  # the app's own reply; the server takes the delta itself
         arrays, update = reply.content[protocol.ARRAYS], protocol.reply_update(reply)
+    if link.codec.lossy:  # a change crosses the WAN, compressed
+        tensors = arrays.to_torch_state_dict()
+        if update == protocol.MODE_WEIGHTS:
+            tensors, update = {k: sent[k] - v for k, v in tensors.items()}, protocol.MODE_DELTA
+        arrays = link.reply(tensors)
     metrics = dict(reply.content[protocol.METRICS]) if reply is not None and protocol.METRICS in reply.content \
         else {"num-examples": tap.steps * int(config.get("batch-size", 1))}
     metrics.update({"steps": tap.steps, "compute-seconds": compute_s})
     content = RecordDict({} if reply is None else dict(reply.content))
     content[protocol.ARRAYS] = arrays
     content[protocol.METRICS] = MetricRecord(metrics)
-    content[protocol.INFO] = ConfigRecord({"update": update, **_region(context)})
+    content[protocol.INFO] = ConfigRecord({"update": update, "encoding": link.codec.spec(), **_region(context)})
     return Message(content, reply_to=msg)
+
+
+def _link(config: ConfigRecord, context: Context) -> RegionLink:
+    """This job's end of the WAN link; its snapshots go to the node's (or the server-named) state folder."""
+    order = protocol.WorkOrder.from_config(config)
+    folder = context.node_config.get("state-dir") or config.get("state-dir")
+    name = _region(context).get("region", f"node-{context.node_id}")
+    return RegionLink(order, int(order.offset or 0), None if folder is None else Path(str(folder)) / name)
 
 
 def region_query(msg: Message, context: Context) -> Message:

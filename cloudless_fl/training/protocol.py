@@ -66,17 +66,24 @@ class WorkOrder:
     data_seed: int = 0
     version: int = 0  # model version the job starts from
     workers: int = 1  # workers the region rents for the job (the plan's); paced compute assumes this many
+    compression: str = "none"  # the codec of both directions (`training/compression.py`'s spec)
+    base: int | None = None  # the arrays are the change from the model of this earlier job; None: the model
+    keep_from: int | None = None  # the region may forget what jobs before this one left (region_state.py)
 
     def to_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"lr": float(self.lr), "batch-size": int(self.batch_size), "mode": self.mode,
                                "data-seed": int(self.data_seed), "model-version": int(self.version),
-                               "workers": int(self.workers)}
+                               "workers": int(self.workers), "compression": self.compression}
         if self.offset is not None:
             cfg["sample-offset"] = int(self.offset)
         if self.steps is not None:
             cfg["local-steps"] = int(self.steps)
         if self.epochs is not None:
             cfg["local-epochs"] = float(self.epochs)
+        if self.base is not None:
+            cfg["base-job"] = int(self.base)
+        if self.keep_from is not None:
+            cfg["keep-from-job"] = int(self.keep_from)
         return cfg
 
     @classmethod
@@ -93,7 +100,10 @@ class WorkOrder:
                    offset=int(config["sample-offset"]) if "sample-offset" in config else None,
                    round=int(config["server-round"]) if "server-round" in config else None,
                    data_seed=int(config.get("data-seed", 0)),
-                   version=int(config.get("model-version", 0)), workers=int(config.get("workers", 1)))
+                   version=int(config.get("model-version", 0)), workers=int(config.get("workers", 1)),
+                   compression=str(config.get("compression", "none")),
+                   base=int(config["base-job"]) if "base-job" in config else None,
+                   keep_from=int(config["keep-from-job"]) if "keep-from-job" in config else None)
 
     def samples(self, n_resident: int) -> int:
         """How many stream positions the job consumes on a region holding `n_resident` samples."""
@@ -173,6 +183,12 @@ def reply_update(msg: Message) -> str:
     if update not in MODES:
         raise ValueError(f"reply says its arrays are {update!r}; expected one of {', '.join(MODES)}")
     return update
+
+
+def reply_encoding(msg: Message) -> str:
+    """The codec a train reply's arrays are encoded with (`training/compression.py`); a stock reply's: none."""
+    info = msg.content.config_records.get(INFO)
+    return "none" if info is None else str(info.get("encoding", "none"))
 
 
 def job_report(msg: Message, metrics) -> Reported:

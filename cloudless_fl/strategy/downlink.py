@@ -1,0 +1,87 @@
+"""Compressed downloads: each region is sent the change from the model it already holds.
+
+A region that answered a job holds the model it rebuilt from that job's
+download (`training/region_state.py` keeps it). Its next download is
+`codec(current model - held model)`, and the server rebuilds exactly what the
+region will rebuild, so the next change is again taken from the region's real
+copy: nothing a lossy codec leaves out is ever lost, it is sent later (error
+feedback by construction, as in DoubleSqueeze, arXiv 1905.05957). A region the
+server knows nothing of (first job, rejoined, restarted) gets the whole model,
+uncompressed. Memory: one model per region.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from ..training.compression import Codec
+from ..training.protocol import decode_tensors
+
+
+class Downlink:
+    """What each region holds of the model, and the downloads that follow from it.
+
+    Parameters
+    ----------
+    codec : Codec
+        Lossless (`none`): every download is the whole model, as without this class.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.held: dict[str, tuple[int, ArrayRecord]] = {}  # region → (job key, the model it rebuilt then)
+        self.pending: dict[str, tuple[int, ArrayRecord]] = {}  # region → its job in flight, what it will rebuild
+        self.pinned: dict[str, int] = {}  # region → oldest job key the last checkpoint may ask it for
+
+    def download(self, region: str, key: int, model: ArrayRecord) -> tuple[ArrayRecord, int | None]:
+        """What to send `region` for its job `key` from `model`: (payload, the job key it is a change
+        from, or None for the whole model)."""
+        if not self.codec.lossy:
+            return model, None
+        held = self.held.get(region)
+        if held is None:
+            self.pending[region] = (key, model)
+            return model, None
+        base_key, base_record = held
+        base, current = decode_tensors(base_record), decode_tensors(model)
+        payload = self.codec.encode({k: current[k] - base[k] for k in current})
+        change = self.codec.decode(payload, current)
+        self.pending[region] = (key, ArrayRecord({k: base[k] + change[k] for k in current}))
+        return payload, base_key
+
+    def keep_from(self, region: str, base: int | None, key: int) -> int:
+        """The oldest snapshot the region must keep: its base, or what the last checkpoint may re-send."""
+        oldest = key if base is None else base
+        return min(oldest, self.pinned.get(region, oldest))
+
+    def delivered(self, region: str, key: int) -> None:
+        """A reply to job `key` came: the region holds the model it rebuilt for it."""
+        pending = self.pending.get(region)
+        if pending is not None and pending[0] == key:
+            self.held[region] = self.pending.pop(region)
+
+    def forget(self, region: str) -> None:
+        """The region (re)joined or was lost: assume it holds nothing."""
+        self.held.pop(region, None)
+        self.pending.pop(region, None)
+
+    def pin(self, oldest: dict[str, int]) -> None:
+        """A checkpoint was written that may ask each region again for the job keys from `oldest` on."""
+        self.pinned = dict(oldest)
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """(JSON-able keys, tensors) for the checkpoint."""
+        models = {f"{kind}/{region}": record.to_torch_state_dict()
+                  for kind, books in (("held", self.held), ("pending", self.pending))
+                  for region, (_, record) in books.items()}
+        keys = {kind: {r: k for r, (k, _) in books.items()}
+                for kind, books in (("held", self.held), ("pending", self.pending))}
+        return {**keys, "pinned": self.pinned}, models
+
+    def load_state_dict(self, meta: dict[str, Any], models: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.held, self.pending = ({r: (int(k), ArrayRecord(models[f"{kind}/{r}"])) for r, k in meta[kind].items()}
+                                   for kind in ("held", "pending"))
+        self.pinned = {r: int(k) for r, k in meta["pinned"].items()}

@@ -1,0 +1,168 @@
+"""Compressed WAN traffic end to end: the server's downloads and the region's rebuild agree bit for bit,
+errors do not pile up, bytes charged are the encoded payloads, bad encodings are refused."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from cloudless_fl.config import compose
+from cloudless_fl.control.meter import record_bytes
+from cloudless_fl.deployment.grid import InProcessGrid
+from cloudless_fl.errors import ConfigError, DataError
+from cloudless_fl.run import run
+from cloudless_fl.strategy.downlink import Downlink
+from cloudless_fl.strategy.validation import RejectedUpdate, UpdateValidator
+from cloudless_fl.training import protocol
+from cloudless_fl.training.compression import Int8, TopK
+from cloudless_fl.training.region_link import RegionLink
+from conftest import small_run_overrides
+
+
+def _t(record: ArrayRecord, name: str) -> torch.Tensor:
+    return torch.from_numpy(record[name].numpy())
+
+
+def _model(seed: int) -> ArrayRecord:
+    g = torch.Generator().manual_seed(seed)
+    return ArrayRecord(OrderedDict([("w", torch.randn(300, generator=g)), ("b", torch.randn(7, generator=g)),
+                                    ("steps", torch.tensor(seed))]))
+
+
+@pytest.mark.parametrize("codec", [Int8(16), TopK(0.05)])
+def test_the_region_rebuilds_exactly_what_the_server_expects_and_errors_do_not_pile_up(codec, tmp_path):
+    downlink = Downlink(codec)
+    server_model = _model(0)
+    errors = []
+    for job in range(30):
+        key = 10 * job
+        payload, base = downlink.download("r", key, server_model)
+        assert (base is None) == (job == 0)  # the first download is the whole model, then changes
+        order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression=codec.spec(), base=base, offset=key)
+        link = RegionLink(order, key, tmp_path)
+        region = link.received(payload)
+        expected = downlink.pending["r"][1].to_torch_state_dict()
+        for name in expected:
+            assert torch.equal(region[name], expected[name]), name
+        assert torch.equal(region["steps"], _t(server_model, "steps"))  # integers travel exactly
+        errors.append(float((region["w"] - _t(server_model, "w")).norm()))
+        link.reply({"w": torch.zeros(300), "b": torch.zeros(7)})  # the region keeps its snapshot
+        downlink.delivered("r", key)
+        step = _model(job + 1).to_torch_state_dict()  # the server model moves on by a small random step
+        server_model = ArrayRecord(OrderedDict((k, _t(server_model, k) + (0.01 * v if v.is_floating_point() else 1))
+                                               for k, v in step.items()))
+    assert errors[0] == 0.0
+    # what one download leaves out is sent with the next, so the gap stays at about one step's error
+    assert max(errors[10:]) < 3 * max(errors[1:10]) and max(errors) < 0.5
+
+
+def test_a_region_that_lost_its_snapshot_says_how_to_fix_it(tmp_path):
+    order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression="int8:16", base=40, offset=50)
+    with pytest.raises(DataError, match="state-dir"):
+        RegionLink(order, 50, tmp_path).received(Int8(16).encode(_model(0).to_torch_state_dict()))
+    with pytest.raises(DataError, match="state-dir"):
+        RegionLink(order, 50, None)
+
+
+def test_a_forgotten_region_gets_the_whole_model_again(tmp_path):
+    downlink = Downlink(Int8(16))
+    downlink.download("r", 0, _model(0))
+    downlink.delivered("r", 0)
+    assert downlink.download("r", 10, _model(1))[1] == 0
+    downlink.forget("r")  # lost, or rejoined under a new node
+    payload, base = downlink.download("r", 20, _model(2))
+    assert base is None and torch.equal(_t(payload, "w"), _t(_model(2), "w"))
+
+
+def test_snapshots_before_keep_from_are_deleted(tmp_path):
+    for key, keep_from in ((0, 0), (10, 0), (20, 10), (30, 30)):
+        order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression="int8:16", offset=key, keep_from=keep_from)
+        link = RegionLink(order, key, tmp_path)
+        link.received(_model(key))
+        link.reply({"w": torch.ones(300), "b": torch.ones(7)})
+    assert sorted(p.name for p in tmp_path.glob("job-*.pt")) == ["job-000000000030.pt"]
+
+
+def test_validation_runs_on_the_decoded_update():
+    reference = _model(0).to_torch_state_dict()
+    validator = UpdateValidator(reference)
+    codec = Int8(16)
+    good = codec.encode({k: torch.zeros_like(v) for k, v in reference.items()})
+    decoded = validator.check("r", good, protocol.MODE_DELTA, codec=codec, encoding=codec.spec())
+    assert set(decoded) == set(reference) and float(decoded["w"].abs().max()) == 0.0
+    nan_scale = good.to_torch_state_dict()
+    nan_scale["w@scale"] = torch.full_like(nan_scale["w@scale"], float("nan"))
+    with pytest.raises(RejectedUpdate, match="w@scale") as rejected:
+        validator.check("r", ArrayRecord(nan_scale), protocol.MODE_DELTA, codec=codec, encoding=codec.spec())
+    assert rejected.value.reason == "malformed"
+    huge = codec.encode({k: (torch.full_like(v, 3e38) if v.is_floating_point() else v) for k, v in reference.items()})
+    huge_scaled = huge.to_torch_state_dict()
+    huge_scaled["w@scale"] = torch.full_like(huge_scaled["w@scale"], 3e38)  # decodes to Inf
+    with pytest.raises(RejectedUpdate) as rejected:
+        validator.check("r", ArrayRecord(huge_scaled), protocol.MODE_DELTA, codec=codec,
+                        encoding=codec.spec())
+    assert rejected.value.reason == "non_finite"
+    with pytest.raises(RejectedUpdate, match="missing") as rejected:  # says int8, is not
+        validator.check("r", ArrayRecord(reference), protocol.MODE_DELTA, codec=codec, encoding=codec.spec())
+    assert rejected.value.reason == "malformed"
+    with pytest.raises(RejectedUpdate, match="topk") as rejected:  # another codec than the run's
+        validator.check("r", TopK(0.5).encode(reference), protocol.MODE_DELTA, codec=codec, encoding="topk:0.5")
+    assert rejected.value.reason == "malformed"
+    assert sum(validator.rejections["r"].values()) == 4  # every one counts toward quarantine
+
+
+class CountingGrid(InProcessGrid):
+    """Records, per node and in order, the encoded size of every train message and train reply."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.down: dict[int, list[int]] = defaultdict(list)
+        self.up: dict[int, list[int]] = defaultdict(list)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:
+            if m.metadata.message_type == "train":
+                self.down[m.metadata.dst_node_id].append(record_bytes(m.content[protocol.ARRAYS]))
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        for m in replies:
+            if m.metadata.message_type == "train" and not m.has_error():
+                self.up[m.metadata.src_node_id].append(record_bytes(m.content[protocol.ARRAYS]))
+        return replies
+
+
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga", "asgd_ga_delta"])
+def test_the_bytes_charged_are_the_encoded_payloads(two_region_topology, tmp_path, strategy, monkeypatch):
+    grids = []
+
+    def counting(app, n):
+        grids.append(CountingGrid(app, n))
+        return grids[-1]
+
+    monkeypatch.setattr("cloudless_fl.run.InProcessGrid", counting)
+    figures = {}
+    for compression in ("none", "int8"):
+        cfg = compose(small_run_overrides(two_region_topology, strategy=strategy, compression=compression,
+                                          **{"strategy.num_rounds": 6 if strategy == "ma" else 30}))
+        payload = run(cfg, tmp_path / compression)
+        for node, region in enumerate(("fast", "slow"), start=1):  # in-process node i is the topology's i-th region
+            charged, jobs = payload["regions"][region], payload["regions"][region]["jobs"]
+            assert charged["bytes_down"] == sum(grids[-1].down[node][:jobs])  # a job is charged when it ends
+            assert charged["bytes_up"] == sum(grids[-1].up[node][:jobs])
+        assert grids[-1].up[2], "the slow region never replied: the test would not cross the WAN"
+        figures[compression] = payload
+    moved = {c: sum(r["bytes_up"] + r["bytes_down"] for r in p["regions"].values()) for c, p in figures.items()}
+    assert 2.5 < moved["none"] / moved["int8"] < 4.0  # int8 is ~4x smaller; a region's first download is whole
+    assert figures["int8"]["summary"]["wan_bytes"] < figures["none"]["summary"]["wan_bytes"]
+
+
+def test_compression_with_flowers_fedavg_is_refused_with_the_fix(two_region_topology, tmp_path):
+    cfg = compose(small_run_overrides(two_region_topology, compression="int8"))
+    with pytest.raises(ConfigError, match="compression=none"):
+        run(cfg, tmp_path)
