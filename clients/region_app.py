@@ -43,7 +43,7 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
         model = _model(spec, data.input_shape)
         loaded = time.time()
         position = order.start_position(len(data.train))
-        link = RegionLink(order, position, _state_dir(context, config, region))
+        link = RegionLink(order, _state_dir(context, config, region))
         model.load_state_dict(link.received(msg.content[protocol.ARRAYS]))
         batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed, offset=position,
                                samples=order.samples(len(data.train)))

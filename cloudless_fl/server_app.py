@@ -23,7 +23,7 @@ from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .checkpoint import Checkpointer, model_fingerprint
 from .config import (DataLayout, config_from_run_config, data_digest, dataset_cfg, flatten, prepare_data,
                      topology_of, topology_spec, under, validate)
-from .control.meter import Meter, record_bytes
+from .control.meter import Meter
 from .control.scheduler import Objective, Scheduler, Workload
 from .control.topology import Topology
 from .errors import CloudlessError, ConfigError
@@ -32,7 +32,7 @@ from .reporting.results import History, summarize, write_results
 from .strategy.membership import wait_for_nodes
 from .strategy.registry import Build, strategy_entry
 from .strategy.validation import UpdateLimits
-from .training.compression import make_codec
+from .training.compression import make_codec, wire_bytes
 from .training.data import read_manifest
 from .training.local import evaluate
 from .training.models import build_model
@@ -174,8 +174,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
         train_config = ConfigRecord({**dict(train_config), **order.to_config()})
     require_nodes(grid, len(topology.regions))
     meter = make_meter(cfg, topology)
-    initial_arrays = ArrayRecord(model.state_dict())  # serialised once: sized here, sent by the strategy
-    work = workload(cfg, resident_sizes(topology, layout), record_bytes(initial_arrays))
+    initial_arrays = ArrayRecord(model.state_dict())  # serialised once, sent by the strategy
+    codec = make_codec(**OmegaConf.to_container(cfg.compression))
+    work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec, model.state_dict()))
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict(), layout)
     strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)

@@ -25,10 +25,11 @@ RUNS = {
     "fedavg": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25"],
     # compressed traffic: the regions' snapshots (held model, error-feedback residual) resume exactly too
     "ma_int8": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "compression=int8"],
+    "fedavg_int4": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25", "compression=int4"],
     "asgd_ga_delta_topk": ["strategy=asgd_ga_delta", "strategy.num_rounds=300", "strategy.eval_every=10",
                            "compression=topk", "compression.fraction=0.05"],
 }
-EVERY = {"ma": 2, "asgd_ga": 20, "fedavg": 2, "ma_int8": 2, "asgd_ga_delta_topk": 20}
+EVERY = {"ma": 2, "asgd_ga": 20, "fedavg": 2, "ma_int8": 2, "fedavg_int4": 2, "asgd_ga_delta_topk": 20}
 
 
 def overrides(topology, strategy):

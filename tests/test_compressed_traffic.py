@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 from cloudless_fl.config import compose
 from cloudless_fl.control.meter import record_bytes
 from cloudless_fl.deployment.grid import InProcessGrid
-from cloudless_fl.errors import ConfigError, DataError
+from cloudless_fl.errors import DataError
 from cloudless_fl.run import run
 from cloudless_fl.strategy.downlink import Downlink
 from cloudless_fl.strategy.validation import RejectedUpdate, UpdateValidator
@@ -39,10 +39,13 @@ def test_the_region_rebuilds_exactly_what_the_server_expects_and_errors_do_not_p
     errors = []
     for job in range(30):
         key = 10 * job
-        payload, base = downlink.download("r", key, server_model)
+        down = downlink.download("r", key, server_model)
+        payload, base = down.payload, down.base
         assert (base is None) == (job == 0)  # the first download is the whole model, then changes
-        order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression=codec.spec(), base=base, offset=key)
-        link = RegionLink(order, key, tmp_path)
+        assert (down.layout is not None) == (job == 0 and not codec.sparse)  # quantised, it says how to rebuild
+        order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression=codec.spec(), base=base, offset=key,
+                                   layout=down.layout)
+        link = RegionLink(order, tmp_path)
         region = link.received(payload)
         expected = downlink.pending["r"][1].to_torch_state_dict()
         for name in expected:
@@ -54,7 +57,7 @@ def test_the_region_rebuilds_exactly_what_the_server_expects_and_errors_do_not_p
         step = _model(job + 1).to_torch_state_dict()  # the server model moves on by a small random step
         server_model = ArrayRecord(OrderedDict((k, _t(server_model, k) + (0.01 * v if v.is_floating_point() else 1))
                                                for k, v in step.items()))
-    assert errors[0] == 0.0
+    assert errors[0] == 0.0 if codec.sparse else 0 < errors[0] < 0.5  # int8: the weights quantised once
     # what one download leaves out is sent with the next, so the gap stays at about one step's error
     assert max(errors[10:]) < 3 * max(errors[1:10]) and max(errors) < 0.5
 
@@ -62,25 +65,25 @@ def test_the_region_rebuilds_exactly_what_the_server_expects_and_errors_do_not_p
 def test_a_region_that_lost_its_snapshot_says_how_to_fix_it(tmp_path):
     order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression="int8:16", base=40, offset=50)
     with pytest.raises(DataError, match="state-dir"):
-        RegionLink(order, 50, tmp_path).received(Int8(16).encode(_model(0).to_torch_state_dict()))
+        RegionLink(order, tmp_path).received(Int8(16).encode(_model(0).to_torch_state_dict()))
     with pytest.raises(DataError, match="state-dir"):
-        RegionLink(order, 50, None)
+        RegionLink(order, None)
 
 
 def test_a_forgotten_region_gets_the_whole_model_again(tmp_path):
     downlink = Downlink(Int8(16))
     downlink.download("r", 0, _model(0))
     downlink.delivered("r", 0)
-    assert downlink.download("r", 10, _model(1))[1] == 0
+    assert downlink.download("r", 10, _model(1)).base == 0
     downlink.forget("r")  # lost, or rejoined under a new node
-    payload, base = downlink.download("r", 20, _model(2))
-    assert base is None and torch.equal(_t(payload, "w"), _t(_model(2), "w"))
+    down = downlink.download("r", 20, _model(2))
+    assert down.base is None and down.layout is not None  # the whole model (quantised) again
 
 
 def test_snapshots_before_keep_from_are_deleted(tmp_path):
     for key, keep_from in ((0, 0), (10, 0), (20, 10), (30, 30)):
         order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression="int8:16", offset=key, keep_from=keep_from)
-        link = RegionLink(order, key, tmp_path)
+        link = RegionLink(order, tmp_path)
         link.received(_model(key))
         link.reply({"w": torch.ones(300), "b": torch.ones(7)})
     assert sorted(p.name for p in tmp_path.glob("job-*.pt")) == ["job-000000000030.pt"]
@@ -137,7 +140,7 @@ class CountingGrid(InProcessGrid):
         return replies
 
 
-@pytest.mark.parametrize("strategy", ["ma", "asgd_ga", "asgd_ga_delta"])
+@pytest.mark.parametrize("strategy", ["fedavg", "ma", "asgd_ga", "asgd_ga_delta"])
 def test_the_bytes_charged_are_the_encoded_payloads(two_region_topology, tmp_path, strategy, monkeypatch):
     grids = []
 
@@ -149,7 +152,7 @@ def test_the_bytes_charged_are_the_encoded_payloads(two_region_topology, tmp_pat
     figures = {}
     for compression in ("none", "int8"):
         cfg = compose(small_run_overrides(two_region_topology, strategy=strategy, compression=compression,
-                                          **{"strategy.num_rounds": 6 if strategy == "ma" else 30}))
+                                          **{"strategy.num_rounds": 30 if strategy.startswith("asgd") else 6}))
         payload = run(cfg, tmp_path / compression)
         for node, region in enumerate(("fast", "slow"), start=1):  # in-process node i is the topology's i-th region
             charged, jobs = payload["regions"][region], payload["regions"][region]["jobs"]
@@ -162,7 +165,12 @@ def test_the_bytes_charged_are_the_encoded_payloads(two_region_topology, tmp_pat
     assert figures["int8"]["summary"]["wan_bytes"] < figures["none"]["summary"]["wan_bytes"]
 
 
-def test_compression_with_flowers_fedavg_is_refused_with_the_fix(two_region_topology, tmp_path):
-    cfg = compose(small_run_overrides(two_region_topology, compression="int8"))
-    with pytest.raises(ConfigError, match="compression=none"):
-        run(cfg, tmp_path)
+
+def test_a_model_layout_round_trips_and_a_bad_one_is_refused():
+    model = _model(3).to_torch_state_dict()
+    like = protocol.layout_tensors(protocol.layout_of(model))
+    assert {k: (tuple(v.shape), v.dtype) for k, v in like.items()} == \
+        {k: (tuple(v.shape), v.dtype) for k, v in model.items()}
+    for bad in ('[["w", [3], "os"]]', '{"w": 1}', '[["w", ["x"], "float32"]]', "not json"):
+        with pytest.raises(ValueError, match="model-layout"):
+            protocol.layout_tensors(bad)

@@ -29,7 +29,7 @@ from ..control.scheduler import Scheduler
 from ..errors import ConfigError
 from ..reporting.results import History
 from ..training import protocol
-from ..training.compression import Codec
+from ..training.compression import Codec, wire_bytes
 from .downlink import Downlink
 from .inflight import InFlight, InFlightJobs
 from .membership import RegionInfo, Roster, wait_for_nodes
@@ -180,7 +180,7 @@ class GeoStrategy(Strategy):
             return config, self.optimizer.arrays()
         if self.plan is not None:
             sizes = {i.name: i.examples if i.examples is not None else 1 for i in self.roster.live.values()}
-            self.plan.start(sizes, record_bytes(initial_arrays))
+            self.plan.start(sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(initial_arrays)))
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
         return config, initial_arrays
 
@@ -210,17 +210,17 @@ class GeoStrategy(Strategy):
             count = per_region(steps, region)
             samples = count * batch_size
             key = self.offsets[region]
-            payload, base = self.downlink.download(region, key, arrays)
+            down = self.downlink.download(region, key, arrays)
             order = protocol.WorkOrder(lr=lr, batch_size=batch_size, steps=count, mode=mode,
                                        data_seed=int(config.get("data-seed", 0)), offset=key,
                                        version=version, workers=self.meter.workers(region),
-                                       compression=self.downlink.codec.spec(), base=base,
-                                       keep_from=self.downlink.keep_from(region, base, key))
+                                       compression=self.downlink.codec.spec(), base=down.base, layout=down.layout,
+                                       keep_from=self.downlink.keep_from(region, down.base, key))
             self.offsets[region] += samples
-            job = self.meter.dispatch(region, bytes_down=record_bytes(payload), samples=samples)
-            message = self._train_message(node_id, payload, config, order)
+            job = self.meter.dispatch(region, bytes_down=record_bytes(down.payload), samples=samples)
+            message = self._train_message(node_id, down.payload, config, order)
             messages.append(self.jobs.stage(message, InFlight(node_id, region, version, job, order, arrays,
-                                                              payload)))
+                                                              down.payload)))
         return messages
 
     def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:

@@ -1,24 +1,38 @@
 """Compressed downloads: each region is sent the change from the model it already holds.
 
 A region that answered a job holds the model it rebuilt from that job's
-download (`training/region_state.py` keeps it). Its next download is
+download (`training/region_link.py` keeps it). Its next download is
 `codec(current model - held model)`, and the server rebuilds exactly what the
 region will rebuild, so the next change is again taken from the region's real
 copy: nothing a lossy codec leaves out is ever lost, it is sent later (error
 feedback by construction, as in DoubleSqueeze, arXiv 1905.05957). A region the
-server knows nothing of (first job, rejoined, restarted) gets the whole model,
-uncompressed. Memory: one model per region.
+server knows nothing of (first job, rejoined, restarted) gets the whole model:
+quantised (fp16, int8, int4) with its layout, so the region can rebuild it, or
+as it is under `topk` (a sparse slice of the weights would be no model at all).
+Memory: one model per region.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
+from ..training import protocol
 from ..training.compression import Codec
 from ..training.protocol import decode_tensors
+
+
+@dataclass
+class Download:
+    """One job's download: `payload` crosses the WAN; it is the change from the region's model of job `base`,
+    or (base None) the whole model — encoded if `layout` (protocol.layout_of) says how to rebuild it."""
+
+    payload: ArrayRecord
+    base: int | None = None
+    layout: str | None = None
 
 
 class Downlink:
@@ -36,21 +50,25 @@ class Downlink:
         self.pending: dict[str, tuple[int, ArrayRecord]] = {}  # region → its job in flight, what it will rebuild
         self.pinned: dict[str, int] = {}  # region → oldest job key the last checkpoint may ask it for
 
-    def download(self, region: str, key: int, model: ArrayRecord) -> tuple[ArrayRecord, int | None]:
-        """What to send `region` for its job `key` from `model`: (payload, the job key it is a change
-        from, or None for the whole model)."""
+    def download(self, region: str, key: int, model: ArrayRecord) -> Download:
+        """What to send `region` for its job `key` from `model`."""
         if not self.codec.lossy:
-            return model, None
+            return Download(model)
         held = self.held.get(region)
+        current = decode_tensors(model)
         if held is None:
-            self.pending[region] = (key, model)
-            return model, None
+            if self.codec.sparse:
+                self.pending[region] = (key, model)
+                return Download(model)
+            payload = self.codec.encode(current)
+            self.pending[region] = (key, ArrayRecord(self.codec.decode(payload, current)))
+            return Download(payload, layout=protocol.layout_of(current))
         base_key, base_record = held
-        base, current = decode_tensors(base_record), decode_tensors(model)
+        base = decode_tensors(base_record)
         payload = self.codec.encode({k: current[k] - base[k] for k in current})
         change = self.codec.decode(payload, current)
         self.pending[region] = (key, ArrayRecord({k: base[k] + change[k] for k in current}))
-        return payload, base_key
+        return Download(payload, base=base_key)
 
     def keep_from(self, region: str, base: int | None, key: int) -> int:
         """The oldest snapshot the region must keep: its base, or what the last checkpoint may re-send."""

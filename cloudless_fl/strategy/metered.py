@@ -15,6 +15,11 @@ run goes on without it, and with it again if it comes back.
 Stop rules (time, cost, target) end Flower's round loop after the round that
 crosses them, as they end MA's and ASGD-GA's, so budgets compare across strategies.
 
+With a lossy `compression` codec, the one message Flower's FedAvg builds for all
+nodes becomes one per node carrying the compressed change from the model that
+node holds (downlink.py), and each compressed reply (a change, encoded by the
+region) is decoded into the new weights FedAvg averages.
+
 The books (history, evaluation, checkpoints) are a `RunBook` and the node →
 region map a `Roster`, as for ASGD-GA and MA; an inner strategy that keeps a
 `roster` of its own (`SelectiveFedAvg`) shares it, so there is one map.
@@ -25,14 +30,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..checkpoint import Checkpointer
 from ..control.meter import Meter, record_bytes
 from ..reporting.results import History
-from ..training.protocol import MODE_WEIGHTS, job_report, reply_region
+from ..training.compression import Codec
+from ..training.protocol import (ARRAYS, CONFIG, MODE_DELTA, MODE_WEIGHTS, WorkOrder, job_report, reply_encoding,
+                                 reply_region)
+from .downlink import Downlink
 from .membership import RegionInfo, Roster, wait_for_nodes
 from .runbook import EvaluateFn, RunBook, StopRules
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
@@ -71,12 +79,15 @@ class Metered(Strategy):
         Continue from `checkpointer`'s checkpoint: the remaining rounds, on its model.
     reply_timeout : float (default: 600)
         Real seconds a round waits for replies, and for a missing region's node to reconnect.
+    compression : Codec, optional
+        How models and updates cross the WAN (docs/compression.md); the ClientApp must take part (the
+        region ClientApp, or a stock one with the Mod). Default: uncompressed.
     """
 
     def __init__(self, strategy: Strategy, meter: Meter | None = None, eval_every: int = 1,
                  stop: StopRules | None = None, limits: UpdateLimits | None = None,
                  checkpointer: Checkpointer | None = None, resume: bool = False,
-                 reply_timeout: float = 600.0) -> None:
+                 reply_timeout: float = 600.0, compression: Codec | None = None) -> None:
         self.inner = strategy
         self.meter = meter or Meter.measured()
         self.book = RunBook(self.meter, eval_every=eval_every, stop=stop, checkpointer=checkpointer, resume=resume)
@@ -88,8 +99,9 @@ class Metered(Strategy):
         self._round_messages: list[Message] = []  # the current round's (ids set when Flower pushes them)
         self.round_offset = 0  # rounds done before a resume
         self._round_start = 0.0
-        self._bytes_down = 0
+        self._bytes_down: dict[int, int] = {}  # node → bytes of this round's download
         self._global: dict | None = None
+        self.downlink = Downlink(compression or Codec())  # keyed by node id: FedAvg learns regions from replies
 
     @property
     def history(self) -> History:
@@ -105,7 +117,6 @@ class Metered(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_start = self.meter.clock.now()
-        self._bytes_down = record_bytes(arrays)
         self._global = arrays.to_torch_state_dict()
         if self.validator is None:
             self.validator = UpdateValidator(self._global, self.limits)
@@ -114,8 +125,22 @@ class Metered(Strategy):
         messages = self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
         messages = [m for m in messages if m.metadata.dst_node_id not in self.roster.refused
                     and not self.roster.is_quarantined(self.roster.region_of(m.metadata.dst_node_id))]
+        if self.downlink.codec.lossy:
+            messages = [self._compressed(m, server_round + self.round_offset, arrays) for m in messages]
+        self._bytes_down = {m.metadata.dst_node_id: record_bytes(m.content[ARRAYS]) for m in messages}
         self._round_messages = messages
         return messages
+
+    def _compressed(self, msg: Message, server_round: int, arrays: ArrayRecord) -> Message:
+        """The round's message to one node, its download the compressed change from the model the node holds."""
+        node = msg.metadata.dst_node_id
+        down = self.downlink.download(str(node), server_round, arrays)
+        order = WorkOrder.from_config(msg.content[CONFIG])
+        order.compression, order.base, order.layout = self.downlink.codec.spec(), down.base, down.layout
+        order.keep_from = self.downlink.keep_from(str(node), down.base, server_round)
+        config = ConfigRecord({**dict(msg.content[CONFIG]), **order.to_config()})
+        return Message(RecordDict({ARRAYS: down.payload, CONFIG: config}), dst_node_id=node,
+                       message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
 
     def _wait_for_regions(self, grid: Grid) -> None:
         """Wait up to `reply_timeout` for the inner strategy's `min_available_nodes`, then go on with fewer."""
@@ -152,7 +177,9 @@ class Metered(Strategy):
                     self.roster.refuse(RegionInfo(msg.metadata.src_node_id, region, None), why)
                 continue
             self.roster.learn(msg.metadata.src_node_id, region)
-            job = self.meter.dispatch(region, bytes_down=self._bytes_down, at=self._round_start)
+            self.downlink.delivered(str(msg.metadata.src_node_id), server_round + self.round_offset)
+            job = self.meter.dispatch(region, bytes_down=self._bytes_down.get(msg.metadata.src_node_id, 0),
+                                      at=self._round_start)
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
             self.meter.complete(job, bytes_up=bytes_up, reported=job_report(msg, metrics))
             if not self.roster.is_quarantined(region) and self._valid(region, msg):
@@ -178,8 +205,15 @@ class Metered(Strategy):
                         round=server_round + self.round_offset, failed=failed, missing=missing)
 
     def _valid(self, region: str, msg: Message) -> bool:
-        """Check every ArrayRecord of a reply (full weights) against the model; count a rejection."""
+        """Check every ArrayRecord of a reply (full weights) against the model; count a rejection.
+        A compressed reply (a change) is decoded, checked, and replaced by the weights it arrives at."""
         try:
+            encoding = reply_encoding(msg)
+            if encoding != "none":
+                delta = self.validator.check(region, msg.content[ARRAYS], MODE_DELTA, codec=self.downlink.codec,
+                                             encoding=encoding)
+                msg.content[ARRAYS] = ArrayRecord({k: v - delta[k] for k, v in self._global.items()})
+                return True
             for record in msg.content.array_records.values():
                 self.validator.check(region, record, MODE_WEIGHTS, base=self._global)
         except RejectedUpdate:
@@ -211,8 +245,10 @@ class Metered(Strategy):
             res = self.book.record(done, arrays, evaluate_fn, self.book.evaluation_due(done, force=done == num_rounds))
             stopping = self.book.should_stop(None if res is None else res.get("accuracy"))
             if self.book.checkpoint_due(done, force=done == num_rounds or stopping):
-                self.book.save({"quarantined": sorted(self.roster.quarantined)},
-                               {"model": arrays.to_torch_state_dict()})
+                downlink, downlink_models = self.downlink.state_dict()
+                self.book.save({"quarantined": sorted(self.roster.quarantined), "downlink": downlink},
+                               {"model": arrays.to_torch_state_dict(), "downlink": downlink_models})
+                self.downlink.pin({node: key for node, (key, _) in self.downlink.held.items()})
             if stopping:
                 raise _StopRuleFired(arrays)
             return res
@@ -230,4 +266,5 @@ class Metered(Strategy):
         meta, tensors = self.book.load()
         self.round_offset = self.book.step
         self.roster.restore_quarantine(meta["quarantined"])
+        self.downlink.load_state_dict(meta["downlink"], tensors["downlink"])
         return ArrayRecord(tensors["model"])

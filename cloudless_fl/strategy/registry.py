@@ -106,9 +106,6 @@ def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
     FedAvg takes the scheduler's initial plan (its workers, and its round-time
     estimates for the deadline); it does not re-plan.
     """
-    if b.compression is not None and b.compression.lossy:
-        raise ConfigError("compression works with strategy=ma, asgd_ga and asgd_ga_delta (their own loops); "
-                          "Flower's FedAvg sends the same message to every region: use compression=none with it")
     fedavg_args = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": b.num_regions,
                    "min_available_nodes": b.num_regions}
     plan = b.scheduler.start() if b.scheduler is not None else None
@@ -130,7 +127,8 @@ def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
         round_times = {name: r.finish_s for name, r in plan.regions.items() if r.takes_part}
         inner = SelectiveFedAvg(round_times=round_times, deadline_s=s["round_deadline_s"], **fedavg_args)
     return Metered(inner, b.meter, eval_every=s["eval_every"], stop=_stop_rules(s, b), limits=b.limits,
-                   checkpointer=b.checkpointer, resume=b.resume, reply_timeout=s["reply_timeout_s"])
+                   checkpointer=b.checkpointer, resume=b.resume, reply_timeout=s["reply_timeout_s"],
+                   compression=b.compression)
 
 
 FILL_FACTOR = 4.0  # heterogeneity-aware MA: early finishers fill the period up to this x (scheduler's default)

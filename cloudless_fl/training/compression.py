@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from ..control.meter import record_bytes
 from .protocol import decode_tensors
 
 SCALE, INDEX = "@scale", "@index"
@@ -181,7 +182,7 @@ class TopK(Codec):
 
     name, lossy, sparse = "topk", True, True
 
-    def __init__(self, fraction: float = 0.01) -> None:
+    def __init__(self, fraction: float = 0.05) -> None:
         if not 0.0 < float(fraction) <= 1.0:
             raise ValueError(f"topk fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
@@ -241,6 +242,11 @@ def codec_from_spec(spec: str) -> Codec:
     if not arg:
         raise ValueError(f"compression {spec!r} lacks its {option}")
     return make_codec(name, **{option: float(arg) if name == "topk" else int(arg)})
+
+
+def wire_bytes(codec: Codec, tensors: Tensors) -> int:
+    """What one model crosses the WAN as under `codec` (its encoded size): how plans size transfers."""
+    return record_bytes(codec.encode(tensors))
 
 
 class ErrorFeedback:

@@ -131,8 +131,10 @@ def cloudless_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     mode = str(config.get("mode", protocol.MODE_WEIGHTS))
     limit = int(config["local-steps"]) if "local-steps" in config else None
     link = _link(config, context)
-    sent = link.received(msg.content[protocol.ARRAYS])
-    if link.codec.lossy:  # the app sees the model, never the compressed change
+    if link is None:
+        sent = msg.content[protocol.ARRAYS].to_torch_state_dict()
+    else:  # the app sees the model, never the compressed change
+        sent = link.received(msg.content[protocol.ARRAYS])
         msg.content[protocol.ARRAYS] = ArrayRecord(sent)
     reply = None
     start = time.perf_counter()
@@ -150,7 +152,7 @@ def cloudless_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         arrays, update = tap.weight_arrays(), protocol.MODE_WEIGHTS
     else:  # the app's own reply; the server takes the delta itself
         arrays, update = reply.content[protocol.ARRAYS], protocol.reply_update(reply)
-    if link.codec.lossy:  # a change crosses the WAN, compressed
+    if link is not None:  # a change crosses the WAN, compressed
         tensors = arrays.to_torch_state_dict()
         if update == protocol.MODE_WEIGHTS:
             tensors, update = {k: sent[k] - v for k, v in tensors.items()}, protocol.MODE_DELTA
@@ -161,16 +163,20 @@ def cloudless_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     content = RecordDict({} if reply is None else dict(reply.content))
     content[protocol.ARRAYS] = arrays
     content[protocol.METRICS] = MetricRecord(metrics)
-    content[protocol.INFO] = ConfigRecord({"update": update, "encoding": link.codec.spec(), **_region(context)})
+    content[protocol.INFO] = ConfigRecord({"update": update, "encoding": "none" if link is None else link.codec.spec(),
+                                           **_region(context)})
     return Message(content, reply_to=msg)
 
 
-def _link(config: ConfigRecord, context: Context) -> RegionLink:
-    """This job's end of the WAN link; its snapshots go to the node's (or the server-named) state folder."""
+def _link(config: ConfigRecord, context: Context) -> RegionLink | None:
+    """This job's end of a compressed WAN link (None: uncompressed); its snapshots go to the node's (or the
+    server-named) state folder."""
+    if str(config.get("compression", "none")) == "none":
+        return None
     order = protocol.WorkOrder.from_config(config)
     folder = context.node_config.get("state-dir") or config.get("state-dir")
     name = _region(context).get("region", f"node-{context.node_id}")
-    return RegionLink(order, int(order.offset or 0), None if folder is None else Path(str(folder)) / name)
+    return RegionLink(order, None if folder is None else Path(str(folder)) / name)
 
 
 def region_query(msg: Message, context: Context) -> Message:

@@ -68,7 +68,8 @@ class WorkOrder:
     workers: int = 1  # workers the region rents for the job (the plan's); paced compute assumes this many
     compression: str = "none"  # the codec of both directions (`training/compression.py`'s spec)
     base: int | None = None  # the arrays are the change from the model of this earlier job; None: the model
-    keep_from: int | None = None  # the region may forget what jobs before this one left (region_state.py)
+    keep_from: int | None = None  # the region may forget what jobs before this one left (region_link.py)
+    layout: str | None = None  # base None and this set: the arrays are the whole model, encoded (`layout_of`)
 
     def to_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"lr": float(self.lr), "batch-size": int(self.batch_size), "mode": self.mode,
@@ -84,6 +85,8 @@ class WorkOrder:
             cfg["base-job"] = int(self.base)
         if self.keep_from is not None:
             cfg["keep-from-job"] = int(self.keep_from)
+        if self.layout is not None:
+            cfg["model-layout"] = self.layout
         return cfg
 
     @classmethod
@@ -103,7 +106,13 @@ class WorkOrder:
                    version=int(config.get("model-version", 0)), workers=int(config.get("workers", 1)),
                    compression=str(config.get("compression", "none")),
                    base=int(config["base-job"]) if "base-job" in config else None,
-                   keep_from=int(config["keep-from-job"]) if "keep-from-job" in config else None)
+                   keep_from=int(config["keep-from-job"]) if "keep-from-job" in config else None,
+                   layout=str(config["model-layout"]) if "model-layout" in config else None)
+
+    def job_key(self) -> int:
+        """What names this job among its region's jobs: its stream offset, or the round of a synchronous
+        Flower strategy (which sends no offset)."""
+        return self.offset if self.offset is not None else int(self.round or 0)
 
     def samples(self, n_resident: int) -> int:
         """How many stream positions the job consumes on a region holding `n_resident` samples."""
@@ -117,6 +126,26 @@ class WorkOrder:
         if self.offset is not None:
             return self.offset
         return (max(self.round or 1, 1) - 1) * self.samples(n_resident)
+
+
+def layout_of(tensors: dict[str, torch.Tensor]) -> str:
+    """A model's entries, shapes and dtypes as JSON: enough to decode an encoded model without holding one."""
+    return json.dumps([[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in tensors.items()])
+
+
+def layout_tensors(layout: str) -> dict[str, torch.Tensor]:
+    """Shape-only (meta) tensors from `layout_of`'s JSON; ValueError if it is not such a layout."""
+    try:
+        entries = json.loads(layout)
+        out = {}
+        for name, shape, dtype in entries:
+            kind = getattr(torch, str(dtype), None)
+            if not isinstance(kind, torch.dtype):
+                raise ValueError(f"{dtype!r} is not a torch dtype")
+            out[str(name)] = torch.empty([int(n) for n in shape], dtype=kind, device="meta")
+        return out
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model-layout is not a list of [name, shape, dtype]: {exc}") from None
 
 
 def decode_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:

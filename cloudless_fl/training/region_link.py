@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord
 from ..atomic import atomic_write
 from ..errors import DataError
 from .compression import ErrorFeedback, codec_from_spec
-from .protocol import WorkOrder
+from .protocol import WorkOrder, layout_tensors
 
 
 @dataclass
@@ -72,15 +72,14 @@ class RegionLink:
     Parameters
     ----------
     order : WorkOrder
-        Its `compression`, `base` and `keep_from`; the job's key is its stream position `key`.
-    key : int
+        Its `compression`, `base` and `keep_from`; the job's snapshot is named by `order.job_key()`.
     folder : path, optional
         Where the region keeps its snapshots; needed only when the codec is lossy.
     """
 
-    def __init__(self, order: WorkOrder, key: int, folder: str | Path | None) -> None:
+    def __init__(self, order: WorkOrder, folder: str | Path | None) -> None:
         self.codec = codec_from_spec(order.compression)
-        self.order, self.key = order, key
+        self.order, self.key = order, order.job_key()
         if self.codec.lossy and folder is None:
             raise DataError("compressed WAN traffic needs a folder where the region keeps its last model; "
                             "start the SuperNode with --node-config \"state-dir='/path'\"")
@@ -90,8 +89,10 @@ class RegionLink:
 
     def received(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The model the job starts from: the download itself, or the held model plus the change it carries."""
-        if self.order.base is None:
+        if self.order.base is None and self.order.layout is None:
             self.start = arrays.to_torch_state_dict()
+        elif self.order.base is None:  # the whole model, encoded
+            self.start = self.codec.decode(arrays, layout_tensors(self.order.layout))
         else:
             self.base = self.state.load(self.order.base)
             change = self.codec.decode(arrays, self.base.model)
