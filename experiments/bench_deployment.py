@@ -135,13 +135,15 @@ def main() -> None:
                         help="wall-clock seconds after which a run that has not reached the target stops (default 600)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for every run but FedAvg (repeatable)")
+    parser.add_argument("--compression", default="none",
+                        help="WAN codec of every run (the README's figures: none, measured before int4 was the default)")
     parser.add_argument("--out", type=Path, default=None, help="default outputs/bench-deployment/bw<scale>")
     args = parser.parse_args()
     args.out = (args.out or Path(f"outputs/bench-deployment/bw{args.bandwidth_scale:g}")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["fedavg", *[n for n in args.runs if n != "fedavg"]]
     topology = geo4_file(args.out, args.bandwidth_scale)
-    common = [f"target_accuracy={args.target}", f"seed={args.seed}"]
+    common = [f"target_accuracy={args.target}", f"seed={args.seed}", f"compression={args.compression}"]
     table: dict[str, dict] = {}
     for name in names:
         strategy, rounds, overrides = RUNS[name]

@@ -19,10 +19,11 @@ from conftest import small_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
-    "ma": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "strategy.outer_momentum=0.5"],
+    "ma": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "strategy.outer_momentum=0.5",
+           "compression=none"],
     "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=300", "strategy.eval_every=10", "strategy.momentum=0.9",
-                "strategy.average_decay=0.9"],  # the served average is resumed too
-    "fedavg": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25"],
+                "strategy.average_decay=0.9", "compression=none"],  # the served average is resumed too
+    "fedavg": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25", "compression=none"],
     # compressed traffic: the regions' snapshots (held model, error-feedback residual) resume exactly too
     "ma_int8": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "compression=int8"],
     "fedavg_int4": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25", "compression=int4"],

@@ -174,3 +174,13 @@ def test_a_model_layout_round_trips_and_a_bad_one_is_refused():
     for bad in ('[["w", [3], "os"]]', '{"w": 1}', '[["w", ["x"], "float32"]]', "not json"):
         with pytest.raises(ValueError, match="model-layout"):
             protocol.layout_tensors(bad)
+
+
+def test_a_region_that_cannot_write_its_state_says_how_to_fix_it(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression="int8:16", offset=0)
+    link = RegionLink(order, blocked / "region")
+    link.received(_model(0))
+    with pytest.raises(DataError, match="writable --node-config"):
+        link.reply({"w": torch.ones(300), "b": torch.ones(7)})

@@ -59,8 +59,12 @@ class RegionState:
 
     def save(self, key: int, snapshot: Snapshot, keep_from: int) -> None:
         """Keep `snapshot` as job `key`'s; delete those of jobs before `keep_from`, which nothing needs."""
-        atomic_write(self._file(key), lambda fh: torch.save({"model": snapshot.model, "residual": snapshot.residual},
-                                                              fh))
+        try:
+            atomic_write(self._file(key), lambda fh: torch.save({"model": snapshot.model,
+                                                                  "residual": snapshot.residual}, fh))
+        except OSError as exc:
+            raise DataError(f"this region cannot keep its state in {self.folder} ({exc.strerror or exc}); give "
+                            "the SuperNode a writable --node-config \"state-dir='/path'\"") from None
         for old in self.folder.glob("job-*.pt"):
             if int(old.stem.split("-")[1]) < keep_from:
                 old.unlink(missing_ok=True)
