@@ -51,7 +51,12 @@ class Codec:
     sparse = False  # sends a different subset of entries each time
 
     def encode(self, tensors: Tensors) -> ArrayRecord:
-        return ArrayRecord(OrderedDict((k, v.detach().contiguous()) for k, v in tensors.items()))
+        """Floating-point entries as the codec encodes them; integer entries as they are."""
+        out = OrderedDict()
+        for name, value in tensors.items():
+            value = value.detach()
+            out.update(self._encode_one(name, value) if value.is_floating_point() else {name: value})
+        return ArrayRecord(OrderedDict((k, v.contiguous()) for k, v in out.items()))
 
     def decode(self, record: ArrayRecord, like: Tensors) -> dict[str, torch.Tensor]:
         arrays = decode_tensors(record)
@@ -80,6 +85,9 @@ class Codec:
     def _suffixes(self) -> tuple[str, ...]:
         return ()
 
+    def _encode_one(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: value}
+
     def _decode_one(self, name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
         value = arrays[name]
         if value.dtype != ref.dtype or value.shape != ref.shape:
@@ -90,8 +98,8 @@ class Codec:
 class Fp16(Codec):
     name, lossy = "fp16", True
 
-    def encode(self, tensors: Tensors) -> ArrayRecord:
-        return super().encode({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()})
+    def _encode_one(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: value.half()}
 
     def _decode_one(self, name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
         value = arrays[name]
@@ -120,21 +128,13 @@ class Int8(Codec):
     def _suffixes(self) -> tuple[str, ...]:
         return (SCALE,)
 
-    def encode(self, tensors: Tensors) -> ArrayRecord:
-        out = OrderedDict()
-        for name, value in tensors.items():
-            if not value.is_floating_point():
-                out[name] = value.detach().contiguous()
-                continue
-            flat = value.detach().reshape(-1).float()
-            pad = (-flat.numel()) % self.chunk
-            chunks = torch.nn.functional.pad(flat, (0, pad)).view(-1, self.chunk)
-            scale = chunks.abs().amax(dim=1) / self.levels
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            quantised = torch.round(chunks / safe[:, None]).clamp_(-self.levels, self.levels).to(torch.int8)
-            out[name] = self._pack(quantised.reshape(-1)[:flat.numel()]).contiguous()
-            out[name + SCALE] = scale.contiguous()
-        return ArrayRecord(out)
+    def _encode_one(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = value.reshape(-1).float()
+        chunks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % self.chunk)).view(-1, self.chunk)
+        scale = chunks.abs().amax(dim=1) / self.levels
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        quantised = torch.round(chunks / safe[:, None]).clamp_(-self.levels, self.levels).to(torch.int8)
+        return {name: self._pack(quantised.reshape(-1)[:flat.numel()]), name + SCALE: scale}
 
     def _pack(self, q: torch.Tensor) -> torch.Tensor:
         return q
@@ -196,17 +196,10 @@ class TopK(Codec):
     def kept(self, numel: int) -> int:
         return min(numel, max(1, math.ceil(self.fraction * numel)))
 
-    def encode(self, tensors: Tensors) -> ArrayRecord:
-        out = OrderedDict()
-        for name, value in tensors.items():
-            if not value.is_floating_point():
-                out[name] = value.detach().contiguous()
-                continue
-            flat = value.detach().reshape(-1).float()
-            index = torch.topk(flat.abs(), self.kept(flat.numel()), sorted=False).indices.sort().values
-            out[name] = flat[index].contiguous()
-            out[name + INDEX] = index.to(torch.int32)
-        return ArrayRecord(out)
+    def _encode_one(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = value.reshape(-1).float()
+        index = torch.topk(flat.abs(), self.kept(flat.numel()), sorted=False).indices.sort().values
+        return {name: flat[index], name + INDEX: index.to(torch.int32)}
 
     def _decode_one(self, name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
         values, index = arrays[name], arrays[name + INDEX]
