@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for every run but FedAvg (repeatable)")
     parser.add_argument("--compression", default="none",
-                        help="WAN codec of every run (the README's figures: none, measured before int4 was the default)")
+                        help="WAN codec of every run (the README's figures: none)")
     parser.add_argument("--out", type=Path, default=None, help="default outputs/bench-deployment/bw<scale>")
     args = parser.parse_args()
     args.out = (args.out or Path(f"outputs/bench-deployment/bw{args.bandwidth_scale:g}")).resolve()
