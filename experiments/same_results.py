@@ -68,6 +68,8 @@ def main() -> None:
         base_tree = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), args.base], cwd=ROOT, check=True,
                        capture_output=True)
+        # `cloudless_fl.conf` is installed from this checkout's conf/: the base tree must read its own
+        (base_tree / "cloudless_fl" / "conf").symlink_to(base_tree / "conf", target_is_directory=True)
         try:
             for name in args.cases:
                 base = run_case(base_tree, CASES[name], Path(tmp) / "out-base" / name)
