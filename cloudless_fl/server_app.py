@@ -32,7 +32,7 @@ from .reporting.results import History, summarize, write_results
 from .strategy.membership import wait_for_nodes
 from .strategy.registry import Build, strategy_entry
 from .strategy.validation import UpdateLimits
-from .training.compression import make_codec, wire_bytes
+from .training.compression import Codec, make_codec, wire_bytes
 from .training.data import read_manifest
 from .training.local import evaluate
 from .training.models import build_model
@@ -136,16 +136,20 @@ def make_checkpointer(cfg: DictConfig, run_dir: Path, model_state: dict, layout:
     return Checkpointer(Path(run_dir) / CHECKPOINT_FILE, every=every, fingerprint=fingerprint)
 
 
+def codec_of(cfg: DictConfig) -> Codec:
+    """The run's WAN codec (`compression=<name>` and its options)."""
+    return make_codec(**OmegaConf.to_container(cfg.compression))
+
+
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
                    scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None) -> Strategy:
     """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`."""
     v = cfg.validation
     limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after,
                           norm_factor=v.norm_factor, min_agreement=v.min_agreement)
-    codec = make_codec(**OmegaConf.to_container(cfg.compression))
     context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
                     work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", 5),
-                    checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec)
+                    checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec_of(cfg))
     settings = OmegaConf.to_container(cfg.strategy, resolve=True)
     return strategy_entry(cfg.strategy.name).build(settings, context)
 
@@ -175,8 +179,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     require_nodes(grid, len(topology.regions))
     meter = make_meter(cfg, topology)
     initial_arrays = ArrayRecord(model.state_dict())  # serialised once, sent by the strategy
-    codec = make_codec(**OmegaConf.to_container(cfg.compression))
-    work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec, model.state_dict()))
+    work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec_of(cfg), model.state_dict()))
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict(), layout)
     strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)

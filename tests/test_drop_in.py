@@ -105,8 +105,9 @@ def test_the_stock_app_with_the_mod_added_learns_over_compressed_traffic(stock, 
     for kind in ("ModelAveraging", "AsyncGradAccum"):
         (plain, plain_bytes, _), (compressed, compressed_bytes, counters) = runs["plain", kind], runs["compressed", kind]
         assert compressed >= plain - 0.05, kind
-        # (a tiny model: each array's ~128-byte npy header weighs, and every node's first download is whole)
-        assert compressed_bytes < 0.75 * plain_bytes, kind
+        # measured 0.50 (int8) and 0.51 (topk 0.1): a tiny model, where each array's ~128-byte npy header
+        # weighs and topk's first download per node is whole
+        assert compressed_bytes < 0.6 * plain_bytes, kind
         assert not counters.get("rejected_updates"), kind  # every compressed reply decoded and passed
     assert list((tmp_path / "compressed").glob("node-*/job-*.pt"))  # the Mod kept its snapshots
 

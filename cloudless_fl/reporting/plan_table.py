@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..config import compose, prepare_data, topology_of, validate
 from ..control.scheduler import Plan, evaluate_plan, plan, static_plan
-from ..server_app import make_scheduler, resident_sizes, workload
+from ..server_app import codec_of, make_scheduler, resident_sizes, workload
 from ..strategy.registry import strategy_entry
-from ..training.compression import make_codec, wire_bytes
+from ..training.compression import wire_bytes
 from ..training.models import build_model
 
 
@@ -17,8 +17,7 @@ def plans_for(cfg: DictConfig) -> tuple[Plan, Plan]:
     validate(cfg)
     topology, layout = topology_of(cfg), prepare_data(cfg)
     model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, **cfg.model.options)
-    codec = make_codec(**OmegaConf.to_container(cfg.compression))
-    work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec, model.state_dict()))
+    work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec_of(cfg), model.state_dict()))
     objective = make_scheduler(cfg, topology, work).objective
     if strategy_entry(cfg.strategy.name).epoch_based:  # unscheduled FedAvg: minimum workers, one local epoch each
         static = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions},

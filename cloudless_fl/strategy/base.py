@@ -366,16 +366,8 @@ class GeoStrategy(Strategy):
         self.book.save({**meta, "screen_norms": norms},
                        {"optimizer": self.optimizer.state_dict(), "sent": sent, "payloads": payloads,
                         "downlink": downlink_models, "screen": last})
-        self.downlink.pin(self._oldest_keys(flights))  # regions may forget what this checkpoint cannot ask for
-
-    def _oldest_keys(self, flights: list[InFlight]) -> dict[str, int]:
-        """Per region, the oldest job whose snapshot a resume from this checkpoint may need."""
-        oldest = {region: key for region, (key, _) in self.downlink.held.items()}
-        for flight in flights:
-            for key in (flight.order.base, flight.order.offset):
-                if key is not None:
-                    oldest[flight.region] = min(key, oldest.get(flight.region, key))
-        return oldest
+        self.downlink.pin((f.region, key) for f in flights for key in (f.order.base, f.order.offset)
+                          if key is not None)  # regions may forget what this checkpoint cannot ask for
 
     def _extra_state(self) -> dict[str, Any]:
         """A subclass's own JSON-able state for the checkpoint."""

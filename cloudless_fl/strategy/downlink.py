@@ -14,6 +14,7 @@ Memory: one model per region.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +87,12 @@ class Downlink:
         self.held.pop(region, None)
         self.pending.pop(region, None)
 
-    def pin(self, oldest: dict[str, int]) -> None:
-        """A checkpoint was written that may ask each region again for the job keys from `oldest` on."""
-        self.pinned = dict(oldest)
+    def pin(self, in_flight: Iterable[tuple[str, int]] = ()) -> None:
+        """A checkpoint was written: a resume from it may ask each region again for what it holds now and
+        for the jobs in flight (`(region, job key)`: their keys and bases), so nothing older is needed."""
+        self.pinned = {region: key for region, (key, _) in self.held.items()}
+        for region, key in in_flight:
+            self.pinned[region] = min(key, self.pinned.get(region, key))
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
         """(JSON-able keys, tensors) for the checkpoint."""

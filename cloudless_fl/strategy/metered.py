@@ -248,7 +248,7 @@ class Metered(Strategy):
                 downlink, downlink_models = self.downlink.state_dict()
                 self.book.save({"quarantined": sorted(self.roster.quarantined), "downlink": downlink},
                                {"model": arrays.to_torch_state_dict(), "downlink": downlink_models})
-                self.downlink.pin({node: key for node, (key, _) in self.downlink.held.items()})
+                self.downlink.pin()  # a round's end: nothing in flight
             if stopping:
                 raise _StopRuleFired(arrays)
             return res

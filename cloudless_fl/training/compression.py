@@ -68,14 +68,7 @@ class Codec:
                              f"unexpected {extra[:3]}")
         out = {}
         for name, ref in like.items():
-            if ref.is_floating_point():
-                value = self._decode_one(name, arrays, ref)
-            else:
-                value = arrays[name]
-                if value.dtype != ref.dtype or value.shape != ref.shape:
-                    raise ValueError(f"{name}: {value.dtype} {tuple(value.shape)}, expected {ref.dtype} "
-                                     f"{tuple(ref.shape)}")
-            out[name] = value
+            out[name] = self._decode_one(name, arrays, ref) if ref.is_floating_point() else _as_sent(name, arrays, ref)
         return out
 
     def spec(self) -> str:
@@ -89,10 +82,15 @@ class Codec:
         return {name: value}
 
     def _decode_one(self, name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
-        value = arrays[name]
-        if value.dtype != ref.dtype or value.shape != ref.shape:
-            raise ValueError(f"{name}: {value.dtype} {tuple(value.shape)}, expected {ref.dtype} {tuple(ref.shape)}")
-        return value.clone()
+        return _as_sent(name, arrays, ref)
+
+
+def _as_sent(name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
+    """An entry that travelled as it is (uncompressed, or an integer entry): it must match `ref` exactly."""
+    value = arrays[name]
+    if value.dtype != ref.dtype or value.shape != ref.shape:
+        raise ValueError(f"{name}: {value.dtype} {tuple(value.shape)}, expected {ref.dtype} {tuple(ref.shape)}")
+    return value.clone()
 
 
 class Fp16(Codec):
@@ -246,7 +244,7 @@ class ErrorFeedback:
     """Send `codec(update + residual)` and keep what that left out as the next residual.
 
     `residual` is explicit state (None: nothing left out yet), so a region can
-    keep it between jobs and across restarts (`training/region_state.py`).
+    keep it between jobs and across restarts (`training/region_link.py`).
     """
 
     def __init__(self, codec: Codec, residual: Tensors | None = None) -> None:
