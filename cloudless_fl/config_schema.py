@@ -83,6 +83,7 @@ COMMON = {
     "validation.quarantine_after": Number(0, integer=True),
     "validation.norm_factor": Number(1, low_open=True, nullable=True),
     "validation.min_agreement": Number(-1, 1, nullable=True),
+    "validation.clip_factor": Number(0, low_open=True, nullable=True),
     "checkpoint.every": Number(0, integer=True), "checkpoint.at_end": BOOL,
 }
 SCHEDULER = {

@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import _run, execute, pool  # noqa: E402
 
 ATTACKS = ("x-10", "x1e4", "noise")
-DEFENCES = {  # name → overrides; `screen` is the default (validation.norm_factor / min_agreement)
+DEFENCES = {  # name → overrides; `screen` is the default (validation.norm_factor / min_agreement / clip_factor)
     "screen": [],
-    "none": ["validation.norm_factor=null", "validation.min_agreement=null"],
+    "no-clip": ["validation.clip_factor=null"],  # ASGD-GA: the length bound without the clip
+    "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null"],
     "median": ["validation.norm_factor=null", "validation.min_agreement=null", "strategy.aggregation=median"],
 }
-STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "none"),
-                     "asgd_ga": ("screen", "none")}
+STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "no-clip", "none"),
+                     "asgd_ga": ("screen", "no-clip", "none")}
 ATTACK = {"attacker": None, "kind": None}  # set before the worker processes fork
 
 
@@ -109,7 +110,8 @@ def main() -> None:
     ATTACK["attacker"] = args.attacker
     cases = []  # (strategy, defence, attack)
     for strategy in args.strategies:
-        cases += [(strategy, "screen", "clean"), (strategy, "none", "clean"), (strategy, "screen", "absent")]
+        cases += [(strategy, d, "clean") for d in STRATEGY_DEFENCES[strategy] if d != "median"]
+        cases += [(strategy, "screen", "absent")]
         cases += [(strategy, d, a) for d in STRATEGY_DEFENCES[strategy] for a in ATTACKS]
     out = Path(args.out)
     results = {}

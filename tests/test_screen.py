@@ -1,6 +1,8 @@
-"""The update screen: too long for the model or the run, or unlike the region's own last update."""
+"""The update screen: too long for the model or the run, or unlike the region's own last update; the async clip."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,11 @@ from cloudless_fl.strategy.screen import Candidate, UpdateScreen
 MODEL_NORM = 1e3
 
 
+def held(screen: UpdateScreen, candidates, model_norm) -> list[str | None]:
+    """Per candidate, why it is held back (None: admitted)."""
+    return [verdict.reason for verdict in screen.admit(candidates, model_norm)]
+
+
 def change(vector) -> dict[str, torch.Tensor]:
     vector = torch.as_tensor(vector, dtype=torch.float32)
     return {"w": vector[:-2].reshape(-1, 2) if len(vector) > 4 else vector[:-2], "b": vector[-2:]}
@@ -18,54 +25,54 @@ def change(vector) -> dict[str, torch.Tensor]:
 
 def test_an_update_longer_than_the_model_is_held_back_without_any_history():
     screen = UpdateScreen(norm_factor=None, min_agreement=None)
-    reasons = screen.admit([Candidate("a", change([3.0, 4.0, 0.0, 0.0]))], model_norm=4.9)
+    reasons = held(screen, [Candidate("a", change([3.0, 4.0, 0.0, 0.0]))], model_norm=4.9)
     assert reasons[0] is not None and "exceeds the model's own norm 4.9" in reasons[0]
-    assert screen.admit([Candidate("a", change([3.0, 4.0, 0.0, 0.0]))], model_norm=5.1) == [None]
+    assert held(screen, [Candidate("a", change([3.0, 4.0, 0.0, 0.0]))], model_norm=5.1) == [None]
 
 
 def test_a_change_far_longer_per_step_than_the_others_is_held_back():
     screen = UpdateScreen(norm_factor=5.0, min_agreement=None)
     honest = [Candidate(r, change([1.0, 0.0, 0.0, 0.0])) for r in "bcd"]
-    reasons = screen.admit([*honest, Candidate("a", change([-10.0, 0.0, 0.0, 0.0]))], MODEL_NORM)
+    reasons = held(screen, [*honest, Candidate("a", change([-10.0, 0.0, 0.0, 0.0]))], MODEL_NORM)
     assert reasons[:3] == [None, None, None]
     assert "norm per √step 10 is over 5x the recent median 1" in reasons[3]
 
 
 def test_length_is_judged_per_root_of_local_steps():
     screen = UpdateScreen(norm_factor=5.0, min_agreement=None)
-    screen.admit([Candidate(r, change([1.0, 0.0, 0.0, 0.0]), steps=4) for r in "abc"], MODEL_NORM)
+    held(screen, [Candidate(r, change([1.0, 0.0, 0.0, 0.0]), steps=4) for r in "abc"], MODEL_NORM)
     # 36x the steps: up to 6x the length (√36) is in line, over 5 x 6 = 30x is not
-    assert screen.admit([Candidate("d", change([29.0, 0.0, 0.0, 0.0]), steps=144)], MODEL_NORM) == [None]
-    assert screen.admit([Candidate("e", change([31.0, 0.0, 0.0, 0.0]), steps=144)], MODEL_NORM)[0] is not None
-    assert screen.admit([Candidate("f", change([6.0, 0.0, 0.0, 0.0]), steps=4)], MODEL_NORM)[0] is not None
+    assert held(screen, [Candidate("d", change([29.0, 0.0, 0.0, 0.0]), steps=144)], MODEL_NORM) == [None]
+    assert held(screen, [Candidate("e", change([31.0, 0.0, 0.0, 0.0]), steps=144)], MODEL_NORM)[0] is not None
+    assert held(screen, [Candidate("f", change([6.0, 0.0, 0.0, 0.0]), steps=4)], MODEL_NORM)[0] is not None
 
 
 def test_an_update_unlike_its_regions_previous_one_is_held_back():
     screen = UpdateScreen(norm_factor=None, min_agreement=0.2)
-    assert screen.admit([Candidate("a", change([1.0, 1.0, 0.0, 0.0]))], MODEL_NORM) == [None]  # nothing to agree with
-    assert screen.admit([Candidate("a", change([1.0, 0.8, 0.1, 0.0]))], MODEL_NORM) == [None]
-    reason = screen.admit([Candidate("a", change([0.0, 0.0, 1.0, -1.0]))], MODEL_NORM)[0]
+    assert held(screen, [Candidate("a", change([1.0, 1.0, 0.0, 0.0]))], MODEL_NORM) == [None]  # nothing to agree with
+    assert held(screen, [Candidate("a", change([1.0, 0.8, 0.1, 0.0]))], MODEL_NORM) == [None]
+    reason = held(screen, [Candidate("a", change([0.0, 0.0, 1.0, -1.0]))], MODEL_NORM)[0]
     assert reason is not None and "below min_agreement 0.2" in reason
-    assert screen.admit([Candidate("b", change([0.0, 0.0, 1.0, -1.0]))], MODEL_NORM) == [None]  # b's own first
+    assert held(screen, [Candidate("b", change([0.0, 0.0, 1.0, -1.0]))], MODEL_NORM) == [None]  # b's own first
 
 
 def test_the_length_bound_follows_the_run_so_a_common_growth_cannot_lock_everyone_out():
     screen = UpdateScreen(norm_factor=5.0, min_agreement=None)
-    screen.admit([Candidate(r, change([1.0, 0.0, 0.0, 0.0])) for r in "abcd"], MODEL_NORM)
-    held = [screen.admit([Candidate(r, change([20.0, 0.0, 0.0, 0.0])) for r in "abcd"], MODEL_NORM)
-            for _ in range(4)]
-    assert any(r is not None for r in held[0])  # at first the jump looks like an attack...
-    assert held[-1] == [None] * 4  # ...but once it is the run's normal, it is admitted
+    held(screen, [Candidate(r, change([1.0, 0.0, 0.0, 0.0])) for r in "abcd"], MODEL_NORM)
+    reasons = [held(screen, [Candidate(r, change([20.0, 0.0, 0.0, 0.0])) for r in "abcd"], MODEL_NORM)
+               for _ in range(4)]
+    assert any(r is not None for r in reasons[0])  # at first the jump looks like an attack...
+    assert reasons[-1] == [None] * 4  # ...but once it is the run's normal, it is admitted
 
 
 def test_a_restored_screen_judges_as_the_original():
     original = UpdateScreen()
-    original.admit([Candidate(r, change([1.0, float(i), 0.0, 0.0])) for i, r in enumerate("abcd")], MODEL_NORM)
+    held(original, [Candidate(r, change([1.0, float(i), 0.0, 0.0])) for i, r in enumerate("abcd")], MODEL_NORM)
     restored = UpdateScreen()
     restored.load_state_dict(*original.state_dict())
     probe = [Candidate("a", change([-1.0, 0.5, 0.0, 0.0])), Candidate("b", change([30.0, 0.0, 0.0, 0.0]))]
-    reasons = restored.admit(probe, MODEL_NORM)
-    assert reasons == original.admit(probe, MODEL_NORM)
+    reasons = held(restored, probe, MODEL_NORM)
+    assert reasons == held(original, probe, MODEL_NORM)
     assert all(r is not None for r in reasons)  # a disagrees with its last update, b is too long: both need history
 
 
@@ -86,7 +93,7 @@ def test_honest_regions_pass_and_the_attacker_is_held_back_from_its_second_updat
                 honest = {"x-10": -10 * honest, "x1e4": 1e4 * honest,
                           "noise": torch.randn(4096, generator=gen) / 64 * honest.norm()}[attacker]
             candidates.append(Candidate(f"r{r}", change(honest)))
-        reasons = screen.admit(candidates, MODEL_NORM)
+        reasons = held(screen, candidates, MODEL_NORM)
         assert reasons[1:] == [None] * (regions - 1), reasons
         if attacker != "noise" or round_ > 0:  # noise needs a previous update to disagree with
             assert reasons[0] is not None
@@ -94,4 +101,54 @@ def test_honest_regions_pass_and_the_attacker_is_held_back_from_its_second_updat
 
 def test_without_the_model_bound_nothing_is_held_for_length_alone():
     screen = UpdateScreen(norm_factor=None, min_agreement=None, model_bound=False)
-    assert screen.admit([Candidate("a", change([3e4, 4e4, 0.0, 0.0]))], model_norm=1.0) == [None]
+    assert held(screen, [Candidate("a", change([3e4, 4e4, 0.0, 0.0]))], model_norm=1.0) == [None]
+
+
+def one(screen: UpdateScreen, region: str, vector, steps=None):
+    return screen.admit([Candidate(region, change(vector), steps)], MODEL_NORM)[0]
+
+
+def test_asynchronous_updates_are_judged_against_every_regions_latest_not_the_recent_window():
+    """A fast region filling the window with short updates must not make a slow region's long one look bad."""
+    screen = UpdateScreen(norm_factor=5.0, min_agreement=None, per_region=True, clip_factor=None)
+    for region, length in (("slow1", 8.0), ("slow2", 8.0)):
+        assert one(screen, region, [length, 0, 0, 0]).reason is None
+    for _ in range(20):  # the fast region arrives often with short updates
+        assert one(screen, "fast", [1.0, 0, 0, 0]).reason is None
+    assert one(screen, "slow1", [8.0, 0, 0, 0]).reason is None  # the recent window would hold this back (8 > 5 x 1)
+    verdict = one(screen, "fast", [-41.0, 0, 0, 0])  # × −10 of an update 4.1 long: over 5 x 8
+    assert verdict.reason is not None and "over 5x the regions' median 8" in verdict.reason
+
+
+def test_one_region_cannot_move_the_per_region_median():
+    screen = UpdateScreen(norm_factor=5.0, min_agreement=None, per_region=True, clip_factor=None)
+    for region in "abc":
+        one(screen, region, [1.0, 0, 0, 0])
+    for _ in range(5):  # the attacker's own huge updates are held back and do not raise the bound
+        assert one(screen, "x", [100.0, 0, 0, 0]).reason is not None
+    assert one(screen, "x", [6.0, 0, 0, 0]).reason is not None
+
+
+def test_an_admitted_asynchronous_update_is_clipped_to_the_regions_median():
+    screen = UpdateScreen(norm_factor=5.0, min_agreement=None, per_region=True, clip_factor=1.0)
+    assert one(screen, "a", [2.0, 0, 0, 0]).scale == 1.0  # no reference yet: nothing to clip to
+    one(screen, "b", [2.0, 0, 0, 0])
+    one(screen, "c", [4.0, 0, 0, 0])  # latest: a 2, b 2, c 4 → median 2
+    verdict = one(screen, "d", [3.0, 4.0, 0, 0])  # 5 long, under 5 x 2: admitted at 2 / 5
+    assert verdict.reason is None and abs(verdict.scale - 0.4) < 1e-6
+    assert one(screen, "a", [1.0, 0, 0, 0]).scale == 1.0  # shorter than the median: as sent
+    # per √step 8 / √4 = 4; latest a 1, b 2, c 4, d 5 → median 2 (the lower middle one): scaled by 2 / 4
+    verdict = one(screen, "b", [0, 0, 8.0, 0], steps=4)
+    assert abs(verdict.scale - 0.5) < 1e-6
+
+
+def test_a_restored_asynchronous_screen_clips_as_the_original():
+    original = UpdateScreen(per_region=True, min_agreement=None, clip_factor=1.0)
+    for region, length in zip("abcd", (1.0, 2.0, 3.0, 4.0)):
+        one(original, region, [length, 0, 0, 0])
+    restored = UpdateScreen(per_region=True, min_agreement=None, clip_factor=1.0)
+    norms, last = original.state_dict()
+    restored.load_state_dict(json.loads(json.dumps(norms)), last)  # as a checkpoint's JSON holds it
+    verdict = one(restored, "e", [3.0, 0, 0, 0])
+    assert verdict == one(original, "e", [3.0, 0, 0, 0])
+    assert abs(verdict.scale - 2.0 / 3.0) < 1e-6  # the median of 1, 2, 3, 4 (lower middle) is 2

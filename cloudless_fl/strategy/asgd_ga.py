@@ -158,14 +158,15 @@ class AsyncGradAccum(GeoStrategy):
             if update is None:  # rejected: the region simply gets the newest model again
                 continue
             steps = None if self.update == protocol.MODE_GRADIENT else flight.order.steps  # a mean gradient: no scaling
-            if not self._screened([Candidate(flight.region, update, steps)])[0]:
+            scale = self._screened([Candidate(flight.region, update, steps)])[0]
+            if scale is None:
                 continue
             tau = self.version - flight.version
             if tau > self.tau_max:
                 self.book.count("dropped_stale")
                 continue
             self.history.staleness[tau] += 1  # of applied updates
-            self.optimizer.step(update, scale=self.staleness(tau) * self._balance_weight(flight.region))
+            self.optimizer.step(update, scale=scale * self.staleness(tau) * self._balance_weight(flight.region))
             self.version += 1
             applied = True
         return (self.optimizer.arrays() if applied else None), metrics

@@ -96,7 +96,8 @@ class GeoStrategy(Strategy):
     """
 
     # Updates are comparable across regions and with each region's previous one (synchronous periods from one
-    # model): screen.py's length-per-step and agreement checks apply. Otherwise only its model-norm bound does.
+    # model): screen.py's recent-median length and agreement checks apply. Otherwise (asynchronous) its
+    # per-region length bound and clip do.
     comparable_updates = True
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
@@ -173,7 +174,8 @@ class GeoStrategy(Strategy):
         comparable, factor = self.comparable_updates, self.limits.norm_factor
         # a sparsified update is a different slice of the region's change each time: unlike its last by design
         agreement = self.limits.min_agreement if comparable and not self.downlink.codec.sparse else None
-        self.screen = UpdateScreen(factor if comparable else None, agreement, model_bound=factor is not None)
+        self.screen = UpdateScreen(factor, agreement, model_bound=factor is not None, per_region=not comparable,
+                                   clip_factor=None if comparable else self.limits.clip_factor)
         self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)
@@ -269,20 +271,26 @@ class GeoStrategy(Strategy):
                                         overhead_s=overhead_s)
         return tensors, metrics
 
-    def _screened(self, candidates: list[Candidate]) -> list[bool]:
-        """Which well-formed updates may touch the model (screen.py); held-back ones are counted and recorded."""
+    def _screened(self, candidates: list[Candidate]) -> list[float | None]:
+        """Per update, the factor to apply it with (screen.py: < 1 if clipped), or None if held back.
+
+        Held-back ones are counted and recorded; clipped ones counted in `clipped_updates`."""
         model_norm = float(torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(t.float()) for t in self.optimizer.state.values() if t.is_floating_point()])))
-        admitted = []
-        for candidate, reason in zip(candidates, self.screen.admit(candidates, model_norm)):
-            if reason is not None:
+        scales = []
+        for candidate, verdict in zip(candidates, self.screen.admit(candidates, model_norm)):
+            if verdict.reason is not None:
                 if not self.book.history.counters.get("screened_updates"):
                     log.warning("update from region %s held back: %s (counted as screened_updates; "
-                                "see docs/reliability.md)", candidate.region, reason)
+                                "see docs/reliability.md)", candidate.region, verdict.reason)
                 self.book.event("update_screened", counter="screened_updates", region=candidate.region,
-                                reason=reason)
-            admitted.append(reason is None)
-        return admitted
+                                reason=verdict.reason)
+                scales.append(None)
+                continue
+            if verdict.scale < 1.0:
+                self.validator.clipped[candidate.region] += 1
+            scales.append(verdict.scale)
+        return scales
 
     def _lose(self, key: str, reason: str) -> None:
         """The job's node errs or times out: it leaves the run, which goes on."""

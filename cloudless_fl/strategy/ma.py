@@ -109,8 +109,9 @@ class ModelAveraging(GeoStrategy):
             weights.append(float(metrics["num-examples"]) if self.weight_by == "samples"
                            else self.roster.shares[flight.region])
             steps.append(max(1, int(metrics["steps"])) if "steps" in metrics else None)  # stock replies: none
-        kept = self._screened([Candidate(r, c, h) for r, c, h in zip(regions, changes, steps)]) if changes else []
-        changes, weights, steps = ([x for x, keep in zip(xs, kept) if keep] for xs in (changes, weights, steps))
+        scales = self._screened([Candidate(r, c, h) for r, c, h in zip(regions, changes, steps)]) if changes else []
+        changes, weights, steps = ([x for x, scale in zip(xs, scales) if scale is not None]
+                                   for xs in (changes, weights, steps))
         if not changes:
             return None, None
         if self.aggregation != "mean":

@@ -27,14 +27,30 @@ Three properties of honest updates separate them instead:
   slowly. Noise, or anything not computed from the region's data, does not
   (cosine ≈ 0).
 
-ASGD-GA gets the first check only: its updates come from different model
-versions, and neither of the other two separates an attacker there (measured,
-see `AsyncGradAccum.comparable_updates`). Held-back updates are counted
-(`screened_updates`) and recorded, never applied; they do not count towards
-quarantine, so an honest region caught by a false positive loses that update
-only. Not caught (the threat model, docs/reliability.md): a region that sends a
+ASGD-GA's updates come from different model versions and regions of very
+different speed: a fast region fills any recent window, and a region's
+consecutive updates need not agree (measured, see
+`AsyncGradAccum.comparable_updates`). Its screen therefore compares each update
+with **every region's latest** norm per √step (the median over regions, so one
+region of three or more cannot move it; a fast region counts once) and does
+two things (Kardam-style filtering for asynchronous SGD, Damaskinos et al.
+2018, arXiv 1805.10032, with the norm bound of Sun et al. in place of its
+Lipschitz test):
+
+- holds back an update over `norm_factor` x that median (honest geo4 updates
+  measured at 0.14-3.5x; × −10 of one at a median 24x);
+- scales an admitted update down to `clip_factor` x that median, so whatever
+  gets in moves the model no further than a typical honest update
+  (clipping as in DP-SGD/robust FL; measured on geo4 it also helped the
+  clean run: the slow regions' rare long steps no longer jolt the model).
+
+Held-back updates are counted (`screened_updates`) and recorded, never applied;
+they do not count towards quarantine, so an honest region caught by a false
+positive loses that update only. Clipped ones count in `clipped_updates`. Not
+caught (the threat model, docs/reliability.md): a region that sends a
 consistent, normal-length wrong update (its honest change × −1, training on
-poisoned labels), and in ASGD-GA anything shorter than the model.
+poisoned labels); in ASGD-GA such an update moves the model at most a typical
+step per arrival.
 """
 
 from __future__ import annotations
@@ -50,6 +66,14 @@ WINDOW = 16  # norms per √step of the recent updates the length bound is relat
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The screen's decision on one update: held back (`reason`), or admitted and applied × `scale` (≤ 1)."""
+
+    reason: str | None = None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One region's update as the strategy will apply it: its change to the model and the local steps behind it."""
 
@@ -59,64 +83,86 @@ class Candidate:
 
 
 class UpdateScreen:
-    """Admits or holds back well-formed updates; state: recent norms and each region's last update.
+    """Admits, clips or holds back well-formed updates; state: recent norms and each region's last update.
 
     Parameters
     ----------
     norm_factor : float, optional
-        An update whose norm per √(local steps) exceeds this multiple of the recent
+        An update whose norm per √(local steps) exceeds this multiple of the reference
         median is held back (None: no such check).
     model_bound : bool
         Hold back an update longer than the model it changes.
     min_agreement : float, optional
         An update whose cosine with its region's previous update is below this is
         held back (None: no agreement check).
+    per_region : bool
+        The reference is the median of each region's latest norm per √step (asynchronous
+        updates) instead of the median of the recent `WINDOW` updates (synchronous periods).
+    clip_factor : float, optional
+        An admitted update longer than this multiple of the reference is scaled down to it
+        (None: never scaled).
     """
 
     def __init__(self, norm_factor: float | None = 5.0, min_agreement: float | None = 0.05,
-                 model_bound: bool = True) -> None:
+                 model_bound: bool = True, per_region: bool = False, clip_factor: float | None = None) -> None:
         self.norm_factor, self.min_agreement, self.model_bound = norm_factor, min_agreement, model_bound
+        self.per_region, self.clip_factor = per_region, clip_factor
         self.norms: deque[float] = deque(maxlen=WINDOW)
+        self.latest: dict[str, float] = {}  # per_region: region → its latest norm per √step
         self.last: dict[str, torch.Tensor] = {}
 
-    def admit(self, candidates: Sequence[Candidate], model_norm: float) -> list[str | None]:
-        """Per candidate, None (admit) or why it is held back. Judged together, as one aggregation uses them.
+    def admit(self, candidates: Sequence[Candidate], model_norm: float) -> list[Verdict]:
+        """Per candidate, a Verdict. Judged together, as one aggregation uses them.
 
         An update longer than the model it changes is never a step from it (the
-        bound that holds without history). Once three updates have been seen the
-        length bound is `norm_factor` x the median of the recent ones (before
-        that, of the candidates, if three or more).
+        bound that holds without history). The length bound and the clip need a
+        reference: once three updates (per_region: three regions) have been seen,
+        their median; before that, of the candidates, if three or more.
         """
         flats = [torch.cat([t.reshape(-1).float() for t in c.change.values()]) for c in candidates]
         per_step = [float(f.norm()) / math.sqrt(max(1, c.steps or 1)) for f, c in zip(flats, candidates)]
-        reference = (_median(self.norms) if len(self.norms) >= 3
-                     else _median(per_step) if len(candidates) >= 3 else None)
-        reasons = []
+        reference = self._reference(per_step)
+        verdicts = []
         for candidate, flat, norm in zip(candidates, flats, per_step):
-            reason = None
+            reason, scale = None, 1.0
             if self.model_bound and model_norm > 0 and float(flat.norm()) > model_norm:
                 reason = f"norm {float(flat.norm()):.3g} exceeds the model's own norm {model_norm:.3g}"
             elif self.norm_factor is not None and reference is not None and norm > self.norm_factor * reference:
-                reason = f"norm per √step {norm:.3g} is over {self.norm_factor:g}x the recent median {reference:.3g}"
+                reason = f"norm per √step {norm:.3g} is over {self.norm_factor:g}x the {self._what} {reference:.3g}"
             previous = self.last.get(candidate.region)
             if reason is None and self.min_agreement is not None and previous is not None:
                 agreement = float(torch.nn.functional.cosine_similarity(flat, previous, dim=0))
                 if not agreement >= self.min_agreement:
                     reason = (f"agrees with the region's previous update by {agreement:.2f} (cosine), "
                               f"below min_agreement {self.min_agreement:g}")
+            if reason is None and self.clip_factor is not None and reference is not None and norm > 0:
+                scale = min(1.0, self.clip_factor * reference / norm)
             if self.min_agreement is not None:
                 self.last[candidate.region] = flat
             if math.isfinite(norm):  # held-back ones too: the median follows the run (a minority cannot move it)
                 self.norms.append(norm)
-            reasons.append(reason)
-        return reasons
+                self.latest[candidate.region] = norm
+            verdicts.append(Verdict(reason, scale))
+        return verdicts
 
-    def state_dict(self) -> tuple[list[float], dict[str, torch.Tensor]]:
+    @property
+    def _what(self) -> str:
+        return "regions' median" if self.per_region else "recent median"
+
+    def _reference(self, candidates_norms: Sequence[float]) -> float | None:
+        """The median length the bounds are multiples of (for an even count, the lower middle one)."""
+        seen = list(self.latest.values()) if self.per_region else self.norms
+        if len(seen) >= 3:
+            return _median(seen)
+        return _median(candidates_norms) if len(candidates_norms) >= 3 else None
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able norms, tensors) for a checkpoint: resume judges the next update exactly as the run would."""
-        return list(self.norms), dict(self.last)
+        return {"recent": list(self.norms), "latest": dict(self.latest)}, dict(self.last)
 
-    def load_state_dict(self, norms: list[float], last: Mapping[str, torch.Tensor]) -> None:
-        self.norms = deque(norms, maxlen=WINDOW)
+    def load_state_dict(self, norms: dict, last: Mapping[str, torch.Tensor]) -> None:
+        self.norms = deque(norms["recent"], maxlen=WINDOW)
+        self.latest = dict(norms["latest"])
         self.last = dict(last)
 
 

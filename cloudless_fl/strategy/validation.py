@@ -52,9 +52,13 @@ class UpdateLimits:
         Rejections after which a region gets no more work (0: never).
     norm_factor, min_agreement : float, optional
         The screen of well-formed updates (screen.py): hold back one longer than
-        the model, or (MA) whose norm per √step is over `norm_factor` x the recent
-        median, or whose cosine with its region's previous update is below
-        `min_agreement`. None: that check off (`norm_factor`: every length check).
+        the model, or whose norm per √step is over `norm_factor` x the median (MA:
+        of the recent updates; ASGD-GA: of the regions' latest), or (MA) whose
+        cosine with its region's previous update is below `min_agreement`. None:
+        that check off (`norm_factor`: every length check).
+    clip_factor : float, optional
+        ASGD-GA: an admitted update whose norm per √step is over this multiple of
+        the regions' median is scaled down to it. None: no clipping.
     """
 
     max_norm: float | None = None
@@ -62,6 +66,7 @@ class UpdateLimits:
     quarantine_after: int = 5
     norm_factor: float | None = 5.0
     min_agreement: float | None = 0.05
+    clip_factor: float | None = 1.0
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
@@ -73,6 +78,8 @@ class UpdateLimits:
         if self.min_agreement is not None and not (isinstance(self.min_agreement, (int, float))
                                                    and -1 <= self.min_agreement <= 1):
             raise ConfigError(f"validation.min_agreement={self.min_agreement!r} must be in [-1, 1] (or null: no check)")
+        if self.clip_factor is not None and not (isinstance(self.clip_factor, (int, float)) and self.clip_factor > 0):
+            raise ConfigError(f"validation.clip_factor={self.clip_factor!r} must be a number > 0 (or null: no clipping)")
         if not isinstance(self.quarantine_after, int) or self.quarantine_after < 0:
             raise ConfigError(f"validation.quarantine_after={self.quarantine_after!r} must be an integer ≥ 0")
 
