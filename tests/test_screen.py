@@ -137,9 +137,9 @@ def test_an_admitted_asynchronous_update_is_clipped_to_the_regions_median():
     verdict = one(screen, "d", [3.0, 4.0, 0, 0])  # 5 long, under 5 x 2: admitted at 2 / 5
     assert verdict.reason is None and abs(verdict.scale - 0.4) < 1e-6
     assert one(screen, "a", [1.0, 0, 0, 0]).scale == 1.0  # shorter than the median: as sent
-    # per √step 8 / √4 = 4; latest a 1, b 2, c 4, d 5 → median 2 (the lower middle one): scaled by 2 / 4
+    # per √step 8 / √4 = 4; latest a 1, b 2, c 4, d 5 → median 3: scaled by 3 / 4
     verdict = one(screen, "b", [0, 0, 8.0, 0], steps=4)
-    assert abs(verdict.scale - 0.5) < 1e-6
+    assert abs(verdict.scale - 0.75) < 1e-6
 
 
 def test_a_restored_asynchronous_screen_clips_as_the_original():
@@ -151,4 +151,4 @@ def test_a_restored_asynchronous_screen_clips_as_the_original():
     restored.load_state_dict(json.loads(json.dumps(norms)), last)  # as a checkpoint's JSON holds it
     verdict = one(restored, "e", [3.0, 0, 0, 0])
     assert verdict == one(original, "e", [3.0, 0, 0, 0])
-    assert abs(verdict.scale - 2.0 / 3.0) < 1e-6  # the median of 1, 2, 3, 4 (lower middle) is 2
+    assert abs(verdict.scale - 2.5 / 3.0) < 1e-6  # the median of 1, 2, 3, 4 is 2.5

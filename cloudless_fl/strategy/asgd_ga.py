@@ -117,6 +117,7 @@ class AsyncGradAccum(GeoStrategy):
         self._idle: set[int] = set()
         self._intervals: dict[str, float] = {}  # region → smoothed seconds between its arrivals
         self._last_arrival: dict[str, float] = {}  # wall clock only: when the region's last reply was taken
+        self._applied: dict[str, float] = {}  # region → smoothed fraction of its arrivals that were applied
 
     @property
     def version(self) -> int:
@@ -155,21 +156,28 @@ class AsyncGradAccum(GeoStrategy):
             if not self.meter.clock.modelled:
                 self._observe_arrival(flight.region, flight.job.dispatched_at)
             update, metrics = self._complete(flight, reply, self.update)
-            if update is None:  # rejected: the region simply gets the newest model again
-                continue
-            steps = None if self.update == protocol.MODE_GRADIENT else flight.order.steps  # a mean gradient: no scaling
-            scale = self._screened([Candidate(flight.region, update, steps)])[0]
-            if scale is None:
+            scale = self._admitted(flight, update)
+            self._applied[flight.region] = moving_average(self._applied.get(flight.region), float(scale is not None),
+                                                          RATE_EMA)
+            if scale is None:  # the region simply gets the newest model again
                 continue
             tau = self.version - flight.version
-            if tau > self.tau_max:
-                self.book.count("dropped_stale")
-                continue
             self.history.staleness[tau] += 1  # of applied updates
             self.optimizer.step(update, scale=scale * self.staleness(tau) * self._balance_weight(flight.region))
             self.version += 1
             applied = True
         return (self.optimizer.arrays() if applied else None), metrics
+
+    def _admitted(self, flight, update) -> float | None:
+        """The factor the screen lets `update` in with; None if it was rejected, held back or too stale."""
+        if update is None:
+            return None
+        steps = None if self.update == protocol.MODE_GRADIENT else flight.order.steps  # a mean gradient: no scaling
+        scale = self._screened([Candidate(flight.region, update, steps)])[0]
+        if scale is not None and self.version - flight.version > self.tau_max:
+            self.book.count("dropped_stale")
+            return None
+        return scale
 
     # ------------------------------------------------------------------ the event loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
@@ -224,10 +232,11 @@ class AsyncGradAccum(GeoStrategy):
     # ------------------------------------------------------------------ helpers
 
     def _extra_state(self) -> dict:
-        return {"durations": self._intervals}  # the key checkpoints have always used for the rates
+        return {"durations": self._intervals, "applied": self._applied}  # "durations": the rates' historic key
 
     def _load_extra_state(self, meta: dict) -> None:
         self._intervals = dict(meta["durations"])
+        self._applied = dict(meta["applied"])
 
     def _region_left(self, region: str) -> None:
         super()._region_left(region)
@@ -243,12 +252,18 @@ class AsyncGradAccum(GeoStrategy):
         self._intervals[region] = moving_average(self._intervals.get(region), seconds, RATE_EMA)
 
     def _balance_weight(self, region: str) -> float:
-        """`share_r * R / rate_r`, mean 1 over arrivals, capped at `max_weight`."""
+        """`share_r * R / rate_r`, capped at `max_weight`; `R` counts only the arrivals that get applied.
+
+        Mean weight 1 over applied arrivals. Counting a region whose updates are held back or
+        rejected in `R` would inflate everyone else's steps by the rate it no longer moves the
+        model with (measured: a fast attacker held back on every update drove geo4 to 0.58).
+        """
         live = self.roster.live_names()
         if not self.balance or len(live) < 2 or any(r not in self._intervals for r in live):
             return 1.0
         rates = {r: 1.0 / max(self._intervals[r], 1e-9) for r in live}
+        applied_rate = sum(rates[r] * self._applied.get(r, 1.0) for r in live)
         shares = self.roster.shares
         share_total = sum(shares[r] for r in live)
-        weight = (shares[region] / share_total) * sum(rates.values()) / rates[region]
+        weight = (shares[region] / share_total) * applied_rate / rates[region]
         return min(weight, self.max_weight)

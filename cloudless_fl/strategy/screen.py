@@ -150,7 +150,7 @@ class UpdateScreen:
         return "regions' median" if self.per_region else "recent median"
 
     def _reference(self, candidates_norms: Sequence[float]) -> float | None:
-        """The median length the bounds are multiples of (for an even count, the lower middle one)."""
+        """The median length the bounds are multiples of."""
         seen = list(self.latest.values()) if self.per_region else self.norms
         if len(seen) >= 3:
             return _median(seen)
@@ -167,4 +167,5 @@ class UpdateScreen:
 
 
 def _median(values) -> float:
-    return float(torch.tensor(list(values), dtype=torch.float64).median())
+    """The median; for an even count the mean of the two middle values (so with four regions, one cannot set it)."""
+    return float(torch.tensor(list(values), dtype=torch.float64).quantile(0.5))
