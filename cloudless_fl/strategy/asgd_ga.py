@@ -252,18 +252,21 @@ class AsyncGradAccum(GeoStrategy):
         self._intervals[region] = moving_average(self._intervals.get(region), seconds, RATE_EMA)
 
     def _balance_weight(self, region: str) -> float:
-        """`share_r * R / rate_r`, capped at `max_weight`; `R` counts only the arrivals that get applied.
+        """`share_r * R / rate_r`, capped at `max_weight`; shares and `R` count only what gets applied.
 
-        Mean weight 1 over applied arrivals. Counting a region whose updates are held back or
-        rejected in `R` would inflate everyone else's steps by the rate it no longer moves the
-        model with (measured: a fast attacker held back on every update drove geo4 to 0.58).
+        Mean weight 1 over applied arrivals: each region's rate and data share count by the
+        fraction of its arrivals that move the model. Counting a region whose updates are held
+        back or rejected in `R` inflates everyone else's steps by the rate it no longer moves the
+        model with (measured: a fast attacker held back on every update drove geo4 to 0.58); in
+        the shares, it shrinks them, as if its data were still being learnt.
         """
         live = self.roster.live_names()
         if not self.balance or len(live) < 2 or any(r not in self._intervals for r in live):
             return 1.0
         rates = {r: 1.0 / max(self._intervals[r], 1e-9) for r in live}
-        applied_rate = sum(rates[r] * self._applied.get(r, 1.0) for r in live)
+        applied = {r: self._applied.get(r, 1.0) for r in live}
         shares = self.roster.shares
-        share_total = sum(shares[r] for r in live)
+        share_total = sum(shares[r] * applied[r] for r in live)
+        applied_rate = sum(rates[r] * applied[r] for r in live)
         weight = (shares[region] / share_total) * applied_rate / rates[region]
         return min(weight, self.max_weight)
