@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.app import Error as MessageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import _run, execute, pool  # noqa: E402
+from runner import _run, execute, last_evaluations, pool  # noqa: E402
 
 ATTACKS = ("x-10", "x1e4", "noise")
 DEFENCES = {  # name → overrides; `screen` is the default (validation.norm_factor / min_agreement / clip_factor)
@@ -126,11 +126,12 @@ def main() -> None:
                 results[(s, d, a)] = json.loads((out / f"{s}-{d}-{a}" / "results.json").read_text())["summary"]
 
     print(f"\nattacker: {args.attacker}; seed {args.seed}; {' '.join(args.overrides) or 'geo4 defaults'}")
-    print(f"{'strategy':<14} {'defence':<8} {'attack':<7} {'final':>6} {'best':>6} {'t-target':>9} "
+    print(f"{'strategy':<14} {'defence':<8} {'attack':<7} {'final':>6} {'last 5':>6} {'best':>6} {'t-target':>9} "
           f"{'held back':>9} {'rejected':>8} {'quarantined':>11}")
     for (s, d, a), summary in results.items():
         t = summary["time_to_target_s"]
-        print(f"{s:<14} {d:<8} {a:<7} {summary['final_accuracy']:6.3f} {summary['best_accuracy']:6.3f} "
+        print(f"{s:<14} {d:<8} {a:<7} {summary['final_accuracy']:6.3f} "
+              f"{last_evaluations(str(out / f'{s}-{d}-{a}')):6.3f} {summary['best_accuracy']:6.3f} "
               f"{'—' if t is None else f'{t:8.0f}s':>9} {summary['screened_updates']:>9} "
               f"{summary['rejected_updates']:>8} {summary['quarantined_regions']:>11}")
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import execute, pool  # noqa: E402
+from runner import execute, last_evaluations, pool  # noqa: E402
 
 STRATEGIES = {  # label → overrides; ASGD-GA's final accuracy swings by points between versions, so it is
     # also run serving the average of versions (README "The served model"), whose final accuracy is stable
@@ -75,8 +75,8 @@ def main() -> None:
                 faster = _mean_ratio([b["time_to_target_s"] for b in base], [r["time_to_target_s"] for r in runs])
                 final = statistics.mean(r["final_accuracy"] for r in runs)
                 delta = 100 * (final - statistics.mean(b["final_accuracy"] for b in base))
-                late = statistics.mean(_last_evaluations(folder(w, s, c, seed)) for seed in args.seeds)
-                late_delta = 100 * (late - statistics.mean(_last_evaluations(folder(w, s, "none", seed))
+                late = statistics.mean(last_evaluations(folder(w, s, c, seed)) for seed in args.seeds)
+                late_delta = 100 * (late - statistics.mean(last_evaluations(folder(w, s, "none", seed))
                                                            for seed in args.seeds))
                 times = "/".join("—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
                                  for r in runs)
@@ -84,12 +84,6 @@ def main() -> None:
                 print(f"{w:<8} {s:<17} {c:<5} {_fmt(statistics.mean(reached) if reached else None, '.1f'):>13} "
                       f"{_fmt(fewer, '.1f'):>8} {times:>20} {_fmt(faster, '.2f'):>8} {final:>6.3f} {delta:>+6.1f} "
                       f"{late:>6.3f} {late_delta:>+6.1f}")
-
-
-def _last_evaluations(run_dir: str, count: int = 5) -> float:
-    """Mean accuracy of a run's last `count` evaluations (results.json's history)."""
-    history = json.loads((Path(run_dir) / "results.json").read_text())["history"]
-    return statistics.mean([e["accuracy"] for e in history if e["accuracy"] is not None][-count:])
 
 
 def _mean_ratio(base: list, runs: list) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import statistics
 import time
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def _run(job: Job) -> tuple[str, dict | None, float]:
         return run_dir, json.loads(results.read_text())["summary"], 0.0
     payload = run(compose([*overrides, "engine=inprocess", "progress=false"]), run_dir)
     return run_dir, payload["summary"], time.perf_counter() - start
+
+
+def last_evaluations(run_dir: str, count: int = 5) -> float:
+    """Mean accuracy of a run's last `count` evaluations (results.json's history): less of a coin toss than the last."""
+    history = json.loads((Path(run_dir) / "results.json").read_text())["history"]
+    return statistics.mean([e["accuracy"] for e in history if e["accuracy"] is not None][-count:])
 
 
 def pool(workers: int):
