@@ -84,6 +84,7 @@ COMMON = {
     "validation.norm_factor": Number(1, low_open=True, nullable=True),
     "validation.min_agreement": Number(-1, 1, nullable=True),
     "validation.clip_factor": Number(0, low_open=True, nullable=True),
+    "validation.min_relatedness": Number(0, nullable=True),
     "checkpoint.every": Number(0, integer=True), "checkpoint.at_end": BOOL,
 }
 SCHEDULER = {

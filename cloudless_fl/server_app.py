@@ -146,7 +146,8 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
     """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`."""
     v = cfg.validation
     limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after,
-                          norm_factor=v.norm_factor, min_agreement=v.min_agreement, clip_factor=v.clip_factor)
+                          norm_factor=v.norm_factor, min_agreement=v.min_agreement, clip_factor=v.clip_factor,
+                          min_relatedness=v.min_relatedness)
     context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
                     work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", 5),
                     checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec_of(cfg))

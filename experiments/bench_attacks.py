@@ -26,15 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import _run, execute, last_evaluations, pool  # noqa: E402
 
 ATTACKS = ("x-10", "x1e4", "noise")
-DEFENCES = {  # name → overrides; `screen` is the default (validation.norm_factor / min_agreement / clip_factor)
+DEFENCES = {  # name → overrides; `screen` is the default (validation.norm_factor / min_agreement / clip_factor /
+    # min_relatedness)
     "screen": [],
     "no-clip": ["validation.clip_factor=null"],  # ASGD-GA: the length bound without the clip
-    "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null"],
+    "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null",
+             "validation.min_relatedness=null"],
     "median": ["validation.norm_factor=null", "validation.min_agreement=null", "strategy.aggregation=median"],
 }
 STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "no-clip", "none"),
                      "asgd_ga": ("screen", "no-clip", "none")}
 ATTACK = {"attacker": None, "kind": None}  # set before the worker processes fork
+# Fresh noise for every update: the ClientApp seeds torch's global generator when it builds its model, so noise drawn
+# from that would repeat job after job (a consistent direction, not noise).
+NOISE = torch.Generator().manual_seed(0)
 
 
 def attack_arrays(arrays: ArrayRecord, sent: ArrayRecord, update: str, kind: str) -> ArrayRecord:
@@ -51,7 +56,7 @@ def attack_arrays(arrays: ArrayRecord, sent: ArrayRecord, update: str, kind: str
         elif kind == "x1e4":
             change = 1e4 * change
         elif kind == "noise":
-            change = torch.randn_like(change) * change.norm() / max(1, change.numel()) ** 0.5
+            change = torch.randn(change.shape, generator=NOISE) * change.norm() / max(1, change.numel()) ** 0.5
         else:
             raise ValueError(f"unknown attack {kind!r}; one of {', '.join(ATTACKS)}")
         out[name] = base[name] + change if update == "weights" else change

@@ -17,7 +17,7 @@ from cloudless_fl.strategy.validation import UpdateLimits
 import client_app  # noqa: E402
 import task  # noqa: E402
 
-OFF = UpdateLimits(norm_factor=None, min_agreement=None, clip_factor=None)
+OFF = UpdateLimits(norm_factor=None, min_agreement=None, clip_factor=None, min_relatedness=None)
 
 NOISE = torch.Generator().manual_seed(0)
 

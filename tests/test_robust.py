@@ -101,7 +101,7 @@ def test_ma_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_path,
     assert ma.history.counters["quarantined_regions"] == 0
 
 
-NO_ASYNC_SCREEN = UpdateLimits(norm_factor=None, min_agreement=None, clip_factor=None)
+NO_ASYNC_SCREEN = UpdateLimits(norm_factor=None, min_agreement=None, clip_factor=None, min_relatedness=None)
 
 
 def _asgd_ga(fed, update, limits=None):

@@ -152,3 +152,19 @@ def test_a_restored_asynchronous_screen_clips_as_the_original():
     verdict = one(restored, "e", [3.0, 0, 0, 0])
     assert verdict == one(original, "e", [3.0, 0, 0, 0])
     assert abs(verdict.scale - 2.5 / 3.0) < 1e-6  # the median of 1, 2, 3, 4 is 2.5
+
+
+def test_noise_unrelated_to_its_regions_recent_updates_is_held_back_but_a_reversal_is_not():
+    """|cosine| with the region's recent direction: noise is orthogonal, an honest swing of the gradient is not."""
+    gen = torch.Generator().manual_seed(0)
+    size = 40_000
+    screen = UpdateScreen(norm_factor=None, min_agreement=None, per_region=True, min_relatedness=5.0)
+    direction = torch.randn(size, generator=gen)
+    assert one(screen, "a", direction).reason is None  # the first: nothing to relate to
+    assert one(screen, "a", -0.8 * direction + 0.6 * torch.randn(size, generator=gen)).reason is None  # a swing
+    for _ in range(20):  # noise of the same length: |cosine| about 1/√size, well under 5/√size
+        noise = torch.randn(size, generator=gen)
+        verdict = one(screen, "a", noise * direction.norm() / noise.norm())
+        assert verdict.reason is not None and "unrelated to the region's recent updates" in verdict.reason
+    assert one(screen, "b", torch.randn(size, generator=gen)).reason is None  # b's own first
+    assert one(screen, "a", direction + 0.5 * torch.randn(size, generator=gen)).reason is None  # a back on course

@@ -175,7 +175,8 @@ class GeoStrategy(Strategy):
         # a sparsified update is a different slice of the region's change each time: unlike its last by design
         agreement = self.limits.min_agreement if comparable and not self.downlink.codec.sparse else None
         self.screen = UpdateScreen(factor, agreement, model_bound=factor is not None, per_region=not comparable,
-                                   clip_factor=None if comparable else self.limits.clip_factor)
+                                   clip_factor=None if comparable else self.limits.clip_factor,
+                                   min_relatedness=None if comparable else self.limits.min_relatedness)
         self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)

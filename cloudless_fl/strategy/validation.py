@@ -59,6 +59,10 @@ class UpdateLimits:
     clip_factor : float, optional
         ASGD-GA: an admitted update whose norm per √step is over this multiple of
         the regions' median is scaled down to it. None: no clipping.
+    min_relatedness : float, optional
+        ASGD-GA: hold back an update whose |cosine| with its region's recent
+        direction is below this many 1/√parameters (what random noise scores).
+        None: no such check.
     """
 
     max_norm: float | None = None
@@ -67,6 +71,7 @@ class UpdateLimits:
     norm_factor: float | None = 5.0
     min_agreement: float | None = 0.05
     clip_factor: float | None = 1.0
+    min_relatedness: float | None = 5.0
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
@@ -80,6 +85,10 @@ class UpdateLimits:
             raise ConfigError(f"validation.min_agreement={self.min_agreement!r} must be in [-1, 1] (or null: no check)")
         if self.clip_factor is not None and not (isinstance(self.clip_factor, (int, float)) and self.clip_factor > 0):
             raise ConfigError(f"validation.clip_factor={self.clip_factor!r} must be a number > 0 (or null: no clipping)")
+        if self.min_relatedness is not None and not (isinstance(self.min_relatedness, (int, float))
+                                                     and self.min_relatedness >= 0):
+            raise ConfigError(f"validation.min_relatedness={self.min_relatedness!r} must be a number ≥ 0 "
+                              "(or null: no check)")
         if not isinstance(self.quarantine_after, int) or self.quarantine_after < 0:
             raise ConfigError(f"validation.quarantine_after={self.quarantine_after!r} must be an integer ≥ 0")
 
