@@ -104,9 +104,9 @@ class UpdateScreen:
         (None: never scaled).
     min_relatedness : float, optional
         An update whose |cosine| with its region's recent direction (a moving average of
-        its admitted updates' directions) is below this many 1/√(parameters) -- the spread
-        of a random direction's cosine -- is held back as unrelated to the region's data
-        (None: no such check).
+        its admitted updates' directions) is below this many spreads of the cosine random
+        noise of the same per-entry lengths would score (1/√parameters for evenly spread
+        lengths) is held back as unrelated to the region's data (None: no such check).
     """
 
     def __init__(self, norm_factor: float | None = 5.0, min_agreement: float | None = 0.05,
@@ -144,7 +144,7 @@ class UpdateScreen:
                     reason = (f"agrees with the region's previous update by {agreement:.2f} (cosine), "
                               f"below min_agreement {self.min_agreement:g}")
             if reason is None and self.min_relatedness is not None:
-                reason = self._unrelated(candidate.region, flat)
+                reason = self._unrelated(candidate.region, flat, [t.numel() for t in candidate.change.values()])
             if reason is None and self.clip_factor is not None and reference is not None and norm > 0:
                 scale = min(1.0, self.clip_factor * reference / norm)
             if self.min_agreement is not None:
@@ -155,21 +155,26 @@ class UpdateScreen:
             verdicts.append(Verdict(reason, scale))
         return verdicts
 
-    def _unrelated(self, region: str, flat: torch.Tensor) -> str | None:
+    def _unrelated(self, region: str, flat: torch.Tensor, sizes: Sequence[int]) -> str | None:
         """Why `flat` is unrelated to the region's recent direction, or None (then it joins that direction).
 
+        Measured in spreads of noise: the cosine that random noise with the update's own
+        per-entry lengths (`sizes`: the entries' element counts) would score against that
+        direction has standard deviation √(Σ |u_t|² |d_t|² / n_t) / (|u| |d|) (1/√parameters
+        when the lengths are spread evenly; more when one small entry carries most of it).
         |cosine|, not cosine: an honest region's gradient can swing against its recent
-        direction (measured on geo4, gradient mode: down to −0.82) but is never orthogonal
-        to it (smallest |cosine| measured 0.014 with 1.1 M parameters), while noise is
-        (about 1/√parameters = 0.001 there)."""
+        direction (measured on geo4, gradient mode: down to −0.82) but is not orthogonal
+        to it (smallest measured 3.3 spreads), while noise is."""
         unit = flat / flat.norm().clamp_min(1e-30)
         previous = self.direction.get(region)
         if previous is not None:
-            relatedness = abs(float(torch.dot(unit, previous / previous.norm().clamp_min(1e-30)))) * math.sqrt(
-                flat.numel())
-            if relatedness < self.min_relatedness:
-                return (f"unrelated to the region's recent updates (|cosine| {relatedness / math.sqrt(flat.numel()):.2g}"
-                        f" = {relatedness:.2g}/√parameters, below min_relatedness {self.min_relatedness:g})")
+            direction = previous / previous.norm().clamp_min(1e-30)
+            cosine = float(torch.dot(unit, direction))
+            spread = math.sqrt(sum(float(u.square().sum() * d.square().sum()) / n for u, d, n in
+                                   zip(unit.split(list(sizes)), direction.split(list(sizes)), sizes)))
+            if abs(cosine) < self.min_relatedness * spread:
+                return (f"unrelated to the region's recent updates (cosine {cosine:.2g}, {abs(cosine) / spread:.2g} "
+                        f"spreads of noise, below min_relatedness {self.min_relatedness:g})")
         self.direction[region] = unit if previous is None else RECENT * previous + (1 - RECENT) * unit
         return None
 
