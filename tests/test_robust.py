@@ -157,6 +157,31 @@ def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, upd
     assert len(sent) >= 8 and len(screened) >= len(sent) - 2  # all but the first (and one still in flight at the end)
 
 
+def test_asgd_ga_buffered_median_holds_against_minus_ten_times_an_update_without_the_screen(tmp_path):
+    """The optional buffered robust rule: one version from the median of 3 regions' latest updates."""
+    accuracy = {}
+    for name, attack, rule in (("absent", None, "mean"), ("mean", "x-10", "mean"), ("median", "x-10", "median")):
+        fed = Federation(tmp_path / name, four_regions(), alpha=100.0)
+        if attack:
+            attacked(fed, attack)
+        else:
+            fed.grid.set_offline(1)
+        strategy = AsyncGradAccum(update="delta", local_lr=0.1, accumulation_steps=10, batch_size=16, eval_every=10,
+                                  meter=fed.meter(), limits=NO_ASYNC_SCREEN, aggregation=rule)
+        accuracy[name] = _final_accuracy(strategy.start(fed.grid, fed.initial, num_rounds=30,
+                                                        train_config=fed.config, evaluate_fn=fed.evaluator()))
+    print(accuracy)
+    assert accuracy["mean"] < 0.3  # unscreened, the attack works on the running mean...
+    assert accuracy["median"] > accuracy["absent"] - 0.05  # ...not on the buffered median
+
+
+def test_asgd_ga_buffered_rule_refuses_buffers_that_cannot_outvote_anyone():
+    with pytest.raises(ValueError, match="cannot outvote"):
+        AsyncGradAccum(aggregation="median", buffer_regions=2)
+    with pytest.raises(ValueError, match="trims nothing"):
+        AsyncGradAccum(aggregation="trimmed_mean", buffer_regions=3, trim_fraction=0.25)
+
+
 @pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
 def test_ma_median_and_trimmed_mean_hold_against_minus_ten_times_an_update(tmp_path, aggregation):
     accuracy = {}

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
@@ -37,6 +38,7 @@ from ..control.jobs import moving_average
 from ..training import protocol
 from .base import EvaluateFn, GeoStrategy
 from .inflight import POLL_S
+from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
 from .screen import Candidate
 
 RATE_EMA = 0.3
@@ -82,6 +84,20 @@ class AsyncGradAccum(GeoStrategy):
         Weight updates so each region's data counts by its share, not its speed.
     max_weight : float
         Cap on the balance weight.
+    aggregation : "mean" | "median" | "trimmed_mean"
+        "mean" (default): apply each arrival at once. Otherwise the optional buffered
+        robust rule: each region's latest admitted update (scaled as it would have been
+        applied) waits in its region's slot; once `buffer_regions` regions have one, the
+        coordinate-wise median or trimmed mean of the slots is applied as one version and the
+        slots empty (robust.py): FedBuff's buffered step (Nguyen et al. 2022, arXiv 2106.06639)
+        with a robust rule in place of its mean. The slots are computed from nearly the same
+        model, so their sum would be one step too long (measured: unstable). A fast region's update replaced in its
+        slot before a flush is charged but never applied: the price of the robust rule. (Mid-run
+        checkpoints follow a flush, so the slots are empty; what waits at the very end is dropped.)
+    trim_fraction : float
+        `trimmed_mean`: fraction dropped of each side per entry.
+    buffer_regions : int
+        Regions whose updates make one buffered step (at least 3: a median of 3 outvotes one bad region).
     **kwargs :
         `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every`, `rejoin_every`, ... (see
         `GeoStrategy`).
@@ -95,10 +111,18 @@ class AsyncGradAccum(GeoStrategy):
     def __init__(self, *, lr: float | None = None, momentum: float = 0.0, nesterov: bool = False,
                  accumulation_steps: int | Mapping[str, int] = 4, batch_size: int = 32, tau_max: int = 16,
                  staleness: str | Callable[[int], float] = "inverse_sqrt", update: str = protocol.MODE_GRADIENT,
-                 local_lr: float = 0.1, balance: bool = True, max_weight: float = 4.0, **kwargs) -> None:
+                 local_lr: float = 0.1, balance: bool = True, max_weight: float = 4.0, aggregation: str = "mean",
+                 trim_fraction: float = 0.25, buffer_regions: int = 3, **kwargs) -> None:
         super().__init__(**kwargs)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        if buffer_regions < 3:
+            raise ValueError(f"buffer_regions={buffer_regions} cannot outvote a bad region; use 3 or more")
+        if aggregation == "trimmed_mean" and int(trim_fraction * buffer_regions) == 0:
+            raise ValueError(f"trim_fraction={trim_fraction} of buffer_regions={buffer_regions} trims nothing: raise "
+                             "either (e.g. 0.25 of 4), or use aggregation=median")
         if isinstance(staleness, str):
             if staleness not in STALENESS_FUNCTIONS:
                 raise ValueError(f"unknown staleness function {staleness!r}; use {', '.join(STALENESS_FUNCTIONS)}")
@@ -114,6 +138,8 @@ class AsyncGradAccum(GeoStrategy):
         self.local_lr = local_lr
         self.balance = balance
         self.max_weight = max_weight
+        self.aggregation, self.trim_fraction, self.buffer_regions = aggregation, trim_fraction, buffer_regions
+        self._slots: dict[str, dict[str, torch.Tensor]] = {}  # buffered rule: region → its latest scaled update
         self._idle: set[int] = set()
         self._intervals: dict[str, float] = {}  # region → smoothed seconds between its arrivals
         self._last_arrival: dict[str, float] = {}  # wall clock only: when the region's last reply was taken
@@ -129,8 +155,10 @@ class AsyncGradAccum(GeoStrategy):
         self.step = value
 
     def describe(self) -> str:
+        buffered = "" if self.aggregation == "mean" else f", buffered {self.aggregation} of {self.buffer_regions}"
         return (f"server lr={self.lr} momentum={self.momentum}, G={self.accumulation_steps}, "
-                f"batch={self.batch_size}, tau_max={self.tau_max}, update={self.update}, balance={self.balance}")
+                f"batch={self.batch_size}, tau_max={self.tau_max}, update={self.update}, balance={self.balance}"
+                f"{buffered}")
 
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -162,11 +190,25 @@ class AsyncGradAccum(GeoStrategy):
             if scale is None:  # the region simply gets the newest model again
                 continue
             tau = self.version - flight.version
-            self.history.staleness[tau] += 1  # of applied updates
-            self.optimizer.step(update, scale=scale * self.staleness(tau) * self._balance_weight(flight.region))
+            self.history.staleness[tau] += 1  # of applied (or buffered) updates
+            weight = scale * self.staleness(tau) * self._balance_weight(flight.region)
+            if self.aggregation == "mean":
+                self.optimizer.step(update, scale=weight)
+            else:
+                self._slots[flight.region] = {k: v.float() * weight for k, v in update.items()}
+                if len(self._slots) < self.buffer_regions:
+                    continue
+                self._step_buffered()
             self.version += 1
             applied = True
         return (self.optimizer.arrays() if applied else None), metrics
+
+    def _step_buffered(self) -> None:
+        """One version from the full buffer: its robust aggregate; then empty it."""
+        updates = list(self._slots.values())
+        self.optimizer.step(coordinate_median(updates) if self.aggregation == "median"
+                            else trimmed_mean(updates, self.trim_fraction))
+        self._slots.clear()
 
     def _admitted(self, flight, update) -> float | None:
         """The factor the screen lets `update` in with; None if it was rejected, held back or too stale."""

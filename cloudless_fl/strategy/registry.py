@@ -161,7 +161,8 @@ def build_asgd_ga(s: dict[str, Any], b: Build) -> Strategy:
     return AsyncGradAccum(lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"],
                           accumulation_steps=s["accumulation_steps"], batch_size=s["batch_size"],
                           tau_max=s["tau_max"], staleness=s["staleness"], update=s["update"], local_lr=s["local_lr"],
-                          balance=s["balance"], max_weight=s["max_weight"], **_geo_common(s, b))
+                          balance=s["balance"], max_weight=s["max_weight"], aggregation=s["aggregation"],
+                          trim_fraction=s["trim_fraction"], buffer_regions=s["buffer_regions"], **_geo_common(s, b))
 
 
 _ASGD_GA_SCHEMA: dict[str, Rule] = {
@@ -169,6 +170,7 @@ _ASGD_GA_SCHEMA: dict[str, Rule] = {
     "strategy.momentum": Number(0, 1), "strategy.nesterov": BOOL, "strategy.tau_max": Number(0, integer=True),
     "strategy.staleness": Choice(tuple(STALENESS_FUNCTIONS)), "strategy.update": Choice(UPDATES),
     "strategy.local_lr": POSITIVE, "strategy.balance": BOOL, "strategy.max_weight": Number(1),
+    **_ROBUST, "strategy.buffer_regions": Number(3, integer=True),
 }
 
 
