@@ -12,6 +12,7 @@ from cloudless_fl.training.data import load_source
 from cloudless_fl.training.models import build_model
 from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
+from cloudless_fl.strategy.validation import UpdateLimits
 from cloudless_fl.training.local import make_batches
 from conftest import TWO_REGIONS
 from strategy_helpers import HIDDEN, Federation, solo_topology, topology
@@ -142,6 +143,33 @@ def test_balance_keeps_a_fast_region_from_dominating(tmp_path):
     unbalanced, balanced = shares
     assert unbalanced > 0.9  # the fast region's class wins
     assert balanced < unbalanced - 0.2
+
+
+def test_a_region_whose_updates_are_never_applied_does_not_inflate_the_others_steps(tmp_path):
+    """Balance weights average 1 over the arrivals that are applied: the fast region sends NaN every time
+    (rejected, never quarantined here), so the slow one's updates are all that moves the model, at weight 1.
+    Counting the fast region's arrival rate would weigh them up to `max_weight` (measured: 4)."""
+    fed = Federation(tmp_path, topology())
+    honest = fed.grid._app
+
+    def broken_fast_region(msg, context):
+        reply = honest(msg, context)
+        if context.node_id == 1 and msg.metadata.message_type == "train" and not reply.has_error():
+            arrays = reply.content["arrays"].to_torch_state_dict()
+            reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, float("nan")) if v.is_floating_point()
+                                                   else v for k, v in arrays.items()})
+        return reply
+
+    fed.grid._app = broken_fast_region
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=1000, meter=fed.meter(),
+                              limits=UpdateLimits(quarantine_after=0))
+    weights = []
+    weight_of = strategy._balance_weight
+    strategy._balance_weight = lambda region: weights.append((region, weight_of(region))) or weights[-1][1]
+    strategy.start(fed.grid, fed.initial, num_rounds=8, train_config=fed.config)
+    assert strategy.history.counters["rejected_updates"] > 8  # the fast region kept sending
+    slow = [w for region, w in weights if region == "slow"]
+    assert len(slow) == 8 and all(abs(w - 1.0) < 0.05 for w in slow[2:])  # once its rejections are counted
 
 
 def test_asgd_ga_carries_on_when_a_node_disappears(tmp_path):
