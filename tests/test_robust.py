@@ -154,7 +154,9 @@ def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, upd
     screened = [e for e in strategy.history.events if e["event"] == "update_screened"]
     assert {e["region"] for e in screened} == {"a"}
     assert all("unrelated to the region's recent updates" in e["reason"] for e in screened)
-    assert len(sent) >= 8 and len(screened) >= len(sent) - 2  # all but the first (and one still in flight at the end)
+    # all but the first (nothing to relate it to) and one still in flight at the end, less the 5 % of noise the
+    # default bound (2 spreads) lets through
+    assert len(sent) >= 8 and len(screened) >= 0.8 * (len(sent) - 2)
 
 
 def test_asgd_ga_buffered_median_holds_against_minus_ten_times_an_update_without_the_screen(tmp_path):

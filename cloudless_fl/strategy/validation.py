@@ -71,7 +71,7 @@ class UpdateLimits:
     norm_factor: float | None = 5.0
     min_agreement: float | None = 0.05
     clip_factor: float | None = 1.0
-    min_relatedness: float | None = 5.0
+    min_relatedness: float | None = 2.0
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
