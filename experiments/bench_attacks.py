@@ -29,13 +29,13 @@ ATTACKS = ("x-10", "x1e4", "noise")
 DEFENCES = {  # name → overrides; `screen` is the default (validation.norm_factor / min_agreement / clip_factor /
     # min_relatedness)
     "screen": [],
-    "no-clip": ["validation.clip_factor=null"],  # ASGD-GA: the length bound without the clip
+    "relatedness": ["validation.min_relatedness=2"],  # ASGD-GA: the screen plus the opt-in relatedness check
     "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null",
              "validation.min_relatedness=null"],
     "median": ["validation.norm_factor=null", "validation.min_agreement=null", "strategy.aggregation=median"],
 }
-STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "no-clip", "none"),
-                     "asgd_ga": ("screen", "no-clip", "none")}
+STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "relatedness", "none"),
+                     "asgd_ga": ("screen", "relatedness", "none")}
 ATTACK = {"attacker": None, "kind": None}  # set before the worker processes fork
 # Fresh noise for every update: the ClientApp seeds torch's global generator when it builds its model, so noise drawn
 # from that would repeat job after job (a consistent direction, not noise).

@@ -134,7 +134,7 @@ def test_asgd_ga_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_
 
 @pytest.mark.parametrize("update", ["delta", "gradient"])
 def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, update):
-    """Noise of an update's length is unrelated to the region's recent direction; honest updates never are.
+    """The opt-in relatedness check: noise of an update's length is unrelated to the region's recent direction.
 
     Accuracy is not claimed here: in this 40-version run the one noise update admitted (the first: nothing to
     relate it to) costs 6 points against the attacker's absence (0.658 vs 0.719, delta); on geo4 the screened run
@@ -150,7 +150,7 @@ def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, upd
         return noisy(msg, context)
 
     fed.grid._app = counting
-    strategy, _ = _asgd_ga(fed, update)
+    strategy, _ = _asgd_ga(fed, update, UpdateLimits(min_relatedness=2.0))
     screened = [e for e in strategy.history.events if e["event"] == "update_screened"]
     assert {e["region"] for e in screened} == {"a"}
     assert all("unrelated to the region's recent updates" in e["reason"] for e in screened)

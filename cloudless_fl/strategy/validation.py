@@ -60,9 +60,9 @@ class UpdateLimits:
         ASGD-GA: an admitted update whose norm per √step is over this multiple of
         the regions' median is scaled down to it. None: no clipping.
     min_relatedness : float, optional
-        ASGD-GA: hold back an update whose |cosine| with its region's recent
-        direction is below this many 1/√parameters (what random noise scores).
-        None: no such check.
+        ASGD-GA, opt-in: hold back an update whose |cosine| with its region's recent
+        direction is below this many spreads of what noise scores. None (default):
+        no such check (honest updates near convergence score like noise).
     """
 
     max_norm: float | None = None
@@ -71,7 +71,7 @@ class UpdateLimits:
     norm_factor: float | None = 5.0
     min_agreement: float | None = 0.05
     clip_factor: float | None = 1.0
-    min_relatedness: float | None = 2.0
+    min_relatedness: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
