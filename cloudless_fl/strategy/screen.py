@@ -163,9 +163,8 @@ class UpdateScreen:
         direction has standard deviation √(Σ |u_t|² |d_t|² / n_t) / (|u| |d|) (1/√parameters
         when the lengths are spread evenly; more when one small entry carries most of it).
         |cosine|, not cosine: an honest region's gradient can swing against its recent
-        direction (measured on geo4, gradient mode: down to −0.82); near convergence it
-        gets noise-like too (smallest measured 2.9 spreads, so the default bound is 2,
-        which 95 % of noise falls under)."""
+        direction (measured on geo4, gradient mode: down to −0.82). Near convergence it
+        gets noise-like too (a stock ClientApp's measured at 0.62-2.9 spreads): hence opt-in."""
         unit = flat / flat.norm().clamp_min(1e-30)
         previous = self.direction.get(region)
         if previous is not None:
