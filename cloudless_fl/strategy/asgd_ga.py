@@ -91,9 +91,10 @@ class AsyncGradAccum(GeoStrategy):
         coordinate-wise median or trimmed mean of the slots is applied as one version and the
         slots empty (robust.py): FedBuff's buffered step (Nguyen et al. 2022, arXiv 2106.06639)
         with a robust rule in place of its mean. The slots are computed from nearly the same
-        model, so their sum would be one step too long (measured: unstable). A fast region's update replaced in its
-        slot before a flush is charged but never applied: the price of the robust rule. (Mid-run
-        checkpoints follow a flush, so the slots are empty; what waits at the very end is dropped.)
+        model, so their sum would be one step too long (measured: unstable). A fast region's
+        update replaced in its slot before a flush is charged but never applied: the price of
+        the robust rule. (Mid-run checkpoints follow a flush, so the slots are empty; what waits
+        at the very end is dropped.)
     trim_fraction : float
         `trimmed_mean`: fraction dropped of each side per entry.
     buffer_regions : int

@@ -84,7 +84,8 @@ class UpdateLimits:
                                                    and -1 <= self.min_agreement <= 1):
             raise ConfigError(f"validation.min_agreement={self.min_agreement!r} must be in [-1, 1] (or null: no check)")
         if self.clip_factor is not None and not (isinstance(self.clip_factor, (int, float)) and self.clip_factor > 0):
-            raise ConfigError(f"validation.clip_factor={self.clip_factor!r} must be a number > 0 (or null: no clipping)")
+            raise ConfigError(f"validation.clip_factor={self.clip_factor!r} must be a number > 0 "
+                              "(or null: no clipping)")
         if self.min_relatedness is not None and not (isinstance(self.min_relatedness, (int, float))
                                                      and self.min_relatedness >= 0):
             raise ConfigError(f"validation.min_relatedness={self.min_relatedness!r} must be a number ≥ 0 "
