@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -57,11 +58,11 @@ def results_of(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
+def _wait_for(condition, timeout: float, what: str, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def _events_so_far(run_dir: Path) -> list[str]:
@@ -71,6 +72,12 @@ def _events_so_far(run_dir: Path) -> list[str]:
     except (CheckpointError, OSError, StopIteration):
         return []
     return [e["event"] for e in meta["history"]["events"]]
+
+
+def _replies_pushed(logs: Path, region: str) -> int:
+    """How many replies the SuperLink has taken from `region`'s SuperNode (a reply's arrays follow)."""
+    node = re.search(r"SuperNode ID: (\d+)", (logs / f"supernode-{region}.log").read_text())
+    return 0 if node is None else (logs / "superlink.log").read_text().count(f"Push replies from node_id={node[1]}")
 
 
 def _federation_run(three_regions, tmp_path, strategy: str, rounds: int, extra: str,
@@ -176,8 +183,11 @@ def test_a_killed_server_resumes_in_deployment(three_regions, tmp_path):
 
 
 def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_regions, tmp_path):
-    """SIGKILL one region's SuperNode mid-run: ASGD-GA records the loss and goes on; restarted, it rejoins.
+    """SIGKILL one region's SuperNode while it uploads a reply: ASGD-GA records the loss and goes on;
+    restarted, it rejoins.
 
+    Mid-upload is the hard case: Flower's grid retries pulling the half-sent reply until the SuperLink
+    expires it (180 s), which froze the run before replies were awaited apart (`ReplyWatch`).
     Over TLS, and judged on learning too: this is also ASGD-GA's end-to-end run in deployment."""
     before = flower_processes()
     federation, config = _federation_run(three_regions, tmp_path, "asgd_ga_delta", 16,
@@ -186,9 +196,13 @@ def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_r
     with federation:
         run, codes = _submit_after_first_checkpoint(federation, config)
         run_log = federation.logs / "flwr-run.log"
+        node_log = federation.logs / "supernode-ap-chengdu.log"
+        pushed = _replies_pushed(federation.logs, "ap-chengdu")
+        # killed once its next reply is announced, while its arrays are still on the way
+        _wait_for(lambda: _replies_pushed(federation.logs, "ap-chengdu") > pushed, 120, "reply from ap-chengdu",
+                  poll=0.02)
         federation.kill_region("ap-chengdu")
         _wait_for(lambda: "region_lost" in _events_so_far(federation.run_dir), 120, "loss of ap-chengdu")
-        node_log = federation.logs / "supernode-ap-chengdu.log"
         restarted_at = node_log.stat().st_size
         federation.start_region("ap-chengdu", federation.run_dir / "data" / "ap-chengdu")
         run.join(600)

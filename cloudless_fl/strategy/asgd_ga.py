@@ -269,8 +269,7 @@ class AsyncGradAccum(GeoStrategy):
                 self._checkpoint()
         if self.history.entries[-1]["version"] != self.version:
             self._evaluate(self.version, arrays, evaluate_fn, force=True)
-        self._checkpoint(force=True)
-        return self.book.result(self.optimizer.served(arrays))
+        return self._finish(arrays)
 
     # ------------------------------------------------------------------ helpers
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from ..checkpoint import Checkpointer
 from ..control.jobs import Job, JobTiming
@@ -356,6 +356,13 @@ class GeoStrategy(Strategy):
         due = self.book.evaluation_due(version, force)
         res = self.book.record(version, self.optimizer.served(arrays) if due else arrays, evaluate_fn, due)
         return None if res is None else res.get("accuracy")
+
+    def _finish(self, arrays: ArrayRecord) -> Result:
+        """The run's end: stop awaiting the jobs still out (a checkpoint keeps them for a resume), write
+        the last checkpoint, return the result (served model)."""
+        self.jobs.stop_watching()
+        self._checkpoint(force=True)
+        return self.book.result(self.optimizer.served(arrays))
 
     def _checkpoint(self, force: bool = False) -> None:
         """Write the run's state if one is due (or `force`): model, momentum, books, plan, jobs in flight."""

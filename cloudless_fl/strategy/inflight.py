@@ -5,10 +5,19 @@ Flower's contract: `configure_train` returns the messages, the loop in
 state for asynchronous and period strategies alike: it pushes the messages
 `configure_train` returned (each with the job it stands for), pulls replies,
 and hands back the jobs whose nodes did not answer within the reply timeout.
+
+Over a SuperLink (Flower's `HttpGrid`), each job's reply is awaited on its
+own thread (`ReplyWatch`): Flower pulls a reply's arrays in a blocking retry
+loop, and for a reply whose region died mid-upload that loop lasts until the
+SuperLink expires the upload (its push-session TTL, 180 s in Flower 1.42).
+Pulled on the strategy's thread, such a reply froze the whole run for those
+minutes (measured: a SuperNode killed while sending); watched apart, it holds
+up only its own job, which the reply timeout then loses like any other.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -16,11 +25,47 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from ..control.jobs import Job
 from ..training import protocol
 
 POLL_S = 0.005  # between pulls while waiting for replies
+WATCH_POLL_S = 0.05  # between one watched job's pulls over HTTP: one request per job, not per poll of all
+
+
+class ReplyWatch:
+    """Pulls one job's reply on a daemon thread until it arrives or the watch is dropped.
+
+    A daemon thread, so a pull stuck on a dead region's half-sent reply never
+    keeps the ServerApp process from exiting.
+    """
+
+    def __init__(self, grid: Grid, key: str) -> None:
+        self.key = key
+        self.reply: Message | None = None
+        self.error: BaseException | None = None  # a failed pull, re-raised on the strategy's thread
+        self._dropped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(grid,), name=f"reply-{key[:8]}", daemon=True)
+        self._thread.start()
+
+    def _watch(self, grid: Grid) -> None:
+        try:
+            while not self._dropped.is_set():
+                replies = list(grid.pull_messages([self.key]))
+                if replies:
+                    self.reply = replies[0]
+                    return
+                self._dropped.wait(WATCH_POLL_S)
+        except BaseException as exc:  # noqa: BLE001 - handed to the strategy's thread
+            self.error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def drop(self) -> None:
+        """No longer wanted (answered, lost or the run ended): stop pulling once the current pull returns."""
+        self._dropped.set()
 
 
 @dataclass
@@ -52,10 +97,16 @@ class InFlightJobs:
     ----------
     reply_timeout : float
         Real seconds after which a job without a reply counts as lost.
+    watch : bool, optional
+        Await each job's reply on its own thread (`ReplyWatch`). Default: on
+        Flower's `HttpGrid` (replies pulled from a SuperLink), off for
+        in-memory grids, whose pulls never block and keep their order.
     """
 
-    def __init__(self, reply_timeout: float) -> None:
+    def __init__(self, reply_timeout: float, watch: bool | None = None) -> None:
         self.reply_timeout = reply_timeout
+        self.watch = watch
+        self._watches: dict[str, ReplyWatch] = {}
         self.jobs: dict[str, InFlight] = {}
         self._staged: dict[int, InFlight] = {}  # id(message) → its job, until pushed
 
@@ -83,7 +134,19 @@ class InFlightJobs:
         """Replies that have arrived for jobs in flight (other than `skip`); never waits."""
         skip = set(skip)
         waiting = [k for k in self.jobs if k not in skip]
-        return list(grid.pull_messages(waiting)) if waiting else []
+        if not (isinstance(grid, HttpGrid) if self.watch is None else self.watch):
+            return list(grid.pull_messages(waiting)) if waiting else []
+        replies = []
+        for key in waiting:
+            watch = self._watches.get(key)
+            if watch is None:
+                self._watches[key] = ReplyWatch(grid, key)
+            elif watch.done():
+                del self._watches[key]
+                if watch.error is not None:
+                    raise watch.error
+                replies.append(watch.reply)
+        return replies
 
     def expired(self, answered: Iterable[str] = ()) -> list[str]:
         """Jobs with no reply (other than `answered`) for longer than the reply timeout."""
@@ -97,7 +160,15 @@ class InFlightJobs:
     def keys_of(self, node_id: int) -> list[str]:
         return [k for k, f in self.jobs.items() if f.node_id == node_id]
 
+    def stop_watching(self) -> None:
+        """Drop every reply watch (the run is over)."""
+        for watch in self._watches.values():
+            watch.drop()
+        self._watches.clear()
+
     def pop(self, key: str) -> InFlight:
+        if (watch := self._watches.pop(key, None)) is not None:
+            watch.drop()
         return self.jobs.pop(key)
 
     def __contains__(self, key: object) -> bool:

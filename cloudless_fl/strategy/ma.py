@@ -156,8 +156,7 @@ class ModelAveraging(GeoStrategy):
             if self.plan is not None:
                 self.plan.maybe_replan(period)
             self._checkpoint()
-        self._checkpoint(force=True)
-        return self.book.result(self.optimizer.served(arrays))
+        return self._finish(arrays)
 
     def _collect(self, grid: Grid, deadline: float | None) -> list[Message]:
         """Replies that make the deadline; late ones are cut off (charged up to it) and counted."""

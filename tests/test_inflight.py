@@ -1,0 +1,93 @@
+"""Jobs in flight: a reply whose pull blocks (a region that died mid-upload) holds up only its own job."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from cloudless_fl.strategy.inflight import InFlight, InFlightJobs
+
+STUCK_FOR_S = 3.0  # how long the stuck pull blocks: far beyond every wait below
+
+
+class UploadStalledGrid:
+    """Replies for every node at once, except node 2's, whose pull blocks as Flower's `HttpGrid` does on
+    a reply whose arrays never finish uploading (it retries until the SuperLink expires the upload)."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.nodes: dict[str, int] = {}
+
+    def push_messages(self, messages):
+        keys = []
+        for message in messages:
+            key = f"job-{message}"
+            self.nodes[key] = message
+            keys.append(key)
+        return keys
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for key in message_ids:
+            if self.nodes[key] == 2:
+                self.released.wait(STUCK_FOR_S)
+                continue
+            replies.append(f"reply-{key}")
+        return replies
+
+
+def _two_jobs(jobs: InFlightJobs, grid: UploadStalledGrid) -> None:
+    messages = [jobs.stage(node, InFlight(node_id=node, region=f"r{node}", version=0, job=None, order=None,
+                                          arrays=None)) for node in (1, 2)]
+    jobs.push(grid, messages)
+
+
+def _replies_within(jobs: InFlightJobs, grid, seconds: float) -> tuple[list, float]:
+    start = time.monotonic()
+    replies = []
+    while not replies and time.monotonic() - start < seconds:
+        replies = jobs.pull(grid)
+        time.sleep(0.01)
+    return replies, time.monotonic() - start
+
+
+def test_a_stalled_reply_does_not_hold_up_the_others_and_times_out():
+    grid = UploadStalledGrid()
+    jobs = InFlightJobs(reply_timeout=0.5, watch=True)
+    _two_jobs(jobs, grid)
+    replies, waited = _replies_within(jobs, grid, 2.0)
+    assert replies == ["reply-job-1"] and waited < 1.0
+    jobs.pop("job-1")
+    time.sleep(0.6)
+    assert jobs.pull(grid) == [] and jobs.expired() == ["job-2"]  # lost like any unanswered job
+    jobs.pop("job-2")
+    jobs.stop_watching()
+    grid.released.set()
+
+
+def test_without_watching_a_stalled_reply_blocks_every_pull():
+    """The control: the same grid pulled on the caller's thread, as an in-memory grid is."""
+    grid = UploadStalledGrid()
+    jobs = InFlightJobs(reply_timeout=0.5, watch=False)
+    _two_jobs(jobs, grid)
+    replies, waited = _replies_within(jobs, grid, 2.0)
+    assert replies == ["reply-job-1"] and waited >= STUCK_FOR_S
+
+
+def test_a_failed_pull_is_raised_on_the_strategys_thread():
+    class BrokenGrid(UploadStalledGrid):
+        def pull_messages(self, message_ids):
+            raise ConnectionError("SuperLink gone")
+
+    grid = BrokenGrid()
+    jobs = InFlightJobs(reply_timeout=10, watch=True)
+    _two_jobs(jobs, grid)
+    deadline = time.monotonic() + 2
+    try:
+        while time.monotonic() < deadline:
+            jobs.pull(grid)
+            time.sleep(0.01)
+    except ConnectionError as exc:
+        assert "SuperLink gone" in str(exc)
+    else:
+        raise AssertionError("the pull's error was swallowed")
