@@ -112,6 +112,16 @@ def test_staleness_bound_drops_and_counts(tmp_path):
     assert sum(applied.values()) == 40
 
 
+def test_without_a_staleness_bound_the_slow_regions_updates_are_applied(tmp_path):
+    """The default (tau_max=None): a region far slower than the others still moves the model."""
+    fed = Federation(tmp_path, topology())
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter())
+    strategy.start(fed.grid, fed.initial, num_rounds=40, train_config=fed.config)
+    assert not strategy.history.counters.get("dropped_stale")
+    assert max(strategy.history.staleness) > 2  # the same stale updates the bound of 2 drops above
+    assert sum(strategy.history.staleness.values()) == 40
+
+
 def _class_split(count_per_class=60):
     digits = load_source("digits")
     keep = np.concatenate([np.flatnonzero(digits.y == c)[:count_per_class] for c in (0, 1)])
