@@ -1,11 +1,17 @@
-"""Jobs in flight: a reply whose pull blocks (a region that died mid-upload) holds up only its own job."""
+"""Jobs in flight and join queries: a reply whose pull blocks (a region that died mid-upload) holds up
+only its own message."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
 from cloudless_fl.strategy.inflight import InFlight, InFlightJobs
+from cloudless_fl.strategy.membership import Roster
+from cloudless_fl.training import protocol
 
 STUCK_FOR_S = 3.0  # how long the stuck pull blocks: far beyond every wait below
 
@@ -61,7 +67,7 @@ def test_a_stalled_reply_does_not_hold_up_the_others_and_times_out():
     time.sleep(0.6)
     assert jobs.pull(grid) == [] and jobs.expired() == ["job-2"]  # lost like any unanswered job
     jobs.pop("job-2")
-    jobs.stop_watching()
+    jobs.replies.stop()
     grid.released.set()
 
 
@@ -91,3 +97,49 @@ def test_a_failed_pull_is_raised_on_the_strategys_thread():
         assert "SuperLink gone" in str(exc)
     else:
         raise AssertionError("the pull's error was swallowed")
+
+
+class QueryStalledGrid:
+    """Nodes 1 and 2 not yet in the run; node 2 dies while answering who it is (its answer's pull blocks)."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.sent: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def push_messages(self, messages):
+        keys = []
+        for message in messages:
+            key = f"query-{message.metadata.dst_node_id}"
+            message.metadata.__dict__["_message_id"] = key
+            self.sent[key] = message
+            keys.append(key)
+        return keys
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for key in message_ids:
+            query = self.sent[key]
+            if query.metadata.dst_node_id == 2:
+                self.released.wait(STUCK_FOR_S)
+                continue
+            replies.append(Message(RecordDict({protocol.INFO: ConfigRecord({"region": "r1"})}), reply_to=query))
+        return replies
+
+
+def test_a_node_dying_mid_answer_does_not_stall_the_look_for_joining_nodes(monkeypatch):
+    for name, value in {"_task_id": 1, "_run_id": 1, "_node_id": 2}.items():  # as the engines set it, for replies
+        monkeypatch.setattr(TaskIdentity, name, value)
+    grid = QueryStalledGrid()
+    roster = Roster()
+    roster.replies.watch = True
+    start = time.monotonic()
+    answers = roster.poll(grid, ConfigRecord({}), ask_now=True)
+    while not answers and time.monotonic() - start < 2.0:
+        time.sleep(0.01)
+        answers = roster.poll(grid, ConfigRecord({}), ask_now=False)
+    assert [(a.node_id, a.name) for a in answers] == [(1, "r1")] and time.monotonic() - start < 1.0
+    roster.replies.stop()
+    grid.released.set()

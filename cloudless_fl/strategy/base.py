@@ -360,7 +360,8 @@ class GeoStrategy(Strategy):
     def _finish(self, arrays: ArrayRecord) -> Result:
         """The run's end: stop awaiting the jobs still out (a checkpoint keeps them for a resume), write
         the last checkpoint, return the result (served model)."""
-        self.jobs.stop_watching()
+        self.jobs.replies.stop()
+        self.roster.replies.stop()
         self._checkpoint(force=True)
         return self.book.result(self.optimizer.served(arrays))
 

@@ -68,6 +68,53 @@ class ReplyWatch:
         self._dropped.set()
 
 
+class ReplyPuller:
+    """Replies to given messages, never waiting: pulled on the caller's thread from in-memory grids,
+    awaited one `ReplyWatch` per message over a SuperLink.
+
+    Parameters
+    ----------
+    watch : bool, optional
+        Await each reply on its own thread. Default: on Flower's `HttpGrid`
+        (replies pulled from a SuperLink), off for in-memory grids, whose pulls
+        never block and keep their order.
+    """
+
+    def __init__(self, watch: bool | None = None) -> None:
+        self.watch = watch
+        self._watches: dict[str, ReplyWatch] = {}
+
+    def pull(self, grid: Grid, keys: Iterable[str]) -> list[Message]:
+        """The replies to `keys` that have arrived (each returned once)."""
+        keys = list(keys)
+        if not keys:
+            return []
+        if not (isinstance(grid, HttpGrid) if self.watch is None else self.watch):
+            return list(grid.pull_messages(keys))
+        replies = []
+        for key in keys:
+            watch = self._watches.get(key)
+            if watch is None:
+                self._watches[key] = ReplyWatch(grid, key)
+            elif watch.done():
+                del self._watches[key]
+                if watch.error is not None:
+                    raise watch.error
+                replies.append(watch.reply)
+        return replies
+
+    def forget(self, key: str) -> None:
+        """No longer awaited (answered elsewhere, lost)."""
+        if (watch := self._watches.pop(key, None)) is not None:
+            watch.drop()
+
+    def stop(self) -> None:
+        """Await nothing more (the run is over)."""
+        for watch in self._watches.values():
+            watch.drop()
+        self._watches.clear()
+
+
 @dataclass
 class InFlight:
     """A train message on its way: to whom, from which model version, how it is metered."""
@@ -98,15 +145,12 @@ class InFlightJobs:
     reply_timeout : float
         Real seconds after which a job without a reply counts as lost.
     watch : bool, optional
-        Await each job's reply on its own thread (`ReplyWatch`). Default: on
-        Flower's `HttpGrid` (replies pulled from a SuperLink), off for
-        in-memory grids, whose pulls never block and keep their order.
+        Await each job's reply on its own thread (`ReplyPuller`; default: over a SuperLink).
     """
 
     def __init__(self, reply_timeout: float, watch: bool | None = None) -> None:
         self.reply_timeout = reply_timeout
-        self.watch = watch
-        self._watches: dict[str, ReplyWatch] = {}
+        self.replies = ReplyPuller(watch)
         self.jobs: dict[str, InFlight] = {}
         self._staged: dict[int, InFlight] = {}  # id(message) → its job, until pushed
 
@@ -133,20 +177,7 @@ class InFlightJobs:
     def pull(self, grid: Grid, skip: Iterable[str] = ()) -> list[Message]:
         """Replies that have arrived for jobs in flight (other than `skip`); never waits."""
         skip = set(skip)
-        waiting = [k for k in self.jobs if k not in skip]
-        if not (isinstance(grid, HttpGrid) if self.watch is None else self.watch):
-            return list(grid.pull_messages(waiting)) if waiting else []
-        replies = []
-        for key in waiting:
-            watch = self._watches.get(key)
-            if watch is None:
-                self._watches[key] = ReplyWatch(grid, key)
-            elif watch.done():
-                del self._watches[key]
-                if watch.error is not None:
-                    raise watch.error
-                replies.append(watch.reply)
-        return replies
+        return self.replies.pull(grid, [k for k in self.jobs if k not in skip])
 
     def expired(self, answered: Iterable[str] = ()) -> list[str]:
         """Jobs with no reply (other than `answered`) for longer than the reply timeout."""
@@ -160,15 +191,8 @@ class InFlightJobs:
     def keys_of(self, node_id: int) -> list[str]:
         return [k for k, f in self.jobs.items() if f.node_id == node_id]
 
-    def stop_watching(self) -> None:
-        """Drop every reply watch (the run is over)."""
-        for watch in self._watches.values():
-            watch.drop()
-        self._watches.clear()
-
     def pop(self, key: str) -> InFlight:
-        if (watch := self._watches.pop(key, None)) is not None:
-            watch.drop()
+        self.replies.forget(key)
         return self.jobs.pop(key)
 
     def __contains__(self, key: object) -> bool:

@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ..training import protocol
+from .inflight import ReplyPuller
 from .runbook import RunBook
 
 log = logging.getLogger("cloudless_fl")
@@ -87,6 +88,7 @@ class Roster:
         self.refused: set[int] = set()  # nodes that cannot take part: never asked again
         self.named: dict[int, str] = {}  # node → region of every node ever named (live or not)
         self._asking: dict[str, int] = {}  # query message id → node not (yet) in the run
+        self.replies = ReplyPuller()  # their answers: a node dying mid-answer must not stall the run
         self._looked_at = -1  # the step of the last look for new nodes
         self.bound: dict[str, int] | None = None  # region → node id of its registered key; None: not checked
 
@@ -208,7 +210,7 @@ class Roster:
         if not self._asking:
             return []
         answers = []
-        for reply in grid.pull_messages(list(self._asking)):
+        for reply in self.replies.pull(grid, self._asking):
             node = self._asking.pop(reply.metadata.reply_to_message_id)
             answer = read_query_reply(reply)
             if isinstance(answer, RegionInfo):
