@@ -167,7 +167,8 @@ def build_asgd_ga(s: dict[str, Any], b: Build) -> Strategy:
 
 _ASGD_GA_SCHEMA: dict[str, Rule] = {
     **_OWN_LOOP, "strategy.accumulation_steps": Number(1, integer=True, per_region=True),
-    "strategy.momentum": Number(0, 1), "strategy.nesterov": BOOL, "strategy.tau_max": Number(0, integer=True, nullable=True),
+    "strategy.momentum": Number(0, 1), "strategy.nesterov": BOOL,
+    "strategy.tau_max": Number(0, integer=True, nullable=True),
     "strategy.staleness": Choice(tuple(STALENESS_FUNCTIONS)), "strategy.update": Choice(UPDATES),
     "strategy.local_lr": POSITIVE, "strategy.balance": BOOL, "strategy.max_weight": Number(1),
     **_ROBUST, "strategy.buffer_regions": Number(3, integer=True),
