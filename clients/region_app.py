@@ -20,12 +20,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from cloudless_fl.training import pacing, protocol
+from cloudless_fl.training import pacing, protocol, workers
 from cloudless_fl.training.region_link import RegionLink
 from cloudless_fl.training.data import ResidentData, check_labels, load_resident
 from cloudless_fl.errors import ConfigError, DataError
 from cloudless_fl.training.models import build_model
-from cloudless_fl.training.local import accumulate_gradient, evaluate, local_sgd, make_batches
+from cloudless_fl.training.local import evaluate, make_batches
 
 
 def make_client_app(data_root: str | Path | None = None, data_format: str = "auto") -> ClientApp:
@@ -48,20 +48,21 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
         batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed, offset=position,
                                samples=order.samples(len(data.train)))
         update = order.mode
+        group = _group_size(context, order)
         if order.mode == protocol.MODE_GRADIENT:
-            grads, stats = accumulate_gradient(model, data.train, batches)
+            grads, stats = workers.accumulate_gradient(model, data.train, batches, group)
             # every floating-point entry, as the server's validator expects: buffers (BN statistics) get zeros
             arrays = link.reply(OrderedDict((k, grads[k] if k in grads else torch.zeros_like(v))
                                             for k, v in model.state_dict().items() if v.is_floating_point()))
         else:
             start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            stats = local_sgd(model, data.train, batches, lr=order.lr)
+            stats = workers.local_sgd(model, data.train, batches, order.lr, group)
             if order.mode == protocol.MODE_DELTA or link.codec.lossy:  # a lossy codec compresses changes
                 update = protocol.MODE_DELTA
                 arrays = link.reply(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
             else:
                 arrays = ArrayRecord(model.state_dict())
-        paced = _paced(context, stats.samples, order.workers, stats.compute_seconds)
+        paced = _paced(context, stats.samples, stats.workers, stats.compute_seconds)
         metrics = MetricRecord({
             "num-examples": stats.samples,
             "steps": stats.steps,
@@ -70,6 +71,7 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
             "load-seconds": loaded - entered,
             "train-loss": stats.loss,
             "model-version": order.version,
+            "workers": stats.workers,
         })
         started = _process_started() if next(_handled) == 0 else entered  # a warm process started nothing
         if started is not None:
@@ -149,12 +151,19 @@ def _process_started() -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _paced(context: Context, samples: int, workers: int, took_s: float) -> pacing.Paced:
-    """The job's compute at the profile's pace if the SuperNode was given one (`launch` does), else as measured."""
+def _group_size(context: Context, order: protocol.WorkOrder) -> int:
+    """How many data-parallel workers compute the job: the plan's, up to the SuperNode's `max-workers`
+    (default 1: the ClientApp process alone; `launch` sets the region's `workers.max`)."""
+    return max(1, min(order.workers, int(context.node_config.get(workers.NODE_KEY, 1))))
+
+
+def _paced(context: Context, samples: int, trained_on: int, took_s: float) -> pacing.Paced:
+    """The job's compute at the profile's pace on the workers that computed it, if the SuperNode was given
+    a pace (`launch` does), else as measured."""
     pace = context.node_config.get(pacing.NODE_KEY)
     if pace is None:
         return pacing.Paced(took_s, 0.0)
-    return pacing.wait_out(samples, workers, float(pace), took_s)
+    return pacing.wait_out(samples, trained_on, float(pace), took_s)
 
 
 def _state_dir(context: Context, config: ConfigRecord, region: str) -> Path | None:

@@ -110,6 +110,9 @@ def launch_command(argv: list[str]) -> None:
     parser.add_argument("--security", choices=SECURITY, default="auth",
                         help="auth (default): TLS, and only SuperNodes with a registered key, each bound to its "
                              "region; tls: TLS only; insecure: plain HTTP")
+    parser.add_argument("--max-workers", type=int, default=None,
+                        help="the most data-parallel worker processes per region and job (default: each region's "
+                             "workers.max; 1: the SuperNode's ClientApp process alone)")
     parser.add_argument("--out", default=None, help="run folder (default outputs/launch/<time>)")
     parser.add_argument("--app", default=".", help="the Flower app folder (this checkout)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the run (key=value)")
@@ -121,7 +124,7 @@ def launch_command(argv: list[str]) -> None:
         with sigterm_as_interrupt():
             code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed,
                           time_scale=args.time_scale, pace=not args.no_pace, security=args.security,
-                          overrides=args.overrides,
+                          max_workers=args.max_workers, overrides=args.overrides,
                           app_dir=Path(args.app))
     except CloudlessError as exc:
         raise SystemExit(f"error: {exc}") from None

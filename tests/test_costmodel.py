@@ -191,3 +191,34 @@ def test_the_virtual_clock_meter_reports_the_modelled_overhead():
     job = meter.dispatch("slow", bytes_down=1000, samples=100)
     work, _, overhead = meter.complete(job, bytes_up=1000, reported=Reported(100))
     assert (work, overhead) == (pytest.approx(1.0), 3.0)  # 100 samples at 100/s, then the 3 s start-up
+
+
+def test_the_workers_that_computed_a_regions_jobs_are_recorded_when_measured():
+    """summary.workers: region → the most data-parallel workers that computed one of its jobs (deployment);
+    in simulation workers are modelled, and a reply's count says nothing about them."""
+    clock = _SetClock()
+    meter = Meter(clock, CostModel(_topology(), seed=0, compute_jitter=0.0))
+    for count in (3, 2):  # a group of 3, then (a worker lost, or a re-plan) one of 2
+        job = meter.dispatch("slow", bytes_down=1000, samples=100)
+        clock.t += 5.0
+        meter.complete(job, bytes_up=1000, reported=Reported(100, compute_s=1.0, workers=count))
+    assert meter.job_figures()["workers"] == {"slow": 3}
+    restored = Meter(_SetClock(), CostModel(_topology(), seed=0))
+    restored.load_state_dict(meter.state_dict())
+    assert restored.job_figures()["workers"] == {"slow": 3}
+    simulated = Meter(VirtualClock(), CostModel(_topology(), seed=0))
+    simulated.complete(simulated.dispatch("slow", bytes_down=1000, samples=100), bytes_up=1000,
+                       reported=Reported(100, workers=1))
+    assert simulated.job_figures()["workers"] == {}
+
+
+def test_a_measured_job_is_read_back_at_the_workers_that_computed_it():
+    """A group that lost a worker computed with fewer than the plan rents: its measured time must not be
+    read as the plan's workers being slow. Modelled jobs keep the rented count the cost model timed."""
+    measured = Meter(_SetClock(), CostModel(_topology(), seed=0))
+    measured.ledger.set_workers("slow", 3, at=0.0)
+    assert measured.computed_by("slow", Reported(100, workers=2)) == 2
+    assert measured.computed_by("slow", Reported(100)) == 3  # a stock reply does not say
+    simulated = Meter(VirtualClock(), CostModel(_topology(), seed=0))
+    simulated.ledger.set_workers("slow", 3, at=0.0)
+    assert simulated.computed_by("slow", Reported(100, workers=1)) == 3

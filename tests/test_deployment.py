@@ -129,6 +129,24 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path)
     assert flower_processes() <= before  # every process it started is gone
 
 
+def test_each_region_computes_on_the_workers_its_plan_rents(three_regions, tmp_path):
+    """MA with the elastic scheduler on real processes: ap-chengdu's plan rents 2 workers, and its jobs are
+    computed by a data-parallel group of 2 forked inside its ClientApp (training/workers.py); the others by 1."""
+    federation, config = _federation_run(three_regions, tmp_path, "ma", 2, "scheduler=elastic")
+    before = flower_processes()
+    with federation:
+        federation.start_superlink()
+        for region in federation.topology.region_names:
+            federation.start_region(region, federation.run_dir / "data" / region)
+        code = submit(federation, ROOT, config, None)
+        assert code == 0, (federation.logs / "flwr-run.log").read_text()[-3000:]
+    results = results_of(federation.run_dir)
+    rented = {region: account["workers"] for region, account in results["regions"].items()}
+    assert rented["ap-chengdu"] == 2  # geo3's plan (cloudless-fl plan), or the test says nothing
+    assert results["summary"]["workers"] == rented
+    assert flower_processes() <= before
+
+
 def test_supernode_authentication_admits_only_registered_keys(three_regions, tmp_path):
     """Neither a SuperNode without a key nor one with a key the SuperLink never registered gets in."""
     before = flower_processes()

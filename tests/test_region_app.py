@@ -72,8 +72,9 @@ def test_bad_labels_become_an_error_reply(tmp_path):
     assert reply.has_error() and "outside the model's 10 classes" in reply.error.reason
 
 
-def _paced_job(tmp_path, pace: float | None, workers: int = 1) -> tuple[float, dict]:
-    """Wall seconds and reply metrics of one 320-sample job on a SuperNode paced at `pace` samples/s."""
+def _paced_job(tmp_path, pace: float | None, workers: int = 1, max_workers: int | None = None) -> tuple[float, dict]:
+    """Wall seconds and reply metrics of one 320-sample job on `workers` (planned) on a SuperNode paced at `pace`
+    samples/s per worker, which may start up to `max_workers` worker processes."""
     import time
 
     if not (tmp_path / "a").is_dir():
@@ -82,6 +83,8 @@ def _paced_job(tmp_path, pace: float | None, workers: int = 1) -> tuple[float, d
     grid._contexts[2].node_config.update({"region": "a", "data-dir": str(tmp_path / "a")})
     if pace is not None:
         grid._contexts[2].node_config["pace-samples-per-s"] = pace
+    if max_workers is not None:
+        grid._contexts[2].node_config["max-workers"] = max_workers
     model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32])
     def send():
         return grid.pull_messages(grid.push_messages([_train_message(model, steps=20, offset=0, workers=workers)]))
@@ -96,14 +99,17 @@ def _paced_job(tmp_path, pace: float | None, workers: int = 1) -> tuple[float, d
 @pytest.mark.wallclock
 def test_a_paced_region_computes_at_its_profile_speed(tmp_path):
     """launch paces each SuperNode to its profile: half the speed takes about twice as long for the same
-    job, twice the workers half as long, and the reply reports the profile's time (measured loosely)."""
+    job, twice the workers that computed it half as long, and the reply reports the profile's time (measured
+    loosely). Pacing follows the workers that computed the job, not the plan's count."""
     fast_s, fast = _paced_job(tmp_path, pace=800.0)  # 320 samples: 0.4 s
     slow_s, slow = _paced_job(tmp_path, pace=400.0)  # 0.8 s
-    doubled_s, doubled = _paced_job(tmp_path, pace=400.0, workers=2)  # 0.4 s
+    doubled_s, doubled = _paced_job(tmp_path, pace=200.0, workers=2, max_workers=2)  # two worker processes: 0.8 s
+    capped_s, capped = _paced_job(tmp_path, pace=200.0, workers=2, max_workers=1)  # the plan's 2, one computes: 1.6 s
     assert fast["compute-seconds"] == pytest.approx(0.4) and slow["compute-seconds"] == pytest.approx(0.8)
-    assert doubled["compute-seconds"] == pytest.approx(0.4)
-    assert 1.6 < slow_s / fast_s < 2.4 and 0.7 < doubled_s / fast_s < 1.4
-    assert fast["pace-behind-seconds"] == slow["pace-behind-seconds"] == 0.0
+    assert (doubled["compute-seconds"], doubled["workers"]) == (pytest.approx(0.8), 2)
+    assert (capped["compute-seconds"], capped["workers"]) == (pytest.approx(1.6), 1)
+    assert 1.6 < slow_s / fast_s < 2.4 and 0.7 < doubled_s / slow_s < 1.4 and 1.6 < capped_s / slow_s < 2.4
+    assert fast["pace-behind-seconds"] == slow["pace-behind-seconds"] == doubled["pace-behind-seconds"] == 0.0
 
 
 def test_a_region_slower_than_its_profile_is_reported_not_hidden(tmp_path):

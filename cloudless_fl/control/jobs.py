@@ -44,6 +44,7 @@ class Reported:
     behind_s: float = 0.0  # how far the region fell behind its paced profile
     startup_s: float | None = None  # ClientApp process start → its handler: interpreter, imports, app load
     load_s: float | None = None  # the handler reading its resident data and building the model
+    workers: int | None = None  # data-parallel workers that computed it (training/workers.py); None: not said
 
 
 def moving_average(old: float | None, new: float, weight: float) -> float:

@@ -57,6 +57,7 @@ class Meter:
         self.overhead_s: dict[str, float] = {}  # region → smoothed per-job overhead (modelled or measured)
         self.behind_pace: Counter[str] = Counter()  # region → jobs slower here than its paced profile
         self.overhead_parts: dict[str, dict[str, float]] = {}  # region → smoothed parts the region reported
+        self.trained_workers: dict[str, int] = {}  # region → the most workers that computed one of its jobs
 
     @classmethod
     def simulated(cls, topology: Topology, seed: int) -> "Meter":
@@ -68,6 +69,13 @@ class Meter:
 
     def workers(self, region: str) -> int:
         return self.ledger.accounts[region].workers if self.ledger else 1
+
+    def computed_by(self, region: str, reported: Reported) -> int:
+        """The workers a job's time was computed on: measured, the reply's count (a group that lost a worker
+        is smaller than the plan's); modelled, the rented count the cost model timed it with."""
+        if self.clock.modelled or reported.workers is None:
+            return self.workers(region)
+        return reported.workers
 
     def dispatch(self, region: str, *, bytes_down: int, samples: int | None = None,
                  at: float | None = None) -> Job:
@@ -110,6 +118,8 @@ class Meter:
                 overhead = None if reported.compute_s is None else busy - work
             if reported.behind_s > 0:
                 self._note_behind(job.region, reported.behind_s)
+            if reported.workers is not None:
+                self.trained_workers[job.region] = max(reported.workers, self.trained_workers.get(job.region, 0))
             self._note_parts(job.region, reported)
         if overhead is not None:
             self.overhead_s[job.region] = moving_average(self.overhead_s.get(job.region), overhead, OVERHEAD_EMA)
@@ -154,7 +164,8 @@ class Meter:
         return {"now": self.clock.now(), "job_counts": dict(self._job_counts),
                 "ledger": self.ledger.state_dict() if self.ledger else None,
                 "wan_bytes_unpriced": self.wan_bytes_unpriced, "overhead_s": dict(self.overhead_s),
-                "overhead_parts": self.overhead_parts, "behind_pace": dict(self.behind_pace)}
+                "overhead_parts": self.overhead_parts, "behind_pace": dict(self.behind_pace),
+                "trained_workers": dict(self.trained_workers)}
 
     def load_state_dict(self, state: dict) -> None:
         self.clock.restore(float(state["now"]))
@@ -165,6 +176,7 @@ class Meter:
         self.overhead_s = dict(state.get("overhead_s", {}))  # absent from checkpoints of earlier versions
         self.behind_pace = Counter(state.get("behind_pace", {}))
         self.overhead_parts = {r: dict(p) for r, p in state.get("overhead_parts", {}).items()}
+        self.trained_workers = dict(state.get("trained_workers", {}))
 
     def figures(self) -> dict:
         """Time, cost and WAN bytes so far, in the `results.json` history shape."""
@@ -176,9 +188,10 @@ class Meter:
 
     def job_figures(self) -> dict:
         """Per region: the smoothed per-job overhead (seconds; modelled, or measured under the wall clock),
-        the parts of it the region reported, and how many jobs fell behind their paced profile."""
+        the parts of it the region reported, how many jobs fell behind their paced profile, and (measured
+        only: in simulation workers are modelled) the most workers that computed one job."""
         return {"job_overhead_s": dict(self.overhead_s), "job_overhead_parts": self.overhead_parts,
-                "behind_pace": dict(self.behind_pace)}
+                "behind_pace": dict(self.behind_pace), "workers": dict(self.trained_workers)}
 
     def utilization(self) -> dict[str, float] | None:
         if not self.ledger:

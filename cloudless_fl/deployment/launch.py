@@ -34,6 +34,7 @@ from pathlib import Path
 from ..config import compose, topology_of
 from ..training.data import load_source, split_dataset
 from ..training.pacing import NODE_KEY as NODE_PACE
+from ..training.workers import NODE_KEY as NODE_MAX_WORKERS
 from ..errors import ConfigError
 from ..control.topology import Topology
 from .certs import write_certificates, write_node_key
@@ -82,6 +83,10 @@ class Federation:
     security : str
         `auth` (default): throwaway certificates, every connection over TLS, and only SuperNodes with a
         registered key admitted, each region's key bound to its name; `tls`: TLS only; `insecure`: neither.
+    max_workers : int | None
+        The most data-parallel worker processes a region's SuperNode starts for one job (training/workers.py;
+        each job gets the plan's count up to this). None (default): the region's `workers.max`; 1: every job
+        computed in the SuperNode's ClientApp process alone.
     """
 
     topology: Topology
@@ -90,6 +95,7 @@ class Federation:
     time_scale: float = 1.0
     pace: bool = True
     security: str = "auth"
+    max_workers: int | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     proxies: dict[str, WanProxy] = field(default_factory=dict)
     superlink_port: int = 0
@@ -98,6 +104,8 @@ class Federation:
     def __post_init__(self) -> None:
         if self.security not in SECURITY:
             raise ConfigError(f"security={self.security!r} is unknown; use one of {', '.join(SECURITY)}")
+        if self.max_workers is not None and self.max_workers < 1:
+            raise ConfigError(f"max workers per region must be at least 1, got {self.max_workers}")
 
     @property
     def tls(self) -> bool:
@@ -168,6 +176,7 @@ class Federation:
             "flower-supernode", *self._security("supernode"), *key,
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
             "--node-config", f"region='{region}' data-dir='{data_dir}' state-dir='{self.run_dir / 'region-state'}'"
+            f" {NODE_MAX_WORKERS}={self.max_workers or self.topology.region(region).workers_max}"
             + self._pace(region)])
 
     def register(self, region: str) -> Path:
@@ -332,8 +341,8 @@ def prepare_split(topology: Topology, data_dir: Path, source: str = "digits", se
 
 
 def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *, seed: int = 1,
-           time_scale: float = 1.0, pace: bool = True, security: str = "auth", overrides: list[str] = (),
-           app_dir: Path | None = None, stream_to=sys.stdout) -> int:
+           time_scale: float = 1.0, pace: bool = True, security: str = "auth", max_workers: int | None = None,
+           overrides: list[str] = (), app_dir: Path | None = None, stream_to=sys.stdout) -> int:
     """Run `strategy` on a local federation shaped like `topology_name`; returns `flwr run`'s exit code."""
     from_file = topology_name.endswith((".yaml", ".yml"))
     if from_file:
@@ -348,7 +357,8 @@ def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *,
         raise ConfigError(f"{app_dir} is not a Flower app folder (no pyproject.toml); run from the cloudless-fl "
                           "checkout or pass --app")
     hydra_overrides = ["dataset=npz", f"dataset.root={data_dir}", "clock=wall", *overrides]
-    with Federation(topology, run_dir, seed=seed, time_scale=time_scale, pace=pace, security=security) as federation:
+    with Federation(topology, run_dir, seed=seed, time_scale=time_scale, pace=pace, security=security,
+                    max_workers=max_workers) as federation:
         federation.start_superlink()
         for region in topology.region_names:
             federation.start_region(region, data_dir / region)

@@ -247,8 +247,8 @@ class GeoStrategy(Strategy):
                 f"{mode} updates and say so in its reply (docs/drop-in.md)")
         bytes_up = record_bytes(arrays)
         samples = int(metrics.get("num-examples", 0))
-        work_s, transfer_s, overhead_s = self.meter.complete(flight.job, bytes_up=bytes_up,
-                                                             reported=protocol.job_report(reply, metrics))
+        reported = protocol.job_report(reply, metrics)
+        work_s, transfer_s, overhead_s = self.meter.complete(flight.job, bytes_up=bytes_up, reported=reported)
         base = flight.arrays.to_torch_state_dict() if sent_as != mode else self.optimizer.state
         try:
             tensors = self.validator.check(flight.region, arrays, sent_as, base=base, codec=self.downlink.codec,
@@ -267,7 +267,7 @@ class GeoStrategy(Strategy):
         self.book.samples += samples
         if self.plan is not None:
             self.plan.scheduler.observe(flight.region, samples=samples, work_s=work_s,
-                                        workers=self.meter.workers(flight.region),
+                                        workers=self.meter.computed_by(flight.region, reported),
                                         nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s,
                                         overhead_s=overhead_s)
         return tensors, metrics

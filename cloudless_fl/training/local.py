@@ -9,6 +9,7 @@ on the region side, and successive jobs cover the data epoch by epoch.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,24 @@ class WorkStats:
     steps: int
     loss: float
     compute_seconds: float
+    workers: int = 1  # data-parallel workers that computed it (training/workers.py)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of every mini-batch one worker of a region's data-parallel group computes: rows `rank::world`.
+
+    Its loss is scaled so that the group's averaged gradient (DistributedDataParallel divides the all-reduced
+    sum by `world`) is exactly the gradient of the whole batch's mean loss, even when shards differ in size.
+    A group of one computes the batch as before. `loss` of a job's stats is this worker's share of the mean:
+    summed over the group it is the mean.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.world == 1 else rows[self.rank :: self.world]
 
 
 def sample_stream(n: int, seed: int, offset: int, count: int) -> np.ndarray:
@@ -53,45 +72,52 @@ def _tensors(data: Arrays, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
 
 
 def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: float,
-              momentum: float = 0.0) -> WorkStats:
-    """Run one SGD step per batch on `model` in place."""
+              momentum: float = 0.0, shard: Shard = Shard()) -> WorkStats:
+    """Run one SGD step per batch on `model` in place (on a worker group: `shard`'s rows, `model` wrapped in DDP)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    loss_fn = nn.CrossEntropyLoss()
     model.train()
     start, total, seen = time.perf_counter(), 0.0, 0
     for rows in batches:
-        x, y = _tensors(data, rows)
+        x, y = _tensors(data, shard.rows(rows))
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        if shard.world == 1:
+            loss = nn.functional.cross_entropy(model(x), y)
+            total += loss.item() * len(rows)
+        else:
+            summed = nn.functional.cross_entropy(model(x), y, reduction="sum")
+            loss = summed * shard.world / len(rows)
+            total += summed.item()
         loss.backward()
         opt.step()
-        total += loss.item() * len(rows)
         seen += len(rows)
-    return WorkStats(seen, len(batches), total / max(seen, 1), time.perf_counter() - start)
+    return WorkStats(seen, len(batches), total / max(seen, 1), time.perf_counter() - start, shard.world)
 
 
-def accumulate_gradient(model: nn.Module, data: Arrays,
-                        batches: list[np.ndarray]) -> tuple[dict[str, torch.Tensor], WorkStats]:
+def accumulate_gradient(model: nn.Module, data: Arrays, batches: list[np.ndarray],
+                        shard: Shard = Shard()) -> tuple[dict[str, torch.Tensor], WorkStats]:
     """Gradient of the mean loss over all samples of all batches, at the model's weights.
 
     Equal to the gradient on the concatenated batch: each batch contributes its
-    summed loss, and the total is divided by the number of samples once.
+    summed loss, and the total is divided by the number of samples once. On a
+    worker group (`model` wrapped in DDP) gradients are all-reduced once, with the last batch.
     """
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     model.train()
     model.zero_grad(set_to_none=True)
     start, total = time.perf_counter(), 0.0
     seen = sum(len(b) for b in batches)
-    for rows in batches:
-        x, y = _tensors(data, rows)
-        loss = loss_fn(model(x), y) / seen
-        loss.backward()
-        total += loss.item()
+    for i, rows in enumerate(batches):
+        x, y = _tensors(data, shard.rows(rows))
+        deferred = hasattr(model, "no_sync") and i < len(batches) - 1
+        with model.no_sync() if deferred else nullcontext():
+            summed = nn.functional.cross_entropy(model(x), y, reduction="sum")
+            loss = summed * shard.world / seen
+            loss.backward()
+        total += loss.item() / shard.world
     grads = {
         name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-        for name, p in model.named_parameters()
+        for name, p in getattr(model, "module", model).named_parameters()
     }
-    return grads, WorkStats(seen, len(batches), total, time.perf_counter() - start)
+    return grads, WorkStats(seen, len(batches), total, time.perf_counter() - start, shard.world)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ wall-clock figure. `cloudless-fl launch` therefore tells each SuperNode its
 profile's pace (`--node-config "pace-samples-per-s=..."`: samples/s of one
 worker, times its efficiency and the launch's time scale), and the region
 ClientApp waits out the difference between what a job took here and what the
-profile says it takes on the job's planned workers (the region model's
+profile says it takes on the workers that computed it (training/workers.py; the region model's
 `samples / (s_r * n * eta_r)`, control/region_model.py). A job slower here
 than its profile cannot be paced; it is reported, not hidden.
 """

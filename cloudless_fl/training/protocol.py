@@ -65,7 +65,7 @@ class WorkOrder:
     round: int | None = None  # Flower's "server-round", set by synchronous strategies
     data_seed: int = 0
     version: int = 0  # model version the job starts from
-    workers: int = 1  # workers the region rents for the job (the plan's); paced compute assumes this many
+    workers: int = 1  # workers the region rents for the job (the plan's): its worker group, up to `max-workers`
     compression: str = "none"  # the codec of both directions (`training/compression.py`'s spec)
     base: int | None = None  # the arrays are the change from the model of this earlier job; None: the model
     keep_from: int | None = None  # the region may forget what jobs before this one left (region_link.py)
@@ -228,7 +228,8 @@ def job_report(msg: Message, metrics) -> Reported:
     return Reported(samples=int(metrics.get("num-examples", 0)), compute_s=seconds("compute-seconds"),
                     replied_s_ago=max(0.0, time.time() - float(msg.metadata.created_at)),
                     behind_s=seconds("pace-behind-seconds") or 0.0, startup_s=seconds("startup-seconds"),
-                    load_s=seconds("load-seconds"))
+                    load_s=seconds("load-seconds"),
+                    workers=None if metrics.get("workers") is None else int(metrics["workers"]))
 
 
 def reply_region(msg: Message) -> str | None:

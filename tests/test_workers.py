@@ -1,0 +1,120 @@
+"""A region's worker group (training/workers.py): data-parallel jobs on torch.distributed, elastic per job."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from clients.region_app import make_client_app
+from cloudless_fl.deployment.grid import InProcessGrid
+from cloudless_fl.training import local, protocol, workers
+from cloudless_fl.training.data import Arrays, load_source, split_dataset
+from cloudless_fl.training.models import build_model
+
+
+def _children() -> list[int]:
+    """This process's child processes (the group's workers are forked from it)."""
+    return [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left_behind():
+    assert _children() == []
+    yield
+    assert _children() == [], "a worker process outlived its job"
+
+
+def _data(n: int = 500) -> Arrays:
+    rng = np.random.default_rng(0)
+    return Arrays(rng.standard_normal((n, 20)).astype(np.float32), rng.integers(0, 5, n).astype(np.int64))
+
+
+def _model():
+    return build_model("mlp", (20,), 5, seed=0, hidden=[32])
+
+
+def _close(a: dict, b: dict, atol: float) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+def test_two_workers_compute_the_gradient_one_worker_computes():
+    """Gradient mode: the group's all-reduced gradient is the one-worker gradient over the same samples
+    (uneven shards: 33-sample batches, a short last one), within float tolerance."""
+    data = _data()
+    batches = local.make_batches(len(data), 33, seed=1, offset=0, samples=400)
+    alone, alone_stats = workers.accumulate_gradient(_model(), data, batches, workers=1)
+    group, group_stats = workers.accumulate_gradient(_model(), data, batches, workers=2)
+    assert (group_stats.workers, alone_stats.workers) == (2, 1)
+    assert (group_stats.samples, group_stats.steps) == (alone_stats.samples, alone_stats.steps) == (400, 13)
+    assert group_stats.loss == pytest.approx(alone_stats.loss, rel=1e-6)
+    assert _close(group, alone, atol=1e-7)
+    assert not _close(group, workers.accumulate_gradient(_model(), data, batches[:-1], workers=1)[0], atol=1e-7)
+
+
+def test_local_sgd_on_three_workers_is_local_sgd_on_one():
+    """Local SGD: each step's gradient is the whole mini-batch's mean (DDP averages the workers' scaled sums),
+    so three workers take the steps one worker takes; 16-sample batches split 6/5/5."""
+    data = _data()
+    batches = local.make_batches(len(data), 16, seed=2, offset=7, samples=300)
+    alone, group = _model(), _model()
+    alone_stats = workers.local_sgd(alone, data, batches, lr=0.1, workers=1)
+    group_stats = workers.local_sgd(group, data, batches, lr=0.1, workers=3)
+    assert group_stats.workers == 3 and group_stats.steps == alone_stats.steps == 19
+    assert group_stats.loss == pytest.approx(alone_stats.loss, rel=1e-5)
+    assert _close(group.state_dict(), alone.state_dict(), atol=1e-5)
+    assert not _close(group.state_dict(), _model().state_dict(), atol=1e-3)  # it trained
+
+
+def test_a_worker_killed_mid_job_fails_its_group_and_the_rest_redo_the_job():
+    """SIGKILL one of two workers while they compute: the job is redone by the one left (the calling
+    process), its result the one-worker result, and no process is left over."""
+    data = _data()
+    batches = local.make_batches(len(data), 32, seed=3, offset=0, samples=60_000)  # seconds of work
+    killed = []
+
+    def kill_a_worker():
+        while len(_children()) < 2:
+            time.sleep(0.02)
+        time.sleep(0.5)  # both forked and computing
+        killed.append(_children()[-1])
+        os.kill(killed[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    grads, stats = workers.accumulate_gradient(_model(), data, batches, workers=2)
+    killer.join(timeout=1)
+    assert killed and stats.workers == 1
+    assert _close(grads, workers.accumulate_gradient(_model(), data, batches, workers=1)[0], atol=0)
+
+
+def _train_message(model, planned: int) -> Message:
+    spec = protocol.ModelSpec("mlp", 10, {"hidden": [32]})
+    order = protocol.WorkOrder(lr=0.1, batch_size=16, steps=10, offset=0, mode=protocol.MODE_GRADIENT,
+                               workers=planned)
+    config = ConfigRecord({**spec.to_config(), **order.to_config(), "regions": "a,b"})
+    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.CONFIG: config}),
+                   dst_node_id=2, message_type="train")
+
+
+def test_a_replan_from_one_to_two_workers_takes_effect_at_the_next_job(tmp_path):
+    """The region ClientApp forms its group per job from the work order's count (up to the SuperNode's
+    `max-workers`): the plan's 1, then 2, then 3 with at most 2 allowed; the same samples, the same update."""
+    split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    grid = InProcessGrid(make_client_app(), 2)
+    grid._contexts[2].node_config.update({"region": "a", "data-dir": str(tmp_path / "a"), workers.NODE_KEY: 2})
+    model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32])
+    replies = [grid.pull_messages(grid.push_messages([_train_message(model, planned)]))[0] for planned in (1, 2, 3)]
+    assert [r.content[protocol.METRICS]["workers"] for r in replies] == [1, 2, 2]
+    updates = [r.content[protocol.ARRAYS].to_torch_state_dict() for r in replies]
+    assert _close(updates[1], updates[0], atol=1e-6) and _close(updates[2], updates[0], atol=1e-6)
+
+
+def test_a_job_needs_a_worker():
+    with pytest.raises(ValueError, match="at least one worker"):
+        workers.accumulate_gradient(_model(), _data(), [np.arange(4)], workers=0)
