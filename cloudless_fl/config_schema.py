@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .control.scheduler import BILLINGS, OBJECTIVES
 from .errors import ConfigError
-from .strategy.validation import NORM_POLICIES
+from .strategy.validation import AUTO, NORM_POLICIES
 
 INF = math.inf
 
@@ -34,9 +34,10 @@ class Number:
     integer: bool = False
     nullable: bool = False
     per_region: bool = False
+    words: tuple[str, ...] = ()  # settings allowed besides numbers (e.g. "auto")
 
     def check(self, key: str, value: Any) -> None:
-        if value is None and self.nullable:
+        if (value is None and self.nullable) or (isinstance(value, str) and value in self.words):
             return
         if self.per_region and isinstance(value, Mapping):
             if not value:
@@ -56,7 +57,8 @@ class Number:
         low = "" if self.low == -INF else f"{'>' if self.low_open else '≥'} {self.low:g}"
         high = "" if self.high == INF else f"≤ {self.high:g}"
         text = " and ".join(p for p in (low, high) if p) or "any number"
-        return text + (" (or null)" if self.nullable else "")
+        alternatives = [*self.words, *(["null"] if self.nullable else [])]
+        return text + (f" (or {' or '.join(alternatives)})" if alternatives else "")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ COMMON = {
     "validation.norm_factor": Number(1, low_open=True, nullable=True),
     "validation.min_agreement": Number(-1, 1, nullable=True),
     "validation.clip_factor": Number(0, low_open=True, nullable=True),
-    "validation.min_relatedness": Number(0, nullable=True),
+    "validation.min_relatedness": Number(0, nullable=True, words=(AUTO,)),
     "checkpoint.every": Number(0, integer=True), "checkpoint.at_end": BOOL,
 }
 SCHEDULER = {

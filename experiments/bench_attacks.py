@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import _run, execute, last_evaluations, pool  # noqa: E402
 
 ATTACKS = ("x-10", "x1e4", "noise")
-DEFENCES = {  # name → overrides; `screen` is the default (validation.norm_factor / min_agreement / clip_factor /
-    # min_relatedness)
-    "screen": [],
-    "relatedness": ["validation.min_relatedness=2"],  # ASGD-GA: the screen plus the opt-in relatedness check
+DEFENCES = {  # name → overrides. The default is `screen` for MA and ASGD-GA delta, `relatedness` for gradient-mode
+    # ASGD-GA (validation.min_relatedness=auto)
+    "screen": ["validation.min_relatedness=null"],  # length checks (norm_factor), agreement (MA), clip (ASGD-GA)
+    "relatedness": ["validation.min_relatedness=2"],  # ASGD-GA: the screen plus the relatedness check
     "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null",
              "validation.min_relatedness=null"],
     "median": ["validation.norm_factor=null", "validation.min_agreement=null", "strategy.aggregation=median"],

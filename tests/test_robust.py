@@ -132,9 +132,10 @@ def test_asgd_ga_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_
     assert strategy.history.counters["quarantined_regions"] == 0
 
 
-@pytest.mark.parametrize("update", ["delta", "gradient"])
-def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, update):
-    """The opt-in relatedness check: noise of an update's length is unrelated to the region's recent direction.
+@pytest.mark.parametrize("update,limits", [("delta", UpdateLimits(min_relatedness=2.0)), ("gradient", None)])
+def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, update, limits):
+    """The relatedness check (gradient mode: on by default; delta: opt-in): noise of an update's length is
+    unrelated to the region's recent direction.
 
     Accuracy is not claimed here: in this 40-version run the one noise update admitted (the first: nothing to
     relate it to) costs 6 points against the attacker's absence (0.658 vs 0.719, delta); on geo4 the screened run
@@ -150,13 +151,23 @@ def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, upd
         return noisy(msg, context)
 
     fed.grid._app = counting
-    strategy, _ = _asgd_ga(fed, update, UpdateLimits(min_relatedness=2.0))
+    strategy, _ = _asgd_ga(fed, update, limits)
     screened = [e for e in strategy.history.events if e["event"] == "update_screened"]
     assert {e["region"] for e in screened} == {"a"}
     assert all("unrelated to the region's recent updates" in e["reason"] for e in screened)
     # all but the first (nothing to relate it to) and one still in flight at the end, less the 5 % of noise the
     # default bound (2 spreads) lets through
     assert len(sent) >= 8 and len(screened) >= 0.8 * (len(sent) - 2)
+
+
+def test_relatedness_is_on_by_default_in_gradient_mode_only():
+    """`validation.min_relatedness=auto`: 2 spreads for gradient-mode ASGD-GA; off for delta mode and MA (whose
+    screen tests agreement instead); a value set, null included, is taken as set."""
+    assert AsyncGradAccum(update="gradient")._min_relatedness() == 2.0
+    assert AsyncGradAccum(update="delta")._min_relatedness() is None
+    assert AsyncGradAccum(update="gradient", limits=UpdateLimits(min_relatedness=None))._min_relatedness() is None
+    assert AsyncGradAccum(update="delta", limits=UpdateLimits(min_relatedness=3.0))._min_relatedness() == 3.0
+    assert ModelAveraging()._min_relatedness() is None
 
 
 def test_asgd_ga_buffered_median_holds_against_minus_ten_times_an_update_without_the_screen(tmp_path):

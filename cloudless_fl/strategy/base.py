@@ -37,7 +37,7 @@ from .planning import PlanFollower
 from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
 from .screen import Candidate, UpdateScreen
-from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
+from .validation import AUTO, RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
 
@@ -99,6 +99,7 @@ class GeoStrategy(Strategy):
     # model): screen.py's recent-median length and agreement checks apply. Otherwise (asynchronous) its
     # per-region length bound and clip do.
     comparable_updates = True
+    default_relatedness: float | None = None  # what `min_relatedness="auto"` means for this strategy
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
@@ -176,7 +177,7 @@ class GeoStrategy(Strategy):
         agreement = self.limits.min_agreement if comparable and not self.downlink.codec.sparse else None
         self.screen = UpdateScreen(factor, agreement, model_bound=factor is not None, per_region=not comparable,
                                    clip_factor=None if comparable else self.limits.clip_factor,
-                                   min_relatedness=None if comparable else self.limits.min_relatedness)
+                                   min_relatedness=None if comparable else self._min_relatedness())
         self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)
@@ -356,6 +357,11 @@ class GeoStrategy(Strategy):
         due = self.book.evaluation_due(version, force)
         res = self.book.record(version, self.optimizer.served(arrays) if due else arrays, evaluate_fn, due)
         return None if res is None else res.get("accuracy")
+
+    def _min_relatedness(self) -> float | None:
+        """The screen's relatedness bound: the one set, or for `auto` this strategy's default."""
+        setting = self.limits.min_relatedness
+        return self.default_relatedness if setting == AUTO else setting
 
     def _finish(self, arrays: ArrayRecord) -> Result:
         """The run's end: stop awaiting the jobs still out (a checkpoint keeps them for a resume), write

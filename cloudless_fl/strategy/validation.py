@@ -27,6 +27,7 @@ from ..errors import ConfigError
 
 log = logging.getLogger("cloudless_fl")
 NORM_POLICIES = ("reject", "clip")
+AUTO = "auto"  # a screen setting the strategy chooses (UpdateLimits.min_relatedness)
 
 
 class RejectedUpdate(Exception):
@@ -59,10 +60,13 @@ class UpdateLimits:
     clip_factor : float, optional
         ASGD-GA: an admitted update whose norm per √step is over this multiple of
         the regions' median is scaled down to it. None: no clipping.
-    min_relatedness : float, optional
-        ASGD-GA, opt-in: hold back an update whose |cosine| with its region's recent
-        direction is below this many spreads of what noise scores. None (default):
-        no such check (honest updates near convergence score like noise).
+    min_relatedness : float | "auto", optional
+        ASGD-GA: hold back an update whose |cosine| with its region's recent
+        direction is below this many spreads of what noise scores. None: no such
+        check. "auto" (default): the strategy's own choice — 2 in ASGD-GA's
+        gradient mode, where noise of a gradient's length is otherwise applied
+        (measured: 0.889 vs 0.950 clean on geo4), off in delta mode, where noise
+        barely hurts and honest updates near convergence score like noise.
     """
 
     max_norm: float | None = None
@@ -71,7 +75,7 @@ class UpdateLimits:
     norm_factor: float | None = 5.0
     min_agreement: float | None = 0.05
     clip_factor: float | None = 1.0
-    min_relatedness: float | None = None
+    min_relatedness: float | str | None = AUTO
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
@@ -86,10 +90,10 @@ class UpdateLimits:
         if self.clip_factor is not None and not (isinstance(self.clip_factor, (int, float)) and self.clip_factor > 0):
             raise ConfigError(f"validation.clip_factor={self.clip_factor!r} must be a number > 0 "
                               "(or null: no clipping)")
-        if self.min_relatedness is not None and not (isinstance(self.min_relatedness, (int, float))
-                                                     and self.min_relatedness >= 0):
-            raise ConfigError(f"validation.min_relatedness={self.min_relatedness!r} must be a number ≥ 0 "
-                              "(or null: no check)")
+        if self.min_relatedness not in (None, AUTO) and not (
+                isinstance(self.min_relatedness, (int, float)) and self.min_relatedness >= 0):
+            raise ConfigError(f"validation.min_relatedness={self.min_relatedness!r} must be a number ≥ 0, "
+                              f"{AUTO} (the strategy's choice) or null (no check)")
         if not isinstance(self.quarantine_after, int) or self.quarantine_after < 0:
             raise ConfigError(f"validation.quarantine_after={self.quarantine_after!r} must be an integer ≥ 0")
 
