@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from cloudless_fl.training import pacing, protocol, workers
+from cloudless_fl.training import pacing, protocol, worker_agent, workers
 from cloudless_fl.training.region_link import RegionLink
 from cloudless_fl.training.data import ResidentData, check_labels, load_resident
 from cloudless_fl.errors import ConfigError, DataError
@@ -48,15 +48,15 @@ def make_client_app(data_root: str | Path | None = None, data_format: str = "aut
         batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed, offset=position,
                                samples=order.samples(len(data.train)))
         update = order.mode
-        group = _group_size(context, order)
+        group, agents = _group_size(context, order), _agents(context, spec, data.input_shape)
         if order.mode == protocol.MODE_GRADIENT:
-            grads, stats = workers.accumulate_gradient(model, data.train, batches, group)
+            grads, stats = workers.accumulate_gradient(model, data.train, batches, group, agents)
             # every floating-point entry, as the server's validator expects: buffers (BN statistics) get zeros
             arrays = link.reply(OrderedDict((k, grads[k] if k in grads else torch.zeros_like(v))
                                             for k, v in model.state_dict().items() if v.is_floating_point()))
         else:
             start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            stats = workers.local_sgd(model, data.train, batches, order.lr, group)
+            stats = workers.local_sgd(model, data.train, batches, order.lr, group, agents)
             if order.mode == protocol.MODE_DELTA or link.codec.lossy:  # a lossy codec compresses changes
                 update = protocol.MODE_DELTA
                 arrays = link.reply(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
@@ -153,8 +153,19 @@ def _process_started() -> float | None:
 
 def _group_size(context: Context, order: protocol.WorkOrder) -> int:
     """How many data-parallel workers compute the job: the plan's, up to the SuperNode's `max-workers`
-    (default 1: the ClientApp process alone; `launch` sets the region's `workers.max`)."""
-    return max(1, min(order.workers, int(context.node_config.get(workers.NODE_KEY, 1))))
+    (default: 1, the ClientApp process alone — or, with a `worker-endpoint`, as many as agents join;
+    `launch` sets the region's `workers.max`)."""
+    default = order.workers if worker_agent.NODE_KEY in context.node_config else 1
+    return max(1, min(order.workers, int(context.node_config.get(workers.NODE_KEY, default))))
+
+
+def _agents(context: Context, spec: protocol.ModelSpec, input_shape) -> worker_agent.Agents | None:
+    """The region's agents on other machines, if the SuperNode names where they wait (`worker-endpoint`)."""
+    endpoint = context.node_config.get(worker_agent.NODE_KEY)
+    if endpoint is None:
+        return None
+    return worker_agent.Agents(str(endpoint), {"name": spec.name, "input_shape": list(input_shape),
+                                               "num_classes": spec.num_classes, "options": spec.options})
 
 
 def _paced(context: Context, samples: int, trained_on: int, took_s: float) -> pacing.Paced:

@@ -12,6 +12,7 @@ commands:
   data split --out DIR ...   write per-region shards (see `cloudless-fl data split -h`)
   plan [overrides...]        the elastic scheduler's plan beside the static one (e.g. topology=geo4 strategy=ma)
   launch [options]           a real local federation: SuperLink + one SuperNode per region behind shaped WAN proxies
+  worker --endpoint H:P ...  a region's worker on another machine, joining its SuperNode's jobs (docs/deployment.md)
   report FOLDER              compare every results.json below FOLDER: table (report.md) and plots/*.png
 """
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {exc}") from None
     elif command == "launch":
         launch_command(rest)
+    elif command == "worker":
+        from .training.worker_agent import main as worker_main
+
+        worker_main(rest)
     elif command == "report":
         if len(rest) != 1:
             raise SystemExit("usage: cloudless-fl report FOLDER")

@@ -2,6 +2,9 @@
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clients.region_app import make_client_app
 from cloudless_fl.deployment.grid import InProcessGrid
-from cloudless_fl.training import local, protocol, workers
+from cloudless_fl.training import local, protocol, worker_agent, workers
 from cloudless_fl.training.data import Arrays, load_source, split_dataset
 from cloudless_fl.training.models import build_model
 
@@ -93,9 +96,9 @@ def test_a_worker_killed_mid_job_fails_its_group_and_the_rest_redo_the_job():
     assert _close(grads, workers.accumulate_gradient(_model(), data, batches, workers=1)[0], atol=0)
 
 
-def _train_message(model, planned: int) -> Message:
+def _train_message(model, planned: int, steps: int = 10) -> Message:
     spec = protocol.ModelSpec("mlp", 10, {"hidden": [32]})
-    order = protocol.WorkOrder(lr=0.1, batch_size=16, steps=10, offset=0, mode=protocol.MODE_GRADIENT,
+    order = protocol.WorkOrder(lr=0.1, batch_size=16, steps=steps, offset=0, mode=protocol.MODE_GRADIENT,
                                workers=planned)
     config = ConfigRecord({**spec.to_config(), **order.to_config(), "regions": "a,b"})
     return Message(RecordDict({protocol.ARRAYS: ArrayRecord(model.state_dict()), protocol.CONFIG: config}),
@@ -118,3 +121,74 @@ def test_a_replan_from_one_to_two_workers_takes_effect_at_the_next_job(tmp_path)
 def test_a_job_needs_a_worker():
     with pytest.raises(ValueError, match="at least one worker"):
         workers.accumulate_gradient(_model(), _data(), [np.arange(4)], workers=0)
+
+
+@pytest.fixture
+def region_with_an_agent(tmp_path):
+    """Region `a`'s data and one agent of it (another machine's worker, here a process on loopback) waiting at
+    a free endpoint; the agent is stopped afterwards."""
+    split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    log = open(tmp_path / "agent.log", "w")
+    agent = subprocess.Popen([str(Path(sys.executable).parent / "cloudless-fl"), "worker", "--endpoint", endpoint,
+                              "--data-dir", str(tmp_path / "a")], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while "waiting for jobs" not in (tmp_path / "agent.log").read_text():
+        assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+        time.sleep(0.1)
+    yield tmp_path, endpoint, agent
+    agent.kill()
+    agent.wait()
+    log.close()
+
+
+def _region_app(data_root, **node_config):
+    grid = InProcessGrid(make_client_app(), 2)
+    grid._contexts[2].node_config.update({"region": "a", "data-dir": str(data_root / "a"), **node_config})
+    return grid
+
+
+def _job(grid, model, planned: int, steps: int = 10):
+    message = _train_message(model, planned, steps)
+    [reply] = grid.pull_messages(grid.push_messages([message]))
+    assert not reply.has_error(), reply.error.reason
+    return reply.content[protocol.METRICS]["workers"], reply.content[protocol.ARRAYS].to_torch_state_dict()
+
+
+def test_an_agent_on_another_machine_joins_the_supernodes_job(region_with_an_agent):
+    """A SuperNode with a `worker-endpoint` computes a job on 2 workers with its region's agent (rank 1 in a gloo
+    group over TCP), the update being the one it computes alone; then the agent is killed mid-job, and the
+    SuperNode redoes the job alone: the region stays in the run."""
+    data_root, endpoint, agent = region_with_an_agent
+    model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32])
+    alone = _job(_region_app(data_root), model, planned=2)
+    grid = _region_app(data_root, **{worker_agent.NODE_KEY: endpoint})
+    joined = _job(grid, model, planned=2)
+    assert (joined[0], alone[0]) == (2, 1) and _close(joined[1], alone[1], atol=1e-6)
+    assert "job at" not in (data_root / "agent.log").read_text()  # it served the job, no error
+
+    start = time.perf_counter()
+    long_alone = _job(_region_app(data_root), model, planned=1, steps=2000)
+    print(f"2000 steps alone: {time.perf_counter() - start:.1f} s")
+
+    def kill_the_agent_mid_job():
+        while (data_root / "agent.log").read_text().count("joined job") < 2:
+            time.sleep(0.01)
+        time.sleep(0.2)  # computing with the SuperNode
+        agent.kill()
+
+    threading.Thread(target=kill_the_agent_mid_job, daemon=True).start()
+    redone = _job(grid, model, planned=2, steps=2000)
+    assert agent.poll() is not None and redone[0] == 1 and _close(redone[1], long_alone[1], atol=0)
+
+
+def test_with_no_agent_at_the_endpoint_the_supernode_computes_alone(tmp_path):
+    split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    workers_used, _ = _job(_region_app(tmp_path, **{worker_agent.NODE_KEY: endpoint}),
+                           build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32]), planned=3)
+    assert workers_used == 1

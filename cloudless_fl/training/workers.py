@@ -27,6 +27,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from . import local
 from .data import Arrays
 
+if TYPE_CHECKING:
+    from .worker_agent import Agents
+
 log = logging.getLogger(__name__)
 
 NODE_KEY = "max-workers"  # node config: the most worker processes a SuperNode may start for one job
@@ -47,7 +51,7 @@ Result = tuple[dict[str, torch.Tensor], local.WorkStats]  # new weights (local S
 
 
 @dataclass
-class _Job:
+class GroupJob:
     """One job as every worker of the group sees it (inherited at fork, nothing pickled on the way in)."""
 
     model: nn.Module
@@ -63,25 +67,36 @@ class _Job:
         return self.model.state_dict(), stats
 
 
-def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: float,
-              workers: int = 1) -> local.WorkStats:
+def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: float, workers: int = 1,
+              agents: Agents | None = None) -> local.WorkStats:
     """`local.local_sgd` on `workers` data-parallel workers; `model` ends with the group's weights."""
-    state, stats = _run(_Job(model, data, batches, lr), workers)
+    state, stats = _run(GroupJob(model, data, batches, lr), workers, agents)
     model.load_state_dict(state)
     return stats
 
 
-def accumulate_gradient(model: nn.Module, data: Arrays, batches: list[np.ndarray], workers: int = 1) -> Result:
+def accumulate_gradient(model: nn.Module, data: Arrays, batches: list[np.ndarray], workers: int = 1,
+                        agents: Agents | None = None) -> Result:
     """`local.accumulate_gradient` on `workers` data-parallel workers."""
-    return _run(_Job(model, data, batches, None), workers)
+    return _run(GroupJob(model, data, batches, None), workers, agents)
 
 
-def _run(job: _Job, workers: int) -> Result:
-    """The job on a group of `workers`, redone by one fewer while a worker fails; its compute time is the
-    region's: from the first group's start to the result, failed attempts included."""
+def _run(job: GroupJob, workers: int, agents: Agents | None) -> Result:
+    """The job on a group of `workers` — forked here, or with `agents` the region's agents on other machines —
+    redone by fewer while a worker fails; its compute time is the region's: from the first group's start to
+    the result, failed attempts included."""
     if workers < 1:
         raise ValueError(f"a job needs at least one worker, got {workers}")
     started = time.perf_counter()
+    if workers > 1 and agents is not None:
+        from .worker_agent import GroupFailed, lead
+
+        try:
+            arrays, stats = lead(job, workers, agents)
+            return arrays, replace(stats, compute_seconds=time.perf_counter() - started)
+        except GroupFailed as failure:
+            log.warning("the region's worker group failed (%s); the job is redone by the SuperNode alone", failure)
+            workers = 1
     while workers > 1:
         try:
             arrays, stats = _launch(job, workers)
@@ -94,7 +109,7 @@ def _run(job: _Job, workers: int) -> Result:
     return arrays, replace(stats, compute_seconds=time.perf_counter() - started)
 
 
-def _launch(job: _Job, workers: int) -> Result:
+def _launch(job: GroupJob, workers: int) -> Result:
     import torch._dynamo  # noqa: F401 -- DDP's constructor imports it: once here (~2 s), not in every forked worker
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", local_addr="127.0.0.1",
@@ -103,20 +118,23 @@ def _launch(job: _Job, workers: int) -> Result:
     return {name: torch.from_numpy(a) for name, a in arrays.items()}, stats
 
 
-def _worker(job: _Job) -> tuple[dict[str, np.ndarray], local.WorkStats] | None:
-    """One rank of the group; rank 0 returns the group's result (as numpy: plainly pickled back)."""
+def _worker(job: GroupJob) -> tuple[dict[str, np.ndarray], local.WorkStats] | None:
+    """One forked rank of the group; rank 0 returns the group's result (as numpy: plainly pickled back)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        shard = local.Shard(dist.get_rank(), dist.get_world_size())
-        result, stats = job.compute(DistributedDataParallel(job.model), shard)
-        loss = torch.tensor([stats.loss], dtype=torch.float64)
-        dist.all_reduce(loss)  # each worker's loss is its share of the mean
-        if shard.rank != 0:
-            return None
-        return {name: t.detach().numpy() for name, t in result.items()}, replace(stats, loss=loss.item())
+        result, stats = as_rank(job, dist.get_rank(), dist.get_world_size())
+        return None if dist.get_rank() else ({name: t.detach().numpy() for name, t in result.items()}, stats)
     finally:
         dist.destroy_process_group()
+
+
+def as_rank(job: GroupJob, rank: int, world: int) -> Result:
+    """This process's part of the job in the (initialised) process group; every rank returns the group's loss."""
+    result, stats = job.compute(DistributedDataParallel(job.model), local.Shard(rank, world))
+    loss = torch.tensor([stats.loss], dtype=torch.float64)
+    dist.all_reduce(loss)  # each worker's loss is its share of the mean
+    return result, replace(stats, loss=loss.item())
 
 
 def _free_port() -> int:
