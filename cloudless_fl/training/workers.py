@@ -17,7 +17,9 @@ down to the calling process alone: the region loses a worker, not the job.
 Workers are forked from the ClientApp process, which has imported torch and
 loaded the data: a forked group starts in ~0.2 s here, a spawned one in ~5 s.
 Each worker runs one thread, as GNU OpenMP cannot start a thread team in a
-forked child.
+forked child. A region spread over several machines gets its other workers
+from agents there instead (worker_agent.py). CPU only: the project trains on
+CPU tensors, so the group runs gloo, never NCCL.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ Result = tuple[dict[str, torch.Tensor], local.WorkStats]  # new weights (local S
 
 @dataclass
 class GroupJob:
-    """One job as every worker of the group sees it (inherited at fork, nothing pickled on the way in)."""
+    """One job as every worker of the group sees it: inherited at fork (nothing pickled on the way in), or
+    rebuilt by an agent on another machine from what the SuperNode posts (worker_agent.py)."""
 
     model: nn.Module
     data: Arrays
