@@ -74,7 +74,7 @@ def lead(job: GroupJob, workers: int, agents: Agents) -> Result:
     store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
     try:
         store.set("job", _payload(job, agents.model))
-        store.set("wanted", str(workers - 1))
+        store.set("id", uuid.uuid4().hex)  # last: an agent that reads it finds the job there
         deadline = time.monotonic() + JOIN_WINDOW_S
         while store.add("joined", 0) < workers - 1 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -118,11 +118,11 @@ def serve(endpoint: str, data_dir: str, data_format: str = "auto", jobs: int | N
         except dist.DistError:  # the job closed in between
             continue
         try:
-            job_id, job = _job_from(store.get("job"), data_dir, data_format)
+            job_id = store.get("id").decode()
             if job_id == last:  # the job this agent just served, not yet closed
                 store.wait(["done"])
                 continue
-            last = job_id
+            last, job = job_id, _job_from(store.get("job"), data_dir, data_format)
             rank = store.add("joined", 1)
             if rank >= int(store.get("world")):
                 continue  # joined too late or not wanted: the next job
@@ -151,18 +151,18 @@ def _listening(host: str, port: int) -> bool:
 
 def _payload(job: GroupJob, model: dict) -> bytes:
     buffer = io.BytesIO()
-    torch.save({"id": uuid.uuid4().hex, "model": model, "state": job.model.state_dict(),
+    torch.save({"model": model, "state": job.model.state_dict(),
                 "batches": [torch.from_numpy(b) for b in job.batches], "lr": job.lr}, buffer)
     return buffer.getvalue()
 
 
-def _job_from(raw: bytes, data_dir: str, data_format: str) -> tuple[str, GroupJob]:
+def _job_from(raw: bytes, data_dir: str, data_format: str) -> GroupJob:
     posted = torch.load(io.BytesIO(raw), weights_only=True)
     spec = posted["model"]
     model = build_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"], **spec["options"])
     model.load_state_dict(posted["state"])
-    return posted["id"], GroupJob(model, _resident(data_dir, data_format).train,
-                                  [b.numpy() for b in posted["batches"]], posted["lr"])
+    return GroupJob(model, _resident(data_dir, data_format).train, [b.numpy() for b in posted["batches"]],
+                    posted["lr"])
 
 
 @lru_cache(maxsize=2)
