@@ -156,7 +156,11 @@ def _group_size(context: Context, order: protocol.WorkOrder) -> int:
     (default: 1, the ClientApp process alone — or, with a `worker-endpoint`, as many as agents join;
     `launch` sets the region's `workers.max`)."""
     default = order.workers if worker_agent.NODE_KEY in context.node_config else 1
-    return max(1, min(order.workers, int(context.node_config.get(workers.NODE_KEY, default))))
+    cap = context.node_config.get(workers.NODE_KEY, default)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ConfigError(f"node config {workers.NODE_KEY}={cap!r} must be an integer ≥ 1; fix --node-config "
+                          f"\"{workers.NODE_KEY}=N\" on this SuperNode")
+    return max(1, min(order.workers, cap))
 
 
 def _agents(context: Context, spec: protocol.ModelSpec, input_shape) -> worker_agent.Agents | None:

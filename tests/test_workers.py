@@ -192,3 +192,14 @@ def test_with_no_agent_at_the_endpoint_the_supernode_computes_alone(tmp_path):
     workers_used, _ = _job(_region_app(tmp_path, **{worker_agent.NODE_KEY: endpoint}),
                            build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32]), planned=3)
     assert workers_used == 1
+
+
+@pytest.mark.parametrize("node_config,message", [({workers.NODE_KEY: 0}, "max-workers=0 must be an integer ≥ 1"),
+                                                 ({workers.NODE_KEY: "two"}, "max-workers='two' must be"),
+                                                 ({worker_agent.NODE_KEY: "10.0.0.1"}, "is not host:port")])
+def test_a_bad_worker_setting_on_a_supernode_is_named_in_the_error_reply(tmp_path, node_config, message):
+    split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    grid = _region_app(tmp_path, **node_config)
+    [reply] = grid.pull_messages(grid.push_messages([_train_message(
+        build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32]), planned=2)]))
+    assert reply.has_error() and message in reply.error.reason

@@ -36,6 +36,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from .data import load_resident
 from .local import Shard
 from .models import build_model
@@ -63,8 +64,9 @@ class Agents:
     @property
     def address(self) -> tuple[str, int]:
         host, _, port = self.endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"worker endpoint {self.endpoint!r} is not host:port")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"worker endpoint {self.endpoint!r} is not host:port; fix --node-config "
+                              f"\"{NODE_KEY}='host:port'\" on the SuperNode (or --endpoint of the agent)")
         return host, int(port)
 
 
