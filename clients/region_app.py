@@ -160,7 +160,7 @@ def _group_size(context: Context, order: protocol.WorkOrder) -> int:
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ConfigError(f"node config {workers.NODE_KEY}={cap!r} must be an integer ≥ 1; fix --node-config "
                           f"\"{workers.NODE_KEY}=N\" on this SuperNode")
-    return max(1, min(order.workers, cap))
+    return min(order.workers, cap)
 
 
 def _agents(context: Context, spec: protocol.ModelSpec, input_shape) -> worker_agent.Agents | None:

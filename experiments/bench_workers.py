@@ -39,7 +39,7 @@ def main() -> None:
     data = load_source("digits")
     batches = local.make_batches(len(data), int(cfg.strategy.batch_size), seed=0, offset=0, samples=args.samples)
     model = build_model(cfg.model.name, data.x.shape[1:], 10, seed=0, **cfg.model.options)
-    print(f"{args.mode}, {args.samples} samples per job, {cfg.model.name} {list(cfg.model.options.hidden)}, "
+    print(f"{args.mode}, {args.samples} samples per job, {cfg.model.name} {dict(cfg.model.options)}, "
           f"batch {cfg.strategy.batch_size}; {os.cpu_count()} cores")
     if max(args.workers) > 1:  # a ClientApp process's first group imports what DDP needs (~2 s), once
         workers.accumulate_gradient(model, data, batches[:1], workers=2)
