@@ -3,9 +3,12 @@
 A job is computed as a region computes it in deployment (training/workers.py: a
 group forked per job, DDP over gloo, the group's start-up included); the model
 and batch size are geo4's (the benchmark MLP on digits, batch 32). Efficiency
-is samples/s on n workers over n x samples/s on one: the `efficiency` a
-topology profile states (0.9 assumed on geo4). On a 2-core machine more than 2
-workers cannot add speed; the figures say what this machine does, nothing more.
+is samples/s on n workers over n x samples/s on one. A deployed run measures
+the same from its jobs (results.json `summary.scaling_efficiency`) and the
+scheduler plans each region's workers with it (`Region.scaling`); the last lines
+show what that does to geo4's plan for MA, against its profile's assumed 0.9.
+On a 2-core machine more than 2 workers cannot add speed; the figures say what
+this machine does, nothing more.
 
     .venv/bin/python experiments/bench_workers.py
     .venv/bin/python experiments/bench_workers.py --samples 20000 --workers 1 2 --mode local_sgd
@@ -17,10 +20,13 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from cloudless_fl.config import compose
+from cloudless_fl.control.scheduler import plan
+from cloudless_fl.reporting.plan_table import planning_inputs
 from cloudless_fl.training import local, workers
 from cloudless_fl.training.data import load_source
 from cloudless_fl.training.models import build_model
@@ -44,7 +50,7 @@ def main() -> None:
     if max(args.workers) > 1:  # a ClientApp process's first group imports what DDP needs (~2 s), once
         workers.accumulate_gradient(model, data, batches[:1], workers=2)
     print(f"{'workers':>7} {'job s (median)':>14} {'samples/s':>10} {'efficiency':>10}")
-    base = None
+    base, scaling = None, []
     for n in args.workers:
         seconds = []
         for _ in range(args.repeats):
@@ -59,6 +65,21 @@ def main() -> None:
         base = base or (rate if n == 1 else None)
         efficiency = "—" if base is None else f"{rate / (n * base):.2f}"
         print(f"{n:>7} {statistics.median(seconds):>14.2f} {rate:>10.0f} {efficiency:>10}", flush=True)
+        if base is not None:
+            scaling.append((n, rate / (n * base)))
+    if len(scaling) > 1:
+        print_plans(tuple(scaling))
+
+
+def print_plans(scaling: tuple[tuple[int, float], ...]) -> None:
+    """geo4's elastic plan for MA on its profiles, then with every region scaling as this machine did."""
+    topology, work, objective = planning_inputs(compose(["scheduler=elastic", "strategy=ma", "topology=geo4"]))
+    measured = replace(topology, regions=tuple(replace(r, scaling=scaling) for r in topology.regions))
+    print("\ngeo4, strategy=ma, scheduler=elastic: workers per region (period s)")
+    for label, topo in (("profile (efficiency 0.9 per worker)", topology), ("this machine's scaling", measured)):
+        p = plan(topo, work, objective)
+        rented = ", ".join(f"{name} {r.workers}" for name, r in p.regions.items())
+        print(f"  {label:<38} {rented} ({p.period_s:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cloudless_fl.control.clock import WallClock
+
 TWO_REGIONS = {
     "name": "two",
     "coordinator": "fast",
@@ -23,6 +25,17 @@ TWO_REGIONS = {
                  "link": {"up_mbps": 80, "down_mbps": 80, "latency_ms": 10}, "data_share": 0.5},
     },
 }
+
+
+class SetClock(WallClock):
+    """A measured clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
 
 
 @pytest.fixture(autouse=True)

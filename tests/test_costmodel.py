@@ -1,6 +1,7 @@
 """Cost and time formulas against hand-computed cases."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from cloudless_fl.errors import ConfigError
 from cloudless_fl.control.jobs import Job, Reported
 from cloudless_fl.control.meter import Meter
 from cloudless_fl.control.topology import Fluctuation, load_topology
-from conftest import TWO_REGIONS
+from conftest import TWO_REGIONS, SetClock
 
 
 def _topology(**changes):
@@ -141,19 +142,8 @@ def test_virtual_clock_orders_by_modelled_end_not_arrival():
     assert WallClock().pick(pending, ["a", "b"]) == "a"  # wall clock: arrival order
 
 
-class _SetClock(WallClock):
-    """A measured clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-
 def test_the_wall_clock_meter_measures_a_jobs_overhead_apart_from_compute_and_download():
-    clock = _SetClock()
+    clock = SetClock()
     meter = Meter(clock, CostModel(_topology(), seed=0, compute_jitter=0.0))
     job = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
     download = job.timing.download_s  # 0.11 s over slow's 80 Mbps link, modelled
@@ -177,7 +167,7 @@ def test_the_wall_clock_meter_measures_a_jobs_overhead_apart_from_compute_and_do
 def test_a_reply_without_its_compute_has_no_overhead_to_measure():
     """A stock ClientApp reports no compute-seconds: its compute must not be learned as a fixed overhead
     (the scheduler would then raise local work against it), yet its region was busy all along."""
-    clock = _SetClock()
+    clock = SetClock()
     meter = Meter(clock, CostModel(_topology(), seed=0, compute_jitter=0.0))
     job = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
     clock.t = 10.0
@@ -196,14 +186,14 @@ def test_the_virtual_clock_meter_reports_the_modelled_overhead():
 def test_the_workers_that_computed_a_regions_jobs_are_recorded_when_measured():
     """summary.workers: region → the most data-parallel workers that computed one of its jobs (deployment);
     in simulation workers are modelled, and a reply's count says nothing about them."""
-    clock = _SetClock()
+    clock = SetClock()
     meter = Meter(clock, CostModel(_topology(), seed=0, compute_jitter=0.0))
     for count in (3, 2):  # a group of 3, then (a worker lost, or a re-plan) one of 2
         job = meter.dispatch("slow", bytes_down=1000, samples=100)
         clock.t += 5.0
         meter.complete(job, bytes_up=1000, reported=Reported(100, compute_s=1.0, workers=count))
     assert meter.job_figures()["workers"] == {"slow": 3}
-    restored = Meter(_SetClock(), CostModel(_topology(), seed=0))
+    restored = Meter(SetClock(), CostModel(_topology(), seed=0))
     restored.load_state_dict(meter.state_dict())
     assert restored.job_figures()["workers"] == {"slow": 3}
     simulated = Meter(VirtualClock(), CostModel(_topology(), seed=0))
@@ -212,10 +202,37 @@ def test_the_workers_that_computed_a_regions_jobs_are_recorded_when_measured():
     assert simulated.job_figures()["workers"] == {}
 
 
+def test_a_regions_scaling_efficiency_is_measured_from_its_jobs_at_two_worker_counts():
+    """summary.scaling_efficiency: a group's per-worker speed over a lone worker's, measured from the
+    compute its jobs report; nothing until a region computed on two counts, nothing in simulation."""
+    clock = SetClock()
+    meter = Meter(clock, CostModel(_topology(), seed=0, compute_jitter=0.0))
+
+    def job(workers: int, compute_s: float) -> None:
+        started = meter.dispatch("slow", bytes_down=1000, samples=100)
+        clock.t += 5.0
+        meter.complete(started, bytes_up=1000, reported=Reported(100, compute_s=compute_s, workers=workers))
+
+    job(1, 1.0)
+    assert meter.scaling("slow") == () and meter.job_figures()["scaling_efficiency"] == {}
+    job(2, 0.8)  # 100 samples on 2 workers in 0.8 s: 62.5 samples/s per worker, against 100 alone
+    assert dict(meter.scaling("slow")) == pytest.approx({1: 1.0, 2: 0.625})
+    assert meter.job_figures()["scaling_efficiency"] == {"slow": pytest.approx({"1": 1.0, "2": 0.625})}
+    restored = Meter(SetClock(), CostModel(_topology(), seed=0))
+    restored.load_state_dict(json.loads(json.dumps(meter.state_dict())))  # as a checkpoint keeps it
+    assert restored.scaling("slow") == meter.scaling("slow")
+    simulated = Meter(VirtualClock(), CostModel(_topology(), seed=0))
+    for workers in (1, 2):
+        simulated.ledger.set_workers("slow", workers, at=0.0)
+        simulated.complete(simulated.dispatch("slow", bytes_down=1000, samples=100), bytes_up=1000,
+                           reported=Reported(100, workers=workers))
+    assert simulated.job_figures()["scaling_efficiency"] == {}
+
+
 def test_a_measured_job_is_read_back_at_the_workers_that_computed_it():
     """A group that lost a worker computed with fewer than the plan rents: its measured time must not be
     read as the plan's workers being slow. Modelled jobs keep the rented count the cost model timed."""
-    measured = Meter(_SetClock(), CostModel(_topology(), seed=0))
+    measured = Meter(SetClock(), CostModel(_topology(), seed=0))
     measured.ledger.set_workers("slow", 3, at=0.0)
     assert measured.computed_by("slow", Reported(100, workers=2)) == 2
     assert measured.computed_by("slow", Reported(100)) == 3  # a stock reply does not say

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 
@@ -29,6 +30,20 @@ def test_the_cost_model_charges_the_region_models_compute_time():
     cm = CostModel(topo, seed=0, compute_jitter=0)
     assert cm.compute_seconds("slow", 640, 2, job_id=0) == region_model.compute_seconds(slow, 640, 2)
     assert region_model.compute_seconds(slow, 640, 2) == pytest.approx(1.5 + 640 / (100 * 2 * 1.0))
+
+
+def test_a_measured_scaling_sets_the_throughput_of_a_group():
+    """`Region.scaling` (a run's measured group efficiency) is what a group is timed with: interpolated
+    between measured counts, grown past them by the last measured gain per worker, never by a loss."""
+    slow = two_regions().region("slow")  # 100 samples/s per worker, efficiency 1
+    assert [region_model.throughput(slow, n) for n in (1, 2, 3)] == pytest.approx([100, 200, 300])  # profile
+    measured = replace(slow, scaling=((1, 1.0), (2, 0.8), (4, 0.6)))
+    assert [region_model.throughput(measured, n) for n in range(1, 7)] == pytest.approx([100, 160, 200, 240,
+                                                                                          280, 320])
+    losing = replace(slow, scaling=((1, 1.0), (2, 0.46)))  # bench_workers on this 2-core machine
+    assert [region_model.throughput(losing, n) for n in (1, 2, 4)] == pytest.approx([100, 92, 92])
+    assert region_model.compute_seconds(losing, 92, 3) == pytest.approx(1.0)
+    assert region_model.speed_per_worker(losing, 92, 1.0, 2) == pytest.approx(100)
 
 
 def test_a_plan_includes_each_jobs_fixed_start_up():

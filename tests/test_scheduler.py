@@ -10,13 +10,18 @@ import yaml
 from flwr.app import ConfigRecord, MetricRecord
 
 from cloudless_fl.config import compose
+from cloudless_fl.control.costmodel import CostModel
+from cloudless_fl.control.jobs import Reported
+from cloudless_fl.control.meter import Meter
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.run import run
 from cloudless_fl.control.scheduler import Objective, Scheduler, Workload, evaluate_plan, plan, static_plan
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg
+from cloudless_fl.strategy.planning import PlanFollower
+from cloudless_fl.strategy.runbook import RunBook
 from cloudless_fl.control.topology import load_topology
-from conftest import small_run_overrides
+from conftest import SetClock, small_run_overrides
 from strategy_helpers import Federation
 
 MODEL_BYTES = 4_000_000
@@ -323,3 +328,27 @@ def test_a_delay_in_one_region_is_learned_and_the_plan_gives_it_more_work(tmp_pa
     assert last["slow"] > first["slow"]["local_steps"] and last["fast"] > first["fast"]["local_steps"]
     # at the plan's own speeds the 0.3 s overhead is at most half the period
     assert scheduler.current.period_s >= 0.3 / 0.5 * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("two_worker_efficiency, planned", [(0.46, 1), (1.0, 4)])
+def test_a_regions_measured_scaling_feeds_its_next_plan(two_worker_efficiency, planned):
+    """Deployment measures how a region's group scales (`Meter.scaling`) and the re-plan times its groups
+    with it: `far`, planned 4 workers on its profile, is planned alone once its jobs showed a second worker
+    adding nothing (efficiency 0.46, as bench_workers measured on this 2-core machine); measured to scale
+    as its profile says, it keeps its 4."""
+    topo, work = HAND_BUILT[0], workload(HAND_BUILT[0])
+    far = topo.region("far")
+    clock = SetClock()
+    meter = Meter(clock, CostModel(topo, seed=0, compute_jitter=0.0))
+    follower = PlanFollower(Scheduler(topo, work), meter, RunBook(meter), replan_every=1)
+    follower.start(dict(work.data_sizes), MODEL_BYTES)
+    assert follower.scheduler.current.workers()["far"] == 4
+    for workers, efficiency in ((1, 1.0), (2, two_worker_efficiency)):
+        speed = far.samples_per_s * far.efficiency * workers * efficiency
+        reported = Reported(3200, compute_s=3200 / speed, workers=workers)
+        job = meter.dispatch("far", bytes_down=0, samples=3200)
+        clock.t += reported.compute_s
+        work_s, transfer_s, overhead_s = meter.complete(job, bytes_up=0, reported=reported)
+        follower.observe("far", reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s, nbytes=0)
+    follower.maybe_replan(1)
+    assert follower.scheduler.current.workers()["far"] == planned

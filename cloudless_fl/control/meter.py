@@ -11,6 +11,11 @@ the wall clock: the time from dispatch to the reply's creation, minus the
 compute the region reports and the download the region model gives its link.
 On a WAN-emulated federation the proxies shape links with that same model, so
 the remainder is the overhead; on real links it also takes up their error.
+
+Under the wall clock it also measures each region's speed per worker at each
+worker count its jobs computed on, and from that the region's scaling: how
+much of a lone (or the smallest measured) group's per-worker speed a bigger
+group keeps. The scheduler plans with it (`Region.scaling`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .costmodel import CostModel, Ledger
 from .jobs import Job, JobTiming, Reported, moving_average
 from .topology import Topology
 
-OVERHEAD_EMA = 0.3  # weight of a new measurement in a region's overhead average
+MEASUREMENT_EMA = 0.3  # weight of a new measurement in a region's averages (overhead, group speeds)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class Meter:
         self.behind_pace: Counter[str] = Counter()  # region → jobs slower here than its paced profile
         self.overhead_parts: dict[str, dict[str, float]] = {}  # region → smoothed parts the region reported
         self.trained_workers: dict[str, int] = {}  # region → the most workers that computed one of its jobs
+        self.group_speed: dict[str, dict[int, float]] = {}  # region → workers → samples/s per worker (measured)
 
     @classmethod
     def simulated(cls, topology: Topology, seed: int) -> "Meter":
@@ -120,9 +126,10 @@ class Meter:
                 self._note_behind(job.region, reported.behind_s)
             if reported.workers is not None:
                 self.trained_workers[job.region] = max(reported.workers, self.trained_workers.get(job.region, 0))
+                self._note_group_speed(job.region, reported.workers, samples, work)
             self._note_parts(job.region, reported)
         if overhead is not None:
-            self.overhead_s[job.region] = moving_average(self.overhead_s.get(job.region), overhead, OVERHEAD_EMA)
+            self.overhead_s[job.region] = moving_average(self.overhead_s.get(job.region), overhead, MEASUREMENT_EMA)
         if self.ledger:
             self.ledger.record_job(job.region, busy, transfer, job.bytes_down, bytes_up)
             self.ledger.hold_until(self.clock.now())
@@ -135,7 +142,21 @@ class Meter:
         parts = self.overhead_parts.setdefault(region, {})
         for name, seconds in (("process_start_s", reported.startup_s), ("data_load_s", reported.load_s)):
             if seconds is not None:
-                parts[name] = moving_average(parts.get(name), seconds, OVERHEAD_EMA)
+                parts[name] = moving_average(parts.get(name), seconds, MEASUREMENT_EMA)
+
+    def _note_group_speed(self, region: str, workers: int, samples: int, work_s: float) -> None:
+        if samples > 0 and work_s > 0:
+            speeds = self.group_speed.setdefault(region, {})
+            speeds[workers] = moving_average(speeds.get(workers), samples / work_s / workers, MEASUREMENT_EMA)
+
+    def scaling(self, region: str) -> tuple[tuple[int, float], ...]:
+        """The region's measured group efficiency per worker count: per-worker speed relative to that of the
+        smallest count it computed on (1 for a lone worker). Empty until its jobs computed on two counts."""
+        speeds = self.group_speed.get(region, {})
+        if len(speeds) < 2:
+            return ()
+        counts = sorted(speeds)
+        return tuple((n, speeds[n] / speeds[counts[0]]) for n in counts)
 
     def _note_behind(self, region: str, seconds: float) -> None:
         if not self.behind_pace[region]:
@@ -165,7 +186,8 @@ class Meter:
                 "ledger": self.ledger.state_dict() if self.ledger else None,
                 "wan_bytes_unpriced": self.wan_bytes_unpriced, "overhead_s": dict(self.overhead_s),
                 "overhead_parts": self.overhead_parts, "behind_pace": dict(self.behind_pace),
-                "trained_workers": dict(self.trained_workers)}
+                "trained_workers": dict(self.trained_workers),
+                "group_speed": {r: dict(s) for r, s in self.group_speed.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.clock.restore(float(state["now"]))
@@ -177,6 +199,7 @@ class Meter:
         self.behind_pace = Counter(state.get("behind_pace", {}))
         self.overhead_parts = {r: dict(p) for r, p in state.get("overhead_parts", {}).items()}
         self.trained_workers = dict(state.get("trained_workers", {}))
+        self.group_speed = {r: {int(n): v for n, v in s.items()} for r, s in state.get("group_speed", {}).items()}
 
     def figures(self) -> dict:
         """Time, cost and WAN bytes so far, in the `results.json` history shape."""
@@ -189,9 +212,12 @@ class Meter:
     def job_figures(self) -> dict:
         """Per region: the smoothed per-job overhead (seconds; modelled, or measured under the wall clock),
         the parts of it the region reported, how many jobs fell behind their paced profile, and (measured
-        only: in simulation workers are modelled) the most workers that computed one job."""
+        only: in simulation workers are modelled) the most workers that computed one job and the scaling
+        efficiency per worker count (regions whose jobs computed on two counts or more)."""
         return {"job_overhead_s": dict(self.overhead_s), "job_overhead_parts": self.overhead_parts,
-                "behind_pace": dict(self.behind_pace), "workers": dict(self.trained_workers)}
+                "behind_pace": dict(self.behind_pace), "workers": dict(self.trained_workers),
+                "scaling_efficiency": {r: {str(n): e for n, e in self.scaling(r)}
+                                       for r in self.group_speed if self.scaling(r)}}
 
     def utilization(self) -> dict[str, float] | None:
         if not self.ledger:

@@ -6,9 +6,10 @@ and reading measurements back into profiles) and the WAN proxy (shaping a
 region's real link in deployment).
 
 - compute: a job of `samples` on `n` workers takes
-  `job_start_s + samples / (s_r * n * eta_r)` seconds (`job_start_s` is the
-  fixed start-up of every job: in deployment each Flower message starts a
-  ClientApp process);
+  `job_start_s + samples / (s_r * n * eta_r * g_r(n))` seconds (`job_start_s`
+  is the fixed start-up of every job: in deployment each Flower message starts
+  a ClientApp process; `g_r(n)` is the group efficiency a measured run found
+  for `n` workers, 1 where none was measured, so profiles alone use `eta_r`);
 - transfer: `latency + 8 * bytes / bandwidth(t)` over the region's link, whose
   bandwidth follows the topology's seeded fluctuation model or a trace (the
   scheduler plans on the nominal bandwidth);
@@ -24,9 +25,25 @@ from .topology import Region, Topology
 UP, DOWN = "up", "down"  # up: region → coordinator; down: coordinator → region
 
 
+def group_efficiency(region: Region, workers: int) -> float:
+    """The measured efficiency of a group of `workers`: its per-worker speed over that of the smallest group
+    measured (1 when nothing was). Between measured counts the group's throughput is interpolated; past the
+    largest it grows by the last measured gain per worker, or not at all where that gain was a loss; below
+    the smallest, workers are as fast as there."""
+    points = region.scaling
+    if len(points) < 2 or workers <= points[0][0]:
+        return 1.0
+    rates = [(n, n * e) for n, e in points]  # throughput, in units of one worker of the smallest group
+    for (n0, t0), (n1, t1) in zip(rates, rates[1:]):
+        if workers <= n1:
+            return (t0 + (t1 - t0) * (workers - n0) / (n1 - n0)) / workers
+    (n0, t0), (n1, t1) = rates[-2:]
+    return (t1 + max(0.0, (t1 - t0) / (n1 - n0)) * (workers - n1)) / workers
+
+
 def throughput(region: Region, workers: int) -> float:
     """Samples per second of `workers` workers in `region`."""
-    return region.samples_per_s * workers * region.efficiency
+    return region.samples_per_s * workers * region.efficiency * group_efficiency(region, workers)
 
 
 def work_seconds(region: Region, samples: int, workers: int) -> float:
@@ -41,7 +58,7 @@ def compute_seconds(region: Region, samples: int, workers: int) -> float:
 
 def speed_per_worker(region: Region, samples: int, work_s: float, workers: int) -> float:
     """The per-worker samples/s that a measured `work_s` (start-up excluded) implies."""
-    return samples / (work_s * workers * region.efficiency)
+    return samples / (work_s * workers * region.efficiency * group_efficiency(region, workers))
 
 
 def link_bandwidth(topology: Topology, region: str, direction: str, seed: int) -> Bandwidth:

@@ -331,6 +331,7 @@ class _Measured:
     samples_per_worker_s: float | None = None
     link_mbps: float | None = None
     job_start_s: float | None = None
+    scaling: tuple[tuple[int, float], ...] = ()  # the meter's measured group efficiency per worker count
 
 
 @dataclass
@@ -372,14 +373,16 @@ class Scheduler:
         self.changes.append({"time_s": at, "reason": "initial plan", "plan": _decisions(self.current)})
         return self.current
 
-    def observe(self, region: str, *, samples: int, work_s: float, workers: int,
-                nbytes: int, transfer_s: float, overhead_s: float | None = None) -> None:
+    def observe(self, region: str, *, samples: int, work_s: float, workers: int, nbytes: int, transfer_s: float,
+                overhead_s: float | None = None, scaling: tuple[tuple[int, float], ...] = ()) -> None:
         """Fold one finished job's measured pace (`work_s`: compute without the job's start-up, and
-        `overhead_s`: that start-up) into the region's moving averages."""
+        `overhead_s`: that start-up) into the region's moving averages; `scaling` is the region's group
+        efficiency measured so far (`Meter.scaling`), by which a group's speed is read back to one worker's."""
         if region not in {r.name for r in self.topology.regions}:
             return
         m = self._measured.setdefault(region, _Measured())
-        r = self.topology.region(region)
+        m.scaling = tuple(scaling)
+        r = replace(self.topology.region(region), scaling=m.scaling)
         if overhead_s is not None:
             m.job_start_s = self._average(m.job_start_s, overhead_s)
         if work_s > 0 and samples > 0:
@@ -400,7 +403,8 @@ class Scheduler:
         self.excluded.discard(region)
 
     def measured_topology(self) -> Topology:
-        """The profile with each region's measured speed, link and per-job overhead substituted where known."""
+        """The profile with each region's measured speed, link, per-job overhead and scaling substituted where
+        known."""
         regions = []
         for r in self.topology.regions:
             m = self._measured.get(r.name, _Measured())
@@ -408,6 +412,8 @@ class Scheduler:
                 r = replace(r, samples_per_s=m.samples_per_worker_s)
             if m.job_start_s is not None:
                 r = replace(r, job_start_s=m.job_start_s)
+            if m.scaling:
+                r = replace(r, scaling=m.scaling)
             if m.link_mbps is not None:
                 r = replace(r, link=Link(up_mbps=m.link_mbps, down_mbps=m.link_mbps,
                                          latency_ms=r.link.latency_ms, trace=r.link.trace))
@@ -438,7 +444,8 @@ class Scheduler:
         self.excluded = set(state["excluded"])
         self.changes = list(state["changes"])
         self.current = Plan.from_dict(state["current"]) if state["current"] else None
-        self._measured = {r: _Measured(**m) for r, m in state["measured"].items()}
+        self._measured = {r: _Measured(**{**m, "scaling": tuple(tuple(p) for p in m.get("scaling", ()))})
+                          for r, m in state["measured"].items()}
 
     def _difference(self, old: Plan, new: Plan) -> str | None:
         reasons = []

@@ -73,6 +73,8 @@ class Region:
     data_share: float
     cold_start_usd: float = 0.0  # serverless billing: charge per invocation
     job_start_s: float = 0.0  # fixed seconds per job before it computes (process start, imports, data loading)
+    # measured, never in a profile: (workers, group efficiency relative to the smallest count measured), ascending
+    scaling: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

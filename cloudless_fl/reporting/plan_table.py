@@ -5,20 +5,27 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ..config import compose, prepare_data, topology_of, validate
-from ..control.scheduler import Plan, evaluate_plan, plan, static_plan
+from ..control.scheduler import Objective, Plan, Workload, evaluate_plan, plan, static_plan
+from ..control.topology import Topology
 from ..server_app import codec_of, make_scheduler, resident_sizes, workload
 from ..strategy.registry import strategy_entry
 from ..training.compression import wire_bytes
 from ..training.models import build_model
 
 
-def plans_for(cfg: DictConfig) -> tuple[Plan, Plan]:
-    """(elastic plan, static plan) for the config's topology, data, model and strategy."""
+def planning_inputs(cfg: DictConfig) -> tuple[Topology, Workload, Objective]:
+    """What the scheduler plans with for the config: its topology, the workload of its data, model and
+    strategy, and the objective."""
     validate(cfg)
     topology, layout = topology_of(cfg), prepare_data(cfg)
     model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, **cfg.model.options)
     work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec_of(cfg), model.state_dict()))
-    objective = make_scheduler(cfg, topology, work).objective
+    return topology, work, make_scheduler(cfg, topology, work).objective
+
+
+def plans_for(cfg: DictConfig) -> tuple[Plan, Plan]:
+    """(elastic plan, static plan) for the config's topology, data, model and strategy."""
+    topology, work, objective = planning_inputs(cfg)
     if strategy_entry(cfg.strategy.name).epoch_based:  # unscheduled FedAvg: minimum workers, one local epoch each
         static = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions},
                                objective.billing, fill=False)

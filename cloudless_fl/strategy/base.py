@@ -267,10 +267,8 @@ class GeoStrategy(Strategy):
             tensors = {k: base[k] - v for k, v in tensors.items()}
         self.book.samples += samples
         if self.plan is not None:
-            self.plan.scheduler.observe(flight.region, samples=samples, work_s=work_s,
-                                        workers=self.meter.computed_by(flight.region, reported),
-                                        nbytes=flight.job.bytes_down + bytes_up, transfer_s=transfer_s,
-                                        overhead_s=overhead_s)
+            self.plan.observe(flight.region, reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s,
+                              nbytes=flight.job.bytes_down + bytes_up)
         return tensors, metrics
 
     def _screened(self, candidates: list[Candidate]) -> list[float | None]:

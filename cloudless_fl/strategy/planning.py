@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..control.jobs import Reported
 from ..control.meter import Meter
 from ..control.scheduler import Plan, Scheduler
 from ..errors import ConfigError
@@ -59,6 +60,14 @@ class PlanFollower:
         self.steps = plan.local_steps()
         change = self.scheduler.changes[-1]
         self.book.event("plan", reason=change["reason"], plan=change["plan"])
+
+    def observe(self, region: str, reported: Reported, *, work_s: float, transfer_s: float,
+                overhead_s: float | None, nbytes: int) -> None:
+        """Hand one finished job's measurements to the scheduler, read at the workers that computed it and
+        with the region's scaling as the meter measured it."""
+        self.scheduler.observe(region, samples=reported.samples, work_s=work_s,
+                               workers=self.meter.computed_by(region, reported), nbytes=nbytes,
+                               transfer_s=transfer_s, overhead_s=overhead_s, scaling=self.meter.scaling(region))
 
     def maybe_replan(self, step: int) -> None:
         """Every `replan_every` steps: re-plan from what the jobs measured."""
