@@ -352,3 +352,16 @@ def test_a_regions_measured_scaling_feeds_its_next_plan(two_worker_efficiency, p
         follower.observe("far", reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s, nbytes=0)
     follower.maybe_replan(1)
     assert follower.scheduler.current.workers()["far"] == planned
+
+
+def test_the_static_plan_is_the_unscheduled_setup():
+    """`static_plan` (the baseline `cloudless-fl plan` compares with): each region with data at its minimum
+    workers doing `base_steps`, none filling idle time; a region without data sits out; a period covers
+    the share of an epoch that the region with the most data covers."""
+    topo = HAND_BUILT[1]  # b (slower, on a 100 Mbps link) finishes last: a would have room to fill
+    p = static_plan(topo, Workload({"a": 640, "b": 320}, MODEL_BYTES, base_steps=20, batch_size=32,
+                                   max_steps_factor=4.0))
+    assert p.local_steps() == {"a": 20, "b": 20}
+    assert p.workers() == {"a": 1, "b": 1, "c": 0} and not p.regions["c"].takes_part
+    assert p.regions["b"].finish_s == pytest.approx(p.period_s) and p.regions["a"].finish_s < p.period_s
+    assert p.epochs_per_period == pytest.approx(20 * 32 / 640)
