@@ -28,7 +28,7 @@ test-fast: install  ## skip the tests that start real Flower engines or the quic
 
 mutation: install  ## mutation testing (mutmut) of strategies, validation, cost/region model, scheduler: hours on 2 cores
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'mutmut==3.8.1'
-	$(BIN)/mutmut run
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run  # a forked mutant cannot use an OpenMP team its parent started
 	$(BIN)/mutmut results
 
 clean:

@@ -239,3 +239,15 @@ def test_a_measured_job_is_read_back_at_the_workers_that_computed_it():
     simulated = Meter(VirtualClock(), CostModel(_topology(), seed=0))
     simulated.ledger.set_workers("slow", 3, at=0.0)
     assert simulated.computed_by("slow", Reported(100, workers=1)) == 3
+
+
+def test_the_ledgers_breakdown_splits_the_cost_by_kind():
+    """results.json `costs`: compute under each billing and egress, each summed over the regions."""
+    ledger = Ledger(CostModel(_topology(slow={"cold_start_usd": 0.01}), seed=0))
+    ledger.record_job("slow", compute_s=3600.0, transfer_s=1.0, bytes_down=10**9, bytes_up=2 * 10**9)
+    ledger.record_job("fast", compute_s=1800.0, transfer_s=0.0, bytes_down=10**9, bytes_up=10**9)
+    ledger.hold_until(3600.0)
+    assert ledger.breakdown() == pytest.approx({
+        "compute_instance": 3.6 + 1.8,  # every region's minimum worker held for an hour
+        "compute_serverless": 1.8 + 0.01 + 3.6 / 2,  # the jobs' compute, slow's cold start
+        "egress": 0.1 * 3})  # slow's 1 GB down leaves fast, its 2 GB up leave slow; fast's own are free

@@ -16,7 +16,7 @@ from cloudless_fl.control.meter import Meter
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.run import run
-from cloudless_fl.control.scheduler import Objective, Scheduler, Workload, evaluate_plan, plan, static_plan
+from cloudless_fl.control.scheduler import Objective, Plan, Scheduler, Workload, evaluate_plan, plan, static_plan
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg
 from cloudless_fl.strategy.planning import PlanFollower
 from cloudless_fl.strategy.runbook import RunBook
@@ -365,3 +365,37 @@ def test_the_static_plan_is_the_unscheduled_setup():
     assert p.workers() == {"a": 1, "b": 1, "c": 0} and not p.regions["c"].takes_part
     assert p.regions["b"].finish_s == pytest.approx(p.period_s) and p.regions["a"].finish_s < p.period_s
     assert p.epochs_per_period == pytest.approx(20 * 32 / 640)
+
+
+def test_a_plan_round_trips_through_its_dict_with_the_figures_results_show():
+    """`Plan.to_dict` is what results.json and checkpoints keep: `from_dict` gives the plan back, and the
+    derived figures (per epoch, totals, each region's finish) are the plan's own."""
+    p = plan(HAND_BUILT[0], workload(HAND_BUILT[0]))
+    kept = json.loads(json.dumps(p.to_dict()))
+    assert Plan.from_dict(kept) == p
+    assert {k: kept[k] for k in ("time_per_epoch_s", "usd_per_epoch", "total_time_s", "total_usd")} == {
+        "time_per_epoch_s": p.time_per_epoch_s, "usd_per_epoch": p.usd_per_epoch, "total_time_s": p.total_time_s,
+        "total_usd": p.total_usd}
+    assert {name: r["finish_s"] for name, r in kept["regions"].items()} == {
+        name: r.finish_s for name, r in p.regions.items()}
+
+
+def test_a_scheduler_restored_from_its_state_dict_is_the_scheduler_it_was():
+    """A checkpoint keeps the scheduler: the workload, exclusions, plan changes, current plan and
+    measurements (speeds, link, overhead, scaling) come back, so the restored one re-plans alike."""
+    topo, work = HAND_BUILT[0], workload(HAND_BUILT[0])
+    original = Scheduler(topo, Workload({}, 0))
+    original.set_workload(data_sizes=work.data_sizes, model_bytes=work.model_bytes)
+    original.start()
+    original.observe("far", samples=3200, work_s=20.0, workers=2, nbytes=8_000_000, transfer_s=2.0, overhead_s=3.0,
+                     scaling=((1, 1.0), (2, 0.5)))
+    original.exclude("mid")
+    original.replan(10.0)
+    restored = Scheduler(topo, Workload({}, 0))
+    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert restored.work == original.work and restored.excluded == {"mid"}
+    assert restored.current == original.current and restored.changes == original.changes
+    assert restored.measured_topology() == original.measured_topology() != topo
+    original.observe("hq", samples=3200, work_s=4.0, workers=1, nbytes=8_000_000, transfer_s=0.1)
+    restored.observe("hq", samples=3200, work_s=4.0, workers=1, nbytes=8_000_000, transfer_s=0.1)
+    assert restored.replan(20.0) == original.replan(20.0)
