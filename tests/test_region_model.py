@@ -78,3 +78,14 @@ def test_the_wan_proxy_shapes_a_link_at_the_bandwidth_the_cost_model_charges():
         assert down.transmit_seconds(nbytes, t) == pytest.approx(charged)
     assert up.latency_s == down.latency_s == 0.010
     assert len({round(up.mbps(t), 6) for t in (0.0, 12.0, 25.0, 47.0)}) > 1  # it does fluctuate
+
+
+def test_a_measured_transfer_is_read_back_into_the_links_bandwidth():
+    """`link_mbps_from`: bits over the transfer's time less one latency per transfer; nothing to read from an
+    empty transfer or one no longer than its latencies."""
+    slow = two_regions().region("slow")  # 10 ms latency
+    assert region_model.link_mbps_from(slow, 1_000_000, 0.12) == pytest.approx(80.0, rel=1e-12)  # 0.1 s wire
+    assert region_model.link_mbps_from(slow, 1_000_000, 0.11, transfers=1) == pytest.approx(80.0)
+    assert region_model.link_mbps_from(slow, 1, 0.5) == pytest.approx(8 / 0.48 / 1e6)
+    assert region_model.link_mbps_from(slow, 0, 0.12) is None
+    assert region_model.link_mbps_from(slow, 1_000_000, 0.02) is None  # the latencies alone

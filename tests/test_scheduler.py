@@ -399,3 +399,22 @@ def test_a_scheduler_restored_from_its_state_dict_is_the_scheduler_it_was():
     original.observe("hq", samples=3200, work_s=4.0, workers=1, nbytes=8_000_000, transfer_s=0.1)
     restored.observe("hq", samples=3200, work_s=4.0, workers=1, nbytes=8_000_000, transfer_s=0.1)
     assert restored.replan(20.0) == original.replan(20.0)
+
+
+def test_the_scheduler_averages_what_jobs_measured_and_skips_what_they_did_not():
+    """Per region, moving averages (smoothing 0.5) of the per-worker speed — a group's read back through its
+    measured scaling — and of the per-job overhead; a job without samples or compute time says nothing
+    about speed."""
+    topo = HAND_BUILT[0]
+    far = topo.region("far")  # 400 samples/s per worker, efficiency 0.9
+    s = Scheduler(topo, workload(topo))
+    s.observe("far", samples=0, work_s=1.0, workers=1, nbytes=0, transfer_s=0.0)
+    s.observe("far", samples=360, work_s=0.0, workers=1, nbytes=0, transfer_s=0.0)
+    assert s.measured_topology().region("far").samples_per_s == far.samples_per_s  # nothing measured yet
+    halved = ((1, 1.0), (2, 0.5))  # a second worker adds nothing
+    s.observe("far", samples=180, work_s=0.5, workers=2, nbytes=0, transfer_s=0.0, overhead_s=2.0, scaling=halved)
+    measured = s.measured_topology().region("far")
+    assert measured.samples_per_s == pytest.approx(400) and measured.scaling == halved  # the profile's speed
+    s.observe("far", samples=90, work_s=0.5, workers=1, nbytes=0, transfer_s=0.0, overhead_s=4.0, scaling=halved)
+    measured = s.measured_topology().region("far")
+    assert measured.samples_per_s == pytest.approx(300) and measured.job_start_s == pytest.approx(3.0)

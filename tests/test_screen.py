@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -168,3 +169,48 @@ def test_noise_unrelated_to_its_regions_recent_updates_is_held_back_but_a_revers
         assert verdict.reason is not None and "unrelated to the region's recent updates" in verdict.reason
     assert one(screen, "b", torch.randn(size, generator=gen)).reason is None  # b's own first
     assert one(screen, "a", direction + 0.5 * torch.randn(size, generator=gen)).reason is None  # a back on course
+
+
+def _relatedness_screen() -> UpdateScreen:
+    return UpdateScreen(norm_factor=None, min_agreement=None, per_region=True, min_relatedness=5.0)
+
+
+def test_relatedness_is_judged_by_direction_whatever_the_updates_length():
+    """The same updates at 1e-4, 1 and 1e4 times their length get the same verdicts, and a held-back one is
+    reported in spreads of noise: |cosine| × √parameters for an update spread evenly."""
+    gen = torch.Generator().manual_seed(1)
+    size = 10_000
+    course = torch.randn(size, generator=gen)
+    noise = torch.randn(size, generator=gen)
+    updates = [course, course + 0.5 * torch.randn(size, generator=gen), noise, course]
+    verdicts = {}
+    for scale in (1e-4, 1.0, 5.0):  # (longer ones are held back for their length: MODEL_NORM)
+        screen = _relatedness_screen()
+        verdicts[scale] = [one(screen, "a", scale * u).reason for u in updates]
+    assert [[reason is None for reason in verdicts[s]] for s in (1e-4, 1.0, 5.0)] == [[True, True, False, True]] * 3
+    direction = course / course.norm() / 2 + updates[1] / updates[1].norm() / 2
+    cosine = float(torch.nn.functional.cosine_similarity(noise, direction, dim=0))
+    spreads = float(verdicts[1.0][2].split(", ")[1].split(" spreads")[0])
+    assert spreads == pytest.approx(abs(cosine) * size ** 0.5, rel=0.05)
+
+
+def test_a_regions_direction_is_the_even_average_of_its_admitted_updates():
+    """RECENT = 0.5: after e1 and then e1 + e2, the region's direction is ½ e1 + ½ (e1 + e2)/√2; an update
+    orthogonal to that average is unrelated, although it is not orthogonal to either update alone."""
+    size = 10_000
+    e1 = torch.cat([torch.ones(size // 2), torch.zeros(size // 2)])
+    e2 = torch.cat([torch.zeros(size // 2), torch.ones(size // 2)])
+    screen = _relatedness_screen()
+    assert one(screen, "a", e1).reason is None
+    assert one(screen, "a", e1 + e2).reason is None
+    average = 0.5 * e1 / e1.norm() + 0.5 * (e1 + e2) / (e1 + e2).norm()  # 0.0121 e1 + 0.0050 e2, per entry
+    orthogonal = average[size // 2] * e1 - average[0] * e2
+    assert abs(float(torch.dot(orthogonal, average))) < 1e-6
+    assert one(screen, "a", orthogonal).reason is not None
+    assert one(_fresh_after(e1), "a", orthogonal).reason is None  # against e1 alone: related
+
+
+def _fresh_after(update) -> UpdateScreen:
+    screen = _relatedness_screen()
+    one(screen, "a", update)
+    return screen
