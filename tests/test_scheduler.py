@@ -86,6 +86,16 @@ def test_cost_minimising_plan_is_no_dearer_than_brute_force(topo, billing):
 
 
 @pytest.mark.parametrize("topo", HAND_BUILT)
+@pytest.mark.parametrize("usd_per_hour", [0.5, 5.0, 500.0])
+def test_the_weighted_plan_is_brute_forces_cheapest_with_time_priced_in(topo, usd_per_hour):
+    """`weighted`: dollars plus hours × `usd_per_hour`, the brute-force minimum whatever the price of time."""
+    work = workload(topo)
+    best = plan(topo, work, Objective("weighted", usd_per_hour=usd_per_hour))
+    weighted = [p.total_usd + usd_per_hour * p.total_time_s / 3600.0 for p in all_worker_plans(topo, work)]
+    assert best.total_usd + usd_per_hour * best.total_time_s / 3600.0 == pytest.approx(min(weighted), rel=1e-12)
+
+
+@pytest.mark.parametrize("topo", HAND_BUILT)
 def test_constrained_plans_match_brute_force_and_respect_the_bound(topo):
     work = workload(topo)
     every = list(all_worker_plans(topo, work))
@@ -122,6 +132,27 @@ def test_bad_objective_is_refused_with_the_choices():
         Objective("cheapest")
     with pytest.raises(ConfigError, match="deadline_s=-3"):
         Objective(deadline_s=-3)
+    with pytest.raises(ConfigError, match="deadline_s=0"):
+        Objective(deadline_s=0)
+    with pytest.raises(ConfigError, match="billing 'hourly' is unknown; use one of instance, serverless"):
+        Objective(billing="hourly")
+    with pytest.raises(ConfigError, match=r"usd_per_hour=-1 must be ≥ 0"):
+        Objective("weighted", usd_per_hour=-1)
+
+
+def test_a_scheduler_plans_without_the_regions_it_excluded_from_the_start():
+    """Regions without a SuperNode at start-up are excluded before the first plan; the workload is the one
+    the run found (resident data, model size)."""
+    topo = HAND_BUILT[0]
+    s = Scheduler(topo, Workload({}, 0))
+    s.set_workload(data_sizes={"hq": 600, "mid": 900, "far": 1500}, model_bytes=MODEL_BYTES)
+    assert (s.work.data_sizes, s.work.model_bytes) == ({"hq": 600, "mid": 900, "far": 1500}, MODEL_BYTES)
+    s.exclude("mid")
+    first = s.start(at=2.5)
+    assert not first.regions["mid"].takes_part and first.regions["far"].takes_part
+    assert s.changes == [{"time_s": 2.5, "reason": "initial plan", "plan": {
+        name: {"takes_part": r.takes_part, "workers": r.workers, "local_steps": r.local_steps}
+        for name, r in first.regions.items()}}]
 
 
 def test_elastic_plan_beats_the_static_one_on_geo4():
@@ -418,3 +449,22 @@ def test_the_scheduler_averages_what_jobs_measured_and_skips_what_they_did_not()
     s.observe("far", samples=90, work_s=0.5, workers=1, nbytes=0, transfer_s=0.0, overhead_s=4.0, scaling=halved)
     measured = s.measured_topology().region("far")
     assert measured.samples_per_s == pytest.approx(300) and measured.job_start_s == pytest.approx(3.0)
+
+
+def test_a_replan_is_adopted_for_changes_beyond_the_tolerance_and_says_which():
+    """Local work moving by at most `tolerance` (10 %) is jitter; more, a region's workers or participation
+    changing, is a new plan whose reason names every change."""
+    from dataclasses import replace
+
+    s = Scheduler(HAND_BUILT[0], workload(HAND_BUILT[0]))
+    base = s.start()
+
+    def variant(**changes) -> Plan:
+        return replace(base, regions={name: replace(r, **changes.get(name, {})) for name, r in base.regions.items()})
+
+    old = variant(hq={"local_steps": 20})
+    assert s._difference(old, variant(hq={"local_steps": 22})) is None
+    assert s._difference(old, variant(hq={"local_steps": 23})) == "hq local steps 20→23"
+    assert s._difference(variant(hq={"local_steps": 0}), variant(hq={"local_steps": 1})) == "hq local steps 0→1"
+    assert (s._difference(old, variant(hq={"local_steps": 20}, mid={"takes_part": False}, far={"workers": 3}))
+            == "mid leaves; far workers 4→3")
