@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudless_fl.strategy.screen import Candidate, UpdateScreen
+from cloudless_fl.strategy.screen import WINDOW, Candidate, UpdateScreen
 
 MODEL_NORM = 1e3
 
@@ -75,6 +75,7 @@ def test_a_restored_screen_judges_as_the_original():
     reasons = held(restored, probe, MODEL_NORM)
     assert reasons == held(original, probe, MODEL_NORM)
     assert all(r is not None for r in reasons)  # a disagrees with its last update, b is too long: both need history
+    assert restored.norms.maxlen == original.norms.maxlen == WINDOW  # the length bound's window, restored
 
 
 @settings(max_examples=60, deadline=None)

@@ -96,6 +96,18 @@ def test_rejections_are_logged_once_per_region_and_reason(caplog):
     assert validator.quarantined("r") and not validator.quarantined("other")
 
 
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_a_region_is_quarantined_at_its_nth_rejection_or_never_with_zero(after):
+    validator = UpdateValidator(REFERENCE, UpdateLimits(quarantine_after=after))
+    bad = corrupt("nan", record(**REFERENCE))
+    quarantined = []
+    for _ in range(3):
+        with pytest.raises(RejectedUpdate):
+            validator.check("r", bad, protocol.MODE_DELTA)
+        quarantined.append(validator.quarantined("r"))
+    assert quarantined == [0 < after <= n for n in (1, 2, 3)]
+
+
 def test_limits_are_validated():
     with pytest.raises(ConfigError, match="validation.on_norm"):
         UpdateLimits(on_norm="ignore")
