@@ -16,7 +16,8 @@ from cloudless_fl.control.meter import Meter
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.run import run
-from cloudless_fl.control.scheduler import Objective, Plan, Scheduler, Workload, evaluate_plan, plan, static_plan
+from cloudless_fl.control.scheduler import (Objective, Plan, RegionPlan, Scheduler, Workload, evaluate_plan, plan,
+                                           static_plan)
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg
 from cloudless_fl.strategy.planning import PlanFollower
 from cloudless_fl.strategy.runbook import RunBook
@@ -83,6 +84,14 @@ def test_cost_minimising_plan_is_no_dearer_than_brute_force(topo, billing):
     assert best.total_usd <= min(p.total_usd for p in every) * (1 + 1e-12)
     fastest = plan(topo, work, Objective("min_time", billing=billing))
     assert fastest.total_time_s <= min(p.total_time_s for p in every) * (1 + 1e-12)
+
+
+def test_a_plan_needs_a_region_with_data():
+    topo = HAND_BUILT[0]
+    with pytest.raises(ConfigError, match="no region with resident data can take part; nothing to plan"):
+        plan(topo, Workload({"hq": 0, "mid": 0, "far": 0}, MODEL_BYTES))
+    one_sample = plan(topo, Workload({"hq": 1, "mid": 0, "far": 0}, MODEL_BYTES))
+    assert list(one_sample.local_steps()) == ["hq"]  # one resident sample is data
 
 
 @pytest.mark.parametrize("topo", HAND_BUILT)
@@ -468,3 +477,28 @@ def test_a_replan_is_adopted_for_changes_beyond_the_tolerance_and_says_which():
     assert s._difference(variant(hq={"local_steps": 0}), variant(hq={"local_steps": 1})) == "hq local steps 0→1"
     assert (s._difference(old, variant(hq={"local_steps": 20}, mid={"takes_part": False}, far={"workers": 3}))
             == "mid leaves; far workers 4→3")
+
+
+@pytest.mark.parametrize("billing", ["instance", "serverless"])
+def test_a_plans_times_steps_and_prices_by_hand(billing):
+    """`evaluate_plan` against hand-computed figures: transfers over nominal links, each job's start-up, idle
+    time filled net of start-up, compute held per period (instance) or billed per job with its cold start
+    (serverless), egress paid where bytes leave; a region without data rents nothing."""
+    hq = {**region(1000, 3.6, 1000, 0.5, latency=0), "job_start_s": 0.3}
+    far = {**region(500, 1.8, 100, 0.5, latency=20), "job_start_s": 0.5, "cold_start_usd": 0.01,
+           "link": {"up_mbps": 50, "down_mbps": 100, "latency_ms": 20}}
+    topo = hand_built(hq=hq, mid=region(500, 1.8, 100, 0.0), far=far)
+    work = Workload({"hq": 3200, "far": 3200}, 1_000_000, base_steps=10, batch_size=32, max_steps_factor=4.0)
+    p = evaluate_plan(topo, work, {"hq": 1, "far": 1, "mid": 1}, billing)
+    far_plan, hq_plan = p.regions["far"], p.regions["hq"]
+    assert far_plan.comm_s == pytest.approx(0.02 + 8e6 / 100e6 + 0.02 + 8e6 / 50e6)  # 1 MB down, 1 MB up
+    assert far_plan.compute_s == pytest.approx(0.5 + 320 / (500 * 0.9))  # 10 batches of 32 after the start-up
+    assert p.period_s == pytest.approx(0.28 + 0.5 + 320 / 450) and p.epochs_per_period == pytest.approx(0.1)
+    assert hq_plan.comm_s == pytest.approx(2 * 8e6 / 1000e6)
+    assert hq_plan.local_steps == 33  # ⌊(period − comm − 0.3 s start-up) × 900/s ÷ 32⌋ = ⌊33.1⌋
+    assert hq_plan.compute_s == pytest.approx(0.3 + 33 * 32 / 900)
+    held = {"instance": (p.period_s, p.period_s), "serverless": (hq_plan.compute_s, far_plan.compute_s)}[billing]
+    assert hq_plan.usd_per_period == pytest.approx(3.6 * held[0] / 3600)  # the coordinator's traffic is free
+    assert far_plan.usd_per_period == pytest.approx(1.8 * held[1] / 3600 + 2 * 1e-3 * 0.1
+                                                    + (0.01 if billing == "serverless" else 0.0))
+    assert p.regions["mid"] == RegionPlan("mid", False, 0, 0, 32, 0.0, 0.0, 0.0) and p.billing == billing
