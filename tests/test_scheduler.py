@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import json
 
 import pytest
@@ -154,11 +155,12 @@ def test_a_scheduler_plans_without_the_regions_it_excluded_from_the_start():
     the run found (resident data, model size)."""
     topo = HAND_BUILT[0]
     s = Scheduler(topo, Workload({}, 0))
-    s.set_workload(data_sizes={"hq": 600, "mid": 900, "far": 1500}, model_bytes=MODEL_BYTES)
-    assert (s.work.data_sizes, s.work.model_bytes) == ({"hq": 600, "mid": 900, "far": 1500}, MODEL_BYTES)
+    s.set_workload(data_sizes={"hq": 600, "mid": 3000, "far": 1500}, model_bytes=MODEL_BYTES)
+    assert (s.work.data_sizes, s.work.model_bytes) == ({"hq": 600, "mid": 3000, "far": 1500}, MODEL_BYTES)
     s.exclude("mid")
     first = s.start(at=2.5)
     assert not first.regions["mid"].takes_part and first.regions["far"].takes_part
+    assert first == plan(topo, replace(s.work, data_sizes={"hq": 600, "far": 1500}))  # as if mid held nothing
     assert s.changes == [{"time_s": 2.5, "reason": "initial plan", "plan": {
         name: {"takes_part": r.takes_part, "workers": r.workers, "local_steps": r.local_steps}
         for name, r in first.regions.items()}}]
@@ -458,13 +460,18 @@ def test_the_scheduler_averages_what_jobs_measured_and_skips_what_they_did_not()
     s.observe("far", samples=90, work_s=0.5, workers=1, nbytes=0, transfer_s=0.0, overhead_s=4.0, scaling=halved)
     measured = s.measured_topology().region("far")
     assert measured.samples_per_s == pytest.approx(300) and measured.job_start_s == pytest.approx(3.0)
+    s.observe("far", samples=0, work_s=0.0, workers=1, nbytes=1_000_000, transfer_s=2 * 0.02 + 0.1)  # 80 Mbps
+    s.observe("far", samples=0, work_s=0.0, workers=1, nbytes=1_000_000, transfer_s=2 * 0.02 + 0.2)  # 40 Mbps
+    s.observe("hq", samples=0, work_s=0.0, workers=1, nbytes=1_000_000, transfer_s=2 * 0.02 + 0.2)
+    links = {r.name: r.link for r in s.measured_topology().regions}
+    assert (links["far"].up_mbps, links["far"].down_mbps) == (pytest.approx(60), pytest.approx(60))
+    assert links["hq"] == topo.region("hq").link  # the coordinator's own traffic crosses no WAN: not a link
+    assert Scheduler(topo, workload(topo)).state_dict()["current"] is None  # before its first plan
 
 
 def test_a_replan_is_adopted_for_changes_beyond_the_tolerance_and_says_which():
     """Local work moving by at most `tolerance` (10 %) is jitter; more, a region's workers or participation
     changing, is a new plan whose reason names every change."""
-    from dataclasses import replace
-
     s = Scheduler(HAND_BUILT[0], workload(HAND_BUILT[0]))
     base = s.start()
 
