@@ -109,10 +109,26 @@ def test_a_region_is_quarantined_at_its_nth_rejection_or_never_with_zero(after):
 
 
 def test_limits_are_validated():
-    with pytest.raises(ConfigError, match="validation.on_norm"):
+    with pytest.raises(ConfigError, match="validation.on_norm='ignore' is unknown; use one of reject, clip"):
         UpdateLimits(on_norm="ignore")
     with pytest.raises(ConfigError, match="validation.max_norm"):
         UpdateLimits(max_norm=-1)
+
+
+@pytest.mark.parametrize("key, bad, good, says", [
+    ("max_norm", [0, "1", -1], [1e-9, 10, None], "must be a number > 0"),
+    ("norm_factor", [1, 0.5, "5"], [1.01, 5, None], r"must be a number > 1 \(or null: no check\)"),
+    ("min_agreement", [-1.01, 1.01, "0"], [-1, 0, 1, None], r"must be in \[-1, 1\] \(or null: no check\)"),
+    ("clip_factor", [0, -2, "2"], [0.5, 2, None], "must be a number > 0"),
+    ("min_relatedness", [-0.1, "two"], [0, 2, "auto", None], "must be a number ≥ 0"),
+    ("quarantine_after", [-1, 1.5], [0, 3], "must be an integer ≥ 0"),
+])
+def test_each_limit_refuses_what_is_out_of_its_range_and_takes_its_edges(key, bad, good, says):
+    for value in bad:
+        with pytest.raises(ConfigError, match=rf"validation.{key}={value!r} {says}"):
+            UpdateLimits(**{key: value})
+    for value in good:
+        assert getattr(UpdateLimits(**{key: value}), key) == value
 
 
 class FaultyGrid(InProcessGrid):
