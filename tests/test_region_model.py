@@ -89,3 +89,13 @@ def test_a_measured_transfer_is_read_back_into_the_links_bandwidth():
     assert region_model.link_mbps_from(slow, 1, 0.5) == pytest.approx(8 / 0.48 / 1e6)
     assert region_model.link_mbps_from(slow, 0, 0.12) is None
     assert region_model.link_mbps_from(slow, 1_000_000, 0.02) is None  # the latencies alone
+
+
+def test_egress_is_paid_by_the_region_the_bytes_leave():
+    """Uploads leave the region (its price), downloads leave the coordinator (its price)."""
+    raw = copy.deepcopy(TWO_REGIONS)
+    raw["regions"]["slow"]["egress_usd_per_gb"] = 0.25  # the coordinator `fast` charges 0.1
+    topo = load_topology(raw)
+    assert region_model.egress_usd(topo, "slow", 2 * 10**9, region_model.UP) == pytest.approx(0.5)
+    assert region_model.egress_usd(topo, "slow", 2 * 10**9, region_model.DOWN) == pytest.approx(0.2)
+    assert region_model.egress_usd(topo, "fast", 2 * 10**9, region_model.UP) == 0.0  # inside the coordinator

@@ -88,11 +88,14 @@ def test_weights_are_judged_by_their_change_and_clipped_to_the_bound():
 def test_rejections_are_logged_once_per_region_and_reason(caplog):
     validator = UpdateValidator(REFERENCE, UpdateLimits(quarantine_after=3))
     bad = corrupt("nan", record(**REFERENCE))
+    logged = []
     with caplog.at_level(logging.WARNING, logger="cloudless_fl"):
         for _ in range(3):
             with pytest.raises(RejectedUpdate):
                 validator.check("r", bad, protocol.MODE_DELTA)
-    assert len([r for r in caplog.records if "bad update" in r.message]) == 1
+            logged.append(len([r for r in caplog.records if "bad update" in r.message]))
+    assert logged == [1, 1, 1]  # at the first rejection, then never again
+    assert caplog.records[0].getMessage().startswith("region r sent a bad update (non_finite")
     assert validator.quarantined("r") and not validator.quarantined("other")
 
 
