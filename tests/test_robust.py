@@ -28,8 +28,17 @@ def test_coordinate_median_by_hand():
 def test_trimmed_mean_by_hand():
     assert torch.equal(trimmed_mean(UPDATES, 0.25)["w"], torch.tensor([2.5, 0.5]))  # drops 1 of each side
     assert torch.equal(trimmed_mean(UPDATES, 0.0)["w"], torch.tensor([26.5, -0.25]))  # the plain mean
-    with pytest.raises(ValueError, match="leaves nothing"):
+    with pytest.raises(ValueError, match="trim=0.5 leaves nothing of 2 updates; use trim < 0.5"):
         trimmed_mean(UPDATES[:2], 0.5)
+    assert torch.equal(trimmed_mean(UPDATES[:3], 0.34)["w"], torch.tensor([2.0, 0.0]))  # 1 of 3 each side: the middle
+
+
+def test_robust_rules_keep_every_entry_and_its_dtype():
+    """Each entry of the model, in the updates' own dtype (a float64 model stays float64)."""
+    updates = [{"w": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([float(i)])} for i in range(3)]
+    for combined in (coordinate_median(updates), trimmed_mean(updates, 0.34)):
+        assert set(combined) == {"w", "b"} and combined["w"].dtype == torch.float64
+        assert torch.equal(combined["b"], torch.tensor([1.0]))
 
 
 def four_regions():

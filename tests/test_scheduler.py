@@ -509,3 +509,39 @@ def test_a_plans_times_steps_and_prices_by_hand(billing):
     assert far_plan.usd_per_period == pytest.approx(1.8 * held[1] / 3600 + 2 * 1e-3 * 0.1
                                                     + (0.01 if billing == "serverless" else 0.0))
     assert p.regions["mid"] == RegionPlan("mid", False, 0, 0, 32, 0.0, 0.0, 0.0) and p.billing == billing
+
+
+def test_a_plan_follower_plans_for_the_regions_that_joined_and_records_every_plan():
+    """`PlanFollower`: the first plan leaves out regions that sent no node, each adopted plan rents its
+    workers and is a `plan` event at the clock's time, a lost region is planned without until it is
+    back, and a checkpoint brings the follower back as it was."""
+    topo = HAND_BUILT[0]
+    clock = SetClock()
+    clock.t = 4.0
+    meter = Meter(clock, CostModel(topo, seed=0))
+    book = RunBook(meter)
+    follower = PlanFollower(Scheduler(topo, Workload({}, 0)), meter, book, replan_every=2)
+    with pytest.raises(ConfigError, match=r"the scheduler's topology has no region\(s\) atlantis, nowhere; name each "
+                                          r"SuperNode's region \(node-config region='...'\) after the topology"):
+        follower.start({"hq": 600, "nowhere": 10, "atlantis": 5}, MODEL_BYTES)
+    follower.start({"hq": 600, "far": 1500}, MODEL_BYTES)
+    first = follower.scheduler.current
+    assert follower.scheduler.excluded == {"mid"} and follower.steps == first.local_steps() == {
+        "hq": first.regions["hq"].local_steps, "far": first.regions["far"].local_steps}
+    assert {r: a.workers for r, a in meter.ledger.accounts.items()} == {"hq": 1, "mid": 0, "far": first.workers()["far"]}
+    assert book.history.events[-1] == {"event": "plan", "time_s": 4.0, "reason": "initial plan",
+                                       "plan": follower.scheduler.changes[0]["plan"]}
+    clock.t = 9.0
+    follower.region_left("far", live=["hq", "far"])  # another node of far is still there
+    assert len(book.history.events) == 1
+    follower.region_left("far", live=["hq"])
+    assert "far leaves" in book.history.events[-1]["reason"] and book.history.events[-1]["time_s"] == 9.0
+    assert follower.steps == {"hq": follower.scheduler.current.regions["hq"].local_steps}
+    kept = json.loads(json.dumps(follower.state_dict()))
+    clock.t = 12.0
+    follower.region_back("far")
+    assert "far rejoins" in book.history.events[-1]["reason"] and "far" in follower.steps
+    restored = PlanFollower(Scheduler(topo, Workload({}, 0)), meter, book)
+    restored.load_state_dict(kept)
+    assert restored.steps == {"hq": follower.scheduler.changes[1]["plan"]["hq"]["local_steps"]}
+    assert restored.scheduler.excluded == {"mid", "far"} and len(restored.scheduler.changes) == 2

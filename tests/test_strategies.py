@@ -476,8 +476,24 @@ def test_the_served_model_is_an_exponential_moving_average_of_the_versions():
     restored = ServerOptimizer({"w": w0, "count": torch.tensor(3)}, lr=0.5, average_decay=decay)
     restored.load_state_dict(opt.state_dict())
     assert torch.equal(restored.average["w"], opt.average["w"])
-    with pytest.raises(ValueError, match="average_decay"):
+    with pytest.raises(ValueError, match="the checkpoint holds no averaged model; resume with the first run's "
+                                         "strategy.average_decay"):
         restored.load_state_dict(ServerOptimizer({"w": w0, "count": torch.tensor(3)}, lr=0.5).state_dict())
+    assert ServerOptimizer({"w": w0}, lr=0.5, average_decay=0.0).average is not None  # 0: serve the last
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"average_decay must be in \[0, 1\), got {bad}"):
+            ServerOptimizer({"w": w0}, lr=0.5, average_decay=bad)
+
+
+def test_the_server_optimizer_takes_plain_momentum_steps_unless_asked_for_nesterov():
+    """Heavy-ball momentum by default: v = m v + g; w -= lr v."""
+    from cloudless_fl.strategy.server_optimizer import ServerOptimizer
+
+    w0, g1, g2, lr, m = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([-1.0, 0.25]), 0.7, 0.9
+    opt = ServerOptimizer({"w": w0}, lr=lr, momentum=m)
+    opt.step({"w": g1})
+    opt.step({"w": g2})
+    assert torch.allclose(opt.state["w"], w0 - lr * g1 - lr * (m * g1 + g2))
 
 
 def test_asgd_ga_evaluates_and_returns_the_average_it_serves(tmp_path):
