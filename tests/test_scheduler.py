@@ -541,6 +541,7 @@ def test_a_plan_follower_plans_for_the_regions_that_joined_and_records_every_pla
     clock.t = 12.0
     follower.region_back("far")
     assert "far rejoins" in book.history.events[-1]["reason"] and "far" in follower.steps
+    assert [change["time_s"] for change in follower.scheduler.changes] == [4.0, 9.0, 12.0]  # kept with each plan
     restored = PlanFollower(Scheduler(topo, Workload({}, 0)), meter, book)
     restored.load_state_dict(kept)
     assert restored.steps == {"hq": follower.scheduler.changes[1]["plan"]["hq"]["local_steps"]}
