@@ -143,3 +143,18 @@ def test_a_node_dying_mid_answer_does_not_stall_the_look_for_joining_nodes(monke
     assert [(a.node_id, a.name) for a in answers] == [(1, "r1")] and time.monotonic() - start < 1.0
     roster.replies.stop()
     grid.released.set()
+
+
+def test_a_job_expires_only_past_the_reply_timeout_and_never_once_answered(monkeypatch):
+    """`expired`: unanswered for longer than `reply_timeout` (strictly), on the monotonic clock."""
+    import cloudless_fl.strategy.inflight as inflight
+
+    now = [100.0]
+    monkeypatch.setattr(inflight.time, "monotonic", lambda: now[0])
+    jobs = InFlightJobs(reply_timeout=5.0, watch=False)
+    _two_jobs(jobs, UploadStalledGrid())
+    now[0] = 105.0
+    assert jobs.expired() == []  # exactly the timeout: not yet
+    now[0] = 105.5
+    assert jobs.expired() == ["job-1", "job-2"]
+    assert jobs.expired(answered=["job-1"]) == ["job-2"]
