@@ -23,6 +23,7 @@ from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .checkpoint import Checkpointer, model_fingerprint
 from .config import (DataLayout, config_from_run_config, data_digest, dataset_cfg, flatten, prepare_data,
                      topology_of, topology_spec, under, validate)
+from .control.budget import baseline_time_s, resolve_time_budget
 from .control.meter import Meter
 from .control.scheduler import Objective, Scheduler, Workload
 from .control.topology import Topology
@@ -142,8 +143,12 @@ def codec_of(cfg: DictConfig) -> Codec:
 
 
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
-                   scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None) -> Strategy:
-    """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`."""
+                   scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None,
+                   baseline_s: float | None = None) -> Strategy:
+    """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`.
+
+    `baseline_s`: the modelled time of FedAvg's default run, which `strategy.stop.max_time_s: auto` stands for
+    under the virtual clock (`control/budget.py`); None: `auto` sets no time budget."""
     v = cfg.validation
     limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after,
                           norm_factor=v.norm_factor, min_agreement=v.min_agreement, clip_factor=v.clip_factor,
@@ -152,6 +157,7 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
                     work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", 5),
                     checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec_of(cfg))
     settings = OmegaConf.to_container(cfg.strategy, resolve=True)
+    settings["stop"]["max_time_s"] = resolve_time_budget(settings["stop"]["max_time_s"], cfg.clock, baseline_s)
     return strategy_entry(cfg.strategy.name).build(settings, context)
 
 
@@ -183,10 +189,13 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec_of(cfg), model.state_dict()))
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict(), layout)
-    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer)
+    baseline_s = baseline_time_s(topology, resident_sizes(topology, layout),
+                                 wire_bytes(make_codec("none"), model.state_dict()))
+    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer, baseline_s)
     if cfg.region_nodes is not None:
         strategy.roster.bind(OmegaConf.to_container(cfg.region_nodes))
-    progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit) if cfg.progress else None
+    progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit,
+                        strategy.book.stop.max_time_s) if cfg.progress else None
     if progress is not None:
         strategy.history.listeners.append(progress)
     try:

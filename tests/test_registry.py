@@ -54,7 +54,8 @@ def test_the_aggregation_setting_reaches_the_strategy(strategy, inner):
     from cloudless_fl.control.meter import Meter
     from cloudless_fl.server_app import build_strategy
 
-    cfg = compose([f"strategy={strategy}", "strategy.aggregation=median"])
+    cfg = compose([f"strategy={strategy}", "strategy.aggregation=median"]
+                  + (["strategy.heterogeneity_aware=false"] if strategy == "ma" else []))  # no region model here
     built = build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4)
     if inner:
         assert type(built.inner).__name__ == inner
@@ -73,8 +74,9 @@ def test_round_deadlines_refuse_a_robust_rule():
 
 
 def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
-    """geo4, unscheduled: data-share steps (mean 20) for the period-setting region, the others filled
-    towards the period (at most 4x their share), weighted by data share; off, every region does H=20."""
+    """geo4, unscheduled, by default: data-share steps (mean 20) for the period-setting region, the others
+    filled towards the period (at most 4x their share), weighted by data share; off, or given per region,
+    every region does the H it is given."""
     from cloudless_fl.config import compose, topology_of
     from cloudless_fl.control.meter import Meter
     from cloudless_fl.control.scheduler import Workload
@@ -87,9 +89,12 @@ def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
         cfg = compose(["strategy=ma", *overrides])
         return build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4, work=work)
 
-    fixed = built()
+    fixed = built("strategy.heterogeneity_aware=false")
     assert fixed.local_steps == 20 and fixed.weight_by == "samples"
-    fitted = built("strategy.heterogeneity_aware=true")
+    given = {"ap-beijing": 5, "ap-shanghai": 6, "ap-guangzhou": 7, "ap-chengdu": 8}
+    as_given = built("+strategy.local_steps={" + ",".join(f"{r}:{h}" for r, h in given.items()) + "}")
+    assert as_given.local_steps == given and as_given.weight_by == "samples"
+    fitted = built()  # the default
     steps = fitted.local_steps
     assert fitted.weight_by == "shares"
     share = {r: math.ceil(20 * 4 * n / sum(sizes.values())) for r, n in sizes.items()}  # 20 x 4 x data share

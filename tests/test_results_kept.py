@@ -31,8 +31,12 @@ def test_a_checkpoint_that_cannot_be_written_does_not_lose_the_results(two_regio
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", disk_full)
-    payload = run(compose(small_run_overrides(two_region_topology, strategy="ma", **{"checkpoint.every": 1})),
-                  tmp_path / "run")
+    # fixed H: on this toy the fitted first period of `fast` (4x its share of steps from a 64-unit MLP's init)
+    # moves the model by more than its norm, and the screen holds it back (docs/reliability.md); this test is
+    # about checkpoints, and needs a run with no other event
+    overrides = small_run_overrides(two_region_topology, strategy="ma", **{"checkpoint.every": 1,
+                                                                          "strategy.heterogeneity_aware": "false"})
+    payload = run(compose(overrides), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["summary"] == payload["summary"] and saved["summary"]["final_accuracy"] is not None
     assert saved["summary"]["failed_checkpoints"] == 4  # periods 1, 2, 3 and the end

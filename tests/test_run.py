@@ -117,6 +117,11 @@ def test_progress_prints_plain_lines_off_a_terminal_and_a_live_bar_on_one(capsys
     live.close()
     captured = capsys.readouterr()
     assert captured.out == "" and "acc=0.5000" in captured.err and "2/4" in captured.err
+    timed = Progress("asgd_ga", total=100_000, unit="version", time_budget_s=3.0, live=True)  # fills with time
+    timed(entry)
+    timed.close()
+    err = capsys.readouterr().err
+    assert "1.5/3.0" in err and "version 2 " in err and "/100000" not in err
 
 
 @pytest.mark.parametrize("strategy", ["ma", "fedavg"])

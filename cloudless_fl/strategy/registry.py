@@ -13,6 +13,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
 from ..checkpoint import Checkpointer
+from ..control.budget import AUTO
 from ..config_schema import BOOL, COUNT, OPTIONAL_SECONDS, POSITIVE, Choice, Number, Rule
 from ..control.meter import Meter
 from ..control.scheduler import Scheduler, Workload, evaluate_plan
@@ -81,7 +82,8 @@ _ROBUST: dict[str, Rule] = {"strategy.aggregation": Choice(AGGREGATIONS),
                             "strategy.trim_fraction": Number(0, 0.4)}
 STRATEGY_COMMON: dict[str, Rule] = {
     "strategy.num_rounds": COUNT, "strategy.eval_every": COUNT, "strategy.lr": POSITIVE,
-    "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE, "strategy.stop.max_time_s": OPTIONAL_SECONDS,
+    "strategy.batch_size": COUNT, "strategy.reply_timeout_s": POSITIVE,
+    "strategy.stop.max_time_s": Number(0, low_open=True, nullable=True, words=(AUTO,)),
     "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
 }
 _OWN_LOOP: dict[str, Rule] = {  # strategies that run their own loop (GeoStrategy)
@@ -145,7 +147,8 @@ def region_model_steps(b: Build) -> dict[str, int]:
 
 
 def build_ma(s: dict[str, Any], b: Build) -> Strategy:
-    fitted = s["heterogeneity_aware"] and b.scheduler is None  # with a scheduler its plan sets H_r
+    # with a scheduler its plan sets H_r; a {region: H} mapping is taken as given
+    fitted = s["heterogeneity_aware"] and b.scheduler is None and not isinstance(s["local_steps"], dict)
     if fitted and (b.work is None or b.meter.cost_model is None):
         raise ConfigError("strategy.heterogeneity_aware needs the region model (a topology with its regions' "
                           "speeds and links); set strategy.heterogeneity_aware=false or give the run a topology")
