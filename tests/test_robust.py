@@ -47,15 +47,19 @@ def four_regions():
                     shares={"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25})
 
 
-def attacked(fed: Federation, attack: str = "x-10") -> None:
-    """Region 'a' (node 1) replaces its honest change by × −10, × 1e4 or noise of its norm: finite, so it
-    passes validation. Replies of weights or deltas alike."""
+def attacked(fed: Federation, attack: str = "x-10", jobs: set[int] | None = None) -> None:
+    """Region 'a' (node 1) replaces its honest change by × −10, × 1e4, × 6 or noise of its norm: finite, so it
+    passes validation. Replies of weights or deltas alike; `jobs`: only its jobs of these numbers (from 1)."""
     honest = fed.grid._app
     noise = torch.Generator().manual_seed(0)
+    count = {"jobs": 0}
 
     def app(msg, context):
         reply = honest(msg, context)
         if context.node_id != 1 or msg.metadata.message_type != "train" or reply.has_error():
+            return reply
+        count["jobs"] += 1
+        if jobs is not None and count["jobs"] not in jobs:
             return reply
         weights = reply.content["info"]["update"] == "weights"
         sent = msg.content["arrays"].to_torch_state_dict()
@@ -65,7 +69,7 @@ def attacked(fed: Federation, attack: str = "x-10") -> None:
                 out[k] = v
                 continue
             change = v - sent[k] if weights else v
-            change = {"x-10": lambda c: -10 * c, "x1e4": lambda c: 1e4 * c,
+            change = {"x-10": lambda c: -10 * c, "x1e4": lambda c: 1e4 * c, "x6": lambda c: 6 * c,
                       "noise": lambda c: torch.randn(c.shape, generator=noise) * c.norm() / c.numel() ** 0.5}[attack](
                 change)
             out[k] = sent[k] + change if weights else change
@@ -108,6 +112,30 @@ def test_ma_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_path,
     screened = [e for e in ma.history.events if e["event"] == "update_screened"]
     assert screened and {e["region"] for e in screened} == {"a"}  # only the attacker is held back
     assert ma.history.counters["quarantined_regions"] == 0
+
+
+def test_ma_applies_a_regions_one_off_spike_scaled_down_to_the_bound(tmp_path, monkeypatch):
+    """Region 'a' sends 6x its honest change in its 8th period only: MA averages it in at the screen's scale
+    (counted as clipped, nothing held back), then 'a' is back in line."""
+    from cloudless_fl.strategy.server_optimizer import ServerOptimizer
+
+    fed = Federation(tmp_path / "fed", four_regions(), alpha=0.5)
+    attacked(fed, "x6", jobs={8})
+    seen, steps = [], []
+    screened = ModelAveraging._screened
+    monkeypatch.setattr(ModelAveraging, "_screened", lambda self, c: seen.append((c, screened(self, c))) or seen[-1][1])
+    step = ServerOptimizer.step
+    monkeypatch.setattr(ServerOptimizer, "step", lambda self, g: steps.append(g) or step(self, g))
+    ma = ModelAveraging(lr=0.02, local_steps=10, batch_size=16, meter=fed.meter())  # steps short of the model
+    ma.start(fed.grid, fed.initial, num_rounds=10, train_config=fed.config, evaluate_fn=fed.evaluator())
+    assert ma.history.counters.get("screened_updates", 0) == 0 and ma.history.clipped == {"a": 1}
+    period = next(i for i, (_, scales) in enumerate(seen) if any(s not in (None, 1.0) for s in scales))
+    assert period == 7  # a's 8th job
+    candidates, scales = seen[period]
+    assert [c.region for c, s in zip(candidates, scales) if s != 1.0] == ["a"] and 0 < min(scales) < 0.8
+    expected = {k: sum(0.25 * s * c.change[k] for c, s in zip(candidates, scales)) for k in candidates[0].change}
+    for k, value in expected.items():  # equal shares and steps: the plain mean, a's change at its scale
+        assert torch.allclose(steps[period][k], value, atol=1e-6)
 
 
 NO_ASYNC_SCREEN = UpdateLimits(norm_factor=None, min_agreement=None, clip_factor=None, min_relatedness=None)

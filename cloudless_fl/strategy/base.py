@@ -177,7 +177,8 @@ class GeoStrategy(Strategy):
         agreement = self.limits.min_agreement if comparable and not self.downlink.codec.sparse else None
         self.screen = UpdateScreen(factor, agreement, model_bound=factor is not None, per_region=not comparable,
                                    clip_factor=None if comparable else self.limits.clip_factor,
-                                   min_relatedness=None if comparable else self._min_relatedness())
+                                   min_relatedness=None if comparable else self._min_relatedness(),
+                                   tolerate_once=comparable)
         self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)

@@ -8,7 +8,8 @@ its step count, the average is rescaled by the effective step count), and
 applies the result through an outer optimizer: plain replacement by default,
 Nesterov momentum on the averaged pseudo-gradient as in DiLoCo when
 `outer_momentum > 0`. A region that misses the period's deadline does not hold
-the others: its result is dropped and counted.
+the others: its result is dropped and counted. Updates go through the screen
+(screen.py) first: held back, or scaled down (a region's one-off spike).
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class ModelAveraging(GeoStrategy):
                            else self.roster.shares[flight.region])
             steps.append(max(1, int(metrics["steps"])) if "steps" in metrics else None)  # stock replies: none
         scales = self._screened([Candidate(r, c, h) for r, c, h in zip(regions, changes, steps)]) if changes else []
+        changes = [c if scale in (None, 1.0) else {k: v * scale for k, v in c.items()}  # a tolerated spike
+                   for c, scale in zip(changes, scales)]
         changes, weights, steps = ([x for x, scale in zip(xs, scales) if scale is not None]
                                    for xs in (changes, weights, steps))
         if not changes:
