@@ -28,6 +28,7 @@ from runner import execute, pool
 LRS = (0.01, 0.03, 0.1, 0.3)
 SEEDS = (1, 2, 3)
 TOPOLOGIES = ("geo4", "geo4-fluct")
+COUNTS = "strategy.stop.max_time_s=null"  # the tuning runs compare at these counts, not the default time budget
 STRATEGIES = {
     "fedavg": ["strategy=fedavg", "strategy.num_rounds=40"],
     "ma": ["strategy=ma", "strategy.num_rounds=40"],
@@ -36,6 +37,7 @@ STRATEGIES = {
 }
 ELASTIC = {f"{name}+elastic": name for name in ("ma", "asgd_ga_delta")}  # run with the base's tuned lr
 STRATEGIES.update({name: [*STRATEGIES[base], "scheduler=elastic"] for name, base in ELASTIC.items()})
+STRATEGIES = {name: [*overrides, COUNTS] for name, overrides in STRATEGIES.items()}
 # The learning rate each strategy tunes: the local one where the server applies updates as sent.
 TUNED_KEY = {"asgd_ga_delta": "strategy.local_lr"}
 IDEAL = ["strategy=fedavg", "topology=lan", "strategy.num_rounds=15"]

@@ -41,6 +41,23 @@ def test_by_default_every_strategy_runs_as_long_as_fedavgs_default_rounds_take(t
         assert times[-1] >= budget > times[-2], strategy  # ended at the first round/period/version past it
 
 
+@pytest.mark.parametrize("sizes, expected", [
+    ({"fast": 640, "slow": 640}, 2 * (2 * (0.010 + 8e6 / 80e6) + 640 / 100)),  # slow: link both ways + 10 x 64
+    ({"slow": 640}, 2 * (2 * (0.010 + 8e6 / 80e6) + 640 / 100)),  # the mean over the regions with data
+    ({"slow": 16}, 2 * (2 * (0.010 + 8e6 / 80e6) + 64 / 100)),  # a quarter of a mini-batch: still one step
+])
+def test_the_baseline_is_its_rounds_times_the_slowest_regions_round_by_hand(monkeypatch, sizes, expected):
+    """FedAvg's settings as its config file says (patched: 2 rounds, batches of 64): each round every region
+    computes one epoch of the mean region's data; the slow region's 80 Mbps link and 100 samples/s set it."""
+    import cloudless_fl.control.budget as budget
+    from cloudless_fl.control.topology import load_topology
+    from conftest import TWO_REGIONS
+
+    monkeypatch.setattr(budget, "baseline_settings", lambda: {"num_rounds": 2, "local_epochs": 1, "batch_size": 64})
+    topology = load_topology(TWO_REGIONS)
+    assert budget.baseline_time_s(topology, sizes, model_bytes=1_000_000) == pytest.approx(expected)
+
+
 def test_auto_is_the_baseline_on_the_virtual_clock_and_no_budget_on_the_wall_clock():
     assert resolve_time_budget("auto", "virtual", 150.0) == 150.0
     assert resolve_time_budget("auto", "wall", 150.0) is None  # deployed jobs carry overhead the model learns later
