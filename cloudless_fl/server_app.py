@@ -110,10 +110,11 @@ def make_scheduler(cfg: DictConfig, topology: Topology, work: Workload) -> Sched
     return Scheduler(topology, work, objective, smoothing=float(sc.smoothing), tolerance=float(sc.tolerance))
 
 
-# May change on resume: how the run is shown and driven, where it goes on, and how far (num_rounds: a finished run
-# can be extended). Everything else in the resolved config is in the checkpoint's fingerprint.
+# May change on resume: how the run is shown and driven, where it goes on, and how far (num_rounds and the stop
+# budgets: a finished run can be extended). Everything else in the resolved config is in the checkpoint's fingerprint.
 RESUMABLE_KEYS = ("hydra", "resume", "progress", "flower_log_level", "label", "engine", "checkpoint",
-                  "strategy.num_rounds", "topology", "topology_file", "dataset", "dataset_file", "region_nodes")
+                  "strategy.num_rounds", "strategy.stop", "topology", "topology_file", "dataset", "dataset_file",
+                  "region_nodes")
 
 
 def training_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -179,3 +179,13 @@ def test_a_finished_run_extends_by_growing_num_rounds(two_region_topology, tmp_p
     run(compose([*base, "strategy.num_rounds=2"]), tmp_path)
     extended = run(compose([*base, "strategy.num_rounds=4", f"resume={tmp_path}"]), tmp_path)
     assert [e["version"] for e in extended["history"]][-1] == 4
+
+
+def test_a_run_that_spent_its_time_budget_extends_by_a_larger_one(two_region_topology, tmp_path):
+    """The default budget is time: a finished run goes on when resumed with more of it."""
+    base = [*small_run_overrides(two_region_topology), "strategy=ma", "strategy.num_rounds=100"]
+    first = run(compose([*base, "strategy.stop.max_time_s=20"]), tmp_path)
+    assert first["summary"]["ended_by"] == "time budget 20 s reached"
+    extended = run(compose([*base, "strategy.stop.max_time_s=40", f"resume={tmp_path}"]), tmp_path)
+    assert extended["summary"]["ended_by"] == "time budget 40 s reached"
+    assert extended["history"][-1]["version"] > first["history"][-1]["version"]
