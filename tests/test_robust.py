@@ -138,6 +138,47 @@ def test_ma_applies_a_regions_one_off_spike_scaled_down_to_the_bound(tmp_path, m
         assert torch.allclose(steps[period][k], value, atol=1e-6)
 
 
+def _spied_periods(monkeypatch, ma, fed, rounds=2):
+    """Run `ma` and return, per period, (the screened candidates, the pseudo-gradient it stepped with)."""
+    from cloudless_fl.strategy.server_optimizer import ServerOptimizer
+
+    seen, steps = [], []
+    screened = ModelAveraging._screened
+    monkeypatch.setattr(ModelAveraging, "_screened", lambda self, c: seen.append(c) or screened(self, c))
+    step = ServerOptimizer.step
+    monkeypatch.setattr(ServerOptimizer, "step", lambda self, g: steps.append(g) or step(self, g))
+    ma.start(fed.grid, fed.initial, num_rounds=rounds, train_config=fed.config, evaluate_fn=fed.evaluator())
+    return list(zip(seen, steps))
+
+
+def test_ma_weighted_by_data_share_averages_with_fednova_by_hand(tmp_path, monkeypatch):
+    """Unequal local steps over equal data shares, weighted by share (the default with heterogeneity-aware work):
+    every region weighs alike whatever its steps (by samples it would weigh as its steps); FedNova rescales each
+    change by tau_eff / its steps."""
+    fed = Federation(tmp_path / "fed", four_regions(), alpha=0.5)
+    local = {"a": 5, "b": 10, "c": 15, "d": 20}
+    ma = ModelAveraging(lr=0.02, local_steps=local, batch_size=16, meter=fed.meter(), weight_by="shares")
+    for candidates, pseudo in _spied_periods(monkeypatch, ma, fed):
+        shares = [ma.roster.shares[c.region] for c in candidates]  # the regions' resident samples, ~a quarter each
+        p = [w / sum(shares) for w in shares]
+        tau_eff = sum(pi * local[c.region] for pi, c in zip(p, candidates))
+        for k in pseudo:
+            expected = sum(pi * tau_eff / local[c.region] * c.change[k] for pi, c in zip(p, candidates))
+            assert torch.allclose(pseudo[k], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
+def test_ma_robust_rules_combine_the_regions_changes(tmp_path, monkeypatch, aggregation):
+    fed = Federation(tmp_path / "fed", four_regions(), alpha=0.5)
+    """Each rule as configured (trim 0: with four regions a quarter trimmed off each side is the median itself)."""
+    ma = ModelAveraging(lr=0.02, local_steps=10, batch_size=16, meter=fed.meter(), aggregation=aggregation,
+                        trim_fraction=0.0)
+    for candidates, pseudo in _spied_periods(monkeypatch, ma, fed):
+        changes = [c.change for c in candidates]
+        expected = coordinate_median(changes) if aggregation == "median" else trimmed_mean(changes, 0.0)
+        assert all(torch.allclose(pseudo[k], expected[k], atol=1e-7) for k in pseudo)
+
+
 NO_ASYNC_SCREEN = UpdateLimits(norm_factor=None, min_agreement=None, clip_factor=None, min_relatedness=None)
 
 
