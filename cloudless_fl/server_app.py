@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .config import (DataLayout, config_from_run_config, data_digest, dataset_cf
                      topology_of, topology_spec, under, validate)
 from .control.budget import baseline_time_s, resolve_time_budget
 from .control.meter import Meter
-from .control.scheduler import Objective, Scheduler, Workload
+from .control.scheduler import Objective, Scheduler, Workload, epoch_steps
 from .control.topology import Topology
 from .errors import CloudlessError, ConfigError
 from .reporting.progress import Progress
@@ -94,8 +95,7 @@ def base_steps(cfg: DictConfig, data_sizes: dict[str, int]) -> int:
     s = cfg.strategy
     entry = strategy_entry(s.name)
     if entry.epoch_based:  # local epochs of the mean region
-        mean = sum(data_sizes.values()) / max(1, len(data_sizes))
-        return max(1, round(float(s.local_epochs) * mean / int(s.batch_size)))
+        return epoch_steps(data_sizes, float(s.local_epochs), int(s.batch_size))
     steps = OmegaConf.to_container(s, resolve=True)[entry.local_work]
     return round(sum(steps.values()) / len(steps)) if isinstance(steps, dict) else steps
 
@@ -145,10 +145,10 @@ def codec_of(cfg: DictConfig) -> Codec:
 
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
                    scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None,
-                   baseline_s: float | None = None) -> Strategy:
+                   baseline_s: Callable[[], float] | None = None) -> Strategy:
     """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`.
 
-    `baseline_s`: the modelled time of FedAvg's default run, which `strategy.stop.max_time_s: auto` stands for
+    `baseline_s()`: the modelled time of FedAvg's default run, which `strategy.stop.max_time_s: auto` stands for
     under the virtual clock (`control/budget.py`); None: `auto` sets no time budget."""
     v = cfg.validation
     limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after,
@@ -187,12 +187,12 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     require_nodes(grid, len(topology.regions))
     meter = make_meter(cfg, topology)
     initial_arrays = ArrayRecord(model.state_dict())  # serialised once, sent by the strategy
-    work = workload(cfg, resident_sizes(topology, layout), wire_bytes(codec_of(cfg), model.state_dict()))
+    sizes = resident_sizes(topology, layout)
+    work = workload(cfg, sizes, wire_bytes(codec_of(cfg), model.state_dict()))
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict(), layout)
-    baseline_s = baseline_time_s(topology, resident_sizes(topology, layout),
-                                 wire_bytes(make_codec("none"), model.state_dict()))
-    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer, baseline_s)
+    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer, baseline_s=lambda: (
+        baseline_time_s(topology, sizes, wire_bytes(make_codec("none"), model.state_dict()))))
     if cfg.region_nodes is not None:
         strategy.roster.bind(OmegaConf.to_container(cfg.region_nodes))
     progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit,

@@ -59,10 +59,17 @@ def test_the_baseline_is_its_rounds_times_the_slowest_regions_round_by_hand(monk
 
 
 def test_auto_is_the_baseline_on_the_virtual_clock_and_no_budget_on_the_wall_clock():
-    assert resolve_time_budget("auto", "virtual", 150.0) == 150.0
-    assert resolve_time_budget("auto", "wall", 150.0) is None  # deployed jobs carry overhead the model learns later
+    def baseline() -> float:
+        calls.append(1)
+        return 150.0
+
+    calls = []
+    assert resolve_time_budget("auto", "virtual", baseline) == 150.0
+    assert resolve_time_budget("auto", "wall", baseline) is None  # deployed jobs carry overhead the model learns later
     assert resolve_time_budget("auto", "virtual", None) is None
-    assert resolve_time_budget(40.0, "wall", 150.0) == 40.0 and resolve_time_budget(None, "virtual", 150.0) is None
+    assert resolve_time_budget(40.0, "wall", baseline) == 40.0
+    assert resolve_time_budget(None, "virtual", baseline) is None
+    assert len(calls) == 1  # the baseline is worked out only where `auto` needs it
 
 
 def test_the_budget_follows_the_workload():

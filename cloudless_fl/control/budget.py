@@ -14,9 +14,11 @@ the run's `num_rounds` bounds it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from omegaconf import OmegaConf
 
-from .scheduler import Workload, evaluate_plan
+from .scheduler import Workload, epoch_steps, evaluate_plan
 from .topology import Topology
 
 AUTO = "auto"
@@ -33,16 +35,16 @@ def baseline_settings() -> dict:
 def baseline_time_s(topology: Topology, data_sizes: dict[str, int], model_bytes: int) -> float:
     """Modelled seconds of the baseline's default run: its rounds × the period of one round."""
     s = baseline_settings()
-    mean = sum(data_sizes.values()) / max(1, len(data_sizes))
-    work = Workload(data_sizes, model_bytes, base_steps=max(1, round(s["local_epochs"] * mean / s["batch_size"])),
+    work = Workload(data_sizes, model_bytes, base_steps=epoch_steps(data_sizes, s["local_epochs"], s["batch_size"]),
                     batch_size=s["batch_size"])
     plan = evaluate_plan(topology, work, {r.name: r.workers_min for r in topology.regions}, fill=False)
     return s["num_rounds"] * plan.period_s
 
 
-def resolve_time_budget(setting: float | str | None, clock: str, baseline_s: float | None) -> float | None:
-    """`strategy.stop.max_time_s` as seconds (None: no time budget): `auto` is `baseline_s` under the
-    virtual clock and no time budget under the wall clock."""
+def resolve_time_budget(setting: float | str | None, clock: str,
+                        baseline_s: Callable[[], float] | None) -> float | None:
+    """`strategy.stop.max_time_s` as seconds (None: no time budget): `auto` is `baseline_s()` (computed only
+    then) under the virtual clock and no time budget under the wall clock or without a baseline."""
     if setting != AUTO:
         return setting
-    return baseline_s if clock == "virtual" else None
+    return baseline_s() if clock == "virtual" and baseline_s is not None else None

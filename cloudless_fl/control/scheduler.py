@@ -204,6 +204,12 @@ def share_steps(topology: Topology, work: Workload, exclude: Iterable[str] = ())
     return {name: max(1, math.ceil(f * n / work.batch_size - _EPS)) for name, n in live.items()}, f
 
 
+def epoch_steps(data_sizes: Mapping[str, int], epochs: float, batch_size: int) -> int:
+    """`epochs` of the mean region's resident data, in mini-batches (at least one): FedAvg's local work."""
+    mean = sum(data_sizes.values()) / max(1, len(data_sizes))
+    return max(1, round(epochs * mean / batch_size))
+
+
 def evaluate_plan(topology: Topology, work: Workload, workers: Mapping[str, int], billing: str = "instance",
                   exclude: Iterable[str] = (), fill: bool = True) -> Plan:
     """The plan a given worker vector yields (the scheduler's model; search and tests both use it)."""
