@@ -12,6 +12,7 @@ commands:
   data split --out DIR ...   write per-region shards (see `cloudless-fl data split -h`)
   plan [overrides...]        the elastic scheduler's plan beside the static one (e.g. topology=geo4 strategy=ma)
   launch [options]           a real local federation: SuperLink + one SuperNode per region behind shaped WAN proxies
+  trainer --socket PATH      a region's trainer kept warm between messages (its SuperNode: --node-config trainer=PATH)
   worker --endpoint H:P ...  a region's worker on another machine, joining its SuperNode's jobs (docs/deployment.md)
   report FOLDER              compare every results.json below FOLDER: table (report.md) and plots/*.png
 """
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {exc}") from None
     elif command == "launch":
         launch_command(rest)
+    elif command == "trainer":
+        from clients.warm_trainer import main as trainer_main
+
+        trainer_main(rest)
     elif command == "worker":
         from .training.worker_agent import main as worker_main
 
@@ -118,6 +123,9 @@ def launch_command(argv: list[str]) -> None:
     parser.add_argument("--max-workers", type=int, default=None,
                         help="the most data-parallel worker processes per region and job (default: each region's "
                              "workers.max; 1: the SuperNode's ClientApp process alone)")
+    parser.add_argument("--cold", action="store_true",
+                        help="no warm trainer per region: every message's ClientApp process imports PyTorch and "
+                             "computes the job itself, as in a plain Flower app")
     parser.add_argument("--out", default=None, help="run folder (default outputs/launch/<time>)")
     parser.add_argument("--app", default=".", help="the Flower app folder (this checkout)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the run (key=value)")
@@ -129,7 +137,7 @@ def launch_command(argv: list[str]) -> None:
         with sigterm_as_interrupt():
             code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed,
                           time_scale=args.time_scale, pace=not args.no_pace, security=args.security,
-                          max_workers=args.max_workers, overrides=args.overrides,
+                          max_workers=args.max_workers, warm=not args.cold, overrides=args.overrides,
                           app_dir=Path(args.app))
     except CloudlessError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -14,7 +14,9 @@ Each run goes twice on the same data split and settings:
 It prints, per run, time and cost to the target deployed and predicted, the
 ratios against FedAvg, and where each job's time went (waiting for the node,
 process start and imports, data load, compute, transfers), and writes
-`<out>/summary.json`. `--bandwidth-scale` multiplies every link's bandwidth
+`<out>/summary.json`. Every region has a warm trainer (clients/warm_trainer.py), as
+`cloudless-fl launch` gives it; the `*_cold` runs go without (every message's
+ClientApp process imports PyTorch and computes the job). `--bandwidth-scale` multiplies every link's bandwidth
 (1 = geo4 as it is); `--time-scale` makes links and paced compute that many
 times faster (as `cloudless-fl launch --time-scale`).
 
@@ -52,6 +54,9 @@ RUNS = {
     "asgd_ga_delta": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true"]),
     "asgd_ga": ("asgd_ga", 600, ["strategy.eval_every=8", "strategy.stop.at_target=true"]),
 }
+# runs without a warm trainer per region: every message's ClientApp process imports PyTorch itself
+COLD = {f"{name}_cold": name for name in ("fedavg", "ma", "asgd_ga_delta")}
+RUNS.update({cold: RUNS[warm] for cold, warm in COLD.items()})
 
 
 def geo4_file(folder: Path, scale: float, job_start_s: dict[str, float] | None = None, tag: str = "") -> Path:
@@ -69,7 +74,7 @@ def geo4_file(folder: Path, scale: float, job_start_s: dict[str, float] | None =
 
 
 def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, run_dir: Path,
-             time_scale: float) -> dict:
+             time_scale: float, warm: bool) -> dict:
     """The run's results; a folder that already holds them (an earlier invocation) is not run again."""
     done = list(run_dir.glob("*/results.json"))
     if done:
@@ -80,7 +85,7 @@ def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, r
     try:
         # insecure: the README's figures were measured so (before launch secured runs by default)
         code = launch(str(topology), strategy, rounds, run_dir, overrides=overrides, app_dir=ROOT, stream_to=log,
-                      time_scale=time_scale, security="insecure")
+                      time_scale=time_scale, security="insecure", warm=warm)
     finally:
         log.close()
     if code != 0:
@@ -147,11 +152,11 @@ def main() -> None:
     table: dict[str, dict] = {}
     for name in names:
         strategy, rounds, overrides = RUNS[name]
-        overrides = [*common, *overrides, *([] if name == "fedavg" else
+        overrides = [*common, *overrides, *([] if COLD.get(name, name) == "fedavg" else
                                            [f"strategy.stop.max_time_s={args.budget_s}", *args.set])]
         run_dir = args.out / f"{name}-deployed"
         with sigterm_as_interrupt():
-            real = deployed(strategy, rounds, overrides, topology, run_dir, args.time_scale)
+            real = deployed(strategy, rounds, overrides, topology, run_dir, args.time_scale, warm=name not in COLD)
         measured = geo4_file(args.out, args.bandwidth_scale, real["summary"]["job_overhead_s"], tag=f"-{name}")
         model = predicted(strategy, rounds, overrides, measured, run_dir / "data", args.out / f"{name}-predicted")
         table[name] = {"deployed": real, "predicted": model}

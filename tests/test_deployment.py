@@ -49,7 +49,7 @@ def flower_processes() -> set[str]:
     """Live Flower processes (zombies left for a container's init to reap are not running)."""
     out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
     return {line.split()[0] for line in out.splitlines()
-            if any(k in line for k in ("flower-super", "flwr-serverapp", "flwr-clientapp"))
+            if any(k in line for k in ("flower-super", "flwr-serverapp", "flwr-clientapp", "cloudless-fl trainer"))
             and not line.split()[1].startswith("Z")}
 
 
@@ -121,6 +121,10 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path)
     assert set(results["regions"]) == {"ap-shanghai", "ap-guangzhou", "ap-chengdu"}
     assert results["summary"]["total_cost_usd"]["instance"] > 0  # the cost model on measured time
     assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])
+    # every job answered by its region's warm trainer (none computed cold in a ClientApp process)
+    answered = {r: (tmp_path / "run" / "logs" / f"trainer-{r}.log").read_text().count("answering a train message")
+                for r in results["regions"]}
+    assert answered == {r: account["jobs"] for r, account in results["regions"].items()}
     # by default over TLS with SuperNode authentication, each region bound to its key's node
     assert "insecure" not in (tmp_path / "run" / "flwr-home" / "config.toml").read_text()
     assert set(results["config"]["region_nodes"]) == set(results["regions"])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from clients.region_app import locate_region, make_client_app
+from clients.region_app import make_client_app
+from clients.region_jobs import locate_region
 from cloudless_fl.training import protocol
 from cloudless_fl.training.data import load_source, split_dataset
 from cloudless_fl.errors import ConfigError, DataError

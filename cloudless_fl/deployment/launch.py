@@ -1,9 +1,10 @@
 """`cloudless-fl launch`: a real federation on this machine, one SuperNode per region behind its WAN.
 
 Starts `flower-superlink`, one `WanProxy` per region shaped by the topology's
-link, one `flower-supernode` per region (connecting through its proxy, told its
-region and data folder by `--node-config`), submits the app with `flwr run`
-and streams its log. Everything lives in the run folder: `flwr-home/`
+link, one warm trainer per region (`cloudless-fl trainer`, clients/warm_trainer.py;
+restarted when it exits), one `flower-supernode` per region (connecting through
+its proxy, told its region, data folder and trainer by `--node-config`), submits
+the app with `flwr run` and streams its log. Everything lives in the run folder: `flwr-home/`
 (`FLWR_HOME`, so the user's own Flower config is untouched), `data/` (the
 split), `logs/` (one file per process) and the run's `results.json`. Ctrl-C
 or the end of the run stops every process it started (whole process groups:
@@ -21,15 +22,20 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from clients.warm_trainer import NODE_KEY as NODE_TRAINER
 
 from ..config import compose, topology_of
 from ..training.data import load_source, split_dataset
@@ -43,6 +49,7 @@ from .wanproxy import WanProxy, link_shapes
 CONNECTION = "cloudless-launch"
 SECURITY = ("auth", "tls", "insecure")  # TLS + SuperNode authentication | TLS only | neither
 STOP_GRACE_S = 10.0
+SUPERVISE_EVERY_S = 0.5  # how often a region's trainer is checked for having exited
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # flwr/supercore/superexec/run_superexec.py
 
 
@@ -97,6 +104,7 @@ class Federation:
     security: str = "auth"
     max_workers: int | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    trainer_restarts: dict[str, int] = field(default_factory=dict)  # region → times its trainer was restarted
     proxies: dict[str, WanProxy] = field(default_factory=dict)
     superlink_port: int = 0
     node_ids: dict[str, int] = field(default_factory=dict)  # region → the node id its registered key has
@@ -106,6 +114,10 @@ class Federation:
             raise ConfigError(f"security={self.security!r} is unknown; use one of {', '.join(SECURITY)}")
         if self.max_workers is not None and self.max_workers < 1:
             raise ConfigError(f"max workers per region must be at least 1, got {self.max_workers}")
+        self._lock = threading.Lock()  # `processes`, shared with the trainers' supervisor
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._sockets: Path | None = None
 
     @property
     def tls(self) -> bool:
@@ -148,8 +160,47 @@ class Federation:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it; a restart appends
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                                 cwd=self.run_dir, start_new_session=True)
-        self.processes[name] = proc
+        with self._lock:
+            self.processes[name] = proc
         return proc
+
+    def trainer_socket(self, region: str) -> Path:
+        """Where the region's trainer answers: a private folder under the system's temp dir (a Unix socket's
+        path must be short; the run folder's may not be)."""
+        if self._sockets is None:
+            self._sockets = Path(tempfile.mkdtemp(prefix="cfl-trainers-"))
+        return self._sockets / f"{region}.sock"
+
+    def start_trainer(self, region: str, ready_timeout: float = 60.0) -> None:
+        """The region's warm trainer; returns once it answers (its key and socket written), and from then on
+        is restarted by the supervisor whenever it exits."""
+        socket_path = self.trainer_socket(region)
+        socket_path.unlink(missing_ok=True)
+        proc = self._start(f"trainer-{region}", ["cloudless-fl", "trainer", "--socket", str(socket_path)])
+        deadline = time.monotonic() + ready_timeout
+        while not socket_path.exists() and not self._stopping.is_set():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the trainer of region {region} did not start; see {self.logs}/trainer-{region}.log")
+            time.sleep(0.1)
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="trainer-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Restart every region's trainer that exited (a crash, a kill), until the federation stops."""
+        while not self._stopping.wait(SUPERVISE_EVERY_S):
+            with self._lock:
+                exited = [name for name, proc in self.processes.items()
+                          if name.startswith("trainer-") and proc.poll() is not None]
+            for name in exited:
+                if self._stopping.is_set():
+                    return
+                region = name.removeprefix("trainer-")
+                self.trainer_restarts[region] = self.trainer_restarts.get(region, 0) + 1
+                try:
+                    self.start_trainer(region)
+                except RuntimeError:
+                    pass  # tried again on the next check; the region's jobs are computed cold meanwhile
 
     def start_superlink(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -177,7 +228,7 @@ class Federation:
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
             "--node-config", f"region='{region}' data-dir='{data_dir}' state-dir='{self.run_dir / 'region-state'}'"
             f" {NODE_MAX_WORKERS}={self.max_workers or self.topology.region(region).workers_max}"
-            + self._pace(region)])
+            + self._pace(region) + self._trainer(region)])
 
     def register(self, region: str) -> Path:
         """The region's private key; the first time, a new key pair whose public key the SuperLink registers
@@ -205,6 +256,19 @@ class Federation:
         profile = self.topology.region(region)
         return f" {NODE_PACE}={profile.samples_per_s * profile.efficiency * self.time_scale!r}"
 
+    def _trainer(self, region: str) -> str:
+        """The node config that hands the region's messages to its warm trainer, if it has one."""
+        with self._lock:
+            warm = f"trainer-{region}" in self.processes
+        return f" {NODE_TRAINER}='{self.trainer_socket(region)}'" if warm else ""
+
+    def kill_trainer(self, region: str) -> None:
+        """SIGKILL the region's trainer, as a crash would; the supervisor starts it again."""
+        with self._lock:
+            proc = self.processes[f"trainer-{region}"]
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
     def kill_region(self, region: str) -> None:
         """SIGKILL a region's SuperNode and everything it started, as a crash would (its proxy stays up);
         `start_region` starts it again: under a new node id, or with `auth` under its key's (which the
@@ -217,7 +281,11 @@ class Federation:
 
     def stop(self) -> None:
         """Stop every process, its group and every descendant (SuperLinks start theirs in new sessions):
-        SIGTERM, then SIGKILL after a grace period; then every proxy."""
+        SIGTERM, then SIGKILL after a grace period; then every proxy and the trainers' sockets."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         started = list(self.processes.values())
         family = {pid for proc in started for pid in descendants(proc.pid)}
         for proc in reversed(started):
@@ -237,6 +305,9 @@ class Federation:
         for proxy in self.proxies.values():
             proxy.stop()
         self.proxies.clear()
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            self._sockets = None
 
     def __enter__(self) -> Federation:
         return self
@@ -342,8 +413,12 @@ def prepare_split(topology: Topology, data_dir: Path, source: str = "digits", se
 
 def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *, seed: int = 1,
            time_scale: float = 1.0, pace: bool = True, security: str = "auth", max_workers: int | None = None,
-           overrides: list[str] = (), app_dir: Path | None = None, stream_to=sys.stdout) -> int:
-    """Run `strategy` on a local federation shaped like `topology_name`; returns `flwr run`'s exit code."""
+           warm: bool = True, overrides: list[str] = (), app_dir: Path | None = None, stream_to=sys.stdout) -> int:
+    """Run `strategy` on a local federation shaped like `topology_name`; returns `flwr run`'s exit code.
+
+    `warm` (default): each region gets a trainer kept warm between messages (clients/warm_trainer.py), so a
+    message's ClientApp process imports no PyTorch; False: every job computed in its own ClientApp process,
+    as in a plain Flower app."""
     from_file = topology_name.endswith((".yaml", ".yml"))
     if from_file:
         topology_name = str(Path(topology_name).resolve())
@@ -361,6 +436,8 @@ def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *,
                     max_workers=max_workers) as federation:
         federation.start_superlink()
         for region in topology.region_names:
+            if warm:
+                federation.start_trainer(region)
             federation.start_region(region, data_dir / region)
         if federation.node_ids:
             hydra_overrides.append(federation.region_nodes())

@@ -22,11 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from ..control.jobs import Reported
-
-ARRAYS = "arrays"
-CONFIG = "config"
-METRICS = "metrics"
-INFO = "info"
+from .records import ARRAYS, CONFIG, INFO, METRICS  # noqa: F401 - the protocol's names
 
 # Local-work modes a train message can ask for.
 MODE_WEIGHTS = "weights"  # local SGD; reply with the new weights (FedAvg, MA)

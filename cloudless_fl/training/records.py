@@ -1,0 +1,7 @@
+"""The names of a message's records (server ↔ region), apart from the protocol so the thin region
+ClientApp can read them without importing PyTorch."""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"
