@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from cloudless_fl.strategy.inflight import InFlight, InFlightJobs
+from cloudless_fl.strategy import inflight
+from cloudless_fl.strategy.inflight import InFlight, InFlightJobs, PromptReplies
+from cloudless_fl.strategy.metered import Metered
+from cloudless_fl.training.protocol import WorkOrder
+from strategy_helpers import Federation, topology
 from cloudless_fl.strategy.membership import Roster
 from cloudless_fl.training import protocol
 
@@ -158,3 +164,51 @@ def test_a_job_expires_only_past_the_reply_timeout_and_never_once_answered(monke
     now[0] = 105.5
     assert jobs.expired() == ["job-1", "job-2"]
     assert jobs.expired(answered=["job-1"]) == ["job-2"]
+
+
+class RepliesOnPull:
+    """Each pushed message's reply comes on the `nth` pull (never, with None)."""
+
+    def __init__(self, nth: int | None) -> None:
+        self.nth, self.pulls = nth, 0
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.nth is None or self.pulls < self.nth:
+            return []
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=key)) for key in message_ids]
+
+
+def test_flowers_round_loop_waits_for_its_replies_as_promptly_as_ours(monkeypatch):
+    """`Metered` runs Flower's round loop on `PromptReplies`: between pulls it waits `WATCH_POLL_S`, as ASGD-GA
+    and MA do, not the 3 s of Flower's `HttpGrid.send_and_receive`."""
+    slept = []
+    monkeypatch.setattr(inflight.time, "sleep", slept.append)
+    grid = RepliesOnPull(nth=4)
+    replies = PromptReplies(grid).send_and_receive(["a", "b"], timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert slept == [inflight.WATCH_POLL_S] * 3 and grid.pulls == 4
+
+
+def test_flowers_round_loop_gives_up_at_its_timeout_with_the_replies_it_has():
+    start = time.monotonic()
+    assert PromptReplies(RepliesOnPull(nth=None)).send_and_receive(["a"], timeout=0.2) == []
+    assert 0.2 <= time.monotonic() - start < 2.0
+
+
+def test_fedavgs_rounds_pull_their_replies_through_the_prompt_grid(tmp_path):
+    """Flower's own `send_and_receive` is never called by the baseline's round loop."""
+    fed = Federation(tmp_path, topology())
+
+    def flowers_own(*args, **kwargs):
+        raise AssertionError("Flower's send_and_receive (3 s between pulls over a SuperLink) was used")
+
+    fed.grid.send_and_receive = flowers_own
+    work = WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0)
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2), fed.meter())
+    fedavg.start(fed.grid, fed.initial, num_rounds=2, train_config=ConfigRecord({**dict(fed.config),
+                                                                                 **work.to_config()}))
+    assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2]

@@ -6,8 +6,9 @@ job (download + compute + upload from the round's start). The round ends with
 its slowest participant; everyone else waits at the barrier — and under
 instance billing pays for the wait.
 
-A round waits at most `reply_timeout` for its replies. Flower's FedAvg waits
-forever for `min_available_nodes` before a round; when a region's SuperNode
+A round waits at most `reply_timeout` for its replies, pulled as promptly as
+ASGD-GA's and MA's (`PromptReplies`; Flower's `HttpGrid` pulls every 3 s).
+Flower's FedAvg waits forever for `min_available_nodes` before a round; when a region's SuperNode
 is gone, the wrapper waits `reply_timeout` for it and then lowers the inner
 strategy's minimums to the regions still connected (recorded as lost), so the
 run goes on without it, and with it again if it comes back.
@@ -41,6 +42,7 @@ from ..training.compression import Codec
 from ..training.protocol import (ARRAYS, CONFIG, MODE_DELTA, MODE_WEIGHTS, WorkOrder, job_report, reply_encoding,
                                  reply_region)
 from .downlink import Downlink
+from .inflight import PromptReplies
 from .membership import RegionInfo, Roster, wait_for_nodes
 from .runbook import EvaluateFn, RunBook, StopRules
 from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
@@ -254,7 +256,7 @@ class Metered(Strategy):
             return res
 
         try:
-            return super().start(grid, initial_arrays, num_rounds=num_rounds - self.round_offset,
+            return super().start(PromptReplies(grid), initial_arrays, num_rounds=num_rounds - self.round_offset,
                                  timeout=min(timeout, self.reply_timeout),
                                  train_config=train_config, evaluate_config=evaluate_config,
                                  evaluate_fn=evaluate_and_record)
