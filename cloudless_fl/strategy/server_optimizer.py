@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
+import torch._dynamo  # noqa: F401 - torch.optim imports it on first use (1-2 s): here, not in a job or a run
 from flwr.app import ArrayRecord
 
 

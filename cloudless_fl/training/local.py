@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+import torch._dynamo  # noqa: F401 - torch.optim imports it on first use (1-2 s): here, not in a job or a run
 
 from .data import Arrays
 
