@@ -7,17 +7,20 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from cloudless_fl.strategy import inflight
-from cloudless_fl.strategy.inflight import InFlight, InFlightJobs, PromptReplies
+from cloudless_fl.strategy.inflight import InFlight, InFlightJobs, PromptReplies, ReplyPuller
 from cloudless_fl.strategy.metered import Metered
 from cloudless_fl.training.protocol import WorkOrder
-from strategy_helpers import Federation, topology
 from cloudless_fl.strategy.membership import Roster
 from cloudless_fl.training import protocol
+from strategy_helpers import Federation, topology
 
 STUCK_FOR_S = 3.0  # how long the stuck pull blocks: far beyond every wait below
 
@@ -167,16 +170,18 @@ def test_a_job_expires_only_past_the_reply_timeout_and_never_once_answered(monke
 
 
 class RepliesOnPull:
-    """Each pushed message's reply comes on the `nth` pull (never, with None)."""
+    """Each pushed message's reply comes on the `nth` pull (never, with None); a caller still pulling after
+    `max_pulls` is stuck (the test fails instead of hanging)."""
 
-    def __init__(self, nth: int | None) -> None:
-        self.nth, self.pulls = nth, 0
+    def __init__(self, nth: int | None, max_pulls: int = 200) -> None:
+        self.nth, self.pulls, self.max_pulls = nth, 0, max_pulls
 
     def push_messages(self, messages):
         return [f"m{i}" for i, _ in enumerate(messages)]
 
     def pull_messages(self, message_ids):
         self.pulls += 1
+        assert self.pulls <= self.max_pulls, "still pulling: the timeout was not kept"
         if self.nth is None or self.pulls < self.nth:
             return []
         return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=key)) for key in message_ids]
@@ -199,6 +204,62 @@ def test_flowers_round_loop_gives_up_at_its_timeout_with_the_replies_it_has():
     assert 0.2 <= time.monotonic() - start < 2.0
 
 
+def test_flowers_round_loop_without_a_timeout_waits_for_every_reply(monkeypatch):
+    monkeypatch.setattr(inflight.time, "sleep", lambda s: None)
+    replies = PromptReplies(RepliesOnPull(nth=50)).send_and_receive(["a", "b"], timeout=None)
+    assert len(replies) == 2
+
+
+class HttpGridLike(HttpGrid):
+    """Flower's `HttpGrid` as `ReplyPuller` sees it (its type), answering each reply on the `nth` pull."""
+
+    def __init__(self, nth: int) -> None:  # no SuperLink: only the type and the pulls matter
+        self.replies = RepliesOnPull(nth)
+
+    def pull_messages(self, message_ids):
+        return self.replies.pull_messages(message_ids)
+
+
+def _pull_until(puller: ReplyPuller, grid, keys, seconds: float = 5.0) -> list:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if replies := puller.pull(grid, keys):
+            return replies
+        time.sleep(0.01)
+    return []
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_replies_over_a_superlink_are_watched_on_daemon_threads_until_they_come(wrapped):
+    """Over Flower's `HttpGrid` (also behind `PromptReplies`) each reply is pulled on its own daemon thread
+    (a stuck pull never keeps the ServerApp from exiting), pulling again until the reply comes."""
+    grid = HttpGridLike(nth=3)
+    puller = ReplyPuller()
+    view = PromptReplies(grid) if wrapped else grid
+    assert puller.pull(view, ["m0"]) == []  # watched, not pulled here
+    [watch] = puller._watches.values()
+    assert watch._thread.daemon
+    [reply] = _pull_until(puller, view, ["m0"])
+    assert reply.metadata.reply_to_message_id == "m0" and grid.replies.pulls == 3
+    puller.pull(view, ["m1"])
+    watch = puller._watches["m1"]
+    puller.forget("m1")
+    assert watch._dropped.is_set() and "m1" not in puller._watches
+
+
+def test_an_in_memory_grid_is_pulled_on_the_callers_thread():
+    puller = ReplyPuller()
+    [reply] = puller.pull(RepliesOnPull(nth=1), ["m0"])
+    assert reply.metadata.reply_to_message_id == "m0" and not puller._watches
+
+
+def test_a_job_sent_uncompressed_carries_its_model_as_its_payload():
+    flight = InFlight(node_id=1, region="a", version=0, job=None, order=None, arrays="the model")
+    assert flight.payload == "the model"
+    assert InFlight(node_id=1, region="a", version=0, job=None, order=None, arrays="the model",
+                    payload="a change").payload == "a change"
+
+
 def test_fedavgs_rounds_pull_their_replies_through_the_prompt_grid(tmp_path):
     """Flower's own `send_and_receive` is never called by the baseline's round loop."""
     fed = Federation(tmp_path, topology())
@@ -212,3 +273,15 @@ def test_fedavgs_rounds_pull_their_replies_through_the_prompt_grid(tmp_path):
     fedavg.start(fed.grid, fed.initial, num_rounds=2, train_config=ConfigRecord({**dict(fed.config),
                                                                                  **work.to_config()}))
     assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2]
+
+
+def test_a_job_taken_off_the_books_stops_its_reply_watch():
+    """A job popped before its reply (lost, its region gone) no longer has a thread pulling for it."""
+    grid = UploadStalledGrid()
+    jobs = InFlightJobs(reply_timeout=10, watch=True)
+    _two_jobs(jobs, grid)
+    jobs.pull(grid)  # both watched now
+    watch = jobs.replies._watches["job-2"]
+    jobs.pop("job-2")
+    assert watch._dropped.is_set() and "job-2" not in jobs.replies._watches and "job-2" not in jobs
+    grid.released.set()
