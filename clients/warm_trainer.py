@@ -99,6 +99,8 @@ def serve(socket_path: str | Path, jobs: int | None = None) -> None:
                     request = conn.recv()
                 except (EOFError, OSError):
                     continue
+                except Exception as exc:  # noqa: BLE001 - pickled by other code (another version's FAB)
+                    request = exc
                 try:
                     conn.send(_answer(region_jobs.HANDLERS, request))
                 except (OSError, EOFError):  # the ClientApp went away (its job was given up)
@@ -107,6 +109,8 @@ def serve(socket_path: str | Path, jobs: int | None = None) -> None:
 
 
 def _answer(handlers, request) -> tuple[str, object]:
+    if isinstance(request, Exception) or not (isinstance(request, tuple) and len(request) == 6):
+        return "refused", f"unreadable request ({request!r:.200}); this trainer speaks protocol {PROTOCOL}"
     version, kind, content, context, data_root, data_format = request
     if version != PROTOCOL or kind not in handlers:
         return "refused", f"protocol {version!r}, message {kind!r} (this trainer speaks protocol {PROTOCOL})"

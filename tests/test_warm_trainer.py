@@ -2,13 +2,16 @@
 needed — absent, crashed mid-job or of another version, the ClientApp computes the job itself."""
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Client
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -134,6 +137,23 @@ def test_a_request_of_another_protocol_version_is_refused_and_a_failure_travels_
     status, error = warm_trainer._answer({"train": fail}, (warm_trainer.PROTOCOL, "train", RecordDict(), context,
                                                            None, "auto"))
     assert status == "error" and isinstance(error, RuntimeError) and "Unpicklable: the job broke" in str(error)
+
+
+def test_a_request_the_trainer_cannot_read_is_refused_and_it_goes_on_serving(data_dir, sockets):
+    """A request pickled by other code (a class this trainer lacks: another version's FAB) or of another
+    shape is refused, and the trainer answers the next job."""
+    socket_path = sockets / "a.sock"
+    trainer = _serving(socket_path, jobs=3)
+    key = warm_trainer.key_file(socket_path).read_bytes()
+    unreadable = pickle.dumps(SimpleNamespace(job=1)).replace(b"types", b"nomod")  # unpickling raises
+    for raw in (unreadable, pickle.dumps(("a", "tuple", "of", "another", "shape"))):
+        with Client(str(socket_path), family="AF_UNIX", authkey=key) as conn:
+            conn.send_bytes(raw)
+            status, why = conn.recv()
+        assert status == "refused" and "unreadable request" in why
+    reply = _call({"region": "a", "data-dir": str(data_dir), warm_trainer.NODE_KEY: str(socket_path)})
+    trainer.join(10)
+    assert reply.content[protocol.INFO]["computed-by"] == "trainer"
 
 
 @pytest.mark.subprocess
