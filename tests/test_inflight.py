@@ -229,19 +229,17 @@ def _pull_until(puller: ReplyPuller, grid, keys, seconds: float = 5.0) -> list:
     return []
 
 
-@pytest.mark.parametrize("wrapped", [False, True])
-def test_replies_over_a_superlink_are_watched_on_daemon_threads_until_they_come(wrapped):
-    """Over Flower's `HttpGrid` (also behind `PromptReplies`) each reply is pulled on its own daemon thread
-    (a stuck pull never keeps the ServerApp from exiting), pulling again until the reply comes."""
+def test_replies_over_a_superlink_are_watched_on_daemon_threads_until_they_come():
+    """Over Flower's `HttpGrid` each reply is pulled on its own daemon thread (a stuck pull never keeps the
+    ServerApp from exiting), pulling again until the reply comes."""
     grid = HttpGridLike(nth=3)
     puller = ReplyPuller()
-    view = PromptReplies(grid) if wrapped else grid
-    assert puller.pull(view, ["m0"]) == []  # watched, not pulled here
+    assert puller.pull(grid, ["m0"]) == []  # watched, not pulled here
     [watch] = puller._watches.values()
     assert watch._thread.daemon
-    [reply] = _pull_until(puller, view, ["m0"])
+    [reply] = _pull_until(puller, grid, ["m0"])
     assert reply.metadata.reply_to_message_id == "m0" and grid.replies.pulls == 3
-    puller.pull(view, ["m1"])
+    puller.pull(grid, ["m1"])
     watch = puller._watches["m1"]
     puller.forget("m1")
     assert watch._dropped.is_set() and "m1" not in puller._watches

@@ -89,8 +89,7 @@ class ReplyPuller:
         keys = list(keys)
         if not keys:
             return []
-        over_superlink = isinstance(getattr(grid, "inner", grid), HttpGrid)  # a `PromptReplies` is its grid's
-        if not (over_superlink if self.watch is None else self.watch):
+        if not (isinstance(grid, HttpGrid) if self.watch is None else self.watch):
             return list(grid.pull_messages(keys))
         replies = []
         for key in keys:
@@ -134,17 +133,23 @@ class PromptReplies:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push `messages`, then pull until each has its reply or `timeout` seconds passed (None: no limit)."""
-        waiting = set(self.inner.push_messages(messages))
-        end = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting:
-            pulled = list(self.inner.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting -= {msg.metadata.reply_to_message_id for msg in pulled}
-            if not waiting or (end is not None and time.monotonic() >= end):
-                break
-            time.sleep(WATCH_POLL_S)
-        return replies
+        return list(await_replies(self.inner, self.inner.push_messages(messages), timeout).values())
+
+
+def await_replies(grid: Grid, keys: Iterable[str], timeout: float | None) -> dict[str, Message]:
+    """The replies to the pushed messages `keys`, by key: pulled every `WATCH_POLL_S` until each has come or
+    `timeout` seconds passed (None: no limit), on the caller's thread."""
+    waiting = list(keys)
+    end = None if timeout is None else time.monotonic() + timeout
+    replies: dict[str, Message] = {}
+    while waiting:
+        for reply in grid.pull_messages(waiting):
+            replies[reply.metadata.reply_to_message_id] = reply
+        waiting = [key for key in waiting if key not in replies]
+        if not waiting or (end is not None and time.monotonic() >= end):
+            break
+        time.sleep(WATCH_POLL_S)
+    return replies
 
 
 @dataclass

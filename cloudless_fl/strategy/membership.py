@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ..training import protocol
-from .inflight import ReplyPuller
+from .inflight import ReplyPuller, await_replies
 from .runbook import RunBook
 
 log = logging.getLogger("cloudless_fl")
@@ -273,17 +273,12 @@ def ask(grid: Grid, node_ids: Iterable[int], config: ConfigRecord,
     node_ids = list(node_ids)
     # by message: an error the SuperLink writes for a vanished node comes from the SuperLink, not the node
     asked = dict(zip(grid.push_messages(query_messages(node_ids, config)), node_ids))
-    deadline = time.monotonic() + timeout
     found: dict[int, RegionInfo] = {}
     failed: dict[int, str] = {}
-    while asked and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(asked)):
-            node = asked.pop(reply.metadata.reply_to_message_id)
-            answer = read_query_reply(reply)
-            if isinstance(answer, RegionInfo):
-                found[node] = answer
-            else:
-                failed[node] = answer
-        if asked:
-            time.sleep(0.05)
+    for key, reply in await_replies(grid, asked, timeout).items():
+        answer = read_query_reply(reply)
+        if isinstance(answer, RegionInfo):
+            found[asked[key]] = answer
+        else:
+            failed[asked[key]] = answer
     return found, failed

@@ -8,8 +8,8 @@ instance billing pays for the wait.
 
 A round waits at most `reply_timeout` for its replies, pulled as promptly as
 ASGD-GA's and MA's (`PromptReplies`; Flower's `HttpGrid` pulls every 3 s).
-Flower's FedAvg waits forever for `min_available_nodes` before a round; when a region's SuperNode
-is gone, the wrapper waits `reply_timeout` for it and then lowers the inner
+Flower's FedAvg waits forever for `min_available_nodes` before a round; when a
+region's SuperNode is gone, the wrapper waits `reply_timeout` for it and then lowers the inner
 strategy's minimums to the regions still connected (recorded as lost), so the
 run goes on without it, and with it again if it comes back.
 
