@@ -7,9 +7,12 @@ Each run goes twice on the same data split and settings:
   fluctuation and latency), each region's compute paced to its profile
   (training/pacing.py), the wall clock;
 - predicted: the same ServerApp, strategy and ClientApp in-process under the
-  virtual clock, with each region's per-job overhead (`job_start_s`) set to what
+  virtual clock, with each region's per-job fixed time (`job_start_s`) set to what
   the deployed run itself measured (`summary.job_overhead_s`: dispatch to reply
-  minus compute and the modelled download, smoothed) — no hand calibration.
+  minus compute and the modelled download; plus `summary.reply_relay_s`: the
+  reply's way back beyond the modelled upload; both smoothed) and its speed to the
+  measured one where that is slower than its profile (`summary.speed_per_worker`)
+  — no hand calibration.
 
 It prints, per run, time and cost to the target deployed and predicted, the
 ratios against FedAvg, and where each job's time went (waiting for the node,
@@ -59,15 +62,24 @@ COLD = {f"{name}_cold": name for name in ("fedavg", "ma", "asgd_ga_delta")}
 RUNS.update({cold: RUNS[warm] for cold, warm in COLD.items()})
 
 
-def geo4_file(folder: Path, scale: float, job_start_s: dict[str, float] | None = None, tag: str = "") -> Path:
-    """geo4 with every link's bandwidth times `scale` and, if given, each region's measured job overhead."""
+def geo4_file(folder: Path, scale: float, measured: dict | None = None, tag: str = "") -> Path:
+    """geo4 with every link's bandwidth times `scale` and, given a deployed run's `summary`, what it measured.
+
+    Each region's per-job fixed time (`job_start_s`) becomes its measured overhead plus its reply relay
+    (both are per job, neither is compute nor modelled transfer), and its speed the measured one where it
+    computed slower than its profile (a local federation's regions share this machine's cores).
+    """
     raw = OmegaConf.to_container(compose([f"topology={TOPOLOGY}"]).topology)
     raw["name"] = f"{TOPOLOGY}-bw{scale:g}{tag}"
     for name, region in raw["regions"].items():
         region["link"]["up_mbps"] *= scale
         region["link"]["down_mbps"] *= scale
-        if job_start_s:
-            region["job_start_s"] = float(job_start_s.get(name, 0.0))
+        if measured:
+            region["job_start_s"] = float(measured["job_overhead_s"].get(name, 0.0)
+                                          + measured.get("reply_relay_s", {}).get(name, 0.0))
+            speed = measured.get("speed_per_worker", {}).get(name, {}).get("1")  # every job here has one worker
+            if speed is not None:
+                region["samples_per_s"] = min(region["samples_per_s"], speed / region["efficiency"])
     path = folder / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path.resolve()
@@ -157,7 +169,7 @@ def main() -> None:
         run_dir = args.out / f"{name}-deployed"
         with sigterm_as_interrupt():
             real = deployed(strategy, rounds, overrides, topology, run_dir, args.time_scale, warm=name not in COLD)
-        measured = geo4_file(args.out, args.bandwidth_scale, real["summary"]["job_overhead_s"], tag=f"-{name}")
+        measured = geo4_file(args.out, args.bandwidth_scale, real["summary"], tag=f"-{name}")
         model = predicted(strategy, rounds, overrides, measured, run_dir / "data", args.out / f"{name}-predicted")
         table[name] = {"deployed": real, "predicted": model}
         for label, result in table[name].items():
@@ -168,7 +180,8 @@ def main() -> None:
 
     t = {n: {k: r["summary"]["time_to_target_s"] for k, r in v.items()} for n, v in table.items()}
     print(f"\nTo {args.target:.0%} on {topology.stem} (compute paced, links shaped, time scale {args.time_scale:g}), "
-          f"seed {args.seed}; predicted = the simulator given the run's own measured per-job overheads")
+          f"seed {args.seed}; predicted = the simulator given the run's own measurements (per-job overhead and "
+          "reply relay, speed where slower than the profile)")
     print("| run | deployed (wall clock) | predicted | deployed / predicted | FedAvg / run deployed | "
           "FedAvg / run predicted | deployed $ to target (instance) |")
     print("|---|---|---|---|---|---|---|")

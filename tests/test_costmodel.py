@@ -155,11 +155,15 @@ def test_the_wall_clock_meter_measures_a_jobs_overhead_apart_from_compute_and_do
     assert overhead == pytest.approx(8.0 - 1.5 - download)
     assert meter.ledger.accounts["slow"].busy_s == pytest.approx(1.5 + overhead)  # the overhead runs on the region
     assert meter.job_figures()["job_overhead_s"] == {"slow": pytest.approx(overhead)}
+    # made 2 s before it arrived here: beyond the modelled upload, the reply was being relayed
+    relay = 2.0 - job.timing.upload_s
+    assert meter.job_figures()["reply_relay_s"] == {"slow": pytest.approx(relay)}
     second = meter.dispatch("slow", bytes_down=1_000_000, samples=100)
     clock.t = 12.0
     meter.complete(second, bytes_up=1_000_000,
                    reported=Reported(100, compute_s=1.5, behind_s=0.2, startup_s=4.0, load_s=0.5))
     assert meter.overhead_s["slow"] == pytest.approx(0.7 * overhead + 0.3 * (2.0 - 1.5 - download))  # smoothed
+    assert meter.relay_s["slow"] == pytest.approx(0.7 * relay)  # arrived as it was made: no relay
     assert meter.job_figures()["behind_pace"] == {"slow": 1}
     assert meter.job_figures()["job_overhead_parts"] == {"slow": {"process_start_s": 4.0, "data_load_s": 0.5}}
 
@@ -183,6 +187,19 @@ def test_the_virtual_clock_meter_reports_the_modelled_overhead():
     assert (work, overhead) == (pytest.approx(1.0), 3.0)  # 100 samples at 100/s, then the 3 s start-up
 
 
+def test_the_roll_call_takes_one_message_trip_on_the_modelled_clock():
+    """Asking every node who it is: the slowest region's per-job overhead and its latency both ways, no
+    compute. Measured, the time it took has passed already."""
+    meter = Meter(VirtualClock(), CostModel(_topology(slow={"job_start_s": 3.0}), seed=0))
+    meter.roll_call(["fast", "slow"])
+    assert meter.clock.now() == pytest.approx(3.0 + 2 * 0.010)
+    meter.roll_call(["fast"])  # no start-up, no latency
+    assert meter.clock.now() == pytest.approx(3.02)
+    measured = Meter(SetClock(), CostModel(_topology(slow={"job_start_s": 3.0}), seed=0))
+    measured.roll_call(["fast", "slow"])
+    assert measured.clock.now() == 0.0
+
+
 def test_the_workers_that_computed_a_regions_jobs_are_recorded_when_measured():
     """summary.workers: region → the most data-parallel workers that computed one of its jobs (deployment);
     in simulation workers are modelled, and a reply's count says nothing about them."""
@@ -193,6 +210,7 @@ def test_the_workers_that_computed_a_regions_jobs_are_recorded_when_measured():
         clock.t += 5.0
         meter.complete(job, bytes_up=1000, reported=Reported(100, compute_s=1.0, workers=count))
     assert meter.job_figures()["workers"] == {"slow": 3}
+    assert meter.job_figures()["speed_per_worker"] == {"slow": {"3": pytest.approx(100 / 3), "2": 50.0}}
     restored = Meter(SetClock(), CostModel(_topology(), seed=0))
     restored.load_state_dict(meter.state_dict())
     assert restored.job_figures()["workers"] == {"slow": 3}

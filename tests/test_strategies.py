@@ -68,8 +68,9 @@ def test_ma_with_equal_steps_equals_flower_fedavg(tmp_path):
     config = ConfigRecord({**dict(fed.config), **work.to_config()})
     fedavg_result = fedavg.start(fed.grid, fed.initial, num_rounds=2, train_config=config)
     _assert_same(ma_result.arrays, fedavg_result.arrays.to_torch_state_dict())
-    # both were charged the same way: same modelled time for the same work
-    assert ma.meter.clock.now() == pytest.approx(fedavg.meter.clock.now())
+    # both were charged the same way: same modelled time for the same work, after MA's roll call (asking
+    # who is who: slow's 10 ms latency both ways), which Flower's FedAvg does not make
+    assert ma.meter.clock.now() == pytest.approx(fedavg.meter.clock.now() + 0.02)
 
 
 def test_ma_fednova_normalises_unequal_steps(tmp_path):
@@ -321,7 +322,18 @@ def test_ma_period_deadline_drops_the_straggler_and_goes_on(tmp_path):
     ma.start(fed.grid, fed.initial, num_rounds=3, train_config=fed.config)
     assert ma.history.counters["dropped_late"] == 3
     assert [e["version"] for e in ma.history.entries] == [0, 1, 2, 3]
-    assert ma.meter.clock.now() == pytest.approx(1.5)  # every period ended at its deadline
+    # every period ended at its deadline, after the roll call (slow's latency both ways)
+    assert ma.meter.clock.now() == pytest.approx(0.02 + 1.5)
+
+
+def test_a_simulated_run_starts_after_its_roll_call(tmp_path):
+    """Asking the nodes who they are is one message trip: the slowest region's start-up and latency."""
+    for start_up in (2.0, 0.0):
+        slow = {**TWO_REGIONS["regions"]["slow"], "job_start_s": start_up}
+        fed = Federation(tmp_path / str(start_up), topology({"fast": TWO_REGIONS["regions"]["fast"], "slow": slow}))
+        ma = ModelAveraging(lr=0.1, local_steps=2, batch_size=16, meter=fed.meter())
+        ma.start(fed.grid, fed.initial, num_rounds=1, train_config=fed.config)
+        assert ma.history.entries[0]["time_s"] == pytest.approx(start_up + 2 * 0.010)
 
 
 def test_ma_goes_on_when_a_node_disappears(tmp_path):

@@ -11,6 +11,13 @@ the wall clock: the time from dispatch to the reply's creation, minus the
 compute the region reports and the download the region model gives its link.
 On a WAN-emulated federation the proxies shape links with that same model, so
 the remainder is the overhead; on real links it also takes up their error.
+The time from the reply's creation to its arrival here beyond the modelled
+upload (the SuperNode, SuperLink and our pulls relaying it) is measured apart,
+as each region's reply relay: it delays the run, not the region.
+
+Before the first job every node is asked who it is (a `query` message, when the
+strategy asks: `roll_call`): one message's trip with no compute, so in
+simulation the slowest region's per-job overhead and latency both ways.
 
 Under the wall clock it also measures each region's speed per worker at each
 worker count its jobs computed on, and from that the region's scaling: how
@@ -22,12 +29,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 
 from flwr.app import ArrayRecord
 
 from .clock import Clock, VirtualClock, WallClock
 from .costmodel import CostModel, Ledger
 from .jobs import Job, JobTiming, Reported, moving_average
+from .region_model import latency_s
 from .topology import Topology
 
 MEASUREMENT_EMA = 0.3  # weight of a new measurement in a region's averages (overhead, group speeds)
@@ -62,6 +71,7 @@ class Meter:
         self.overhead_s: dict[str, float] = {}  # region → smoothed per-job overhead (modelled or measured)
         self.behind_pace: Counter[str] = Counter()  # region → jobs slower here than its paced profile
         self.overhead_parts: dict[str, dict[str, float]] = {}  # region → smoothed parts the region reported
+        self.relay_s: dict[str, float] = {}  # region → smoothed reply relay beyond the modelled upload (measured)
         self.trained_workers: dict[str, int] = {}  # region → the most workers that computed one of its jobs
         self.group_speed: dict[str, dict[int, float]] = {}  # region → workers → samples/s per worker (measured)
 
@@ -82,6 +92,15 @@ class Meter:
         if self.clock.modelled or reported.workers is None:
             return self.workers(region)
         return reported.workers
+
+    def roll_call(self, regions: Iterable[str]) -> None:
+        """Every node was asked who it is before the first job. Measured, that time has passed; modelled, it
+        is the slowest region's per-job overhead (`job_start_s`) and latency both ways."""
+        if not self.clock.modelled:
+            return
+        took = max((r.job_start_s + 2 * latency_s(r) for r in map(self.cost_model.topology.region, regions)),
+                   default=0.0)
+        self.clock.wait_until(self.clock.now() + took)
 
     def dispatch(self, region: str, *, bytes_down: int, samples: int | None = None,
                  at: float | None = None) -> Job:
@@ -122,6 +141,8 @@ class Meter:
                 download = min(job.timing.download_s, max(0.0, to_reply - work))
                 busy, transfer = max(work, to_reply - download), download + job.timing.upload_s  # clock skew
                 overhead = None if reported.compute_s is None else busy - work
+                relay = max(0.0, min(reported.replied_s_ago, end - job.dispatched_at) - job.timing.upload_s)
+                self.relay_s[job.region] = moving_average(self.relay_s.get(job.region), relay, MEASUREMENT_EMA)
             if reported.behind_s > 0:
                 self._note_behind(job.region, reported.behind_s)
             if reported.workers is not None:
@@ -186,6 +207,7 @@ class Meter:
                 "ledger": self.ledger.state_dict() if self.ledger else None,
                 "wan_bytes_unpriced": self.wan_bytes_unpriced, "overhead_s": dict(self.overhead_s),
                 "overhead_parts": self.overhead_parts, "behind_pace": dict(self.behind_pace),
+                "relay_s": dict(self.relay_s),
                 "trained_workers": dict(self.trained_workers),
                 "group_speed": {r: dict(s) for r, s in self.group_speed.items()}}
 
@@ -198,6 +220,7 @@ class Meter:
         self.overhead_s = dict(state.get("overhead_s", {}))  # absent from checkpoints of earlier versions
         self.behind_pace = Counter(state.get("behind_pace", {}))
         self.overhead_parts = {r: dict(p) for r, p in state.get("overhead_parts", {}).items()}
+        self.relay_s = dict(state.get("relay_s", {}))
         self.trained_workers = dict(state.get("trained_workers", {}))
         self.group_speed = {r: {int(n): v for n, v in s.items()} for r, s in state.get("group_speed", {}).items()}
 
@@ -212,10 +235,13 @@ class Meter:
     def job_figures(self) -> dict:
         """Per region: the smoothed per-job overhead (seconds; modelled, or measured under the wall clock),
         the parts of it the region reported, how many jobs fell behind their paced profile, and (measured
-        only: in simulation workers are modelled) the most workers that computed one job and the scaling
-        efficiency per worker count (regions whose jobs computed on two counts or more)."""
+        only: in simulation they are modelled) the smoothed reply relay, the samples/s per worker at each
+        worker count, the most workers that computed one job and the scaling efficiency per worker count
+        (regions whose jobs computed on two counts or more)."""
         return {"job_overhead_s": dict(self.overhead_s), "job_overhead_parts": self.overhead_parts,
-                "behind_pace": dict(self.behind_pace), "workers": dict(self.trained_workers),
+                "behind_pace": dict(self.behind_pace), "reply_relay_s": dict(self.relay_s),
+                "speed_per_worker": {r: {str(n): v for n, v in s.items()} for r, s in self.group_speed.items()},
+                "workers": dict(self.trained_workers),
                 "scaling_efficiency": {r: {str(n): e for n, e in self.scaling(r)}
                                        for r in self.group_speed if self.scaling(r)}}
 

@@ -164,6 +164,7 @@ class GeoStrategy(Strategy):
         nodes = wait_for_nodes(grid, self.min_available_nodes, self.jobs.reply_timeout)
         if self.query_regions:
             self.roster.discover(grid, nodes, config, timeout=self.jobs.reply_timeout)
+            self.meter.roll_call(info.name for info in self.roster.live.values())
         else:
             self.roster.take_unasked(nodes)
             log.info("%d nodes named node-<id> with equal data shares (not asked their region: "
