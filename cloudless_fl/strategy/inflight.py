@@ -31,20 +31,7 @@ from ..control.jobs import Job
 from ..training import protocol
 
 POLL_S = 0.005  # between pulls while waiting for replies
-WATCH_POLL_S = 0.05  # the first waits between pulls of a reply over HTTP (one request per job, not per poll of all)
-WATCH_POLL_SHARE = 0.05  # later ones: this share of the time waited so far ...
-WATCH_POLL_MAX_S = 0.5  # ... up to this
-
-
-def pull_interval(waited: float) -> float:
-    """Seconds until the next pull over HTTP of a reply awaited for `waited` seconds.
-
-    `WATCH_POLL_S` at first, then `WATCH_POLL_SHARE` of the wait so far (at most `WATCH_POLL_MAX_S`): a
-    reply is noticed at most that share of its job's time late (half of it on average), while the
-    SuperLink answers about 20 pulls per long job instead of 20 a second. Each pull costs it CPU (~10 ms
-    measured), which in a local federation the regions' processes share.
-    """
-    return min(WATCH_POLL_MAX_S, max(WATCH_POLL_S, WATCH_POLL_SHARE * waited))
+WATCH_POLL_S = 0.05  # between one watched job's pulls over HTTP: one request per job, not per poll of all
 
 
 class ReplyWatch:
@@ -63,14 +50,13 @@ class ReplyWatch:
         self._thread.start()
 
     def _watch(self, grid: Grid) -> None:
-        start = time.monotonic()
         try:
             while not self._dropped.is_set():
                 replies = list(grid.pull_messages([self.key]))
                 if replies:
                     self.reply = replies[0]
                     return
-                self._dropped.wait(pull_interval(time.monotonic() - start))
+                self._dropped.wait(WATCH_POLL_S)
         except BaseException as exc:  # noqa: BLE001 - handed to the strategy's thread
             self.error = exc
 
@@ -130,11 +116,11 @@ class ReplyPuller:
 
 
 class PromptReplies:
-    """A Grid whose `send_and_receive` pulls as promptly as ours (`pull_interval`) instead of every 3 s.
+    """A Grid whose `send_and_receive` pulls every `WATCH_POLL_S` instead of Flower's `HttpGrid`'s 3 s.
 
     Flower's round loop (`Strategy.start`, run by `Metered` for FedAvg) waits for a round's replies with
     `grid.send_and_receive`, which over a SuperLink sleeps 3 s between pulls: on average 1.5 s added to every
-    round after its last reply came, time no other strategy here pays (they pull at `pull_interval`).
+    round after its last reply came, time no other strategy here pays (they pull every `WATCH_POLL_S`).
     The baseline keeps Flower's algorithm and loop; only its waiting is as prompt as ours. Everything else
     is the grid's own.
     """
@@ -151,11 +137,10 @@ class PromptReplies:
 
 
 def await_replies(grid: Grid, keys: Iterable[str], timeout: float | None) -> dict[str, Message]:
-    """The replies to the pushed messages `keys`, by key: pulled at `pull_interval` until each has come or
+    """The replies to the pushed messages `keys`, by key: pulled every `WATCH_POLL_S` until each has come or
     `timeout` seconds passed (None: no limit), on the caller's thread."""
     waiting = list(keys)
-    start = time.monotonic()
-    end = None if timeout is None else start + timeout
+    end = None if timeout is None else time.monotonic() + timeout
     replies: dict[str, Message] = {}
     while waiting:
         for reply in grid.pull_messages(waiting):
@@ -163,7 +148,7 @@ def await_replies(grid: Grid, keys: Iterable[str], timeout: float | None) -> dic
         waiting = [key for key in waiting if key not in replies]
         if not waiting or (end is not None and time.monotonic() >= end):
             break
-        time.sleep(pull_interval(time.monotonic() - start))
+        time.sleep(WATCH_POLL_S)
     return replies
 
 
