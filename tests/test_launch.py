@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cloudless_fl.config import compose, topology_of
-from cloudless_fl.deployment.launch import SUPEREXEC_POLL_ENV, Federation
+from cloudless_fl.deployment.launch import SUPEREXEC_POLL_ENV, THREADS_ENV, Federation
 
 
 def _geo4(tmp_path, **kwargs) -> Federation:
@@ -23,3 +23,15 @@ def test_superexec_polls_quickly_unless_told_otherwise(tmp_path, monkeypatch):
     assert _geo4(tmp_path).env()[SUPEREXEC_POLL_ENV] == "0.1"
     monkeypatch.setenv(SUPEREXEC_POLL_ENV, "2.5")
     assert _geo4(tmp_path).env()[SUPEREXEC_POLL_ENV] == "2.5"
+
+
+def test_the_regions_share_the_machines_cores_unless_told_otherwise(tmp_path, monkeypatch):
+    """Each process's PyTorch gets its region's part of the cores: geo4's 4 regions on 8 cores, 2 threads each;
+    on 2 cores, 1 each (never 0). A value the user set wins."""
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert _geo4(tmp_path).env()[THREADS_ENV] == "2"
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert _geo4(tmp_path).env()[THREADS_ENV] == "1"
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert _geo4(tmp_path).env()[THREADS_ENV] == "3"

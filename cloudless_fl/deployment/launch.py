@@ -51,6 +51,7 @@ SECURITY = ("auth", "tls", "insecure")  # TLS + SuperNode authentication | TLS o
 STOP_GRACE_S = 10.0
 SUPERVISE_EVERY_S = 0.5  # how often a region's trainer is checked for having exited
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # flwr/supercore/superexec/run_superexec.py
+THREADS_ENV = "OMP_NUM_THREADS"  # PyTorch's intra-op threads in every process launch starts
 
 
 def free_port() -> int:
@@ -140,11 +141,18 @@ class Federation:
         return self.run_dir / "keys"
 
     def env(self) -> dict[str, str]:
-        """The processes' environment: our FLWR_HOME, this venv first on PATH, and SuperExec looking for new
-        tasks every 0.1 s instead of Flower's default 1 s (each message is a task; unless set already)."""
+        """The processes' environment: our FLWR_HOME, this venv first on PATH, SuperExec looking for new
+        tasks every 0.1 s instead of Flower's default 1 s (each message is a task), and each process's
+        PyTorch using its region's part of this machine's cores (unless either is set already)."""
         bin_dir = str(Path(sys.executable).parent)
-        return {SUPEREXEC_POLL_ENV: "0.1", **os.environ, "FLWR_HOME": str(self.home),
-                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        return {SUPEREXEC_POLL_ENV: "0.1", THREADS_ENV: str(self.threads_per_region), **os.environ,
+                "FLWR_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    @property
+    def threads_per_region(self) -> int:
+        """This machine's cores shared among the regions, at least one each. Every region's trainer would
+        otherwise start a thread per core: on 2 cores, 4 regions ran 8 compute threads (see docs/deployment.md)."""
+        return max(1, (os.cpu_count() or 1) // len(self.topology.regions))
 
     def _security(self, role: str) -> list[str]:
         if not self.tls:
