@@ -55,6 +55,9 @@ RUNS = {
                                           "scheduler=elastic", "scheduler.replan_every=1",
                                           "scheduler.max_overhead_share=null"]),
     "asgd_ga_delta": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true"]),
+    # the scheduler's G_r from measured speeds and overheads (every 5 versions), raised against the overhead
+    "asgd_ga_delta_elastic": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true",
+                                                     "scheduler=elastic"]),
     "asgd_ga": ("asgd_ga", 600, ["strategy.eval_every=8", "strategy.stop.at_target=true"]),
 }
 # runs without a warm trainer per region: every message's ClientApp process imports PyTorch itself
