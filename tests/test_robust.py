@@ -266,6 +266,40 @@ def test_asgd_ga_buffered_median_holds_against_minus_ten_times_an_update_without
     assert accuracy["median"] > accuracy["absent"] - 0.05  # ...not on the buffered median
 
 
+def test_asgd_ga_buffered_trimmed_mean_applies_the_trimmed_mean_of_the_full_buffer(tmp_path, monkeypatch):
+    """Five regions, trim 0.2: each version is the mean of the three middle slot values per entry (neither the
+    median nor the mean), and the buffer is emptied after it."""
+    from cloudless_fl.strategy.server_optimizer import ServerOptimizer
+
+    region = TWO_REGIONS["regions"]["slow"]
+    names = ("a", "b", "c", "d", "e")
+    fed = Federation(tmp_path, topology({n: copy.deepcopy(region) for n in names}, shares={n: 0.2 for n in names}))
+    flushed, applied = [], []
+    flush, step = AsyncGradAccum._step_buffered, ServerOptimizer.step
+
+    def recording_flush(self):
+        flushed.append([{k: v.clone() for k, v in u.items()} for u in self._slots.values()])
+        flush(self)
+        assert self._slots == {}
+
+    def recording_step(self, update, scale=1.0):
+        applied.append({k: v.clone() for k, v in update.items()})
+        return step(self, update, scale)
+
+    monkeypatch.setattr(AsyncGradAccum, "_step_buffered", recording_flush)
+    monkeypatch.setattr(ServerOptimizer, "step", recording_step)
+    strategy = AsyncGradAccum(update="delta", local_lr=0.1, accumulation_steps=3, batch_size=16, meter=fed.meter(),
+                              limits=NO_ASYNC_SCREEN, aggregation="trimmed_mean", buffer_regions=5, trim_fraction=0.2)
+    strategy.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    assert len(flushed) == len(applied) == 2 and all(len(slots) == 5 for slots in flushed)
+    for slots, update in zip(flushed, applied):
+        expected = trimmed_mean(slots, 0.2)
+        for k in expected:
+            assert torch.allclose(update[k], expected[k])
+        key = next(k for k in expected if expected[k].numel() > 8)
+        assert not torch.allclose(update[key], coordinate_median(slots)[key])
+
+
 def test_asgd_ga_buffered_rule_refuses_buffers_that_cannot_outvote_anyone():
     with pytest.raises(ValueError, match="cannot outvote"):
         AsyncGradAccum(aggregation="median", buffer_regions=2)

@@ -428,6 +428,26 @@ def test_the_balance_weight_is_capped(tmp_path):
     assert strategy._balance_weight("fast") == pytest.approx(0.5 * 1.1 / 1.0)
 
 
+def test_asgd_ga_measures_a_regions_arrival_interval_on_the_wall_clock():
+    """The interval since the region's previous arrival (its first: since its job left), smoothed; a region that
+    left and came back starts again from its new job."""
+    from cloudless_fl.control.meter import Meter
+    from conftest import SetClock
+
+    strategy = AsyncGradAccum(meter=Meter(SetClock()))
+    clock = strategy.meter.clock
+    clock.t = 3.0
+    strategy._observe_arrival("a", dispatched_at=1.0)
+    assert strategy._intervals["a"] == pytest.approx(2.0)
+    clock.t = 7.0
+    strategy._observe_arrival("a", dispatched_at=6.0)  # 4 s after its previous arrival
+    assert strategy._intervals["a"] == pytest.approx(0.7 * 2.0 + 0.3 * 4.0)
+    strategy._region_left("a")
+    clock.t = 10.0
+    strategy._observe_arrival("a", dispatched_at=9.5)  # back: 0.5 s after its new job left
+    assert strategy._intervals["a"] == pytest.approx(0.7 * (0.7 * 2.0 + 0.3 * 4.0) + 0.3 * 0.5)
+
+
 def test_asgd_ga_balances_by_measured_arrivals_on_the_wall_clock(tmp_path, monkeypatch):
     """Deployment's lock-step, in-process: the region model says the regions differ 27x in pace, but on the
     wall clock every region's job is done when the server pulls, so all arrive equally often. The balance
