@@ -428,6 +428,14 @@ def test_the_balance_weight_is_capped(tmp_path):
     assert strategy._balance_weight("fast") == pytest.approx(0.5 * 1.1 / 1.0)
 
 
+def test_asgd_ga_logs_its_settings_at_the_start():
+    """The line a run logs first (`summary`) says how ASGD-GA is set up, the buffered rule included."""
+    assert AsyncGradAccum(lr=0.5, momentum=0.9, accumulation_steps={"a": 3}, batch_size=8, tau_max=6,
+                          update="delta", balance=False).describe() == (
+        "server lr=0.5 momentum=0.9, G={'a': 3}, batch=8, tau_max=6, update=delta, balance=False")
+    assert AsyncGradAccum(aggregation="median", buffer_regions=4).describe().endswith(", buffered median of 4")
+
+
 def test_asgd_ga_measures_a_regions_arrival_interval_on_the_wall_clock():
     """The interval since the region's previous arrival (its first: since its job left), smoothed; a region that
     left and came back starts again from its new job."""
