@@ -167,6 +167,19 @@ def test_ma_weighted_by_data_share_averages_with_fednova_by_hand(tmp_path, monke
             assert torch.allclose(pseudo[k], expected, atol=1e-6)
 
 
+def test_ma_without_fednova_averages_the_changes_by_their_weights_alone(tmp_path, monkeypatch):
+    """`normalize=False`: the plain weighted mean of the changes, whatever each region's local steps."""
+    fed = Federation(tmp_path / "fed", four_regions(), alpha=0.5)
+    local = {"a": 5, "b": 10, "c": 15, "d": 20}
+    ma = ModelAveraging(lr=0.02, local_steps=local, batch_size=16, meter=fed.meter(), weight_by="shares",
+                        normalize=False)
+    for candidates, pseudo in _spied_periods(monkeypatch, ma, fed):
+        shares = [ma.roster.shares[c.region] for c in candidates]
+        for k in pseudo:
+            expected = sum(w / sum(shares) * c.change[k] for w, c in zip(shares, candidates))
+            assert torch.allclose(pseudo[k], expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
 def test_ma_robust_rules_combine_the_regions_changes(tmp_path, monkeypatch, aggregation):
     fed = Federation(tmp_path / "fed", four_regions(), alpha=0.5)

@@ -336,6 +336,22 @@ def test_a_simulated_run_starts_after_its_roll_call(tmp_path):
         assert ma.history.entries[0]["time_s"] == pytest.approx(start_up + 2 * 0.010)
 
 
+def test_ma_ends_the_run_when_no_region_is_left(tmp_path):
+    """Both nodes gone: the period that lost them is recorded, the run ends saying why, and returns its model."""
+    fed = Federation(tmp_path, topology())
+
+    def take_everyone_offline(period, arrays):
+        if period == 1:
+            fed.grid.set_offline(1)
+            fed.grid.set_offline(2)
+        return None
+
+    ma = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), reply_timeout=0.3)
+    result = ma.start(fed.grid, fed.initial, num_rounds=5, train_config=fed.config, evaluate_fn=take_everyone_offline)
+    assert ma.stop_reason == "no region left" and ma.history.counters["lost_regions"] == 2
+    assert [e["version"] for e in ma.history.entries] == [0, 1, 2] and result.arrays is not None
+
+
 def test_ma_goes_on_when_a_node_disappears(tmp_path):
     fed = Federation(tmp_path, topology())
 
