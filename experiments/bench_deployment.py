@@ -80,7 +80,9 @@ def geo4_file(folder: Path, scale: float, measured: dict | None = None, tag: str
         if measured:
             region["job_start_s"] = float(measured["job_overhead_s"].get(name, 0.0)
                                           + measured.get("reply_relay_s", {}).get(name, 0.0))
-            speed = measured.get("speed_per_worker", {}).get(name, {}).get("1")  # every job here has one worker
+            # one worker's speed; a region whose jobs all ran on more (the elastic runs' in-region groups) keeps
+            # its profile: its groups' measured speed is not given to the simulator
+            speed = measured.get("speed_per_worker", {}).get(name, {}).get("1")
             if speed is not None:
                 region["samples_per_s"] = min(region["samples_per_s"], speed / region["efficiency"])
     path = folder / f"{raw['name']}.yaml"
