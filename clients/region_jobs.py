@@ -77,11 +77,15 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
 
 def describe(content: RecordDict, context: Context, data_root: str | Path | None = None,
              data_format: str = "auto") -> RecordDict:
-    """Tell the control plane which region this is and how much data it holds."""
+    """Tell the control plane which region this is, how much data it holds and, if the SuperNode says,
+    how many workers it can start for one job."""
     config = content.config_records[protocol.CONFIG]
     region, data = _resident(context, config, data_root, data_format)
-    return RecordDict({protocol.METRICS: MetricRecord({"resident-examples": len(data.train)}),
-                       protocol.INFO: ConfigRecord({"region": region})})
+    metrics = MetricRecord({"resident-examples": len(data.train)})
+    cap = declared_workers(context)
+    if cap is not None:  # the scheduler must not plan more workers than this SuperNode starts
+        metrics[protocol.MAX_WORKERS] = cap
+    return RecordDict({protocol.METRICS: metrics, protocol.INFO: ConfigRecord({"region": region})})
 
 
 def evaluate(content: RecordDict, context: Context, data_root: str | Path | None = None,
@@ -134,15 +138,21 @@ def locate_region(context: Context, config: ConfigRecord, data_root: str | Path 
     return region, Path(data_root) / region
 
 
-def _group_size(context: Context, order: protocol.WorkOrder) -> int:
-    """How many data-parallel workers compute the job: the plan's, up to the SuperNode's `max-workers`
-    (default: 1, the ClientApp process alone — or, with a `worker-endpoint`, as many as agents join;
-    `launch` sets the region's `workers.max`)."""
-    default = order.workers if worker_agent.NODE_KEY in context.node_config else 1
-    cap = context.node_config.get(workers.NODE_KEY, default)
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+def declared_workers(context: Context) -> int | None:
+    """The SuperNode's `max-workers`, if its node config sets one (`launch` sets the region's `workers.max`)."""
+    cap = context.node_config.get(workers.NODE_KEY)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise ConfigError(f"node config {workers.NODE_KEY}={cap!r} must be an integer ≥ 1; fix --node-config "
                           f"\"{workers.NODE_KEY}=N\" on this SuperNode")
+    return cap
+
+
+def _group_size(context: Context, order: protocol.WorkOrder) -> int:
+    """How many data-parallel workers compute the job: the plan's, up to the SuperNode's `max-workers`
+    (default: 1, the ClientApp process alone — or, with a `worker-endpoint`, as many as agents join)."""
+    cap = declared_workers(context)
+    if cap is None:
+        cap = order.workers if worker_agent.NODE_KEY in context.node_config else 1
     return min(order.workers, cap)
 
 

@@ -65,8 +65,10 @@ COLD = {f"{name}_cold": name for name in ("fedavg", "ma", "asgd_ga_delta")}
 RUNS.update({cold: RUNS[warm] for cold, warm in COLD.items()})
 
 
-def geo4_file(folder: Path, scale: float, measured: dict | None = None, tag: str = "") -> Path:
-    """geo4 with every link's bandwidth times `scale` and, given a deployed run's `summary`, what it measured.
+def geo4_file(folder: Path, scale: float, max_workers: int | None, measured: dict | None = None,
+              tag: str = "") -> Path:
+    """geo4 with every link's bandwidth times `scale`, at most `max_workers` workers per region (None: geo4's)
+    and, given a deployed run's `summary`, what it measured.
 
     Each region's per-job fixed time (`job_start_s`) becomes its measured overhead plus its reply relay
     (both are per job, neither is compute nor modelled transfer), and its speed the measured one where it
@@ -75,6 +77,8 @@ def geo4_file(folder: Path, scale: float, measured: dict | None = None, tag: str
     raw = OmegaConf.to_container(compose([f"topology={TOPOLOGY}"]).topology)
     raw["name"] = f"{TOPOLOGY}-bw{scale:g}{tag}"
     for name, region in raw["regions"].items():
+        if max_workers is not None:
+            region["workers"]["max"] = max(region["workers"]["min"], min(region["workers"]["max"], max_workers))
         region["link"]["up_mbps"] *= scale
         region["link"]["down_mbps"] *= scale
         if measured:
@@ -159,12 +163,17 @@ def main() -> None:
                         help="a Hydra override for every run but FedAvg (repeatable)")
     parser.add_argument("--compression", default="none",
                         help="WAN codec of every run (the README's figures: none)")
+    parser.add_argument("--max-workers", type=int, default=1,
+                        help="in-region workers a region may rent at most (default 1: on a small machine a region's "
+                             "extra workers are processes on the same cores and cannot keep its profile's pace); "
+                             "0: geo4's own bounds")
     parser.add_argument("--out", type=Path, default=None, help="default outputs/bench-deployment/bw<scale>")
     args = parser.parse_args()
     args.out = (args.out or Path(f"outputs/bench-deployment/bw{args.bandwidth_scale:g}")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["fedavg", *[n for n in args.runs if n != "fedavg"]]
-    topology = geo4_file(args.out, args.bandwidth_scale)
+    max_workers = args.max_workers or None
+    topology = geo4_file(args.out, args.bandwidth_scale, max_workers)
     common = [f"target_accuracy={args.target}", f"seed={args.seed}", f"compression={args.compression}"]
     table: dict[str, dict] = {}
     for name in names:
@@ -174,7 +183,7 @@ def main() -> None:
         run_dir = args.out / f"{name}-deployed"
         with sigterm_as_interrupt():
             real = deployed(strategy, rounds, overrides, topology, run_dir, args.time_scale, warm=name not in COLD)
-        measured = geo4_file(args.out, args.bandwidth_scale, real["summary"], tag=f"-{name}")
+        measured = geo4_file(args.out, args.bandwidth_scale, max_workers, real["summary"], tag=f"-{name}")
         model = predicted(strategy, rounds, overrides, measured, run_dir / "data", args.out / f"{name}-predicted")
         table[name] = {"deployed": real, "predicted": model}
         for label, result in table[name].items():

@@ -368,11 +368,23 @@ class Scheduler:
     excluded: set[str] = field(default_factory=set)
     changes: list[dict[str, Any]] = field(default_factory=list)
     current: Plan | None = None
+    worker_caps: dict[str, int] = field(default_factory=dict)  # region → the most workers its SuperNode starts
     _measured: dict[str, _Measured] = field(default_factory=dict)
 
-    def set_workload(self, *, data_sizes: Mapping[str, int], model_bytes: int) -> None:
-        """What the run found out at start-up: the regions' resident data and the model's size."""
+    def set_workload(self, *, data_sizes: Mapping[str, int], model_bytes: int,
+                     worker_caps: Mapping[str, int] | None = None) -> None:
+        """What the run found out at start-up: the regions' resident data, the model's size and the most
+        workers some regions' SuperNodes start for one job (a plan renting more would be charged and
+        modelled for workers that never compute)."""
         self.work = replace(self.work, data_sizes=dict(data_sizes), model_bytes=int(model_bytes))
+        self.worker_caps = {name: int(cap) for name, cap in (worker_caps or {}).items()}
+        regions = []
+        for r in self.topology.regions:
+            if r.name in self.worker_caps:
+                most = max(1, min(r.workers_max, self.worker_caps[r.name]))
+                r = replace(r, workers_min=min(r.workers_min, most), workers_max=most)
+            regions.append(r)
+        self.topology = replace(self.topology, regions=tuple(regions))
 
     def start(self, at: float = 0.0) -> Plan:
         self.current = plan(self.topology, self.work, self.objective, self.excluded)
@@ -441,12 +453,13 @@ class Scheduler:
     def state_dict(self) -> dict[str, Any]:
         """Everything `replan()` depends on, for a checkpoint."""
         return {"data_sizes": dict(self.work.data_sizes), "model_bytes": self.work.model_bytes,
-                "excluded": sorted(self.excluded), "changes": self.changes,
+                "worker_caps": dict(self.worker_caps), "excluded": sorted(self.excluded), "changes": self.changes,
                 "current": self.current.to_dict() if self.current else None,
                 "measured": {r: asdict(m) for r, m in self._measured.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.set_workload(data_sizes=state["data_sizes"], model_bytes=state["model_bytes"])
+        self.set_workload(data_sizes=state["data_sizes"], model_bytes=state["model_bytes"],
+                          worker_caps=state.get("worker_caps"))
         self.excluded = set(state["excluded"])
         self.changes = list(state["changes"])
         self.current = Plan.from_dict(state["current"]) if state["current"] else None

@@ -185,8 +185,10 @@ class GeoStrategy(Strategy):
             self._restore(grid, config)
             return config, self.optimizer.arrays()
         if self.plan is not None:
-            sizes = {i.name: i.examples if i.examples is not None else 1 for i in self.roster.live.values()}
-            self.plan.start(sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(initial_arrays)))
+            live = self.roster.live.values()
+            sizes = {i.name: i.examples if i.examples is not None else 1 for i in live}
+            caps = {i.name: i.workers_max for i in live if i.workers_max is not None}
+            self.plan.start(sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(initial_arrays)), caps)
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
         return config, initial_arrays
 

@@ -39,6 +39,7 @@ class RegionInfo:
     node_id: int
     name: str
     examples: int | None  # resident training samples, if the region said
+    workers_max: int | None = None  # the most workers its SuperNode starts for one job, if it said
 
 
 def query_messages(node_ids: Iterable[int], config: ConfigRecord) -> list[Message]:
@@ -56,8 +57,8 @@ def read_query_reply(reply: Message) -> RegionInfo | str:
     if region is None:  # a plain Flower ClientApp: name it by its node
         return RegionInfo(node, f"node-{node}", None)
     metrics = reply.content.metric_records.get(protocol.METRICS, {})
-    examples = metrics.get("resident-examples")
-    return RegionInfo(node, region, None if examples is None else int(examples))
+    examples, cap = metrics.get("resident-examples"), metrics.get(protocol.MAX_WORKERS)
+    return RegionInfo(node, region, None if examples is None else int(examples), None if cap is None else int(cap))
 
 
 def data_shares(regions: Iterable[RegionInfo]) -> dict[str, float]:

@@ -37,14 +37,15 @@ class PlanFollower:
         self.replan_every = max(1, int(replan_every))
         self.steps: dict[str, int] | None = None  # the adopted plan's local work per region taking part
 
-    def start(self, data_sizes: dict[str, int], model_bytes: int) -> None:
-        """Plan for the regions that joined: their resident data sizes and the model's size."""
+    def start(self, data_sizes: dict[str, int], model_bytes: int, worker_caps: dict[str, int] | None = None) -> None:
+        """Plan for the regions that joined: their resident data sizes, the model's size and, where a
+        region's SuperNode said, the most workers it starts for one job."""
         names = set(data_sizes)
         unknown = names - set(self.scheduler.topology.region_names)
         if unknown:
             raise ConfigError(f"the scheduler's topology has no region(s) {', '.join(sorted(unknown))}; "
                               "name each SuperNode's region (node-config region='...') after the topology")
-        self.scheduler.set_workload(data_sizes=data_sizes, model_bytes=model_bytes)
+        self.scheduler.set_workload(data_sizes=data_sizes, model_bytes=model_bytes, worker_caps=worker_caps)
         for name in set(self.scheduler.topology.region_names) - names:
             self.scheduler.exclude(name)
         self.adopt(self.scheduler.start(self.meter.clock.now()))

@@ -29,6 +29,8 @@ MODE_WEIGHTS = "weights"  # local SGD; reply with the new weights (FedAvg, MA)
 MODE_GRADIENT = "gradient"  # accumulate gradients at the sent weights; reply with them (ASGD-GA)
 MODE_DELTA = "delta"  # local SGD; reply with sent - new weights (ASGD-GA delta option)
 MODES = (MODE_WEIGHTS, MODE_GRADIENT, MODE_DELTA)
+# A query reply's metric: the most workers the region's SuperNode starts for one job (its `max-workers`).
+MAX_WORKERS = "max-workers"
 _NUMPY_STYPE = "numpy.ndarray"
 
 
