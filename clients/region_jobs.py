@@ -35,6 +35,7 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
     entered = time.time()
     config = content.config_records[protocol.CONFIG]
     region, data = _resident(context, config, data_root, data_format)
+    config = protocol.region_config(config, region)  # a first job, sent before the server knew who is who
     spec = protocol.ModelSpec.from_config(config)
     order = protocol.WorkOrder.from_config(config)
     check_labels(data.train.y, spec.num_classes, f"region {region}")
@@ -70,6 +71,7 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
         "train-loss": stats.loss,
         "model-version": order.version,
         "workers": stats.workers,
+        **_self_description(context, data),  # names the node to a server that sent this job with its roll call
     })
     info = ConfigRecord({"region": region, "update": update, "encoding": link.codec.spec()})
     return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info})
@@ -81,11 +83,14 @@ def describe(content: RecordDict, context: Context, data_root: str | Path | None
     how many workers it can start for one job."""
     config = content.config_records[protocol.CONFIG]
     region, data = _resident(context, config, data_root, data_format)
-    metrics = MetricRecord({"resident-examples": len(data.train)})
+    return RecordDict({protocol.METRICS: MetricRecord(_self_description(context, data)),
+                       protocol.INFO: ConfigRecord({"region": region})})
+
+
+def _self_description(context: Context, data: ResidentData) -> dict[str, int]:
+    """The resident data size and, if the SuperNode sets one, its worker cap (the scheduler plans within it)."""
     cap = declared_workers(context)
-    if cap is not None:  # the scheduler must not plan more workers than this SuperNode starts
-        metrics[protocol.MAX_WORKERS] = cap
-    return RecordDict({protocol.METRICS: metrics, protocol.INFO: ConfigRecord({"region": region})})
+    return {"resident-examples": len(data.train), **({} if cap is None else {protocol.MAX_WORKERS: cap})}
 
 
 def evaluate(content: RecordDict, context: Context, data_root: str | Path | None = None,

@@ -73,6 +73,56 @@ def test_bad_labels_become_an_error_reply(tmp_path):
     assert reply.has_error() and "outside the model's 10 classes" in reply.error.reason
 
 
+def _query(tmp_path, node_config: dict) -> Message:
+    if not (tmp_path / "a").is_dir():
+        split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    grid = InProcessGrid(make_client_app(), 2)
+    grid._contexts[2].node_config.update({"region": "a", "data-dir": str(tmp_path / "a"), **node_config})
+    ask = Message(RecordDict({protocol.CONFIG: ConfigRecord({"regions": "a,b"})}), dst_node_id=2,
+                  message_type="query")
+    [reply] = grid.pull_messages(grid.push_messages([ask]))
+    return reply
+
+
+def test_the_roll_call_answer_says_how_many_workers_the_supernode_starts(tmp_path):
+    """The query reply names the region and its data and, if the SuperNode sets `max-workers`, that cap
+    (the scheduler plans within it); a bad cap is an error reply naming the fix."""
+    plain, capped = _query(tmp_path, {}), _query(tmp_path, {"max-workers": 2})
+    assert protocol.reply_region(plain) == protocol.reply_region(capped) == "a"
+    assert plain.content[protocol.METRICS]["resident-examples"] == capped.content[protocol.METRICS][
+        "resident-examples"] > 0
+    assert protocol.MAX_WORKERS not in plain.content[protocol.METRICS]
+    assert capped.content[protocol.METRICS][protocol.MAX_WORKERS] == 2
+    bad = _query(tmp_path, {"max-workers": 0})
+    assert bad.has_error() and 'fix --node-config "max-workers=N"' in bad.error.reason
+
+
+def test_a_first_job_is_read_by_its_region_and_refused_by_a_region_it_has_no_work_for(tmp_path):
+    """A train message sent with the roll call carries every region's work order (`per-region`): a region
+    trains by its row (b's 5 steps, not a's 3); one without a row replies an error naming the regions."""
+    import json
+
+    split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    grid = InProcessGrid(make_client_app(tmp_path), 2)  # node 2 is region b
+    model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32])
+
+    def first_job(rows):
+        message = _train_message(model, steps=1, offset=0)
+        config = message.content[protocol.CONFIG]
+        for key in ("local-steps", "sample-offset"):
+            del config[key]
+        config[protocol.PER_REGION] = json.dumps(rows)
+        return message
+
+    row = lambda steps: protocol.WorkOrder(lr=0.1, batch_size=16, steps=steps, offset=0).to_config()  # noqa: E731
+    [reply] = grid.pull_messages(grid.push_messages([first_job({"a": row(3), "b": row(5)})]))
+    assert not reply.has_error(), reply.error.reason
+    assert reply.content[protocol.METRICS]["steps"] == 5 and protocol.reply_region(reply) == "b"
+    assert reply.content[protocol.METRICS]["resident-examples"] > 0  # it names its node as the roll call would
+    [refused] = grid.pull_messages(grid.push_messages([first_job({"a": row(3)})]))
+    assert refused.has_error() and "work for regions a, not for 'b'" in refused.error.reason
+
+
 def _paced_job(tmp_path, pace: float | None, workers: int = 1, max_workers: int | None = None) -> tuple[float, dict]:
     """Wall seconds and reply metrics of one 320-sample job on `workers` (planned) on a SuperNode paced at `pace`
     samples/s per worker, which may start up to `max_workers` worker processes."""

@@ -270,6 +270,51 @@ def test_asgd_ga_takes_its_accumulation_steps_from_the_plan(tmp_path):
     assert strategy.meter.ledger.accounts["slow"].workers == planned["slow"]["workers"]
 
 
+def test_a_supernode_that_starts_fewer_workers_caps_its_regions_plan(tmp_path):
+    """A SuperNode's `max-workers` (launch sets it) comes back in its region's answer to the roll call, and
+    the plan never rents that region more: workers it would be charged for and modelled on, but that never
+    compute. A region whose SuperNode says nothing keeps the topology's bounds."""
+    topo = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=2, latency=0),
+                      slow=region(100, 1.8, 80, 0.5, wmax=3, latency=10))
+
+    def planned(cap: int | None) -> tuple[dict, int]:
+        fed = Federation(tmp_path / f"cap{cap}", topo)
+        if cap is not None:  # the node of partition 1 is slow's
+            [slow_node] = [c for c in fed.grid._contexts.values() if c.node_config["partition-id"] == 1]
+            slow_node.node_config["max-workers"] = cap
+        sizes = {r: len(fed.resident(r).y) for r in topo.region_names}
+        scheduler = Scheduler(topo, Workload(sizes, 0, base_steps=3, batch_size=16))
+        strategy = AsyncGradAccum(lr=0.1, batch_size=16, update="delta", meter=fed.meter(), scheduler=scheduler)
+        strategy.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+        first = scheduler.changes[0]["plan"]
+        return {r: first[r]["workers"] for r in first}, strategy.meter.ledger.accounts["slow"].workers
+
+    free, _ = planned(None)
+    capped, rented = planned(1)
+    assert free["slow"] == 3  # without the cap the plan rents slow's profile maximum ...
+    assert capped["slow"] == rented == 1  # ... with it, no more than its SuperNode starts
+    assert capped["fast"] == free["fast"]
+
+
+def test_a_schedulers_worker_caps_bound_every_plan_and_survive_a_checkpoint():
+    """Caps bound the first plan and every re-plan (geo4: ap-chengdu's cheap workers are what the elastic
+    plan rents first), and come back with the scheduler's state."""
+    topo = load_topology({**compose(["topology=geo4"]).topology})
+    sizes = {"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575}
+    work = Workload({}, 0, base_steps=20, epochs=20, max_steps_factor=4)
+    capped = Scheduler(topo, work)
+    capped.set_workload(data_sizes=sizes, model_bytes=4_505_640, worker_caps={"ap-chengdu": 1, "ap-guangzhou": 2})
+    first = capped.start()
+    assert plan(topo, replace(work, data_sizes=sizes, model_bytes=4_505_640)).regions["ap-chengdu"].workers > 1
+    assert first.regions["ap-chengdu"].workers == 1 and first.regions["ap-guangzhou"].workers <= 2
+    capped.observe("ap-chengdu", samples=3200, work_s=40.0, workers=1, nbytes=8_000_000, transfer_s=2.0)
+    restored = Scheduler(topo, work)
+    restored.load_state_dict(json.loads(json.dumps(capped.state_dict())))
+    again, replanned = restored.replan(50.0), capped.replan(50.0)
+    assert again == replanned and (again or capped.current).regions["ap-chengdu"].workers == 1
+    assert restored.topology.region("ap-chengdu").workers_max == 1
+
+
 class RecordingSelectiveFedAvg(SelectiveFedAvg):
     """Keeps, per round, each joining region's weight as FedAvg saw it."""
 

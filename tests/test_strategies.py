@@ -336,6 +336,68 @@ def test_a_simulated_run_starts_after_its_roll_call(tmp_path):
         assert ma.history.entries[0]["time_s"] == pytest.approx(start_up + 2 * 0.010)
 
 
+def _folded_and_queried(tmp_path, strategy: str, offline: tuple[int, ...] = ()):
+    """The same run twice on the virtual clock: regions asked by query first, and with their first jobs sent
+    with the roll call. Returns, per roll call, the strategy, its result and the message types of each push."""
+    slow = {**TWO_REGIONS["regions"]["slow"], "job_start_s": 2.0}
+    topo = topology({"fast": TWO_REGIONS["regions"]["fast"], "slow": slow})
+    runs = {}
+    for roll_call in ("query", "first_jobs"):
+        fed = Federation(tmp_path / roll_call, topo)
+        for node in offline:
+            fed.grid.set_offline(node)
+        if strategy == "ma":
+            s = ModelAveraging(lr=0.1, local_steps={"fast": 6, "slow": 2}, batch_size=16, meter=fed.meter(),
+                               roll_call=roll_call)
+        else:
+            s = AsyncGradAccum(lr=0.1, accumulation_steps={"fast": 4, "slow": 2}, batch_size=16, update="delta",
+                               meter=fed.meter(), roll_call=roll_call)
+        pushes, push = [], fed.grid.push_messages
+
+        def recording_push(messages, push=push, pushes=pushes):
+            messages = list(messages)
+            pushes.append([m.metadata.message_type for m in messages])
+            return push(messages)
+
+        fed.grid.push_messages = recording_push
+        result = s.start(fed.grid, fed.initial, num_rounds=5, train_config=fed.config, evaluate_fn=fed.evaluator())
+        runs[roll_call] = (s, result, pushes)
+    return runs
+
+
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
+def test_first_jobs_sent_with_the_roll_call_save_its_trip_and_change_nothing_else(tmp_path, strategy):
+    """`roll_call="first_jobs"`: no query goes out; each node's first message carries every region's work
+    order and the node takes its own; the replies name the nodes. The run is the queried run bit for bit
+    (model, evaluations, data shares, what each region was paid for), one message trip sooner: the slowest
+    region's start-up and latency both ways (2 s + 2 x 10 ms)."""
+    runs = _folded_and_queried(tmp_path, strategy)
+    (queried, q_result, q_pushes), (folded, f_result, f_pushes) = runs["query"], runs["first_jobs"]
+    assert q_pushes[0] == ["query", "query"] and f_pushes[0] == ["train", "train"]
+    assert all("query" not in push for push in f_pushes)
+    _assert_same(f_result.arrays, q_result.arrays.to_torch_state_dict(), atol=0)
+    assert [e["accuracy"] for e in folded.history.entries] == [e["accuracy"] for e in queried.history.entries]
+    assert [e["version"] for e in folded.history.entries] == [e["version"] for e in queried.history.entries]
+    trip = 2.0 + 2 * 0.010
+    assert [e["time_s"] for e in folded.history.entries] == pytest.approx(
+        [e["time_s"] - trip for e in queried.history.entries])
+    assert folded.roster.shares == queried.roster.shares and folded.offsets == queried.offsets
+    q_books, f_books = queried.meter.ledger.accounts, folded.meter.ledger.accounts
+    assert {r: (a.invocations, a.bytes_down, a.bytes_up, a.busy_s, a.egress_usd) for r, a in f_books.items()} == {
+        r: (a.invocations, a.bytes_down, a.bytes_up, a.busy_s, a.egress_usd) for r, a in q_books.items()}
+
+
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
+def test_a_region_without_a_node_leaves_no_trace_of_its_first_job(tmp_path, strategy):
+    """slow's SuperNode is not there at the start: its first job was planned but never sent to anyone; the
+    run is the one-region run a query would have made, and nothing of slow is left in its books."""
+    runs = _folded_and_queried(tmp_path, strategy, offline=(2,))
+    (queried, q_result, _), (folded, f_result, _) = runs["query"], runs["first_jobs"]
+    _assert_same(f_result.arrays, q_result.arrays.to_torch_state_dict(), atol=0)
+    assert folded.roster.live_names() == queried.roster.live_names() == {"fast"}
+    assert set(folded.offsets) == {"fast"} and folded.meter.ledger.accounts["slow"].invocations == 0
+
+
 def test_ma_ends_the_run_when_no_region_is_left(tmp_path):
     """Both nodes gone: the period that lost them is recorded, the run ends saying why, and returns its model."""
     fed = Federation(tmp_path, topology())

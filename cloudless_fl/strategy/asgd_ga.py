@@ -151,7 +151,6 @@ class AsyncGradAccum(GeoStrategy):
         self.max_weight = max_weight
         self.aggregation, self.trim_fraction, self.buffer_regions = aggregation, trim_fraction, buffer_regions
         self._slots: dict[str, dict[str, torch.Tensor]] = {}  # buffered rule: region → its latest scaled update
-        self._idle: set[int] = set()
         self._intervals: dict[str, float] = {}  # region → smoothed seconds between its arrivals
         self._last_arrival: dict[str, float] = {}  # wall clock only: when the region's last reply was taken
         self._applied: dict[str, float] = {}  # region → smoothed fraction of its arrivals that were applied
@@ -174,14 +173,16 @@ class AsyncGradAccum(GeoStrategy):
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """One job for every idle region, from model version `server_round` (metered from now)."""
-        messages = self._job_messages(self._idle, arrays, config, steps=self.accumulation_steps, lr=self.local_lr,
+        """One job for every idle region (a live node with no job out), from model version `server_round`
+        (metered from now)."""
+        busy = self.jobs.nodes()
+        idle = [node for node in self.roster.live if node not in busy]
+        messages = self._job_messages(idle, arrays, config, steps=self.accumulation_steps, lr=self.local_lr,
                                       mode=self.update, batch_size=self.batch_size, version=server_round)
         if self.meter.clock.modelled:  # the pace is known at dispatch
             for message in messages:
                 job = self.jobs.staged(message).job
                 self._observe_interval(job.region, job.timing.end - job.dispatched_at)
-        self._idle.clear()
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -191,7 +192,6 @@ class AsyncGradAccum(GeoStrategy):
         metrics = None
         for reply in replies:
             flight = self.jobs.pop(reply.metadata.reply_to_message_id)
-            self._idle.add(flight.node_id)
             if not self.meter.clock.modelled:
                 self._observe_arrival(flight.region, flight.job.dispatched_at)
             update, metrics = self._complete(flight, reply, self.update)
@@ -237,9 +237,8 @@ class AsyncGradAccum(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run until `num_rounds` model versions (or a stop rule); returns the final model."""
-        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, timeout, lr=self.lr,
-                                     momentum=self.momentum, nesterov=self.nesterov)
-        self._idle = set(self.roster.live) - self.jobs.nodes()  # a resumed run re-sent its jobs in flight
+        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, timeout, first_round=0,
+                                     lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
         self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
         arrived: dict[str, Message] = {}
         arrival_order: list[str] = []
@@ -250,9 +249,7 @@ class AsyncGradAccum(GeoStrategy):
             key = self.meter.clock.pick({k: f.job for k, f in self.jobs.items()}, arrival_order)
             if key is None:
                 self._drop_expired(answered=arrived)
-                joined = self._newcomers(grid, config, self.version)
-                if joined:
-                    self._idle.update(joined)
+                if self._newcomers(grid, config, self.version):
                     self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
                 time.sleep(POLL_S)
                 continue
@@ -269,7 +266,7 @@ class AsyncGradAccum(GeoStrategy):
             if self.version != before:
                 last = self.version >= num_rounds
                 accuracy = self._evaluate(self.version, arrays, evaluate_fn, force=last)
-                self._idle.update(self._newcomers(grid, config, self.version))
+                self._newcomers(grid, config, self.version)  # admitted nodes get work below
                 if self.plan is not None:
                     self.plan.maybe_replan(self.version)
             if self.book.should_stop(accuracy):

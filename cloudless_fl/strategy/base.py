@@ -13,7 +13,9 @@ As in Flower, `configure_train` returns the messages and `start()` pushes them.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,8 +33,8 @@ from ..reporting.results import History
 from ..training import protocol
 from ..training.compression import Codec, wire_bytes
 from .downlink import Downlink
-from .inflight import InFlight, InFlightJobs
-from .membership import RegionInfo, Roster, wait_for_nodes
+from .inflight import InFlight, InFlightJobs, await_replies
+from .membership import RegionInfo, Roster, read_answers, wait_for_nodes
 from .planning import PlanFollower
 from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
@@ -40,6 +42,8 @@ from .screen import Candidate, UpdateScreen
 from .validation import AUTO, RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
+
+ROLL_CALLS = ("query", "first_jobs")  # how nodes are asked who they are at start-up (GeoStrategy's roll_call)
 
 __all__ = ["EvaluateFn", "GeoStrategy", "StopRules", "per_region"]
 
@@ -84,6 +88,13 @@ class GeoStrategy(Strategy):
         topology. Without it (a plain Flower project) nodes are `node-<id>` with
         equal data shares, stock ClientApps never see a message they cannot
         handle, and no node joins later.
+    roll_call : "query" | "first_jobs"
+        How the nodes are asked who they are at start-up (with `query_regions`): a `query` to every node,
+        answered before the first jobs go out; or `first_jobs`: the first jobs go out at once, each
+        message carrying every region's work order (the node takes its region's row), and their replies
+        name the nodes — one message trip less, which in Flower 1.42 deployment is a ClientApp process
+        start (7–9 s measured). Needs the region ClientApp (or the Mod) and a topology; a run with a
+        scheduler (whose first plan needs every region's data) or resuming a checkpoint asks by query.
     min_available_nodes : int
         Wait (up to `reply_timeout`) for this many SuperNodes before starting.
     average_decay : float, optional
@@ -104,8 +115,12 @@ class GeoStrategy(Strategy):
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
                  reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
                  rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
-                 resume: bool = False, query_regions: bool | None = None, min_available_nodes: int = 1,
-                 average_decay: float | None = None, compression: Codec | None = None) -> None:
+                 resume: bool = False, query_regions: bool | None = None, roll_call: str = "query",
+                 min_available_nodes: int = 1, average_decay: float | None = None,
+                 compression: Codec | None = None) -> None:
+        if roll_call not in ROLL_CALLS:
+            raise ValueError(f"roll_call must be one of {', '.join(ROLL_CALLS)}, got {roll_call!r}")
+        self.roll_call = roll_call
         self.meter = meter or Meter.measured()
         self.downlink = Downlink(compression or Codec())
         self.average_decay = average_decay
@@ -154,15 +169,21 @@ class GeoStrategy(Strategy):
 
     # ------------------------------------------------------------------ start of a run
     def _begin(self, grid: Grid, train_config: ConfigRecord | None, initial_arrays: ArrayRecord,
-               evaluate_fn: EvaluateFn | None, timeout: float, **optimizer: Any) -> tuple[ConfigRecord, ArrayRecord]:
+               evaluate_fn: EvaluateFn | None, timeout: float, first_round: int,
+               **optimizer: Any) -> tuple[ConfigRecord, ArrayRecord]:
         """Start of every run: log the settings, find the regions, set up the server optimizer, then
         either evaluate the initial model or restore a checkpoint. Returns the config every job
-        carries and the model to go on from."""
+        carries and the model to go on from. With `roll_call="first_jobs"` the jobs of `first_round`
+        are in flight (and answered) when it returns."""
         config = train_config or ConfigRecord()
         self.jobs.reply_timeout = min(self.jobs.reply_timeout, timeout)
         self.summary()
         nodes = wait_for_nodes(grid, self.min_available_nodes, self.jobs.reply_timeout)
-        if self.query_regions:
+        first_jobs = None
+        if (self.query_regions and self.roll_call == "first_jobs" and self.plan is None and not self.book.resume
+                and self.meter.cost_model is not None):
+            first_jobs = self._send_first_jobs(grid, nodes, initial_arrays, config, first_round)
+        elif self.query_regions:
             self.roster.discover(grid, nodes, config, timeout=self.jobs.reply_timeout)
             self.meter.roll_call(info.name for info in self.roster.live.values())
         else:
@@ -190,7 +211,48 @@ class GeoStrategy(Strategy):
             caps = {i.name: i.workers_max for i in live if i.workers_max is not None}
             self.plan.start(sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(initial_arrays)), caps)
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
+        if first_jobs is not None:
+            self._take_first_replies(grid, *first_jobs)
         return config, initial_arrays
+
+    def _send_first_jobs(self, grid: Grid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord,
+                         first_round: int) -> tuple[dict[str, int], dict[str, InFlight], float]:
+        """The roll call folded into the first jobs: `configure_train` builds the first job of every
+        topology region (for a stand-in node each: nobody is named yet) and every node gets one message
+        with all their work orders (`protocol.PER_REGION`) and the model — a region's first download is the
+        whole model, the same for all (downlink.py). Returns message key → node, region → its job, and
+        when they were pushed."""
+        regions = self.meter.cost_model.topology.region_names
+        self.roster.live = {-(i + 1): RegionInfo(-(i + 1), name, None) for i, name in enumerate(regions)}
+        for name in regions:
+            self.offsets.setdefault(name, 0)
+        staged = self.jobs.unstage(self.configure_train(first_round, arrays, config, grid))
+        self.roster.live = {}
+        flights = {flight.region: flight for flight in staged}
+        table = json.dumps({region: flight.order.to_config() for region, flight in flights.items()})
+        content = ConfigRecord({**dict(config), protocol.PER_REGION: table})
+        payload = staged[0].payload
+        messages = [Message(RecordDict({protocol.ARRAYS: payload, protocol.CONFIG: content}), dst_node_id=node,
+                            message_type=MessageType.TRAIN) for node in nodes]
+        asked = dict(zip(grid.push_messages(messages), nodes))
+        return asked, flights, time.monotonic()
+
+    def _take_first_replies(self, grid: Grid, asked: dict[str, int], flights: dict[str, InFlight],
+                            sent_at: float) -> None:
+        """Await the first jobs' replies; they name the run's regions (as the roll call's would), and each
+        region's first job becomes its node's, answered. A region no node answered for leaves no trace; a
+        second node of one region takes part from its next job (its first reply is not used)."""
+        replies = await_replies(grid, asked, self.jobs.reply_timeout)
+        self.roster.settle(*read_answers(asked, replies))
+        nodes = {node: key for key, node in asked.items()}
+        for node, info in sorted(self.roster.live.items()):
+            flight = flights.pop(info.name, None)
+            if flight is not None:
+                flight.node_id = node
+                self.jobs.adopt(nodes[node], flight, sent_at, replies[nodes[node]])
+        for region in flights:  # no node of it answered: as if it had never been planned
+            self.offsets.pop(region, None)
+            self.downlink.forget(region)
 
     # ------------------------------------------------------------------ jobs
     def _train_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -190,6 +190,7 @@ class InFlightJobs:
         self.replies = ReplyPuller(watch)
         self.jobs: dict[str, InFlight] = {}
         self._staged: dict[int, InFlight] = {}  # id(message) → its job, until pushed
+        self._answered: dict[str, Message] = {}  # replies taken before their jobs were adopted, not yet pulled
 
     def stage(self, message: Message, flight: InFlight) -> Message:
         """Remember which job `message` carries; returns it (for `configure_train` to return)."""
@@ -199,6 +200,10 @@ class InFlightJobs:
     def staged(self, message: Message) -> InFlight:
         """The job a staged (not yet pushed) message carries."""
         return self._staged[id(message)]
+
+    def unstage(self, messages: Iterable[Message]) -> list[InFlight]:
+        """The jobs of staged messages that will not be pushed as they are (their work goes out otherwise)."""
+        return [self._staged.pop(id(message)) for message in messages]
 
     def push(self, grid: Grid, messages: Iterable[Message]) -> None:
         """Push what `configure_train` returned; each staged job is in flight from now."""
@@ -211,10 +216,19 @@ class InFlightJobs:
             self.jobs[key] = flight
         self._staged.clear()
 
+    def adopt(self, key: str, flight: InFlight, sent_at: float, reply: Message) -> None:
+        """A job that went out before it was known whom it was for (the first jobs, with the roll call):
+        message `key`, pushed at `sent_at` (monotonic), already answered by `reply`, which `pull` returns."""
+        flight.sent_at = sent_at
+        self.jobs[key] = flight
+        self._answered[key] = reply
+
     def pull(self, grid: Grid, skip: Iterable[str] = ()) -> list[Message]:
         """Replies that have arrived for jobs in flight (other than `skip`); never waits."""
         skip = set(skip)
-        return self.replies.pull(grid, [k for k in self.jobs if k not in skip])
+        taken = {k: self._answered.pop(k) for k in list(self._answered) if k not in skip}
+        waiting = [k for k in self.jobs if k not in skip and k not in taken and k not in self._answered]
+        return [*taken.values(), *self.replies.pull(grid, waiting)]
 
     def expired(self, answered: Iterable[str] = ()) -> list[str]:
         """Jobs with no reply (other than `answered`) for longer than the reply timeout."""
@@ -230,6 +244,7 @@ class InFlightJobs:
 
     def pop(self, key: str) -> InFlight:
         self.replies.forget(key)
+        self._answered.pop(key, None)
         return self.jobs.pop(key)
 
     def __contains__(self, key: object) -> bool:

@@ -138,14 +138,16 @@ class ModelAveraging(GeoStrategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Run `num_rounds` periods (or until a stop rule); returns the final model."""
-        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, timeout, lr=self.outer_lr,
-                                     momentum=self.outer_momentum, nesterov=self.nesterov)
+        config, arrays = self._begin(grid, train_config, initial_arrays, evaluate_fn, timeout,
+                                     first_round=self.step + 1, lr=self.outer_lr, momentum=self.outer_momentum,
+                                     nesterov=self.nesterov)
         for period in range(self.step + 1, num_rounds + 1):
             if not self.roster.live:
                 self.book.stop_reason = "no region left"
                 break
-            period_start = self.meter.clock.now()
-            self.jobs.push(grid, self.configure_train(period, arrays, config, grid))
+            if not self.jobs:  # else the first period's jobs went out with the roll call (`_begin`)
+                self.jobs.push(grid, self.configure_train(period, arrays, config, grid))
+            period_start = min((f.job.dispatched_at for f in self.jobs.values()), default=self.meter.clock.now())
             deadline = None if self.deadline_s is None else period_start + self.deadline_s
             on_time = self._collect(grid, deadline)
             new_arrays, _ = self.aggregate_train(period, on_time)

@@ -49,7 +49,8 @@ def query_messages(node_ids: Iterable[int], config: ConfigRecord) -> list[Messag
 
 
 def read_query_reply(reply: Message) -> RegionInfo | str:
-    """The node's `RegionInfo`, or the reason it cannot take part (the reply's error)."""
+    """The node's `RegionInfo`, or the reason it cannot take part (the reply's error). A first job's reply
+    (sent with the roll call) describes its node the same way."""
     node = reply.metadata.src_node_id
     if reply.has_error() and "No query function registered" not in reply.error.reason:
         return reply.error.reason  # a cloudless-fl region that cannot serve (bad data, gone, ...)
@@ -131,11 +132,15 @@ class Roster:
 
     # ------------------------------------------------------------------ start-up
     def discover(self, grid: Grid, node_ids: Iterable[int], config: ConfigRecord, timeout: float) -> None:
-        """Ask every node who it is and wait; those that answer are the run's regions.
+        """Ask every node who it is and wait; those that answer are the run's regions."""
+        self.settle(*ask(grid, node_ids, config, timeout))
 
-        Raises if none can take part; each failure is logged and recorded.
+    def settle(self, found: dict[int, RegionInfo], failed: dict[int, str]) -> None:
+        """The run's regions from the nodes' answers at start-up (to the roll call or to their first jobs).
+
+        Raises if none can take part; each failure (impostors among them) is logged and recorded.
         """
-        found, failed = self._ask(grid, node_ids, config, timeout)
+        self._unmask(found, failed)
         self.refused.update(failed)
         for node, reason in failed.items():
             log.warning("node %s cannot take part: %s", node, reason)
@@ -171,11 +176,15 @@ class Roster:
               timeout: float) -> tuple[dict[int, RegionInfo], dict[int, str]]:
         """`ask`, with impostors (under `bind`) among the failed."""
         found, failed = ask(grid, node_ids, config, timeout)
+        self._unmask(found, failed)
+        return found, failed
+
+    def _unmask(self, found: dict[int, RegionInfo], failed: dict[int, str]) -> None:
+        """Move impostors (under `bind`) from `found` to `failed`."""
         for node, info in list(found.items()):
             if (why := self.impostor(node, info.name)) is not None:
                 failed[node] = why
                 del found[node]
-        return found, failed
 
     # ------------------------------------------------------------------ leaving
     def drop(self, node: int) -> None:
@@ -274,9 +283,16 @@ def ask(grid: Grid, node_ids: Iterable[int], config: ConfigRecord,
     node_ids = list(node_ids)
     # by message: an error the SuperLink writes for a vanished node comes from the SuperLink, not the node
     asked = dict(zip(grid.push_messages(query_messages(node_ids, config)), node_ids))
+    return read_answers(asked, await_replies(grid, asked, timeout))
+
+
+def read_answers(asked: Mapping[str, int], replies: Mapping[str, Message]) -> tuple[dict[int, RegionInfo],
+                                                                                   dict[int, str]]:
+    """`RegionInfo` per node whose reply (to message key → node `asked`) describes it, the error of each
+    that failed; a node that did not answer is in neither."""
     found: dict[int, RegionInfo] = {}
     failed: dict[int, str] = {}
-    for key, reply in await_replies(grid, asked, timeout).items():
+    for key, reply in replies.items():
         answer = read_query_reply(reply)
         if isinstance(answer, RegionInfo):
             found[asked[key]] = answer

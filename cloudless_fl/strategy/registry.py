@@ -19,6 +19,7 @@ from ..control.meter import Meter
 from ..control.scheduler import Scheduler, Workload, evaluate_plan
 from ..errors import ConfigError
 from ..training.compression import Codec
+from .base import ROLL_CALLS
 from .asgd_ga import STALENESS_FUNCTIONS, UPDATES, AsyncGradAccum
 from .ma import ModelAveraging
 from .metered import Metered
@@ -87,7 +88,8 @@ STRATEGY_COMMON: dict[str, Rule] = {
     "strategy.stop.max_cost_usd": OPTIONAL_SECONDS, "strategy.stop.at_target": BOOL,
 }
 _OWN_LOOP: dict[str, Rule] = {  # strategies that run their own loop (GeoStrategy)
-    "strategy.rejoin_every": COUNT, "strategy.average_decay": Number(0, 0.999, nullable=True)}
+    "strategy.rejoin_every": COUNT, "strategy.average_decay": Number(0, 0.999, nullable=True),
+    "strategy.roll_call": Choice(ROLL_CALLS)}
 
 
 def _stop_rules(s: dict[str, Any], b: Build) -> StopRules:
@@ -98,7 +100,7 @@ def _stop_rules(s: dict[str, Any], b: Build) -> StopRules:
 def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
     return {"meter": b.meter, "eval_every": s["eval_every"], "stop": _stop_rules(s, b),
             "reply_timeout": s["reply_timeout_s"], "average_decay": s["average_decay"],
-            "rejoin_every": s["rejoin_every"], "scheduler": b.scheduler, "replan_every": b.replan_every,
+            "rejoin_every": s["rejoin_every"], "roll_call": s["roll_call"], "scheduler": b.scheduler, "replan_every": b.replan_every,
             "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume, "compression": b.compression}
 
 

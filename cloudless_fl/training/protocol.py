@@ -31,6 +31,9 @@ MODE_DELTA = "delta"  # local SGD; reply with sent - new weights (ASGD-GA delta 
 MODES = (MODE_WEIGHTS, MODE_GRADIENT, MODE_DELTA)
 # A query reply's metric: the most workers the region's SuperNode starts for one job (its `max-workers`).
 MAX_WORKERS = "max-workers"
+# A train message sent before the server knows which node is which region (the run's first jobs go out
+# with the roll call): a JSON table region → that region's work-order keys, merged by the region it reaches.
+PER_REGION = "per-region"
 _NUMPY_STYPE = "numpy.ndarray"
 
 
@@ -228,6 +231,18 @@ def job_report(msg: Message, metrics) -> Reported:
                     behind_s=seconds("pace-behind-seconds") or 0.0, startup_s=seconds("startup-seconds"),
                     load_s=seconds("load-seconds"),
                     workers=None if metrics.get("workers") is None else int(metrics["workers"]))
+
+
+def region_config(config: ConfigRecord, region: str) -> ConfigRecord:
+    """The job's config as `region` must read it: its row of a `PER_REGION` table merged in (a config
+    without the table is returned as it is)."""
+    if PER_REGION not in config:
+        return config
+    rows = json.loads(str(config[PER_REGION]))
+    if region not in rows:
+        raise ValueError(f"this job has work for regions {', '.join(sorted(rows))}, not for {region!r}: the "
+                         "SuperNode's region is not one the server planned for")
+    return ConfigRecord({**{k: v for k, v in config.items() if k != PER_REGION}, **rows[region]})
 
 
 def reply_region(msg: Message) -> str | None:
