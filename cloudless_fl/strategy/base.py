@@ -93,8 +93,9 @@ class GeoStrategy(Strategy):
         answered before the first jobs go out; or `first_jobs`: the first jobs go out at once, each
         message carrying every region's work order (the node takes its region's row), and their replies
         name the nodes — one message trip less, which in Flower 1.42 deployment is a ClientApp process
-        start (7–9 s measured). Needs the region ClientApp (or the Mod) and a topology; a run with a
-        scheduler (whose first plan needs every region's data) or resuming a checkpoint asks by query.
+        start (7–9 s measured). Needs the region ClientApp (a stock one cannot read the table, even with
+        the Mod) and a topology; a run with a scheduler (whose first plan needs every region's data) or
+        resuming a checkpoint asks by query.
     min_available_nodes : int
         Wait (up to `reply_timeout`) for this many SuperNodes before starting.
     average_decay : float, optional
@@ -240,8 +241,9 @@ class GeoStrategy(Strategy):
     def _take_first_replies(self, grid: Grid, asked: dict[str, int], flights: dict[str, InFlight],
                             sent_at: float) -> None:
         """Await the first jobs' replies; they name the run's regions (as the roll call's would), and each
-        region's first job becomes its node's, answered. A region no node answered for leaves no trace; a
-        second node of one region takes part from its next job (its first reply is not used)."""
+        region's first job becomes its node's, answered. A region no node answered for is charged nothing
+        and keeps no stream position or download; a second node of one region takes part from its next
+        job (its first reply is not used)."""
         replies = await_replies(grid, asked, self.jobs.reply_timeout)
         self.roster.settle(*read_answers(asked, replies))
         nodes = {node: key for key, node in asked.items()}
