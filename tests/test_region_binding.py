@@ -20,8 +20,15 @@ STRATEGIES = {
                                                 local_lr=0.1, balance=False, tau_max=100, meter=fed.meter(),
                                                 reply_timeout=3.0),
     "fedavg": lambda fed: Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=3), fed.meter()),
+    # the roll call travelling with the first jobs: their replies name the nodes, impostors among them
+    "ma_first_jobs": lambda fed: ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(),
+                                                roll_call="first_jobs"),
+    "asgd_ga_delta_first_jobs": lambda fed: AsyncGradAccum(lr=1.0, accumulation_steps=2, batch_size=16,
+                                                           update="delta", local_lr=0.1, balance=False, tau_max=100,
+                                                           meter=fed.meter(), reply_timeout=3.0,
+                                                           roll_call="first_jobs"),
 }
-ROUNDS = {"ma": 3, "asgd_ga_delta": 30, "fedavg": 2}
+ROUNDS = {"ma": 3, "asgd_ga_delta": 30, "fedavg": 2, "ma_first_jobs": 3, "asgd_ga_delta_first_jobs": 30}
 
 
 def run(tmp_path, strategy: str, bound: dict[str, int] | None, restart_at: int | None = None):
@@ -31,7 +38,7 @@ def run(tmp_path, strategy: str, bound: dict[str, int] | None, restart_at: int |
     s = STRATEGIES[strategy](fed)
     if bound is not None:
         s.roster.bind(bound)
-    if strategy == "asgd_ga_delta":
+    if strategy.startswith("asgd_ga_delta"):
         s.rejoin_every = 1
     config = fed.config
     if strategy == "fedavg":

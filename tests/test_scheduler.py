@@ -313,6 +313,12 @@ def test_a_schedulers_worker_caps_bound_every_plan_and_survive_a_checkpoint():
     again, replanned = restored.replan(50.0), capped.replan(50.0)
     assert again == replanned and (again or capped.current).regions["ap-chengdu"].workers == 1
     assert restored.topology.region("ap-chengdu").workers_max == 1
+    # a cap below the profile's minimum is the minimum too: the node cannot start what the profile demands
+    far_needs_two = replace(HAND_BUILT[0], regions=tuple(replace(r, workers_min=2) if r.name == "far" else r
+                                                         for r in HAND_BUILT[0].regions))
+    tight = Scheduler(far_needs_two, Workload({}, 0))
+    tight.set_workload(data_sizes=workload(far_needs_two).data_sizes, model_bytes=MODEL_BYTES, worker_caps={"far": 1})
+    assert tight.start().regions["far"].workers == 1
 
 
 class RecordingSelectiveFedAvg(SelectiveFedAvg):

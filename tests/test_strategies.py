@@ -37,12 +37,14 @@ def _centralized_sgd(fed: Federation, region: str, lr: float, batches: list[np.n
     return model.state_dict()
 
 
-def test_asgd_ga_single_region_equals_minibatch_sgd(tmp_path):
+@pytest.mark.parametrize("roll_call", ["query", "first_jobs"])
+def test_asgd_ga_single_region_equals_minibatch_sgd(tmp_path, roll_call):
     fed = Federation(tmp_path, solo_topology())
     # the algorithm alone: one 16-sample gradient scores like noise to the relatedness screen (measured 0.85
     # spreads; docs/reliability.md), which would hold it back
     strategy = AsyncGradAccum(lr=0.2, momentum=0.0, accumulation_steps=1, batch_size=16, staleness="none",
-                              balance=False, meter=fed.meter(), limits=UpdateLimits(min_relatedness=None))
+                              balance=False, meter=fed.meter(), limits=UpdateLimits(min_relatedness=None),
+                              roll_call=roll_call)
     result = strategy.start(fed.grid, fed.initial, num_rounds=6, train_config=fed.config)
     n = len(fed.resident("solo"))
     batches = make_batches(n, 16, seed=0, offset=0, samples=6 * 16)
@@ -396,6 +398,51 @@ def test_a_region_without_a_node_leaves_no_trace_of_its_first_job(tmp_path, stra
     _assert_same(f_result.arrays, q_result.arrays.to_torch_state_dict(), atol=0)
     assert folded.roster.live_names() == queried.roster.live_names() == {"fast"}
     assert set(folded.offsets) == {"fast"} and folded.meter.ledger.accounts["slow"].invocations == 0
+
+
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
+def test_a_node_that_never_answers_its_first_job_is_left_behind_after_the_reply_timeout(tmp_path, strategy):
+    """slow's node vanishes once its first job is out: the run starts with fast alone after `reply_timeout`,
+    as it would when a node does not answer the roll call."""
+    fed = Federation(tmp_path, topology())
+    pushed = fed.grid.push_messages
+
+    def push_then_vanish(messages):
+        ids = pushed(messages)
+        fed.grid.set_offline(2)
+        return ids
+
+    fed.grid.push_messages = push_then_vanish
+    common = dict(batch_size=16, meter=fed.meter(), reply_timeout=0.3, roll_call="first_jobs")
+    s = (ModelAveraging(lr=0.1, local_steps=3, **common) if strategy == "ma"
+         else AsyncGradAccum(lr=0.1, accumulation_steps=2, update="delta", **common))
+    s.start(fed.grid, fed.initial, num_rounds=3, train_config=fed.config)
+    assert s.roster.live_names() == {"fast"} and s.step == 3
+    assert s.meter.ledger.accounts["slow"].invocations == 0
+
+
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
+def test_a_second_node_of_a_region_at_the_start_works_from_its_next_job(tmp_path, strategy):
+    """Two SuperNodes say they are slow: the first named takes slow's first job; the other's first reply is
+    not used, and it takes part from its next job."""
+    from flwr.app import Context, RecordDict
+
+    fed = Federation(tmp_path, topology())
+    fed.grid._contexts[3] = Context(run_id=1, node_id=3, node_config={"partition-id": 1, "num-partitions": 2},
+                                    state=RecordDict(), run_config={})
+    common = dict(batch_size=16, meter=fed.meter(), roll_call="first_jobs")
+    s = (ModelAveraging(lr=0.1, local_steps=3, **common) if strategy == "ma"
+         else AsyncGradAccum(lr=0.1, accumulation_steps=2, update="delta", **common))
+    worked = []
+    original = s._train_message
+
+    def spy(node_id, arrays, config, order):
+        worked.append(node_id)
+        return original(node_id, arrays, config, order)
+
+    s._train_message = spy
+    s.start(fed.grid, fed.initial, num_rounds=3, train_config=fed.config)
+    assert sorted(s.roster.nodes_of("slow")) == [2, 3] and 3 in worked and s.step == 3
 
 
 def test_ma_ends_the_run_when_no_region_is_left(tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -217,12 +216,11 @@ class GeoStrategy(Strategy):
         return config, initial_arrays
 
     def _send_first_jobs(self, grid: Grid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord,
-                         first_round: int) -> tuple[dict[str, int], dict[str, InFlight], float]:
+                         first_round: int) -> tuple[dict[str, int], dict[str, InFlight]]:
         """The roll call folded into the first jobs: `configure_train` builds the first job of every
         topology region (for a stand-in node each: nobody is named yet) and every node gets one message
         with all their work orders (`protocol.PER_REGION`) and the model — a region's first download is the
-        whole model, the same for all (downlink.py). Returns message key → node, region → its job, and
-        when they were pushed."""
+        whole model, the same for all (downlink.py). Returns message key → node and region → its job."""
         regions = self.meter.cost_model.topology.region_names
         self.roster.live = {-(i + 1): RegionInfo(-(i + 1), name, None) for i, name in enumerate(regions)}
         for name in regions:
@@ -235,11 +233,9 @@ class GeoStrategy(Strategy):
         payload = staged[0].payload
         messages = [Message(RecordDict({protocol.ARRAYS: payload, protocol.CONFIG: content}), dst_node_id=node,
                             message_type=MessageType.TRAIN) for node in nodes]
-        asked = dict(zip(grid.push_messages(messages), nodes))
-        return asked, flights, time.monotonic()
+        return dict(zip(grid.push_messages(messages), nodes)), flights
 
-    def _take_first_replies(self, grid: Grid, asked: dict[str, int], flights: dict[str, InFlight],
-                            sent_at: float) -> None:
+    def _take_first_replies(self, grid: Grid, asked: dict[str, int], flights: dict[str, InFlight]) -> None:
         """Await the first jobs' replies; they name the run's regions (as the roll call's would), and each
         region's first job becomes its node's, answered. A region no node answered for is charged nothing
         and keeps no stream position or download; a second node of one region takes part from its next
@@ -251,9 +247,9 @@ class GeoStrategy(Strategy):
             flight = flights.pop(info.name, None)
             if flight is not None:
                 flight.node_id = node
-                self.jobs.adopt(nodes[node], flight, sent_at, replies[nodes[node]])
+                self.jobs.adopt(nodes[node], flight, replies[nodes[node]])
         for region in flights:  # no node of it answered: as if it had never been planned
-            self.offsets.pop(region, None)
+            del self.offsets[region]
             self.downlink.forget(region)
 
     # ------------------------------------------------------------------ jobs

@@ -216,10 +216,9 @@ class InFlightJobs:
             self.jobs[key] = flight
         self._staged.clear()
 
-    def adopt(self, key: str, flight: InFlight, sent_at: float, reply: Message) -> None:
+    def adopt(self, key: str, flight: InFlight, reply: Message) -> None:
         """A job that went out before it was known whom it was for (the first jobs, with the roll call):
-        message `key`, pushed at `sent_at` (monotonic), already answered by `reply`, which `pull` returns."""
-        flight.sent_at = sent_at
+        message `key`, already answered by `reply`, which `pull` returns (so it never times out)."""
         self.jobs[key] = flight
         self._answered[key] = reply
 
