@@ -445,6 +445,23 @@ def test_a_second_node_of_a_region_at_the_start_works_from_its_next_job(tmp_path
     assert sorted(s.roster.nodes_of("slow")) == [2, 3] and 3 in worked and s.step == 3
 
 
+@pytest.mark.parametrize("roll_call", ["query", "first_jobs"])
+def test_a_region_that_cannot_serve_at_the_start_is_recorded_and_the_others_go_on(tmp_path, roll_call, caplog):
+    """slow's resident data is gone: its answer (to the query, or to its first job) is an error; the node is
+    refused, said in a warning and recorded as `region_failed` (node, reason; counted in lost_regions)."""
+    import shutil
+
+    fed = Federation(tmp_path, topology())
+    shutil.rmtree(tmp_path / "slow")
+    s = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), roll_call=roll_call)
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        s.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    [failed] = [e for e in s.history.events if e["event"] == "region_failed"]
+    assert failed["node"] == 2 and "slow" in failed["reason"] and s.history.counters["lost_regions"] == 1
+    assert f"node 2 cannot take part: {failed['reason']}" in caplog.text
+    assert s.roster.live_names() == {"fast"} and 2 in s.roster.refused and s.step == 2
+
+
 def test_ma_ends_the_run_when_no_region_is_left(tmp_path):
     """Both nodes gone: the period that lost them is recorded, the run ends saying why, and returns its model."""
     fed = Federation(tmp_path, topology())
