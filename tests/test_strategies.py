@@ -445,6 +445,20 @@ def test_a_second_node_of_a_region_at_the_start_works_from_its_next_job(tmp_path
     assert sorted(s.roster.nodes_of("slow")) == [2, 3] and 3 in worked and s.step == 3
 
 
+def test_a_compressed_first_download_to_a_region_without_a_node_is_forgotten(tmp_path):
+    """Under a lossy codec the server keeps what each region will rebuild from its download; a region whose
+    first job found no node keeps nothing (a checkpoint would otherwise carry its model)."""
+    from cloudless_fl.training.compression import Int8
+
+    fed = Federation(tmp_path, topology())
+    fed.grid.set_offline(2)
+    s = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), roll_call="first_jobs",
+                       compression=Int8())
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})  # where regions keep models
+    s.start(fed.grid, fed.initial, num_rounds=1, train_config=config)
+    assert set(s.downlink.held) | set(s.downlink.pending) == {"fast"}
+
+
 @pytest.mark.parametrize("roll_call", ["query", "first_jobs"])
 def test_a_region_that_cannot_serve_at_the_start_is_recorded_and_the_others_go_on(tmp_path, roll_call, caplog):
     """slow's resident data is gone: its answer (to the query, or to its first job) is an error; the node is
