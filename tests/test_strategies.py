@@ -476,6 +476,29 @@ def test_a_region_that_cannot_serve_at_the_start_is_recorded_and_the_others_go_o
     assert s.roster.live_names() == {"fast"} and 2 in s.roster.refused and s.step == 2
 
 
+def test_ma_evaluates_its_last_period_whatever_eval_every(tmp_path):
+    """Every `eval_every` periods, and the last one always: the run's final accuracy is its model's."""
+    fed = Federation(tmp_path, topology())
+    ma = ModelAveraging(lr=0.1, local_steps=2, batch_size=16, meter=fed.meter(), eval_every=3)
+    ma.start(fed.grid, fed.initial, num_rounds=4, train_config=fed.config, evaluate_fn=fed.evaluator())
+    assert [e["version"] for e in ma.history.entries if e.get("accuracy") is not None] == [0, 3, 4]
+
+
+def test_an_ma_reply_landing_exactly_at_the_deadline_is_on_time(tmp_path):
+    """The deadline is inclusive: slow's job ending at the very instant is averaged in, a hair earlier
+    deadline drops it (first jobs at t=0, so the period starts at 0 and the deadline is exactly its end)."""
+    def period_one(deadline_s):
+        fed = Federation(tmp_path / str(deadline_s), topology())
+        ma = ModelAveraging(lr=0.1, local_steps=5, batch_size=16, meter=fed.meter(), deadline_s=deadline_s,
+                            roll_call="first_jobs")
+        ma.start(fed.grid, fed.initial, num_rounds=1, train_config=fed.config)
+        return ma
+
+    slow_end = period_one(None).meter.clock.now()  # the slower region's job sets the period's end
+    assert period_one(slow_end).history.counters.get("dropped_late", 0) == 0
+    assert period_one(slow_end * (1 - 1e-9)).history.counters["dropped_late"] == 1
+
+
 def test_ma_ends_the_run_when_no_region_is_left(tmp_path):
     """Both nodes gone: the period that lost them is recorded, the run ends saying why, and returns its model."""
     fed = Federation(tmp_path, topology())
