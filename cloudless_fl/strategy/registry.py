@@ -100,8 +100,8 @@ def _stop_rules(s: dict[str, Any], b: Build) -> StopRules:
 def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
     return {"meter": b.meter, "eval_every": s["eval_every"], "stop": _stop_rules(s, b),
             "reply_timeout": s["reply_timeout_s"], "average_decay": s["average_decay"],
-            "rejoin_every": s["rejoin_every"], "roll_call": s["roll_call"], "scheduler": b.scheduler, "replan_every": b.replan_every,
-            "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume, "compression": b.compression}
+            "rejoin_every": s["rejoin_every"], "roll_call": s["roll_call"], "scheduler": b.scheduler,
+            "replan_every": b.replan_every, "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume, "compression": b.compression}
 
 
 def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
