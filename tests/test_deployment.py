@@ -252,7 +252,8 @@ def test_asgd_ga_carries_on_without_a_killed_supernode_and_takes_it_back(three_r
 
 def test_fedavg_rounds_time_out_without_a_killed_supernode_and_the_run_goes_on(three_regions, tmp_path):
     before = flower_processes()
-    federation, config = _federation_run(three_regions, tmp_path, "fedavg", 4, "strategy.reply_timeout_s=30")
+    # the first round (trainers warming up) took over 20 s here; every round after the kill waits out the timeout
+    federation, config = _federation_run(three_regions, tmp_path, "fedavg", 3, "strategy.reply_timeout_s=30")
     with federation:
         run, codes = _submit_after_first_checkpoint(federation, config)
         federation.kill_region("ap-chengdu")
@@ -260,7 +261,7 @@ def test_fedavg_rounds_time_out_without_a_killed_supernode_and_the_run_goes_on(t
         run_log = (federation.logs / "flwr-run.log").read_text()
         assert not run.is_alive() and codes == [0], run_log[-3000:]
     results = results_of(federation.run_dir)
-    assert [e["version"] for e in results["history"]] == [0, 1, 2, 3, 4]
+    assert [e["version"] for e in results["history"]] == [0, 1, 2, 3]
     incomplete = [e for e in results["events"] if e["event"] == "round_incomplete"]
     assert incomplete and all("ap-chengdu" in e["missing"] or "ap-chengdu" in e["failed"] for e in incomplete)
     assert "ap-chengdu" in run_log  # the warning names the region

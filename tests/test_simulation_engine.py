@@ -10,10 +10,9 @@ from conftest import small_run_overrides
 
 CASES = {
     "fedavg": ["strategy=fedavg", "strategy.num_rounds=2"],
-    "ma": ["strategy=ma", "strategy.num_rounds=3", "strategy.local_steps=10"],
     "asgd_ga": ["strategy=asgd_ga", "strategy.num_rounds=40", "strategy.eval_every=20",
                 "strategy.accumulation_steps=2"],
-    # Ray's ClientApps keep their compressed-traffic snapshots in the folder the server names
+    # MA over compressed links: Ray's ClientApps keep their snapshots in the folder the server names
     "ma_int8": ["strategy=ma", "strategy.num_rounds=3", "strategy.local_steps=10", "compression=int8"],
 }
 
