@@ -80,6 +80,21 @@ def test_a_forgotten_region_gets_the_whole_model_again(tmp_path):
     assert down.base is None and down.layout is not None  # the whole model (quantised) again
 
 
+def test_a_region_keeps_its_base_and_whatever_the_last_checkpoint_may_send_again():
+    """keep_from: a delta's base (not the job's own key) and, while pinned, the checkpoint's oldest key;
+    pin: a region's held model or its job in flight, whichever is older (mutation gaps of downlink.py)."""
+    downlink = Downlink(Int8(16))
+    downlink.download("r", 4, _model(0))
+    downlink.delivered("r", 4)
+    assert downlink.keep_from("s", base=3, key=5) == 3  # nothing pinned: the base it rebuilds from
+    downlink.pin(in_flight=[("r", 6)])
+    assert downlink.pinned == {"r": 4}  # the held model (job 4) is older than the job in flight
+    downlink.pin(in_flight=[("r", 2)])
+    assert downlink.pinned == {"r": 2}
+    assert downlink.keep_from("r", base=None, key=9) == 2  # a resume may ask r for job 2 again
+    assert downlink.keep_from("r", base=4, key=9) == 2
+
+
 def test_snapshots_before_keep_from_are_deleted(tmp_path):
     for key, keep_from in ((0, 0), (10, 0), (20, 10), (30, 30)):
         order = protocol.WorkOrder(lr=0.1, batch_size=1, steps=1, compression="int8:16", offset=key, keep_from=keep_from)

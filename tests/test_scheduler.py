@@ -6,9 +6,12 @@ import itertools
 from dataclasses import replace
 import json
 
+import numpy as np
 import pytest
 import yaml
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
 from cloudless_fl.config import compose
 from cloudless_fl.control.costmodel import CostModel
@@ -347,6 +350,29 @@ def test_selective_fedavg_lets_slow_regions_sit_out_with_their_weight_kept(tmp_p
     slow_samples = len(fed.resident("slow").y)
     assert [r["slow"] for r in selective.rounds if "slow" in r] == [3 * slow_samples] * 2
     assert all(r["fast"] == len(fed.resident("fast").y) for r in selective.rounds)
+
+
+def test_selective_fedavg_joins_every_m_th_round_by_round_time_over_deadline_and_scales_only_those_weights():
+    """m_r = ceil(t_r / deadline), an exact multiple not rounded up; a region without a round time joins every
+    round with its weight as sent; a region of m = 2 counts twice (mutation gaps of selective.py)."""
+    selective = SelectiveFedAvg(round_times={"a": 2.0, "b": 3.0, "c": 6.0}, deadline_s=2.0)
+    assert selective.every == {"a": 1, "b": 2, "c": 3}
+    assert [selective.joins("b", r) for r in (1, 2, 3)] == [True, False, True]
+    assert all(selective.joins("unplanned", r) for r in (1, 2, 3))
+    with pytest.raises(ValueError, match="deadline_s must be > 0, got 0"):
+        SelectiveFedAvg(round_times={"a": 1.0}, deadline_s=0)
+    for node, name in {1: "a", 2: "b", 3: "unplanned"}.items():
+        selective.roster.learn(node, name)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as the engines do
+    replies = []
+    for node in (1, 2, 3):
+        job = Message(RecordDict(), dst_node_id=node, message_type="train")
+        replies.append(Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(1, float(node)))}),
+                                           "metrics": MetricRecord({"num-examples": 10})}), reply_to=job))
+    failed = Message(Error(code=0, reason="lost"), reply_to=Message(RecordDict(), dst_node_id=2, message_type="train"))
+    arrays, _ = selective.aggregate_train(1, [*replies, failed])  # a failed reply of b is left alone
+    assert [r.content["metrics"]["num-examples"] for r in replies] == [10, 20, 10]
+    assert float(arrays["w"].numpy()[0]) == pytest.approx((1 * 10 + 2 * 20 + 3 * 10) / 40)
 
 
 def test_scheduler_config_runs_end_to_end(two_region_topology, tmp_path):

@@ -41,7 +41,6 @@ class SelectiveFedAvg(FedAvg):
         super().__init__(**kwargs)
         if not deadline_s > 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
-        self.deadline_s = deadline_s
         self.every = {name: max(1, math.ceil(t / deadline_s - 1e-9)) for name, t in round_times.items()}
         self.roster = roster or Roster()
 
