@@ -352,7 +352,7 @@ def test_selective_fedavg_lets_slow_regions_sit_out_with_their_weight_kept(tmp_p
     assert all(r["fast"] == len(fed.resident("fast").y) for r in selective.rounds)
 
 
-def test_selective_fedavg_joins_every_m_th_round_by_round_time_over_deadline_and_scales_only_those_weights():
+def test_selective_fedavg_joins_every_m_th_round_by_round_time_over_deadline_and_scales_only_those_weights(monkeypatch):
     """m_r = ceil(t_r / deadline), an exact multiple not rounded up; a region without a round time joins every
     round with its weight as sent; a region of m = 2 counts twice (mutation gaps of selective.py)."""
     selective = SelectiveFedAvg(round_times={"a": 2.0, "b": 3.0, "c": 6.0}, deadline_s=2.0)
@@ -363,7 +363,8 @@ def test_selective_fedavg_joins_every_m_th_round_by_round_time_over_deadline_and
         SelectiveFedAvg(round_times={"a": 1.0}, deadline_s=0)
     for node, name in {1: "a", 2: "b", 3: "unplanned"}.items():
         selective.roster.learn(node, name)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as the engines do
+    for name, value in {"_task_id": 1, "_run_id": 1, "_node_id": SUPERLINK_NODE_ID}.items():  # as the engines do
+        monkeypatch.setattr(TaskIdentity, name, value)
     replies = []
     for node in (1, 2, 3):
         job = Message(RecordDict(), dst_node_id=node, message_type="train")
