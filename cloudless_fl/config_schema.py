@@ -86,6 +86,7 @@ COMMON = {
     "validation.norm_factor": Number(1, low_open=True, nullable=True),
     "validation.min_agreement": Number(-1, 1, nullable=True),
     "validation.clip_factor": Number(0, low_open=True, nullable=True),
+    "validation.share_budget": Number(1, low_open=True, nullable=True),
     "validation.min_relatedness": Number(0, nullable=True, words=(AUTO,)),
     "checkpoint.every": Number(0, integer=True), "checkpoint.at_end": BOOL,
 }

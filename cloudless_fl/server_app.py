@@ -153,6 +153,7 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
     v = cfg.validation
     limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after,
                           norm_factor=v.norm_factor, min_agreement=v.min_agreement, clip_factor=v.clip_factor,
+                          share_budget=v.share_budget,
                           min_relatedness=v.min_relatedness)
     context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
                     work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", 5),

@@ -33,8 +33,11 @@ DEFENCES = {  # name → overrides. The default is `screen` for MA and ASGD-GA d
     "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null",
              "validation.min_relatedness=null"],
     "median": ["validation.norm_factor=null", "validation.min_agreement=null", "strategy.aggregation=median"],
+    # ASGD-GA: the share budget in place of the length bound and the clip (1e9: only the model bound is left)
+    "budget": ["validation.min_relatedness=null", "validation.share_budget=2", "validation.clip_factor=null",
+               "validation.norm_factor=1e9"],
 }
-STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "relatedness", "none"),
+STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "relatedness", "none", "budget"),
                      "asgd_ga": ("screen", "relatedness", "none")}
 ATTACK = {"attacker": None, "kind": None}  # set before the worker processes fork
 # Fresh noise for every update: the ClientApp seeds torch's global generator when it builds its model, so noise drawn
@@ -103,6 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", nargs="+", default=["ma", "asgd_ga_delta"], choices=sorted(STRATEGY_DEFENCES))
     parser.add_argument("--attacker", default="ap-beijing", help="the malicious region (default: ap-beijing)")
+    parser.add_argument("--defences", nargs="+", choices=sorted(DEFENCES), help="only these (default: all)")
+    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS), help="(default: all)")
+    parser.add_argument("--share-budget", type=float, default=2.0, help="the `budget` defence's (default: 2)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="outputs/attacks")
     parser.add_argument("--workers", type=int, default=2)
@@ -113,14 +119,16 @@ def main() -> None:
 
     region_app.make_client_app = attacking_app(region_app.make_client_app)
     ATTACK["attacker"] = args.attacker
+    DEFENCES["budget"] = [o.replace("share_budget=2", f"share_budget={args.share_budget:g}") for o in DEFENCES["budget"]]
     cases = []  # (strategy, defence, attack)
     for strategy in args.strategies:
-        cases += [(strategy, d, "clean") for d in STRATEGY_DEFENCES[strategy] if d != "median"]
-        cases += [(strategy, "screen", "absent")]
-        cases += [(strategy, d, a) for d in STRATEGY_DEFENCES[strategy] for a in ATTACKS]
+        defences = [d for d in STRATEGY_DEFENCES[strategy] if args.defences is None or d in args.defences]
+        cases += [(strategy, d, "clean") for d in defences if d != "median"]
+        cases += [(strategy, "screen", "absent")] if "screen" in defences else []
+        cases += [(strategy, d, a) for d in defences for a in args.attacks]
     out = Path(args.out)
     results = {}
-    for kind in ("clean", "absent", *ATTACKS):  # one pool per attack: the workers fork with it set
+    for kind in ("clean", "absent", *args.attacks):  # one pool per attack: the workers fork with it set
         ATTACK["kind"] = kind
         jobs = [([f"strategy={s}", *DEFENCES[d], f"seed={args.seed}", *args.overrides], str(out / f"{s}-{d}-{a}"))
                 for s, d, a in cases if a == kind]

@@ -24,7 +24,10 @@ from bench_served_model import WORKLOADS  # noqa: E402
 from runner import execute, last_evaluations, pool  # noqa: E402
 
 SETTINGS = {"default": [], "noclip": ["validation.clip_factor=null"],
-            "off": ["validation.norm_factor=null", "validation.clip_factor=null"]}
+            "off": ["validation.norm_factor=null", "validation.clip_factor=null"],
+            # the share budget in place of the clip, and of the length bound (1e9: only the model bound is left)
+            "budget": ["validation.share_budget=2", "validation.clip_factor=null", "validation.norm_factor=1e9"],
+            "budget_bound": ["validation.share_budget=2", "validation.clip_factor=null"]}
 
 
 def main() -> None:
@@ -33,21 +36,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--workloads", nargs="+", default=["tabular"], choices=list(WORKLOADS))
     parser.add_argument("--out", default="outputs/screen-cost")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--share-budget", type=float, default=2.0, help="the budget settings' (default: 2)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.out)
+    for name in ("budget", "budget_bound"):
+        SETTINGS[name] = [o.replace("share_budget=2", f"share_budget={args.share_budget:g}") for o in SETTINGS[name]]
 
     def folder(workload: str, setting: str, seed: int) -> Path:
         return out / f"{args.strategy}-{workload}-{setting}-s{seed}"
 
     jobs = [([f"strategy={args.strategy}", *WORKLOADS[w], *overrides, f"seed={seed}"], str(folder(w, name, seed)))
-            for w in args.workloads for name, overrides in SETTINGS.items() for seed in args.seeds]
+            for w in args.workloads for name, overrides in SETTINGS.items() if name in args.settings for seed in args.seeds]
     with pool(args.workers) as workers:
         execute(workers, jobs)
 
     print(f"\nthe update screen when nobody attacks: {args.strategy}, seeds {args.seeds}")
     for w in args.workloads:
-        for name in SETTINGS:
+        for name in args.settings:
             finals, lasts, held, clipped, sent = [], [], Counter(), Counter(), Counter()
             for seed in args.seeds:
                 results = json.loads((folder(w, name, seed) / "results.json").read_text())

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudless_fl.strategy.screen import WINDOW, Candidate, UpdateScreen
+from cloudless_fl.strategy.screen import MOVED_HALF_LIFE, WINDOW, Candidate, UpdateScreen, Verdict
 
 MODEL_NORM = 1e3
 
@@ -238,3 +238,44 @@ def _fresh_after(update) -> UpdateScreen:
     screen = _relatedness_screen()
     one(screen, "a", update)
     return screen
+
+
+def test_a_region_moves_the_model_at_most_share_budget_times_its_data_share_of_the_others():
+    """ASGD-GA's share budget: applied length (weight x norm) counts, not norm alone; a long update from a region
+    below its share passes whole, a region's × 10 is scaled to the room left and then held back."""
+    screen = UpdateScreen(norm_factor=None, min_agreement=None, model_bound=False, per_region=True, share_budget=2.0)
+    shares = {"a": 0.5, "b": 0.25, "c": 0.25}
+    aged = 0.5 ** (1 / MOVED_HALF_LIFE)  # every judged update ages every region's movement
+
+    def judge(region, length, weight=1.0) -> Verdict:
+        return screen.admit([Candidate(region, change([length, 0.0, 0.0, 0.0]), weight=weight)], MODEL_NORM,
+                            shares)[0]
+
+    assert judge("a", 1.0, weight=3.0) == Verdict()  # nobody else has moved: nothing to compare with
+    # b's fair movement: a's 3 (aged once) x 0.25 / 0.5; 8x a's length, but within 2x that
+    assert judge("b", 2.9) == Verdict()
+    assert screen.moved == pytest.approx({"a": 3.0 * aged, "b": 2.9})
+    fair = (3.0 * aged ** 2 + 2.9 * aged) * 0.25 / 0.75
+    attack = judge("c", 10.0)
+    assert attack.reason is None and attack.scale == pytest.approx(2.0 * fair / 10.0)
+    again = judge("c", 10.0).reason
+    assert again is not None and "moved the model 2x its data share" in again and "share_budget 2" in again
+    assert judge("a", 1.0) == Verdict()  # the others are far below their share
+    assert judge("c", 1.0).scale == pytest.approx(2.0 / 3.0, rel=0.01)  # room from a's step of 1: x 0.25 / 0.75 x 2
+    held_back = screen.moved["c"]
+    assert judge("c", 1.0, weight=0.0) == Verdict()  # nothing applied: nothing counted
+    assert screen.moved["c"] == pytest.approx(held_back * aged)
+
+
+def test_a_restored_share_budget_judges_as_the_original():
+    screen = UpdateScreen(norm_factor=None, min_agreement=None, model_bound=False, per_region=True, share_budget=1.5)
+    shares = {"a": 0.6, "b": 0.4}
+    for region, length in [("a", 2.0), ("b", 1.0), ("a", 1.0), ("b", 5.0)]:
+        screen.admit([Candidate(region, change([length, 0.0, 0.0, 0.0]))], MODEL_NORM, shares)
+    norms, tensors = screen.state_dict()
+    restored = UpdateScreen(norm_factor=None, min_agreement=None, model_bound=False, per_region=True,
+                            share_budget=1.5)
+    restored.load_state_dict(json.loads(json.dumps(norms)), tensors)
+    probe = [Candidate("b", change([4.0, 0.0, 0.0, 0.0]))]
+    assert restored.admit(probe, MODEL_NORM, shares) == screen.admit(probe, MODEL_NORM, shares)
+    assert restored.moved == screen.moved and screen.moved["b"] > 0

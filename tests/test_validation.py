@@ -123,6 +123,7 @@ def test_limits_are_validated():
     ("norm_factor", [1, 0.5, "5"], [1.01, 5, None], r"must be a number > 1 \(or null: no check\)"),
     ("min_agreement", [-1.01, 1.01, "0"], [-1, 0, 1, None], r"must be in \[-1, 1\] \(or null: no check\)"),
     ("clip_factor", [0, -2, "2"], [0.5, 2, None], "must be a number > 0"),
+    ("share_budget", [1, 0, "2"], [1.01, 2.5, None], r"must be a number > 1 \(at 1 every region waits"),
     ("min_relatedness", [-0.1, "two"], [0, 2, "auto", None], "must be a number ≥ 0"),
     ("quarantine_after", [-1, 1.5], [0, 3], "must be an integer ≥ 0"),
 ])

@@ -195,14 +195,15 @@ class AsyncGradAccum(GeoStrategy):
             if not self.meter.clock.modelled:
                 self._observe_arrival(flight.region, flight.job.dispatched_at)
             update, metrics = self._complete(flight, reply, self.update)
-            scale = self._admitted(flight, update)
+            tau = self.version - flight.version
+            staleness, balance = self.staleness(tau), self._balance_weight(flight.region)
+            scale = self._admitted(flight, update, staleness * balance)
             self._applied[flight.region] = moving_average(self._applied.get(flight.region), float(scale is not None),
                                                           RATE_EMA)
             if scale is None:  # the region simply gets the newest model again
                 continue
-            tau = self.version - flight.version
             self.history.staleness[tau] += 1  # of applied (or buffered) updates
-            weight = scale * self.staleness(tau) * self._balance_weight(flight.region)
+            weight = scale * staleness * balance
             if self.aggregation == "mean":
                 self.optimizer.step(update, scale=weight)
             else:
@@ -221,12 +222,14 @@ class AsyncGradAccum(GeoStrategy):
                             else trimmed_mean(updates, self.trim_fraction))
         self._slots.clear()
 
-    def _admitted(self, flight, update) -> float | None:
-        """The factor the screen lets `update` in with; None if it was rejected, held back or too stale."""
+    def _admitted(self, flight, update, weight: float) -> float | None:
+        """The factor the screen lets `update` in with; None if it was rejected, held back or too stale.
+
+        `weight`: the staleness x balance weight it is applied with if admitted (the share budget counts it)."""
         if update is None:
             return None
         steps = None if self.update == protocol.MODE_GRADIENT else flight.order.steps  # a mean gradient: no scaling
-        scale = self._screened([Candidate(flight.region, update, steps)])[0]
+        scale = self._screened([Candidate(flight.region, update, steps, weight)])[0]
         if scale is not None and self.tau_max is not None and self.version - flight.version > self.tau_max:
             self.book.count("dropped_stale")
             return None
@@ -303,6 +306,9 @@ class AsyncGradAccum(GeoStrategy):
     def _balance_weight(self, region: str) -> float:
         """`share_r * R / rate_r`, capped at `max_weight`; shares and `R` count only what gets applied.
 
+        The weight of `region`'s arriving update if it is admitted (its applied fraction counting
+        this arrival as applied): known before the screen's verdict, which the share budget needs.
+
         Mean weight 1 over applied arrivals: each region's rate and data share count by the
         fraction of its arrivals that move the model. Counting a region whose updates are held
         back or rejected in `R` inflates everyone else's steps by the rate it no longer moves the
@@ -314,6 +320,7 @@ class AsyncGradAccum(GeoStrategy):
             return 1.0
         rates = {r: 1.0 / max(self._intervals[r], 1e-9) for r in live}
         applied = {r: self._applied.get(r, 1.0) for r in live}
+        applied[region] = moving_average(self._applied.get(region), 1.0, RATE_EMA)
         shares = self.roster.shares
         share_total = sum(shares[r] * applied[r] for r in live)
         applied_rate = sum(rates[r] * applied[r] for r in live)

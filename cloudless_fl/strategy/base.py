@@ -200,7 +200,8 @@ class GeoStrategy(Strategy):
         self.screen = UpdateScreen(factor, agreement, model_bound=factor is not None, per_region=not comparable,
                                    clip_factor=None if comparable else self.limits.clip_factor,
                                    min_relatedness=None if comparable else self._min_relatedness(),
-                                   tolerate_once=comparable)
+                                   tolerate_once=comparable,
+                                   share_budget=None if comparable else self.limits.share_budget)
         self.book.count_with(self.validator)
         if self.book.resume:
             self._restore(grid, config)
@@ -342,7 +343,7 @@ class GeoStrategy(Strategy):
         model_norm = float(torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(t.float()) for t in self.optimizer.state.values() if t.is_floating_point()])))
         scales = []
-        for candidate, verdict in zip(candidates, self.screen.admit(candidates, model_norm)):
+        for candidate, verdict in zip(candidates, self.screen.admit(candidates, model_norm, self.roster.shares)):
             if verdict.reason is not None:
                 if not self.book.history.counters.get("screened_updates"):
                     log.warning("update from region %s held back: %s (counted as screened_updates; "

@@ -60,6 +60,11 @@ class UpdateLimits:
     clip_factor : float, optional
         ASGD-GA: an admitted update whose norm per √step is over this multiple of
         the regions' median is scaled down to it. None: no clipping.
+    share_budget : float, optional
+        ASGD-GA: keep each region's recent movement of the model (its admitted updates'
+        applied weight x norm, decaying) within this multiple of its data share of the
+        other regions' movement; an update is scaled down to the room left, or held back
+        when none is. None (default): no budget.
     min_relatedness : float | "auto", optional
         ASGD-GA: hold back an update whose |cosine| with its region's recent
         direction is below this many spreads of what noise scores. None: no such
@@ -75,6 +80,7 @@ class UpdateLimits:
     norm_factor: float | None = 5.0
     min_agreement: float | None = 0.05
     clip_factor: float | None = 1.0
+    share_budget: float | None = None
     min_relatedness: float | str | None = AUTO
 
     def __post_init__(self) -> None:
@@ -90,6 +96,10 @@ class UpdateLimits:
         if self.clip_factor is not None and not (isinstance(self.clip_factor, (int, float)) and self.clip_factor > 0):
             raise ConfigError(f"validation.clip_factor={self.clip_factor!r} must be a number > 0 "
                               "(or null: no clipping)")
+        if self.share_budget is not None and not (isinstance(self.share_budget, (int, float))
+                                                  and self.share_budget > 1):
+            raise ConfigError(f"validation.share_budget={self.share_budget!r} must be a number > 1 (at 1 every "
+                              "region waits for the others) or null (no budget)")
         if self.min_relatedness not in (None, AUTO) and not (
                 isinstance(self.min_relatedness, (int, float)) and self.min_relatedness >= 0):
             raise ConfigError(f"validation.min_relatedness={self.min_relatedness!r} must be a number ≥ 0, "
