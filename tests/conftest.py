@@ -8,9 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cloudless_fl.control.clock import WallClock
+
+# Tests fork (in-region worker groups, tests/test_workers.py) from this process after others ran PyTorch. A forked
+# child cannot use an OpenMP thread team its parent started: with the default team a worker group's rank hung on a
+# lock after the rest of the fast suite had run (2 of 3 runs on 2026-12-02), alone it never did. One intra-op thread
+# in the test process starts no team; the models here are too small to gain from more.
+torch.set_num_threads(1)
 
 TWO_REGIONS = {
     "name": "two",

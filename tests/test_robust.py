@@ -223,28 +223,32 @@ def test_asgd_ga_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_
     assert strategy.history.counters["quarantined_regions"] == 0
 
 
-def test_asgd_ga_budgets_an_update_by_the_weight_it_then_applies_it_with(tmp_path, monkeypatch):
+@pytest.mark.parametrize("update,steps", [("delta", 10), ("gradient", None)])
+def test_asgd_ga_budgets_an_update_by_the_weight_it_then_applies_it_with(tmp_path, monkeypatch, update, steps):
     """`share_budget` counts a region's movement as the strategy moves the model: the staleness x balance weight
-    the screen is told, times the screen's scale, is the step the update is applied with."""
+    the screen is told, times the screen's scale, is the step the update is applied with. The screen is told
+    a delta's local steps (its length grows with them), none for a mean gradient."""
     from cloudless_fl.strategy.screen import UpdateScreen
     from cloudless_fl.strategy.server_optimizer import ServerOptimizer
 
     regions = copy.deepcopy(TWO_REGIONS["regions"])
     regions["mid"] = {**copy.deepcopy(regions["fast"]), "samples_per_s": 300}
     fed = Federation(tmp_path / "fed", topology(regions, shares={"fast": 0.2, "mid": 0.3, "slow": 0.5}))
-    told, steps = [], []
+    told, stepped = [], []
     admit, step = UpdateScreen.admit, ServerOptimizer.step
 
     def telling(self, candidates, model_norm, shares=None):
         verdicts = admit(self, candidates, model_norm, shares)
         told.extend((c.weight, v) for c, v in zip(candidates, verdicts))
+        assert [c.steps for c in candidates] == [steps] * len(candidates)
         return verdicts
 
     monkeypatch.setattr(UpdateScreen, "admit", telling)
-    monkeypatch.setattr(ServerOptimizer, "step", lambda self, g, scale=1.0: steps.append(scale) or step(self, g, scale))
-    _asgd_ga(fed, "delta", UpdateLimits(share_budget=1.5, norm_factor=None, clip_factor=None, min_relatedness=None))
+    monkeypatch.setattr(ServerOptimizer, "step",
+                        lambda self, g, scale=1.0: stepped.append(scale) or step(self, g, scale))
+    _asgd_ga(fed, update, UpdateLimits(share_budget=1.5, norm_factor=None, clip_factor=None, min_relatedness=None))
     applied = [weight * verdict.scale for weight, verdict in told if verdict.reason is None]
-    assert steps == pytest.approx(applied, rel=1e-6)
+    assert stepped == pytest.approx(applied, rel=1e-6)
     assert min(weight for weight, _ in told) < 0.5 and max(weight for weight, _ in told) > 1.5  # not all 1
     assert any(verdict.scale < 1.0 for _, verdict in told)  # the budget scaled some down
 

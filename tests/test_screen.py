@@ -251,20 +251,30 @@ def test_a_region_moves_the_model_at_most_share_budget_times_its_data_share_of_t
         return screen.admit([Candidate(region, change([length, 0.0, 0.0, 0.0]), weight=weight)], MODEL_NORM,
                             shares)[0]
 
-    assert judge("a", 1.0, weight=3.0) == Verdict()  # nobody else has moved: nothing to compare with
-    # b's fair movement: a's 3 (aged once) x 0.25 / 0.5; 8x a's length, but within 2x that
-    assert judge("b", 2.9) == Verdict()
-    assert screen.moved == pytest.approx({"a": 3.0 * aged, "b": 2.9})
-    fair = (3.0 * aged ** 2 + 2.9 * aged) * 0.25 / 0.75
-    attack = judge("c", 10.0)
-    assert attack.reason is None and attack.scale == pytest.approx(2.0 * fair / 10.0)
-    again = judge("c", 10.0).reason
+    assert judge("a", 0.1, weight=3.0) == Verdict()  # nobody else has moved: nothing to compare with
+    # b's fair movement: a's 0.3 (aged once) x 0.25 / 0.5; 2.9x a's length, but within 2x that
+    assert judge("b", 0.29) == Verdict()
+    assert screen.moved == pytest.approx({"a": 0.3 * aged, "b": 0.29})
+    fair = (0.3 * aged ** 2 + 0.29 * aged) * 0.25 / 0.75
+    attack = judge("c", 1.0)
+    assert attack.reason is None and attack.scale == pytest.approx(2.0 * fair / 1.0)
+    again = judge("c", 1.0).reason
     assert again is not None and "moved the model 2x its data share" in again and "share_budget 2" in again
-    assert judge("a", 1.0) == Verdict()  # the others are far below their share
-    assert judge("c", 1.0).scale == pytest.approx(2.0 / 3.0, rel=0.01)  # room from a's step of 1: x 0.25 / 0.75 x 2
+    assert judge("a", 0.1) == Verdict()  # the others are far below their share
+    assert judge("c", 0.1).scale == pytest.approx(2.0 / 3.0, rel=0.01)  # room from a's 0.1: x 0.25 / 0.75 x 2
     held_back = screen.moved["c"]
     assert judge("c", 1.0, weight=0.0) == Verdict()  # nothing applied: nothing counted
     assert screen.moved["c"] == pytest.approx(held_back * aged)
+
+
+def test_a_region_with_under_a_millionth_of_its_budget_left_has_none():
+    """Room is measured against the budget (k x fair): a region at its cap, up to rounding, stays there."""
+    screen = UpdateScreen(norm_factor=None, min_agreement=None, model_bound=False, per_region=True, share_budget=2.0)
+    shares = {"a": 0.5, "c": 0.5}
+    for left, verdict in [(1e-3, "held back"), (3e-3, "admitted")]:  # of a budget of 2000: under / over 2e-3
+        screen.moved = {"a": 1000.0, "c": 2000.0 - left}
+        got = screen.admit([Candidate("c", change([1.0, 0.0, 0.0, 0.0]))], MODEL_NORM, shares)[0]
+        assert (got.reason is not None) == (verdict == "held back")
 
 
 def test_a_restored_share_budget_judges_as_the_original():

@@ -157,6 +157,8 @@ class UpdateScreen:
               shares: Mapping[str, float] | None = None) -> list[Verdict]:
         """Per candidate, a Verdict. Judged together, as one aggregation uses them.
 
+        `shares`: every region's data share (needed with `share_budget`).
+
         An update longer than the model it changes is never a step from it (the
         bound that holds without history). The length bound and the clip need a
         reference: once three updates (per_region: three regions) have been seen,
@@ -194,7 +196,7 @@ class UpdateScreen:
                 self.norms.append(norm)
                 self.latest[candidate.region] = norm
             if self.share_budget is not None:
-                reason, scale = self._budgeted(candidate, float(flat.norm()) * scale, shares or {}, reason, scale)
+                reason, scale = self._budgeted(candidate, float(flat.norm()) * scale, shares, reason, scale)
             verdicts.append(Verdict(reason, scale))
         return verdicts
 
@@ -233,16 +235,18 @@ class UpdateScreen:
         if reason is not None:
             return reason, scale
         region, applied = candidate.region, candidate.weight * length
-        others = [r for r in self.moved if r != region and shares.get(r, 0.0) > 0]
+        moved = self.moved.get(region, 0.0)
+        others = [r for r in self.moved if r != region]
+        others_share = sum(shares[r] for r in others)
         factor = 1.0
-        if others and applied > 0:
-            fair = sum(self.moved[r] for r in others) * shares.get(region, 0.0) / sum(shares[r] for r in others)
-            room = self.share_budget * fair - self.moved.get(region, 0.0)
+        if others_share > 0 and applied > 0:
+            fair = sum(self.moved[r] for r in others) * shares[region] / others_share
+            room = self.share_budget * fair - moved
             if room <= SPENT * self.share_budget * fair:
-                return (f"its region moved the model {self.moved.get(region, 0.0) / max(fair, 1e-30):.3g}x its "
-                        f"data share of the other regions' movement, over share_budget {self.share_budget:g}"), scale
+                return (f"its region moved the model {moved / max(fair, 1e-30):.3g}x its data share of the "
+                        f"other regions' movement, over share_budget {self.share_budget:g}"), scale
             factor = min(1.0, room / applied)
-        self.moved[region] = self.moved.get(region, 0.0) + applied * factor
+        self.moved[region] = moved + applied * factor
         return None, scale * factor
 
     @property
