@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.app import Error as MessageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import _run, execute, last_evaluations, pool  # noqa: E402
+from runner import _run, execute, last_evaluations, pool, share_budget  # noqa: E402
 
 ATTACKS = ("x-10", "x1e4", "noise")
 DEFENCES = {  # name → overrides. The default is `screen` for MA and ASGD-GA delta, `relatedness` for gradient-mode
@@ -33,11 +33,10 @@ DEFENCES = {  # name → overrides. The default is `screen` for MA and ASGD-GA d
     "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null",
              "validation.min_relatedness=null"],
     "median": ["validation.norm_factor=null", "validation.min_agreement=null", "strategy.aggregation=median"],
-    # ASGD-GA: the share budget in place of the length bound and the clip (1e9: only the model bound is left)
-    "budget": ["validation.min_relatedness=null", "validation.share_budget=2", "validation.clip_factor=null",
-               "validation.norm_factor=1e9"],
+    "budget": ["validation.min_relatedness=null", *share_budget(2)],  # ASGD-GA: in place of the bound and clip
 }
-STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"), "asgd_ga_delta": ("screen", "relatedness", "none", "budget"),
+STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"),
+                     "asgd_ga_delta": ("screen", "relatedness", "none", "budget"),
                      "asgd_ga": ("screen", "relatedness", "none")}
 ATTACK = {"attacker": None, "kind": None}  # set before the worker processes fork
 # Fresh noise for every update: the ClientApp seeds torch's global generator when it builds its model, so noise drawn
@@ -119,7 +118,7 @@ def main() -> None:
 
     region_app.make_client_app = attacking_app(region_app.make_client_app)
     ATTACK["attacker"] = args.attacker
-    DEFENCES["budget"] = [o.replace("share_budget=2", f"share_budget={args.share_budget:g}") for o in DEFENCES["budget"]]
+    DEFENCES["budget"] = ["validation.min_relatedness=null", *share_budget(args.share_budget)]
     cases = []  # (strategy, defence, attack)
     for strategy in args.strategies:
         defences = [d for d in STRATEGY_DEFENCES[strategy] if args.defences is None or d in args.defences]

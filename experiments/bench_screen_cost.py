@@ -21,13 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_served_model import WORKLOADS  # noqa: E402
-from runner import execute, last_evaluations, pool  # noqa: E402
+from runner import execute, last_evaluations, pool, share_budget  # noqa: E402
 
 SETTINGS = {"default": [], "noclip": ["validation.clip_factor=null"],
             "off": ["validation.norm_factor=null", "validation.clip_factor=null"],
-            # the share budget in place of the clip, and of the length bound (1e9: only the model bound is left)
-            "budget": ["validation.share_budget=2", "validation.clip_factor=null", "validation.norm_factor=1e9"],
-            "budget_bound": ["validation.share_budget=2", "validation.clip_factor=null"]}
+            "budget": share_budget(2), "budget_bound": share_budget(2, length_bound=True)}
 
 
 def main() -> None:
@@ -41,14 +39,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.out)
-    for name in ("budget", "budget_bound"):
-        SETTINGS[name] = [o.replace("share_budget=2", f"share_budget={args.share_budget:g}") for o in SETTINGS[name]]
+    SETTINGS.update(budget=share_budget(args.share_budget),
+                    budget_bound=share_budget(args.share_budget, length_bound=True))
 
     def folder(workload: str, setting: str, seed: int) -> Path:
         return out / f"{args.strategy}-{workload}-{setting}-s{seed}"
 
     jobs = [([f"strategy={args.strategy}", *WORKLOADS[w], *overrides, f"seed={seed}"], str(folder(w, name, seed)))
-            for w in args.workloads for name, overrides in SETTINGS.items() if name in args.settings for seed in args.seeds]
+            for w in args.workloads for name in args.settings for overrides in [SETTINGS[name]] for seed in args.seeds]
     with pool(args.workers) as workers:
         execute(workers, jobs)
 

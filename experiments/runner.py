@@ -42,6 +42,13 @@ def last_evaluations(run_dir: str, count: int = 5) -> float:
     return statistics.mean([e["accuracy"] for e in history if e["accuracy"] is not None][-count:])
 
 
+def share_budget(k: float, length_bound: bool = False) -> list[str]:
+    """Overrides for ASGD-GA's share budget `k` in place of the clip, and unless `length_bound` of the length
+    bound too (norm_factor 1e9 leaves only the model bound)."""
+    return [f"validation.share_budget={k:g}", "validation.clip_factor=null",
+            *([] if length_bound else ["validation.norm_factor=1e9"])]
+
+
 def pool(workers: int):
     return mp.get_context("fork").Pool(workers, initializer=_init_worker)
 
