@@ -19,6 +19,7 @@ from cloudless_fl.errors import ConfigError
 from cloudless_fl.deployment.grid import InProcessGrid
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
 from cloudless_fl.strategy.validation import RejectedUpdate, UpdateLimits, UpdateValidator
+from cloudless_fl.training.compression import make_codec
 from conftest import TWO_REGIONS
 from strategy_helpers import Federation, topology
 
@@ -50,6 +51,9 @@ def corrupt(kind: str, arrays: ArrayRecord) -> ArrayRecord:
 
 REASONS = {"wrong_shape": "wrong_shape", "wrong_dtype": "wrong_dtype", "nan": "non_finite", "inf": "non_finite",
            "huge_norm": "norm", "missing_array": "missing_array"}
+DETAILS = {"wrong_shape": "w has shape (3,), the model (3, 2)", "wrong_dtype": "w has dtype float64, the model float32",
+           "nan": "w holds NaN or Inf", "inf": "w holds NaN or Inf",
+           "huge_norm": "norm 2.449e+04 exceeds max_norm 100", "missing_array": "missing ['w']"}
 
 
 @pytest.mark.parametrize("kind", REASONS)
@@ -60,7 +64,49 @@ def test_each_bad_kind_is_rejected_with_its_reason(kind):
     with pytest.raises(RejectedUpdate) as info:
         validator.check("r", corrupt(kind, good), protocol.MODE_DELTA)
     assert info.value.reason == REASONS[kind]
+    assert info.value.detail == DETAILS[kind]  # the log names what is wrong, and where
     assert validator.rejections == {"r": {REASONS[kind]: 1}}
+
+
+@pytest.mark.parametrize("name", ["w", "b"])
+def test_a_non_finite_update_names_the_entry_that_holds_it(name):
+    bad = {**REFERENCE, name: REFERENCE[name].clone()}
+    bad[name].view(-1)[0] = float("nan")
+    with pytest.raises(RejectedUpdate) as info:
+        UpdateValidator(REFERENCE).check("r", record(**bad), protocol.MODE_DELTA)
+    assert (info.value.reason, info.value.detail) == ("non_finite", f"{name} holds NaN or Inf")
+
+
+def test_finite_entries_whose_norm_overflows_are_rejected_for_norm():
+    huge = {**REFERENCE, "w": torch.full((3, 2), 3e38)}  # each entry finite in float32, their norm not
+    with pytest.raises(RejectedUpdate) as info:
+        UpdateValidator(REFERENCE).check("r", record(**huge), protocol.MODE_DELTA)
+    assert (info.value.reason, info.value.detail) == ("norm", "norm overflows")
+
+
+def test_a_gradient_of_a_model_without_floating_point_entries_is_empty_and_of_norm_zero():
+    validator = UpdateValidator({"count": torch.tensor(3)}, UpdateLimits(max_norm=1e-9))
+    assert validator.check("r", record(), protocol.MODE_GRADIENT) == {}
+
+
+def test_a_long_list_of_wrong_names_is_cut_to_its_first_three():
+    validator = UpdateValidator({name: torch.zeros(1) for name in "abcde"})
+    with pytest.raises(RejectedUpdate) as missing:
+        validator.check("r", record(), protocol.MODE_DELTA)
+    assert missing.value.detail == "missing ['a', 'b', 'c']"
+    extra = {f"x{i}": torch.zeros(1) for i in range(5)}
+    with pytest.raises(RejectedUpdate) as unexpected:
+        validator.check("r", record(**{name: torch.zeros(1) for name in "abcde"}, **extra), protocol.MODE_DELTA)
+    assert unexpected.value.detail == "unexpected ['x0', 'x1', 'x2']"
+
+
+@pytest.mark.parametrize("codec, says", [(None, "the run uses 'none'"), (make_codec("int8"), "the run uses 'int8:")])
+def test_an_update_encoded_otherwise_than_the_run_is_malformed_and_says_both(codec, says):
+    validator = UpdateValidator(REFERENCE)
+    with pytest.raises(RejectedUpdate) as info:
+        validator.check("r", record(**REFERENCE), protocol.MODE_DELTA, codec=codec, encoding="int4:64")
+    assert info.value.reason == "malformed" and info.value.detail.startswith("encoded as 'int4:64'")
+    assert says in info.value.detail
 
 
 def test_unexpected_arrays_and_gradient_layout():
@@ -81,8 +127,26 @@ def test_weights_are_judged_by_their_change_and_clipped_to_the_bound():
     change = torch.cat([(out[k] - base[k]).flatten() for k in ("w", "b")])
     assert float(change.norm()) == pytest.approx(1.0, rel=1e-6)
     assert validator.clipped["r"] == 1 and not any(validator.rejections.values())
+    assert torch.equal(out["b"], base["b"])  # the change is scaled, not the weights: b did not change
+    validator.check("r", record(**moved), protocol.MODE_WEIGHTS, base=base)
+    assert validator.clipped["r"] == 2  # every clip counted
+    assert torch.allclose(out["w"] - base["w"], torch.full((3, 2), 1 / 6 ** 0.5))
     within = UpdateValidator(REFERENCE, UpdateLimits(max_norm=10.0))
     within.check("r", record(**moved), protocol.MODE_WEIGHTS, base=base)  # 7.3 < 10: passes as is
+
+
+def test_weights_far_from_zero_with_a_small_change_pass_and_a_delta_is_its_own_change():
+    base = {**REFERENCE, "w": torch.full((3, 2), 100.0)}
+    validator = UpdateValidator(REFERENCE, UpdateLimits(max_norm=1.0))
+    near = {**base, "b": torch.tensor([0.3, 0.4])}  # weights of norm 245, a change of 0.5
+    assert torch.equal(validator.check("r", record(**near), protocol.MODE_WEIGHTS, base=base)["b"], near["b"])
+    small = {"w": torch.full((3, 2), 0.1), "b": torch.zeros(2), "count": torch.tensor(3)}  # a delta of norm 0.24
+    validator.check("r", record(**small), protocol.MODE_DELTA, base=base)  # the base does not make it a change of 245
+    with pytest.raises(RejectedUpdate, match="norm 244.9 exceeds"):
+        validator.check("r", record(**base), protocol.MODE_DELTA, base=small)
+    clipping = UpdateValidator(REFERENCE, UpdateLimits(max_norm=0.1, on_norm="clip"))
+    out = clipping.check("r", record(**small), protocol.MODE_DELTA, base=base)  # a delta clipped is a delta
+    assert torch.allclose(out["w"], torch.full((3, 2), 0.1 / 6 ** 0.5))
 
 
 def test_rejections_are_logged_once_per_region_and_reason(caplog):

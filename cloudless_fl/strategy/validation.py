@@ -205,4 +205,4 @@ class UpdateValidator:
 
 
 def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.numpy().dtype) if t.device.type == "cpu" else str(t.cpu().numpy().dtype)
+    return str(t.cpu().numpy().dtype)
