@@ -54,6 +54,33 @@ def test_job_time_is_download_compute_upload():
     assert timing.end == pytest.approx(0.21 + 1.5 + 0.11)
 
 
+def test_the_upload_starts_when_download_and_compute_are_done(tmp_path):
+    """On a link whose bandwidth changes, when the upload starts decides how long it takes."""
+    trace = tmp_path / "link.csv"
+    trace.write_text("t_seconds,mbps\n0,10\n2,80\n")  # 10 Mbps for 2 s, then 80 (both directions)
+    topo = _topology(slow={"link": {"up_mbps": 80, "down_mbps": 80, "latency_ms": 0, "trace": str(trace)}})
+    timing = CostModel(topo, seed=0, compute_jitter=0.0).job("slow", 0.0, bytes_down=1_250_000, samples=50,
+                                                             bytes_up=1_250_000, workers=1, job_id=0)
+    assert (timing.download_s, timing.compute_s) == pytest.approx((1.0, 0.5))  # 10 Mbit at 10 Mbps; 50 / 100
+    assert timing.upload_s == pytest.approx(0.5 + 5 / 80)  # from 1.5 s: 5 Mbit at 10 Mbps, 5 Mbit at 80
+
+
+def test_every_job_adds_to_its_regions_account():
+    """Two jobs on two workers: each figure is the sum of the two; slow's uploads pay slow's egress price, its
+    downloads the coordinator's."""
+    ledger = Ledger(CostModel(_topology(slow={"egress_usd_per_gb": 0.2, "cold_start_usd": 0.01}), seed=0))
+    ledger.set_workers("slow", 2, at=0.0)
+    ledger.record_job("slow", compute_s=3.0, transfer_s=1.0, bytes_down=10**9, bytes_up=2 * 10**9)
+    ledger.record_job("slow", compute_s=2.0, transfer_s=0.5, bytes_down=10**9, bytes_up=10**9)
+    ledger.hold_until(10.0)
+    acc = ledger.accounts["slow"]
+    assert (acc.busy_s, acc.transfer_s, acc.busy_worker_s, acc.invocations) == pytest.approx((5.0, 1.5, 10.0, 2))
+    assert acc.idle_s == pytest.approx(20.0 / 2 - 5.0 - 1.5)
+    assert acc.serverless_usd == pytest.approx(10.0 * 1.8 / 3600 + 2 * 0.01)
+    assert (acc.wan_bytes, acc.bytes_down, acc.bytes_up) == (5 * 10**9, 2 * 10**9, 3 * 10**9)
+    assert acc.egress_usd == pytest.approx(3 * 0.2 + 2 * 0.1)
+
+
 def test_a_fixed_job_start_adds_to_every_jobs_compute():
     cm = CostModel(_topology(slow={"job_start_s": 2.5}), seed=0, compute_jitter=0.0)
     timing = cm.job("slow", 0.0, bytes_down=0, samples=300, bytes_up=0, workers=2, job_id=0)
@@ -269,3 +296,4 @@ def test_the_ledgers_breakdown_splits_the_cost_by_kind():
         "compute_instance": 3.6 + 1.8,  # every region's minimum worker held for an hour
         "compute_serverless": 1.8 + 0.01 + 3.6 / 2,  # the jobs' compute, slow's cold start
         "egress": 0.1 * 3})  # slow's 1 GB down leaves fast, its 2 GB up leave slow; fast's own are free
+    assert ledger.cost_usd() == pytest.approx({"instance": 5.4 + 0.3, "serverless": 3.61 + 0.3})  # compute + egress

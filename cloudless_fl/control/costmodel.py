@@ -166,11 +166,9 @@ class Ledger:
 
     def cost_usd(self) -> dict[str, float]:
         """Total cost so far under each billing mode (compute + egress)."""
-        egress = sum(a.egress_usd for a in self.accounts.values())
-        return {
-            "instance": sum(a.instance_usd for a in self.accounts.values()) + egress,
-            "serverless": sum(a.serverless_usd for a in self.accounts.values()) + egress,
-        }
+        parts = self.breakdown()
+        return {"instance": parts["compute_instance"] + parts["egress"],
+                "serverless": parts["compute_serverless"] + parts["egress"]}
 
     def state_dict(self) -> dict:
         return {name: asdict(acc) for name, acc in self.accounts.items()}
