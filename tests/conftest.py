@@ -13,10 +13,10 @@ import yaml
 
 from cloudless_fl.control.clock import WallClock
 
-# Tests fork (in-region worker groups, tests/test_workers.py) from this process after others ran PyTorch. A forked
-# child cannot use an OpenMP thread team its parent started: with the default team a worker group's rank hung on a
-# lock after the rest of the fast suite had run (2 of 3 runs on 2026-12-02), alone it never did. One intra-op thread
-# in the test process starts no team; the models here are too small to gain from more.
+# Tests fork (in-region worker groups, tests/test_workers.py) from this process after others ran PyTorch, and a
+# forked child cannot use an OpenMP thread team its parent started. One intra-op thread in the test process starts
+# no team; the models here are too small to gain from more. (A rank hang once blamed on this was a timed kill in
+# test_workers.py: docs/testing.md.)
 torch.set_num_threads(1)
 
 TWO_REGIONS = {
