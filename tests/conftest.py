@@ -15,8 +15,8 @@ from cloudless_fl.control.clock import WallClock
 
 # Tests fork (in-region worker groups, tests/test_workers.py) from this process after others ran PyTorch, and a
 # forked child cannot use an OpenMP thread team its parent started. One intra-op thread in the test process starts
-# no team; the models here are too small to gain from more. (A rank hang once blamed on this was a timed kill in
-# test_workers.py: docs/testing.md.)
+# no team; the models here are too small to gain from more. (One rank hang blamed on this was a timed kill in
+# test_workers.py instead: docs/testing.md.)
 torch.set_num_threads(1)
 
 TWO_REGIONS = {
