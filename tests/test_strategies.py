@@ -566,9 +566,12 @@ def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reas
     config = fed.config
     if isinstance(strategy, Metered):  # Flower's FedAvg sends one work order to every region
         config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0).to_config()})
-    strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=config, evaluate_fn=fed.evaluator())
+    result = strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=config,
+                            evaluate_fn=fed.evaluator())
     assert strategy.stop_reason.startswith(reason)
     entries = strategy.history.entries
+    # the run returns the model its last evaluation scored (a budget spent forces that evaluation)
+    assert fed.evaluator()(0, result.arrays)["accuracy"] == entries[-1]["accuracy"]
 
     def past(entry):
         if "max_time_s" in rule:
