@@ -33,8 +33,15 @@ DEFENCES = {  # name → overrides. The default is `screen` for MA and ASGD-GA d
     "none": ["validation.norm_factor=null", "validation.min_agreement=null", "validation.clip_factor=null",
              "validation.min_relatedness=null"],
     "median": ["validation.norm_factor=null", "validation.min_agreement=null", "strategy.aggregation=median"],
-    "budget": ["validation.min_relatedness=null", *share_budget(2)],  # ASGD-GA: in place of the bound and clip
 }
+
+
+def budget_defence(k: float) -> list[str]:
+    """ASGD-GA's share budget `k` in place of the length bound and the clip."""
+    return ["validation.min_relatedness=null", *share_budget(k)]
+
+
+DEFENCES["budget"] = budget_defence(2)
 STRATEGY_DEFENCES = {"ma": ("screen", "none", "median"),
                      "asgd_ga_delta": ("screen", "relatedness", "none", "budget"),
                      "asgd_ga": ("screen", "relatedness", "none")}
@@ -118,7 +125,7 @@ def main() -> None:
 
     region_app.make_client_app = attacking_app(region_app.make_client_app)
     ATTACK["attacker"] = args.attacker
-    DEFENCES["budget"] = ["validation.min_relatedness=null", *share_budget(args.share_budget)]
+    DEFENCES["budget"] = budget_defence(args.share_budget)
     cases = []  # (strategy, defence, attack)
     for strategy in args.strategies:
         defences = [d for d in STRATEGY_DEFENCES[strategy] if args.defences is None or d in args.defences]

@@ -23,9 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_served_model import WORKLOADS  # noqa: E402
 from runner import execute, last_evaluations, pool, share_budget  # noqa: E402
 
+def budget_settings(k: float) -> dict[str, list[str]]:
+    """The share budget `k` in place of the clip, with and without the length bound."""
+    return {"budget": share_budget(k), "budget_bound": share_budget(k, length_bound=True)}
+
+
 SETTINGS = {"default": [], "noclip": ["validation.clip_factor=null"],
-            "off": ["validation.norm_factor=null", "validation.clip_factor=null"],
-            "budget": share_budget(2), "budget_bound": share_budget(2, length_bound=True)}
+            "off": ["validation.norm_factor=null", "validation.clip_factor=null"], **budget_settings(2)}
 
 
 def main() -> None:
@@ -39,8 +43,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.out)
-    SETTINGS.update(budget=share_budget(args.share_budget),
-                    budget_bound=share_budget(args.share_budget, length_bound=True))
+    SETTINGS.update(budget_settings(args.share_budget))
 
     def folder(workload: str, setting: str, seed: int) -> Path:
         return out / f"{args.strategy}-{workload}-{setting}-s{seed}"
