@@ -181,6 +181,21 @@ def test_a_finished_run_extends_by_growing_num_rounds(two_region_topology, tmp_p
     assert [e["version"] for e in extended["history"]][-1] == 4
 
 
+def test_an_extended_fedavg_run_is_the_run_it_would_have_been(two_region_topology, tmp_path):
+    """Flower's round loop counts from 1 again on a resume: every round the wrapper passes on is offset
+    (the regions' data streams and the compressed downloads are keyed by it), so extending a run by two
+    rounds ends where a run of all four does."""
+    base = [*small_run_overrides(two_region_topology), "strategy=fedavg", "compression=int8"]
+    whole = run(compose([*base, "strategy.num_rounds=4"]), tmp_path / "whole")
+    run(compose([*base, "strategy.num_rounds=2"]), tmp_path / "extended")
+    extended = run(compose([*base, "strategy.num_rounds=4", f"resume={tmp_path / 'extended'}"]),
+                   tmp_path / "extended")
+    assert comparable(extended) == comparable(whole)
+    (_, model_whole), (_, model_extended) = final_state(tmp_path / "whole"), final_state(tmp_path / "extended")
+    for name, tensor in model_whole.items():
+        assert torch.equal(model_extended[name], tensor), name
+
+
 def test_a_run_that_spent_its_time_budget_extends_by_a_larger_one(two_region_topology, tmp_path):
     """The default budget is time: a finished run goes on when resumed with more of it."""
     base = [*small_run_overrides(two_region_topology), "strategy=ma", "strategy.num_rounds=100"]

@@ -133,18 +133,21 @@ def test_validation_runs_on_the_decoded_update():
 
 
 class CountingGrid(InProcessGrid):
-    """Records, per node and in order, the encoded size of every train message and train reply."""
+    """Records, per node and in order, the encoded size of every train message and train reply,
+    and the work order of every train message."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.down: dict[int, list[int]] = defaultdict(list)
         self.up: dict[int, list[int]] = defaultdict(list)
+        self.orders: dict[int, list[protocol.WorkOrder]] = defaultdict(list)
 
     def push_messages(self, messages):
         messages = list(messages)
         for m in messages:
             if m.metadata.message_type == "train":
                 self.down[m.metadata.dst_node_id].append(record_bytes(m.content[protocol.ARRAYS]))
+                self.orders[m.metadata.dst_node_id].append(protocol.WorkOrder.from_config(m.content[protocol.CONFIG]))
         return super().push_messages(messages)
 
     def pull_messages(self, message_ids):
@@ -179,6 +182,23 @@ def test_the_bytes_charged_are_the_encoded_payloads(two_region_topology, tmp_pat
     assert 2.5 < moved["none"] / moved["int8"] < 4.0  # int8 is ~4x smaller; a region's first download is whole
     assert figures["int8"]["summary"]["wan_bytes"] < figures["none"]["summary"]["wan_bytes"]
 
+
+
+def test_fedavgs_compressed_downloads_follow_each_node_from_round_to_round(two_region_topology, tmp_path, monkeypatch):
+    """Flower's FedAvg builds one message for all nodes; each node's compressed download must be the change
+    from the model *that node* rebuilt in the round before, and tell it to keep what the last checkpoint
+    (every 3 rounds here) may send again."""
+    grids = []
+    monkeypatch.setattr("cloudless_fl.run.InProcessGrid", lambda app, n: grids.append(CountingGrid(app, n)) or grids[-1])
+    cfg = compose(small_run_overrides(two_region_topology, strategy="fedavg", compression="int8",
+                                      **{"strategy.num_rounds": 5, "checkpoint.every": 3}))
+    payload = run(cfg, tmp_path / "run")
+    assert payload["summary"]["failed_replies"] == 0
+    for node in (1, 2):
+        orders = grids[-1].orders[node]
+        assert [o.round for o in orders] == [1, 2, 3, 4, 5]
+        assert [o.base for o in orders] == [None, 1, 2, 3, 4]  # the whole model once, then changes
+        assert [o.keep_from for o in orders] == [1, 1, 2, 3, 3]  # round 5: the checkpoint of round 3 may re-send 3
 
 
 def test_a_model_layout_round_trips_and_a_bad_one_is_refused():

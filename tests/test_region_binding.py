@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
@@ -33,8 +35,17 @@ ROUNDS = {"ma": 3, "asgd_ga_delta": 30, "fedavg": 2, "ma_first_jobs": 3, "asgd_g
 
 def run(tmp_path, strategy: str, bound: dict[str, int] | None, restart_at: int | None = None):
     """`strategy` on three in-process regions (node 3 is region "c"), bound as given; optionally node 3
-    restarts (under a new id, still claiming "c") once `restart_at` versions are done."""
+    restarts (under a new id, still claiming "c") once `restart_at` versions are done.
+    Returns the strategy, the restarted node's new id (if any) and the train messages sent to each node."""
     fed = Federation(tmp_path, three_regions())
+    sent, push = Counter(), fed.grid.push_messages
+
+    def counting_push(messages):
+        messages = list(messages)
+        sent.update(m.metadata.dst_node_id for m in messages if m.metadata.message_type == "train")
+        return push(messages)
+
+    fed.grid.push_messages = counting_push
     s = STRATEGIES[strategy](fed)
     if bound is not None:
         s.roster.bind(bound)
@@ -51,7 +62,7 @@ def run(tmp_path, strategy: str, bound: dict[str, int] | None, restart_at: int |
         return None
 
     s.start(fed.grid, fed.initial, num_rounds=ROUNDS[strategy], train_config=config, evaluate_fn=restart)
-    return s, restarted
+    return s, restarted, sent
 
 
 def jobs_of(s, region: str) -> int:
@@ -61,10 +72,11 @@ def jobs_of(s, region: str) -> int:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_node_claiming_a_region_whose_key_is_not_its_own_gets_no_say(tmp_path, strategy):
-    honest, _ = run(tmp_path / "honest", strategy, {"a": 1, "b": 2, "c": 3})
+    honest, _, _ = run(tmp_path / "honest", strategy, {"a": 1, "b": 2, "c": 3})
     assert jobs_of(honest, "c") > 0  # bound to its own key, "c" takes part
-    impostor, _ = run(tmp_path / "impostor", strategy, {"a": 1, "b": 2, "c": 99})
+    impostor, _, sent = run(tmp_path / "impostor", strategy, {"a": 1, "b": 2, "c": 99})
     assert jobs_of(impostor, "c") == 0 and jobs_of(impostor, "a") > 0 and jobs_of(impostor, "b") > 0
+    assert sent[3] <= 1  # found out by its first job's reply (or the roll call before it): no more work
     assert 3 in impostor.roster.refused
     reasons = [e.get("reason", "") for e in impostor.history.events]
     assert any("claims region c, whose registered key is node 99's" in r for r in reasons), reasons
@@ -72,9 +84,9 @@ def test_a_node_claiming_a_region_whose_key_is_not_its_own_gets_no_say(tmp_path,
 
 
 def test_a_restarted_node_of_a_bound_region_is_not_taken_in_under_another_key(tmp_path):
-    unbound, restarted = run(tmp_path / "unbound", "asgd_ga_delta", None, restart_at=5)
+    unbound, restarted, _ = run(tmp_path / "unbound", "asgd_ga_delta", None, restart_at=5)
     assert restarted and unbound.history.counters["rejoined_regions"] == 1  # without keys: the new node is "c"
-    bound, restarted = run(tmp_path / "bound", "asgd_ga_delta", {"a": 1, "b": 2, "c": 3}, restart_at=5)
+    bound, restarted, _ = run(tmp_path / "bound", "asgd_ga_delta", {"a": 1, "b": 2, "c": 3}, restart_at=5)
     assert restarted[0] in bound.roster.refused
     assert bound.history.counters["rejoined_regions"] == 0
     assert "c" not in bound.roster.live_names()

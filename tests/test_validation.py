@@ -238,7 +238,7 @@ STRATEGIES = {
 ROUNDS = {"ma": 4, "asgd_ga": 60, "asgd_ga_delta": 60, "fedavg": 3}  # async: "c" replies ~1 in 10
 
 
-def final_model(tmp_path, strategy: str, kind: str):
+def final_model(tmp_path, strategy: str, kind: str, rounds: int | None = None):
     fed = Federation(tmp_path, three_regions())
     fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind=kind)  # node 3 is region "c"
     limits = UpdateLimits(max_norm=1000.0, quarantine_after=3)
@@ -246,7 +246,7 @@ def final_model(tmp_path, strategy: str, kind: str):
     config = fed.config
     if strategy == "fedavg":
         config = ConfigRecord({**dict(config), **protocol.WorkOrder(lr=0.1, batch_size=16, epochs=0.5).to_config()})
-    result = s.start(fed.grid, fed.initial, num_rounds=ROUNDS[strategy], train_config=config)
+    result = s.start(fed.grid, fed.initial, num_rounds=rounds or ROUNDS[strategy], train_config=config)
     return result.arrays.to_torch_state_dict(), s
 
 
@@ -263,11 +263,13 @@ def test_a_regions_bad_updates_leave_the_model_as_if_they_were_never_sent(tmp_pa
     assert all(torch.isfinite(t).all() for t in bad.values() if t.is_floating_point())
 
 
-def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path):
-    _, s = final_model(tmp_path, "asgd_ga", "nan")
+@pytest.mark.parametrize("strategy, rounds", [("asgd_ga", ROUNDS["asgd_ga"]), ("fedavg", 5)])
+def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path, strategy, rounds):
+    _, s = final_model(tmp_path, strategy, "nan", rounds)
     assert s.history.counters["quarantined_regions"] == 1
-    assert s.history.rejections["c"]["non_finite"] == 3  # no more work after the third
-    assert "c" not in {info.name for info in s.roster.live.values()}
+    assert s.history.rejections["c"]["non_finite"] == 3
+    assert s.meter.ledger.accounts["c"].invocations == 4  # one good job, three bad: no more work after the third
+    assert s.meter.ledger.accounts["a"].invocations > 4
 
 
 def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
