@@ -181,14 +181,17 @@ def test_a_finished_run_extends_by_growing_num_rounds(two_region_topology, tmp_p
     assert [e["version"] for e in extended["history"]][-1] == 4
 
 
-def test_an_extended_fedavg_run_is_the_run_it_would_have_been(two_region_topology, tmp_path):
-    """Flower's round loop counts from 1 again on a resume: every round the wrapper passes on is offset
-    (the regions' data streams and the compressed downloads are keyed by it), so extending a run by two
-    rounds ends where a run of all four does."""
-    base = [*small_run_overrides(two_region_topology), "strategy=fedavg", "compression=int8"]
-    whole = run(compose([*base, "strategy.num_rounds=4"]), tmp_path / "whole")
-    run(compose([*base, "strategy.num_rounds=2"]), tmp_path / "extended")
-    extended = run(compose([*base, "strategy.num_rounds=4", f"resume={tmp_path / 'extended'}"]),
+@pytest.mark.parametrize("strategy, rounds, extra", [("fedavg", 2, []), ("asgd_ga", 30, ["strategy.tau_max=1"])])
+def test_an_extended_run_is_the_run_it_would_have_been(two_region_topology, tmp_path, strategy, rounds, extra):
+    """Extending a finished run to twice its steps ends where a run of all of them does: FedAvg's rounds are
+    offset (Flower's loop counts from 1 again; the regions' data streams and the compressed downloads are
+    keyed by the round), ASGD-GA's arrival rates and the fractions of its regions' updates applied are
+    restored (the slow region's stale ones are dropped: not all are)."""
+    base = [*small_run_overrides(two_region_topology), f"strategy={strategy}", "compression=int8", *extra]
+    whole = run(compose([*base, f"strategy.num_rounds={2 * rounds}"]), tmp_path / "whole")
+    assert strategy != "asgd_ga" or whole["summary"]["dropped_stale"] > 0
+    run(compose([*base, f"strategy.num_rounds={rounds}"]), tmp_path / "extended")
+    extended = run(compose([*base, f"strategy.num_rounds={2 * rounds}", f"resume={tmp_path / 'extended'}"]),
                    tmp_path / "extended")
     assert comparable(extended) == comparable(whole)
     (_, model_whole), (_, model_extended) = final_state(tmp_path / "whole"), final_state(tmp_path / "extended")
