@@ -252,6 +252,26 @@ def test_a_failed_region_is_excluded_and_restored_on_return(tmp_path):
     assert ma.meter.ledger.accounts["slow"].workers == scheduler.current.regions["slow"].workers
 
 
+def test_asgd_ga_plans_without_a_region_that_left(tmp_path):
+    topo = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=2, latency=0),
+                      slow=region(100, 1.8, 80, 0.5, wmax=2, latency=10))
+    fed = Federation(tmp_path, topo)
+    sizes = {r: len(fed.resident(r).y) for r in topo.region_names}
+    scheduler = Scheduler(topo, Workload(sizes, 0, base_steps=4, batch_size=16))
+
+    def outage(version, arrays):
+        if version == 10:
+            fed.grid.set_offline(2)  # node 2 is "slow"
+        return MetricRecord({"accuracy": 0.0, "loss": 0.0})
+
+    strategy = AsyncGradAccum(lr=1.0, batch_size=16, update="delta", meter=fed.meter(), scheduler=scheduler)
+    strategy.start(fed.grid, fed.initial, num_rounds=30, timeout=0.3, train_config=fed.config, evaluate_fn=outage)
+    assert strategy.history.counters["lost_regions"] == 1
+    left = [c for c in scheduler.changes if "slow leaves" in c["reason"]]
+    assert len(left) == 1 and left[0]["plan"]["slow"]["takes_part"] is False
+    assert scheduler.excluded == {"slow"}
+
+
 def test_asgd_ga_takes_its_accumulation_steps_from_the_plan(tmp_path):
     topo = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=2, latency=0),
                       slow=region(100, 1.8, 80, 0.5, wmax=3, latency=10))

@@ -622,6 +622,18 @@ def test_asgd_ga_logs_its_settings_at_the_start():
     assert AsyncGradAccum(aggregation="median", buffer_regions=4).describe().endswith(", buffered median of 4")
 
 
+def test_asgd_ga_starts_from_its_evaluated_model_with_the_server_optimizer_it_was_given(tmp_path):
+    fed = Federation(tmp_path, topology())
+    strategy = AsyncGradAccum(lr=0.1, momentum=0.9, nesterov=True, accumulation_steps=2, batch_size=16,
+                              meter=fed.meter())
+    strategy.start(fed.grid, fed.initial, num_rounds=3, train_config=fed.config,
+                   evaluate_fn=lambda version, arrays: MetricRecord({"accuracy": 0.5 + version / 10, "loss": 1.0}))
+    assert [(e["version"], e["accuracy"]) for e in strategy.history.entries] == [(0, 0.5), (1, 0.6), (2, 0.7),
+                                                                               (3, 0.8)]
+    group = strategy.optimizer.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.1, 0.9, True)
+
+
 def test_asgd_ga_measures_a_regions_arrival_interval_on_the_wall_clock():
     """The interval since the region's previous arrival (its first: since its job left), smoothed; a region that
     left and came back starts again from its new job."""
