@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from cloudless_fl.config import conf_dir
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.strategy.registry import STRATEGIES, strategy_entry
+from cloudless_fl.strategy.runbook import StopRules
 
 
 def _leaf_keys(node, prefix: str) -> set[str]:
@@ -104,3 +105,76 @@ def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
     assert steps["ap-beijing"] == 4 * share["ap-beijing"]  # 4,000 samples/s at 10 Gbps: capped
     with pytest.raises(ConfigError, match="heterogeneity_aware needs the region model"):
         build_strategy(compose(["strategy=ma", "strategy.heterogeneity_aware=true"]), Meter.measured(), num_regions=4)
+
+
+def _built(*overrides, **kwargs):
+    from cloudless_fl.config import compose, topology_of
+    from cloudless_fl.control.meter import Meter
+    from cloudless_fl.server_app import build_strategy
+
+    cfg = compose(list(overrides))
+    return build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4, **kwargs), cfg
+
+
+# every strategy.* key of an own-loop strategy, set away from its constructor's default (what a dropped key would
+# give), and where the built strategy keeps it
+_COMMON = {"eval_every": (3, lambda s: s.book.eval_every), "reply_timeout_s": (77, lambda s: s.jobs.reply_timeout),
+           "rejoin_every": (4, lambda s: s.rejoin_every), "roll_call": ("first_jobs", lambda s: s.roll_call),
+           "average_decay": (0.9, lambda s: s.average_decay), "batch_size": (9, lambda s: s.batch_size),
+           "aggregation": ("trimmed_mean", lambda s: s.aggregation), "trim_fraction": (0.34, lambda s: s.trim_fraction)}
+_OWN = {
+    "asgd_ga": {"lr": (0.5, lambda s: s.lr), "momentum": (0.5, lambda s: s.momentum),
+                "nesterov": (True, lambda s: s.nesterov), "accumulation_steps": (7, lambda s: s.accumulation_steps),
+                "tau_max": (6, lambda s: s.tau_max), "staleness": ("none", lambda s: s.staleness.__name__),
+                "update": ("delta", lambda s: s.update), "local_lr": (0.05, lambda s: s.local_lr),
+                "balance": (False, lambda s: s.balance), "max_weight": (2.5, lambda s: s.max_weight),
+                "buffer_regions": (5, lambda s: s.buffer_regions)},
+    "ma": {"lr": (0.05, lambda s: s.lr), "local_steps": (7, lambda s: s.local_steps),
+           "normalize": (False, lambda s: s.normalize), "outer_lr": (0.7, lambda s: s.outer_lr),
+           "outer_momentum": (0.5, lambda s: s.outer_momentum), "nesterov": (False, lambda s: s.nesterov),
+           "deadline_s": (42.0, lambda s: s.deadline_s),
+           "heterogeneity_aware": (False, lambda s: s.weight_by == "shares")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OWN))
+def test_every_setting_reaches_the_strategy_it_configures(name):
+    """A builder that drops or swaps a key builds a strategy with a default nobody asked for; set every key
+    away from its default (and its stop rules, the validation limits and the codec) and read each back."""
+    settings = {**_COMMON, **_OWN[name]}
+    overrides = [f"strategy={name}", "target_accuracy=0.77", "compression=int8", "validation.max_norm=55",
+                 "strategy.stop.max_time_s=123", "strategy.stop.max_cost_usd=4.5", "strategy.stop.at_target=true",
+                 *(f"strategy.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                   for key, (value, _) in settings.items())]
+    strategy, cfg = _built(*overrides)
+    for key, value in OmegaConf.to_container(cfg.strategy).items():  # the overrides took
+        assert key not in settings or value == settings[key][0], key
+    got = {key: read(strategy) for key, (_, read) in settings.items()}
+    expected = {key: "no_scaling" if key == "staleness" else value for key, (value, _) in settings.items()}
+    assert got == expected
+    assert strategy.book.stop == StopRules(max_time_s=123, max_cost_usd=4.5, target_accuracy=0.77)
+    assert strategy.limits.max_norm == 55 and strategy.downlink.codec.spec().startswith("int8")
+    assert strategy.plan is None and not strategy.book.resume
+
+
+def test_fedavgs_settings_reach_flowers_strategy_and_its_wrapper():
+    from cloudless_fl.control.scheduler import Workload
+
+    metered, _ = _built("strategy=fedavg", "target_accuracy=0.77", "compression=int8", "validation.max_norm=55",
+                        "strategy.eval_every=3", "strategy.reply_timeout_s=77", "strategy.aggregation=trimmed_mean",
+                        "strategy.trim_fraction=0.3", "strategy.stop.max_time_s=123", "strategy.stop.max_cost_usd=4.5",
+                        "strategy.stop.at_target=true")
+    inner = metered.inner
+    assert type(inner).__name__ == "FedTrimmedAvg" and inner.beta == 0.3
+    assert (inner.fraction_train, inner.fraction_evaluate, inner.min_train_nodes, inner.min_available_nodes) == \
+        (1.0, 0.0, 4, 4)  # every region every round; evaluation is central
+    assert (metered.book.eval_every, metered.reply_timeout) == (3, 77)
+    assert metered.book.stop == StopRules(max_time_s=123, max_cost_usd=4.5, target_accuracy=0.77)
+    assert metered.limits.max_norm == 55 and metered.downlink.codec.spec().startswith("int8")
+    work = Workload({"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575},
+                    model_bytes=4_500_000, base_steps=20, batch_size=32)
+    tight, _ = _built("strategy=fedavg", "strategy.round_deadline_s=2", work=work)
+    loose, _ = _built("strategy=fedavg", "strategy.round_deadline_s=100000", work=work)
+    assert type(tight.inner).__name__ == "SelectiveFedAvg" and max(tight.inner.every.values()) > 1
+    assert set(loose.inner.every) == set(tight.inner.every) == set(work.data_sizes)
+    assert set(loose.inner.every.values()) == {1}

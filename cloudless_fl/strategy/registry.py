@@ -101,7 +101,8 @@ def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
     return {"meter": b.meter, "eval_every": s["eval_every"], "stop": _stop_rules(s, b),
             "reply_timeout": s["reply_timeout_s"], "average_decay": s["average_decay"],
             "rejoin_every": s["rejoin_every"], "roll_call": s["roll_call"], "scheduler": b.scheduler,
-            "replan_every": b.replan_every, "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume, "compression": b.compression}
+            "replan_every": b.replan_every, "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume,
+            "compression": b.compression}
 
 
 def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:
@@ -182,6 +183,7 @@ _ASGD_GA_SCHEMA: dict[str, Rule] = {
 
 def _rules(own: Mapping[str, Rule]) -> dict[str, Rule]:
     return {**STRATEGY_COMMON, **own}
+
 
 STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
     StrategyEntry("fedavg", unit="round", local_work="local_epochs", build=build_fedavg, schema=_rules({
