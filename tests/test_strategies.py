@@ -252,6 +252,33 @@ def test_asgd_ga_readmits_a_lost_node_that_answers_again(tmp_path):
     assert strategy.meter.ledger.accounts["slow"].invocations > jobs_when_back["slow"]  # it got work again
 
 
+def test_asgd_ga_gives_a_node_that_joins_while_it_waits_work_at_once(tmp_path):
+    """No reply can come (the one region's node restarted; its job died with it): the new node, answering
+    its roll call while the run waits, gets work then, or the run would end with no job in flight."""
+    fed = Federation(tmp_path, solo_topology())
+    restarted, pulls = {}, []
+
+    def restart(version, arrays):
+        if version == 10 and not restarted:
+            restarted["node"] = fed.grid.restart(1)  # the job the old node is sent next never answers
+        return None
+
+    pull = fed.grid.pull_messages
+
+    def pull_and_wake(message_ids):  # the new node, asked at version 10, answers a few polls into the wait
+        if restarted:
+            pulls.append(1)
+            fed.grid.set_offline(restarted["node"], len(pulls) <= 5)
+        return pull(message_ids)
+
+    fed.grid.pull_messages = pull_and_wake
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(), reply_timeout=600,
+                              rejoin_every=5)
+    strategy.start(fed.grid, fed.initial, num_rounds=30, train_config=fed.config, evaluate_fn=restart)
+    assert strategy.version == 30
+    assert {info.name: node for node, info in strategy.roster.live.items()} == {"solo": restarted["node"]}
+
+
 def test_asgd_ga_takes_a_restarted_node_in_place_of_its_old_one(tmp_path):
     fed = Federation(tmp_path, topology())
     restarted = {}
