@@ -118,6 +118,7 @@ def test_staleness_bound_drops_and_counts(tmp_path):
     applied = strategy.history.staleness
     assert max(applied) == 2  # exactly tau_max stale is still applied
     assert strategy.history.counters["dropped_stale"] > 0
+    assert [e["version"] for e in strategy.history.entries] == list(range(41))  # a dropped update is no version
     assert sum(applied.values()) == 40
 
 
@@ -513,6 +514,13 @@ def test_ma_evaluates_its_last_period_whatever_eval_every(tmp_path):
     ma = ModelAveraging(lr=0.1, local_steps=2, batch_size=16, meter=fed.meter(), eval_every=3)
     ma.start(fed.grid, fed.initial, num_rounds=4, train_config=fed.config, evaluate_fn=fed.evaluator())
     assert [e["version"] for e in ma.history.entries if e.get("accuracy") is not None] == [0, 3, 4]
+
+
+def test_asgd_ga_evaluates_its_last_version_whatever_eval_every(tmp_path):
+    fed = Federation(tmp_path, topology())
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(), eval_every=4)
+    strategy.start(fed.grid, fed.initial, num_rounds=10, train_config=fed.config, evaluate_fn=fed.evaluator())
+    assert [e["version"] for e in strategy.history.entries if e.get("accuracy") is not None] == [0, 4, 8, 10]
 
 
 def test_an_ma_reply_landing_exactly_at_the_deadline_is_on_time(tmp_path):

@@ -272,6 +272,13 @@ def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path, strate
     assert s.meter.ledger.accounts["a"].invocations > 4
 
 
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
+def test_a_region_whose_job_fails_is_lost_with_the_reason_it_gave(tmp_path, strategy):
+    _, s = final_model(tmp_path, strategy, "error")
+    lost = [(e["region"], e["reason"]) for e in s.history.events if e["event"] == "region_lost"]
+    assert lost and set(lost) == {("c", "region gone")}  # (it rejoins, and fails again)
+
+
 def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
     fed = Federation(tmp_path, three_regions())
     fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind="nan")  # node 3 is region "c"
