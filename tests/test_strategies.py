@@ -523,6 +523,29 @@ def test_asgd_ga_evaluates_its_last_version_whatever_eval_every(tmp_path):
     assert [e["version"] for e in strategy.history.entries if e.get("accuracy") is not None] == [0, 4, 8, 10]
 
 
+def test_asgd_ga_evaluates_the_model_it_ends_with_when_its_budget_runs_out_on_a_dropped_update(tmp_path):
+    """The stop rules are checked after every reply, a version comes only from an applied one: a run whose
+    time budget runs out on a dropped update ends with a version evaluation may not have been due for."""
+    from cloudless_fl.strategy import StopRules
+
+    fed = Federation(tmp_path, topology())  # "slow"'s updates are always stale: tau_max=0 drops them
+
+    def run(stop):
+        strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=0, meter=fed.meter(),
+                                  eval_every=1000, stop=stop)
+        drops, count = [], strategy.book.count
+        strategy.book.count = lambda counter, n=1: (drops.append(strategy.meter.clock.now())
+                                                   if counter == "dropped_stale" else None, count(counter, n))
+        strategy.start(fed.grid, fed.initial, num_rounds=40, train_config=fed.config, evaluate_fn=fed.evaluator())
+        return strategy, drops
+
+    _, drops = run(None)
+    strategy, _ = run(StopRules(max_time_s=drops[0]))  # runs out exactly as the first dropped update comes
+    assert strategy.stop_reason.startswith("time budget") and strategy.history.counters["dropped_stale"] == 1
+    last = strategy.history.entries[-1]
+    assert last["version"] == strategy.version and last["accuracy"] is not None
+
+
 def test_an_ma_reply_landing_exactly_at_the_deadline_is_on_time(tmp_path):
     """The deadline is inclusive: slow's job ending at the very instant is averaged in, a hair earlier
     deadline drops it (first jobs at t=0, so the period starts at 0 and the deadline is exactly its end)."""

@@ -277,7 +277,9 @@ class AsyncGradAccum(GeoStrategy):
             self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
             if self.version != before:
                 self._checkpoint()
-        if self.history.entries[-1]["version"] != self.version:
+        if evaluate_fn is not None and self.history.entries[-1]["accuracy"] is None:
+            # a stop rule fired on a reply that made no version (dropped, held back): the last version was
+            # recorded when it came, evaluated only if due then; the run's final accuracy must be its model's
             self._evaluate(self.version, arrays, evaluate_fn, force=True)
         return self._finish(arrays)
 
