@@ -672,6 +672,21 @@ def test_the_balance_weight_is_capped(tmp_path):
     assert strategy._balance_weight("fast") == pytest.approx(0.5 * 1.1 / 1.0)
 
 
+def test_the_balance_weight_counts_the_arriving_update_as_applied():
+    """Shares and the summed rate count each region by the fraction of its arrivals applied (smoothed); the
+    arriving update's own region counts this arrival as applied, the others as they stand."""
+    from cloudless_fl.strategy.membership import RegionInfo
+
+    strategy = AsyncGradAccum(max_weight=100.0)
+    strategy.roster.live = {1: RegionInfo(1, "fast", 900), 2: RegionInfo(2, "slow", 100)}
+    strategy.roster.shares = {"fast": 0.5, "slow": 0.5}
+    strategy._intervals = {"fast": 1.0, "slow": 10.0}  # rates 1 and 0.1
+    strategy._applied = {"fast": 1.0, "slow": 0.5}  # half of slow's arrivals were held back
+    slow = 0.7 * 0.5 + 0.3 * 1.0  # with this one applied
+    assert strategy._balance_weight("slow") == pytest.approx(0.5 / (0.5 + 0.5 * slow) * (1.0 + 0.1 * slow) / 0.1)
+    assert strategy._balance_weight("fast") == pytest.approx(0.5 / (0.5 + 0.5 * 0.5) * (1.0 + 0.1 * 0.5) / 1.0)
+
+
 def test_asgd_ga_logs_its_settings_at_the_start():
     """The line a run logs first (`summary`) says how ASGD-GA is set up, the buffered rule included."""
     assert AsyncGradAccum(lr=0.5, momentum=0.9, accumulation_steps={"a": 3}, batch_size=8, tau_max=6,
