@@ -12,6 +12,7 @@ from cloudless_fl.training.data import load_source
 from cloudless_fl.training.models import build_model
 from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
+from cloudless_fl.strategy.asgd_ga import inverse_sqrt
 from cloudless_fl.strategy.validation import UpdateLimits
 from cloudless_fl.training.local import make_batches
 from conftest import TWO_REGIONS
@@ -685,6 +686,29 @@ def test_the_balance_weight_counts_the_arriving_update_as_applied():
     slow = 0.7 * 0.5 + 0.3 * 1.0  # with this one applied
     assert strategy._balance_weight("slow") == pytest.approx(0.5 / (0.5 + 0.5 * slow) * (1.0 + 0.1 * slow) / 0.1)
     assert strategy._balance_weight("fast") == pytest.approx(0.5 / (0.5 + 0.5 * 0.5) * (1.0 + 0.1 * 0.5) / 1.0)
+
+
+def test_asgd_ga_defaults_are_the_documented_ones():
+    strategy = AsyncGradAccum()
+    assert (strategy.lr, strategy.momentum, strategy.nesterov, strategy.accumulation_steps, strategy.batch_size,
+            strategy.tau_max, strategy.staleness, strategy.update, strategy.local_lr, strategy.balance,
+            strategy.max_weight, strategy.aggregation, strategy.trim_fraction, strategy.buffer_regions) == (
+        0.1, 0.0, False, 4, 32, None, inverse_sqrt, "gradient", 0.1, True, 4.0, "mean", 0.25, 3)
+    assert AsyncGradAccum(update="delta").lr == 1.0  # a delta is already a step
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"update": "weights"}, "update must be one of gradient, delta, got 'weights'"),
+    ({"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
+    ({"buffer_regions": 2}, "buffer_regions=2 cannot outvote a bad region; use 3 or more"),
+    ({"aggregation": "trimmed_mean", "trim_fraction": 0.2}, "trim_fraction=0.2 of buffer_regions=3 trims nothing: "
+                                                             "raise either (e.g. 0.25 of 4), or use aggregation=median"),
+    ({"staleness": "linear"}, "unknown staleness function 'linear'; use inverse_sqrt, none"),
+])
+def test_asgd_ga_refuses_a_bad_setting_naming_the_choices(setting, message):
+    with pytest.raises(ValueError) as refused:
+        AsyncGradAccum(**setting)
+    assert str(refused.value) == message
 
 
 def test_asgd_ga_logs_its_settings_at_the_start():
