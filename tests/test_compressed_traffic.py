@@ -134,20 +134,20 @@ def test_validation_runs_on_the_decoded_update():
 
 class CountingGrid(InProcessGrid):
     """Records, per node and in order, the encoded size of every train message and train reply,
-    and the work order of every train message."""
+    and the config every train message carries."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.down: dict[int, list[int]] = defaultdict(list)
         self.up: dict[int, list[int]] = defaultdict(list)
-        self.orders: dict[int, list[protocol.WorkOrder]] = defaultdict(list)
+        self.configs: dict[int, list] = defaultdict(list)
 
     def push_messages(self, messages):
         messages = list(messages)
         for m in messages:
             if m.metadata.message_type == "train":
                 self.down[m.metadata.dst_node_id].append(record_bytes(m.content[protocol.ARRAYS]))
-                self.orders[m.metadata.dst_node_id].append(protocol.WorkOrder.from_config(m.content[protocol.CONFIG]))
+                self.configs[m.metadata.dst_node_id].append(m.content[protocol.CONFIG])
         return super().push_messages(messages)
 
     def pull_messages(self, message_ids):
@@ -195,7 +195,7 @@ def test_fedavgs_compressed_downloads_follow_each_node_from_round_to_round(two_r
     payload = run(cfg, tmp_path / "run")
     assert payload["summary"]["failed_replies"] == 0
     for node in (1, 2):
-        orders = grids[-1].orders[node]
+        orders = [protocol.WorkOrder.from_config(config) for config in grids[-1].configs[node]]
         assert [o.round for o in orders] == [1, 2, 3, 4, 5]
         assert [o.base for o in orders] == [None, 1, 2, 3, 4]  # the whole model once, then changes
         assert [o.keep_from for o in orders] == [1, 1, 2, 3, 3]  # round 5: the checkpoint of round 3 may re-send 3
