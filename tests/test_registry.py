@@ -70,8 +70,9 @@ def test_round_deadlines_refuse_a_robust_rule():
     from cloudless_fl.server_app import build_strategy
 
     cfg = compose(["strategy=fedavg", "strategy.aggregation=median", "strategy.round_deadline_s=2"])
-    with pytest.raises(ConfigError, match="aggregation=mean only"):
+    with pytest.raises(ConfigError) as refused:
         build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4)
+    assert str(refused.value) == "strategy.round_deadline_s works with strategy.aggregation=mean only"
 
 
 def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
@@ -175,6 +176,46 @@ def test_fedavgs_settings_reach_flowers_strategy_and_its_wrapper():
                     model_bytes=4_500_000, base_steps=20, batch_size=32)
     tight, _ = _built("strategy=fedavg", "strategy.round_deadline_s=2", work=work)
     loose, _ = _built("strategy=fedavg", "strategy.round_deadline_s=100000", work=work)
-    assert type(tight.inner).__name__ == "SelectiveFedAvg" and max(tight.inner.every.values()) > 1
-    assert set(loose.inner.every) == set(tight.inner.every) == set(work.data_sizes)
-    assert set(loose.inner.every.values()) == {1}
+    assert type(tight.inner).__name__ == "SelectiveFedAvg"
+    assert (tight.inner.fraction_train, tight.inner.fraction_evaluate, tight.inner.min_train_nodes,
+            tight.inner.min_available_nodes) == (1.0, 0.0, 4, 4)
+    # the regions' own round times, unfilled (FedAvg's regions do their epochs, not a period's worth): 0.09,
+    # 0.65, 2.001 and 6.07 s; filled towards the slowest, ap-guangzhou's 4.1 s would make it every 3rd
+    assert tight.inner.every == {"ap-beijing": 1, "ap-shanghai": 1, "ap-guangzhou": 2, "ap-chengdu": 4}
+    assert set(loose.inner.every.values()) == {1} and set(loose.inner.every) == set(work.data_sizes)
+
+
+_GEO4_WORK = {"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575}
+
+
+def test_fedavg_rents_the_schedulers_initial_workers_from_the_start():
+    from cloudless_fl.config import compose, topology_of
+    from cloudless_fl.control.scheduler import Scheduler, Workload
+
+    work = Workload(_GEO4_WORK, model_bytes=4_500_000, base_steps=20, batch_size=32)
+    topology = topology_of(compose(["strategy=fedavg"]))
+    scheduler = Scheduler(topology, work)
+    metered, _ = _built("strategy=fedavg", "strategy.round_deadline_s=2", work=work, scheduler=scheduler)
+    planned = scheduler.current.workers()
+    assert planned != {r.name: r.workers_min for r in topology.regions}  # the plan rents more somewhere
+    accounts = metered.meter.ledger.accounts
+    assert {name: a.workers for name, a in accounts.items()} == planned
+    assert all(a.held_worker_s == 0 and a.held_until == 0 for a in accounts.values())  # from t = 0 on
+    # the deadline's round times are the plan's: its extra workers make ap-chengdu's round shorter
+    times = {name: r.finish_s for name, r in scheduler.current.regions.items() if r.takes_part}
+    assert metered.inner.every == {name: math.ceil(t / 2 - 1e-9) for name, t in times.items()}
+
+
+@pytest.mark.parametrize("meter, with_work", [("measured", True), ("simulated", False)])
+def test_round_deadlines_need_the_region_model_and_the_workload(meter, with_work):
+    from cloudless_fl.config import compose, topology_of
+    from cloudless_fl.control.meter import Meter
+    from cloudless_fl.control.scheduler import Workload
+    from cloudless_fl.server_app import build_strategy
+
+    cfg = compose(["strategy=fedavg", "strategy.round_deadline_s=2"])
+    work = Workload(_GEO4_WORK, model_bytes=4_500_000, base_steps=20, batch_size=32) if with_work else None
+    built_meter = Meter.measured() if meter == "measured" else Meter.simulated(topology_of(cfg), 1)
+    with pytest.raises(ConfigError) as refused:
+        build_strategy(cfg, built_meter, num_regions=4, work=work)
+    assert str(refused.value) == "strategy.round_deadline_s needs a topology to estimate round times"
