@@ -303,7 +303,7 @@ def test_asgd_ga_takes_a_restarted_node_in_place_of_its_old_one(tmp_path):
     assert strategy.meter.ledger.accounts["slow"].invocations > restarted["slow_jobs"]  # the new node trains
 
 
-def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path):
+def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path, caplog):
     fed = Federation(tmp_path, topology())
     work = WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0)
     config = ConfigRecord({**dict(fed.config), **work.to_config()})
@@ -319,13 +319,34 @@ def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path):
             jobs["slow"] = fedavg.meter.ledger.accounts["slow"].invocations
         return None
 
-    fedavg.start(fed.grid, fed.initial, num_rounds=5, train_config=config, evaluate_fn=outage)
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        fedavg.start(fed.grid, fed.initial, num_rounds=5, train_config=config, evaluate_fn=outage)
+    assert "1 of 2 regions connected after 0.2 s (gone: slow); the rounds go on with them" in caplog.messages
     assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2, 3, 4, 5]
     kinds = [e["event"] for e in fedavg.history.events]
     assert kinds == ["regions_lost"]  # round 2 found "slow" gone and went on with "fast"
     assert fedavg.history.events[0]["regions"] == ["slow"]
     assert fedavg.history.counters["lost_regions"] == 1
     assert fedavg.meter.ledger.accounts["slow"].invocations == jobs["slow"] + 2  # rounds 4 and 5: back in
+
+
+def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
+    fed = Federation(tmp_path, topology())
+    work = WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0)
+    config = ConfigRecord({**dict(fed.config), **work.to_config()})
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2), fed.meter(),
+                     reply_timeout=0.2)
+
+    def outage(server_round, arrays):
+        if server_round == 1:
+            fed.grid.set_offline(1)
+            fed.grid.set_offline(2)
+        return None
+
+    with pytest.raises(RuntimeError) as stopped:
+        fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config, evaluate_fn=outage)
+    assert str(stopped.value) == ("no region is connected after waiting 0.2 s; "
+                                  "restart the SuperNodes and resume the run (resume=<run dir>)")
 
 
 def test_fedavg_records_a_region_that_vanishes_mid_round(tmp_path):
