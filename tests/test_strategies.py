@@ -325,9 +325,30 @@ def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path, ca
     assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2, 3, 4, 5]
     kinds = [e["event"] for e in fedavg.history.events]
     assert kinds == ["regions_lost"]  # round 2 found "slow" gone and went on with "fast"
-    assert fedavg.history.events[0]["regions"] == ["slow"]
+    assert (fedavg.history.events[0]["regions"], fedavg.history.events[0]["connected"]) == (["slow"], 1)
     assert fedavg.history.counters["lost_regions"] == 1
     assert fedavg.meter.ledger.accounts["slow"].invocations == jobs["slow"] + 2  # rounds 4 and 5: back in
+
+
+def test_fedavg_counts_every_region_it_goes_on_without(tmp_path):
+    two = TWO_REGIONS["regions"]
+    regions = {"fast": two["fast"], "slow": {**two["slow"], "data_share": 0.3},
+               "slower": {**two["slow"], "data_share": 0.2}}
+    fed = Federation(tmp_path, topology(regions))
+    config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0).to_config()})
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3), fed.meter(),
+                     reply_timeout=0.2)
+
+    def outage(server_round, arrays):
+        if server_round == 1:
+            fed.grid.set_offline(2)
+            fed.grid.set_offline(3)
+        return None
+
+    fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config, evaluate_fn=outage)
+    [lost] = fedavg.history.events
+    assert (lost["event"], lost["regions"], lost["connected"]) == ("regions_lost", ["slow", "slower"], 1)
+    assert fedavg.history.counters["lost_regions"] == 2
 
 
 def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
