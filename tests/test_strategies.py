@@ -349,7 +349,7 @@ def test_fedavg_counts_every_region_it_goes_on_without(tmp_path):
     [lost] = fedavg.history.events
     assert (lost["event"], lost["regions"], lost["connected"]) == ("regions_lost", ["slow", "slower"], 1)
     assert fedavg.history.counters["lost_regions"] == 2
-    assert (fedavg.inner.min_available_nodes, fedavg.inner.min_train_nodes) == (1, 1)  # Flower's FedAvg waits for no more
+    assert (fedavg.inner.min_available_nodes, fedavg.inner.min_train_nodes) == (1, 1)  # what Flower waits for
 
 
 def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
