@@ -330,7 +330,8 @@ def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path, ca
     assert fedavg.meter.ledger.accounts["slow"].invocations == jobs["slow"] + 2  # rounds 4 and 5: back in
 
 
-def test_fedavg_counts_every_region_it_goes_on_without(tmp_path):
+def _fedavg_after_outage(tmp_path, offline: list[int]) -> Metered:
+    """Three regions ("fast" is node 1); the `offline` nodes vanish after round 1 for good."""
     two = TWO_REGIONS["regions"]
     regions = {"fast": two["fast"], "slow": {**two["slow"], "data_share": 0.3},
                "slower": {**two["slow"], "data_share": 0.2}}
@@ -340,12 +341,15 @@ def test_fedavg_counts_every_region_it_goes_on_without(tmp_path):
                      reply_timeout=0.2)
 
     def outage(server_round, arrays):
-        if server_round == 1:
-            fed.grid.set_offline(2)
-            fed.grid.set_offline(3)
-        return None
+        for node in offline if server_round == 1 else ():
+            fed.grid.set_offline(node)
 
     fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config, evaluate_fn=outage)
+    return fedavg
+
+
+def test_fedavg_counts_every_region_it_goes_on_without(tmp_path):
+    fedavg = _fedavg_after_outage(tmp_path, offline=[2, 3])
     [lost] = fedavg.history.events
     assert (lost["event"], lost["regions"], lost["connected"]) == ("regions_lost", ["slow", "slower"], 1)
     assert fedavg.history.counters["lost_regions"] == 2
@@ -353,20 +357,8 @@ def test_fedavg_counts_every_region_it_goes_on_without(tmp_path):
 
 
 def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
-    fed = Federation(tmp_path, topology())
-    work = WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0)
-    config = ConfigRecord({**dict(fed.config), **work.to_config()})
-    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2), fed.meter(),
-                     reply_timeout=0.2)
-
-    def outage(server_round, arrays):
-        if server_round == 1:
-            fed.grid.set_offline(1)
-            fed.grid.set_offline(2)
-        return None
-
     with pytest.raises(RuntimeError) as stopped:
-        fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config, evaluate_fn=outage)
+        _fedavg_after_outage(tmp_path, offline=[1, 2, 3])
     assert str(stopped.value) == ("no region is connected after waiting 0.2 s; "
                                   "restart the SuperNodes and resume the run (resume=<run dir>)")
 
