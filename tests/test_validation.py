@@ -215,8 +215,47 @@ class FaultyGrid(InProcessGrid):
             return reply
         if self.kind == "error":
             return Message(MessageError(code=0, reason="region gone"), reply_to=msg)
-        reply.content[protocol.ARRAYS] = corrupt(self.kind, reply.content[protocol.ARRAYS])
+        if self.kind in BAD_METRICS or self.kind in ODD_METRICS:
+            {**BAD_METRICS, **ODD_METRICS}[self.kind](reply.content)
+        elif self.kind != "as_is":
+            reply.content[protocol.ARRAYS] = corrupt(self.kind, reply.content[protocol.ARRAYS])
         return reply
+
+
+def _set_metric(key: str, value):
+    def apply(content) -> None:
+        content[protocol.METRICS][key] = value
+    return apply
+
+
+def _renamed_metrics(content) -> None:  # a stock ClientApp's two records, neither named "metrics"
+    metrics = content.pop(protocol.METRICS)
+    content["train_metrics"], content["more_metrics"] = metrics, metrics
+
+
+BAD_METRICS = {"no_metrics": lambda content: content.pop(protocol.METRICS),
+               "unnamed_metrics": _renamed_metrics,
+               "no_count": lambda content: content[protocol.METRICS].pop("num-examples"),
+               "negative_count": _set_metric("num-examples", -40), "zero_count": _set_metric("num-examples", 0),
+               "fractional_count": _set_metric("num-examples", 2.5),
+               "nan_seconds": _set_metric("compute-seconds", float("nan")),
+               "negative_seconds": _set_metric("compute-seconds", -1.0), "no_workers": _set_metric("workers", 0),
+               "negative_steps": _set_metric("steps", -1),
+               "unknown_update": lambda content: content[protocol.INFO].__setitem__("update", "gossip")}
+_WHOLE, _SECONDS = "a whole number >= {} is expected", "seconds >= 0 are expected"
+METRICS_DETAILS = {  # what the log says of the first one; FedAvg's: Flower's one record of each kind first
+    "no_metrics": ("0 MetricRecords, none named 'metrics'; a train reply carries one, with num-examples",
+                   "1 ArrayRecords and 0 MetricRecords; Flower's strategies take one of each"),
+    "unnamed_metrics": ("2 MetricRecords, none named 'metrics'; a train reply carries one, with num-examples",
+                        "1 ArrayRecords and 2 MetricRecords; Flower's strategies take one of each"),
+    "no_count": f"num-examples is None; {_WHOLE.format(1)}",
+    "negative_count": f"num-examples is -40; {_WHOLE.format(1)}",
+    "zero_count": f"num-examples is 0; {_WHOLE.format(1)}",
+    "fractional_count": f"num-examples is 2.5; {_WHOLE.format(1)}",
+    "nan_seconds": f"compute-seconds is nan; {_SECONDS}", "negative_seconds": f"compute-seconds is -1.0; {_SECONDS}",
+    "no_workers": f"workers is 0; {_WHOLE.format(1)}", "negative_steps": f"steps is -1; {_WHOLE.format(0)}",
+    "unknown_update": "reply says its arrays are 'gossip'; expected one of weights, gradient, delta"}
+ODD_METRICS = {"one_more": _set_metric("surprise", 1.0)}  # not bad: a metric the other regions do not report
 
 
 def three_regions():
@@ -261,6 +300,37 @@ def test_a_regions_bad_updates_leave_the_model_as_if_they_were_never_sent(tmp_pa
     assert rejected[REASONS[kind]] >= 1 and set(rejected) == {REASONS[kind]}
     assert s.history.counters["rejected_updates"] == sum(rejected.values())
     assert all(torch.isfinite(t).all() for t in bad.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", BAD_METRICS)
+def test_a_reply_whose_metrics_make_no_sense_is_rejected_and_leaves_the_model_as_if_never_sent(tmp_path, strategy,
+                                                                                               kind, caplog):
+    """Flower's FedAvg raises on a reply without its MetricRecord (the run would end), MA weights by a negative
+    count, and the scheduler learns from NaN seconds: such replies are `malformed` updates."""
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        bad, s = final_model(tmp_path / "bad", strategy, kind)
+    detail = METRICS_DETAILS[kind]
+    if isinstance(detail, tuple):
+        detail = detail[strategy == "fedavg"]
+    assert f"region c sent a bad update (malformed: {detail}); rejected, and counted from now on" in caplog.messages
+    without, _ = final_model(tmp_path / "without", strategy, "error")
+    for name, tensor in without.items():
+        assert torch.equal(bad[name], tensor), name
+    assert set(s.history.rejections["c"]) == {"malformed"} and s.history.rejections["c"]["malformed"] >= 1
+    assert s.history.counters["rejected_updates"] == s.history.rejections["c"]["malformed"]
+
+
+def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):
+    """Flower's FedAvg raises unless every reply's MetricRecord has the same keys; the wrapper hands it the
+    keys they share, so one region's ClientApp reporting one metric more neither ends the run nor loses
+    its update."""
+    more, s = final_model(tmp_path / "more", "fedavg", "one_more")
+    same, plain = final_model(tmp_path / "same", "fedavg", "as_is")
+    for name, tensor in same.items():
+        assert torch.equal(more[name], tensor), name
+    assert s.history.counters["rejected_updates"] == 0
+    assert s.history.entries[-1]["samples"] == plain.history.entries[-1]["samples"]
 
 
 @pytest.mark.parametrize("strategy, rounds", [("asgd_ga", ROUNDS["asgd_ga"]), ("fedavg", 5)])

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..checkpoint import Checkpointer
-from ..control.jobs import Job, JobTiming
+from ..control.jobs import Job, JobTiming, Reported
 from ..control.meter import Meter, record_bytes
 from ..control.scheduler import Scheduler
 from ..errors import ConfigError
@@ -295,46 +295,54 @@ class GeoStrategy(Strategy):
     def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:
         """Meter a successful reply; return its validated update in `mode` (None if rejected) and metrics.
 
-        A rejected update was still computed and moved, so it is charged; it never
+        A rejected update was still computed and moved, so it is charged (its transfer
+        only, if its metrics are malformed: what it computed is unknown); it never
         reaches the model, and its region is quarantined once it has sent too many.
         A reply of new weights (a stock Flower ClientApp's) where a delta was asked
         for becomes the delta against the model the job was sent, and a delta where
         weights were asked for (a compressed upload) becomes new weights.
         """
-        arrays = reply.content[protocol.ARRAYS]
-        metrics = reply.content[protocol.METRICS]
-        sent_as = protocol.reply_update(reply)
+        arrays = reply.content.array_records.get(protocol.ARRAYS, ArrayRecord())  # none: missing every array
+        bytes_up = record_bytes(arrays)
         self.downlink.delivered(flight.region, flight.order.offset)
+        try:
+            metrics, reported = self.validator.check_report(flight.region, reply)
+        except RejectedUpdate:  # charged its transfer: what it computed on is unknown
+            self.meter.complete(flight.job, bytes_up=bytes_up, reported=Reported(samples=0))
+            self._reject(flight)
+            return None, MetricRecord()
+        sent_as = protocol.reply_update(reply)
         if sent_as != mode and protocol.MODE_GRADIENT in (sent_as, mode):
             raise ConfigError(
                 f"{type(self).__name__} asked region {flight.region} for {mode} updates but its ClientApp sent "
                 f"{sent_as}{' (a stock Flower reply: new weights)' if sent_as == protocol.MODE_WEIGHTS else ''}. "
                 "Use update='delta' (any ClientApp that returns its new weights), or have the ClientApp send "
                 f"{mode} updates and say so in its reply (docs/drop-in.md)")
-        bytes_up = record_bytes(arrays)
-        samples = int(metrics.get("num-examples", 0))
-        reported = protocol.job_report(reply, metrics)
         work_s, transfer_s, overhead_s = self.meter.complete(flight.job, bytes_up=bytes_up, reported=reported)
         base = flight.arrays.to_torch_state_dict() if sent_as != mode else self.optimizer.state
         try:
             tensors = self.validator.check(flight.region, arrays, sent_as, base=base, codec=self.downlink.codec,
                                            encoding=protocol.reply_encoding(reply))
         except RejectedUpdate:
-            self.book.count("rejected_updates")
-            if self.validator.quarantined(flight.region):
-                self.roster.quarantine(flight.node_id, flight.region,
-                                       sum(self.validator.rejections[flight.region].values()))
-                self._region_left(flight.region)
+            self._reject(flight)
             return None, metrics
         if sent_as == protocol.MODE_WEIGHTS and mode == protocol.MODE_DELTA:  # the change a delta job reports
             tensors = {k: base[k] - v for k, v in tensors.items() if v.is_floating_point()}
         elif sent_as == protocol.MODE_DELTA and mode == protocol.MODE_WEIGHTS:  # the weights it arrived at
             tensors = {k: base[k] - v for k, v in tensors.items()}
-        self.book.samples += samples
+        self.book.samples += reported.samples
         if self.plan is not None:
             self.plan.observe(flight.region, reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s,
                               nbytes=flight.job.bytes_down + bytes_up)
         return tensors, metrics
+
+    def _reject(self, flight: InFlight) -> None:
+        """Count a rejected reply; quarantine its region once it has sent too many."""
+        self.book.count("rejected_updates")
+        if self.validator.quarantined(flight.region):
+            rejected = sum(self.validator.rejections[flight.region].values())
+            self.roster.quarantine(flight.node_id, flight.region, rejected)
+            self._region_left(flight.region)
 
     def _screened(self, candidates: list[Candidate]) -> list[float | None]:
         """Per update, the factor to apply it with (screen.py: < 1 if clipped), or None if held back.

@@ -36,10 +36,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..checkpoint import Checkpointer
+from ..control.jobs import Reported
 from ..control.meter import Meter, record_bytes
 from ..reporting.results import History
 from ..training.compression import Codec
-from ..training.protocol import (ARRAYS, CONFIG, MODE_DELTA, MODE_WEIGHTS, WorkOrder, job_report, reply_encoding,
+from ..training.protocol import (ARRAYS, CONFIG, MODE_DELTA, MODE_WEIGHTS, WorkOrder, reply_encoding,
                                  reply_region)
 from .downlink import Downlink
 from .inflight import PromptReplies
@@ -56,6 +57,18 @@ class _StopRuleFired(Exception):
     def __init__(self, arrays: ArrayRecord) -> None:
         super().__init__("stop rule fired")
         self.arrays = arrays
+
+
+def _keep_shared_metrics(replies: list[Message]) -> None:
+    """Trim each reply's MetricRecord to the keys every reply has: Flower's FedAvg raises on replies whose keys
+    differ (one region's ClientApp reporting one metric more would end the run)."""
+    if not replies:
+        return
+    shared = set.intersection(*(set(next(iter(m.content.metric_records.values()))) for m in replies))
+    for msg in replies:
+        name, metrics = next(iter(msg.content.metric_records.items()))
+        if set(metrics) != shared:
+            msg.content[name] = MetricRecord({k: v for k, v in metrics.items() if k in shared})
 
 
 class Metered(Strategy):
@@ -171,8 +184,6 @@ class Metered(Strategy):
             if msg.has_error():
                 accepted.append(msg)  # the inner strategy logs and skips it
                 continue
-            metrics = next(iter(msg.content.metric_records.values()), {})
-            samples = int(metrics.get("num-examples", 0))
             region = reply_region(msg) or f"node-{msg.metadata.src_node_id}"
             if (why := self.roster.impostor(msg.metadata.src_node_id, region)) is not None:
                 if msg.metadata.src_node_id not in self.roster.refused:  # its replies are dropped from now on
@@ -183,10 +194,17 @@ class Metered(Strategy):
             job = self.meter.dispatch(region, bytes_down=self._bytes_down.get(msg.metadata.src_node_id, 0),
                                       at=self._round_start)
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
-            self.meter.complete(job, bytes_up=bytes_up, reported=job_report(msg, metrics))
+            try:
+                _, reported = self.validator.check_report(region, msg, one_of_each=True)
+            except RejectedUpdate:  # charged its transfer: what it computed on is unknown
+                self.meter.complete(job, bytes_up=bytes_up, reported=Reported(samples=0))
+                self._reject(msg, region)
+                continue
+            self.meter.complete(job, bytes_up=bytes_up, reported=reported)
             if not self.roster.is_quarantined(region) and self._valid(region, msg):
-                self.book.samples += samples
+                self.book.samples += reported.samples
                 accepted.append(msg)
+        _keep_shared_metrics([m for m in accepted if not m.has_error()])
         return self.inner.aggregate_train(server_round + self.round_offset, accepted)
 
     def _note_incomplete_round(self, server_round: int, replies: list[Message]) -> None:
@@ -219,11 +237,15 @@ class Metered(Strategy):
             for record in msg.content.array_records.values():
                 self.validator.check(region, record, MODE_WEIGHTS, base=self._global)
         except RejectedUpdate:
-            self.book.count("rejected_updates")
-            if self.validator.quarantined(region):
-                self.roster.quarantine(msg.metadata.src_node_id, region, sum(self.validator.rejections[region].values()))
+            self._reject(msg, region)
             return False
         return True
+
+    def _reject(self, msg: Message, region: str) -> None:
+        """Count a rejected reply; quarantine its region once it has sent too many."""
+        self.book.count("rejected_updates")
+        if self.validator.quarantined(region):
+            self.roster.quarantine(msg.metadata.src_node_id, region, sum(self.validator.rejections[region].values()))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

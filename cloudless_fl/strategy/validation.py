@@ -8,6 +8,13 @@ is that of the *change* the update makes: the gradient or delta as sent, or
 `w_region - w_global` for full weights. Rejections are counted per region and
 reason, logged once per (region, reason), and a region whose rejections reach
 `quarantine_after` is quarantined (it gets no more work).
+
+A reply's metrics are checked too (`UpdateValidator.check_report`): they say how
+many examples an update was computed on — Flower's FedAvg and MA weight by it —
+and how long the job took, which the scheduler learns from. A reply without
+its one MetricRecord, or with a count or a duration that is not a number of
+them, is rejected as `malformed` like a bad update, instead of stopping the run
+(Flower's FedAvg raises on it) or weighting the average by a negative count.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 
+from ..control.jobs import Reported
 from ..training import protocol
 from ..training.compression import Codec
 from ..errors import ConfigError
@@ -141,6 +149,17 @@ class UpdateValidator:
             self._count(region, exc)
             raise
 
+    def check_report(self, region: str, reply: Message, one_of_each: bool = False) -> tuple[MetricRecord, Reported]:
+        """A train reply's MetricRecord (`metrics`, or its only one) and what it reports about the job, once its
+        counts (`num-examples` at least 1, `steps`, `workers`) are whole numbers and its durations finite and not
+        negative; else `RejectedUpdate` (`malformed`), counted. `one_of_each`: the reply must also hold exactly
+        one ArrayRecord and one MetricRecord, as Flower's own strategies require (they raise otherwise)."""
+        try:
+            return _checked_report(reply, one_of_each)
+        except RejectedUpdate as exc:
+            self._count(region, exc)
+            raise
+
     def quarantined(self, region: str) -> bool:
         after = self.limits.quarantine_after
         return after > 0 and sum(self.rejections[region].values()) >= after
@@ -202,6 +221,43 @@ class UpdateValidator:
         self.rejections[region][exc.reason] += 1
         if first:
             log.warning("region %s sent a bad update (%s); rejected, and counted from now on", region, exc)
+
+
+_COUNTS = {"num-examples": 1, "steps": 0, "workers": 1}  # the least each may be; num-examples must be given
+_DURATIONS = ("compute-seconds", "startup-seconds", "load-seconds", "pace-behind-seconds")
+
+
+def _checked_report(reply: Message, one_of_each: bool) -> tuple[MetricRecord, Reported]:
+    records = reply.content.metric_records
+    arrays = len(reply.content.array_records)
+    if one_of_each and (len(records) != 1 or arrays != 1):
+        raise RejectedUpdate("malformed", f"{arrays} ArrayRecords and {len(records)} MetricRecords; "
+                                          "Flower's strategies take one of each")
+    metrics = records.get(protocol.METRICS) or (next(iter(records.values())) if len(records) == 1 else None)
+    if metrics is None:
+        raise RejectedUpdate("malformed", f"{len(records)} MetricRecords, none named {protocol.METRICS!r}; "
+                                          "a train reply carries one, with num-examples")
+    for key, least in _COUNTS.items():
+        value = metrics.get(key)
+        if (value is not None or key == "num-examples") and not _is_whole(value, least):
+            raise RejectedUpdate("malformed", f"{key} is {value!r}; a whole number >= {least} is expected")
+    for key in _DURATIONS:
+        value = metrics.get(key)
+        if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
+            raise RejectedUpdate("malformed", f"{key} is {value!r}; seconds >= 0 are expected")
+    try:
+        protocol.reply_update(reply)
+    except ValueError as exc:
+        raise RejectedUpdate("malformed", str(exc)) from None
+    return metrics, protocol.job_report(reply, metrics)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: object, least: int) -> bool:
+    return _is_number(value) and math.isfinite(value) and value == int(value) and value >= least
 
 
 def _dtype_name(t: torch.Tensor) -> str:
