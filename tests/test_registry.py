@@ -104,8 +104,13 @@ def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
     for region in ("ap-beijing", "ap-shanghai", "ap-guangzhou"):  # the rest fill it, at most 4x
         assert share[region] < steps[region] <= 4 * share[region]
     assert steps["ap-beijing"] == 4 * share["ap-beijing"]  # 4,000 samples/s at 10 Gbps: capped
-    with pytest.raises(ConfigError, match="heterogeneity_aware needs the region model"):
-        build_strategy(compose(["strategy=ma", "strategy.heterogeneity_aware=true"]), Meter.measured(), num_regions=4)
+    cfg = compose(["strategy=ma", "strategy.heterogeneity_aware=true"])
+    for meter, given in ((Meter.measured(), work), (Meter.simulated(topology_of(cfg), 1), None)):  # either missing
+        with pytest.raises(ConfigError) as refused:
+            build_strategy(cfg, meter, num_regions=4, work=given)
+        assert str(refused.value) == ("strategy.heterogeneity_aware needs the region model (a topology with its "
+                                      "regions' speeds and links); set strategy.heterogeneity_aware=false or give "
+                                      "the run a topology")
 
 
 def _built(*overrides, **kwargs):

@@ -24,6 +24,7 @@ from cloudless_fl.control.scheduler import (Objective, Plan, RegionPlan, Schedul
                                            static_plan)
 from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg
 from cloudless_fl.strategy.planning import PlanFollower
+from cloudless_fl.strategy.validation import UpdateLimits
 from cloudless_fl.strategy.runbook import RunBook
 from cloudless_fl.control.topology import load_topology
 from conftest import SetClock, small_run_overrides
@@ -252,21 +253,27 @@ def test_a_failed_region_is_excluded_and_restored_on_return(tmp_path):
     assert ma.meter.ledger.accounts["slow"].workers == scheduler.current.regions["slow"].workers
 
 
-def test_asgd_ga_plans_without_a_region_that_left(tmp_path):
+@pytest.mark.parametrize("leaves", ["vanishes", "is_quarantined"])
+def test_asgd_ga_plans_without_a_region_that_left(tmp_path, leaves):
+    from test_validation import FaultyGrid
+
     topo = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=2, latency=0),
                       slow=region(100, 1.8, 80, 0.5, wmax=2, latency=10))
     fed = Federation(tmp_path, topo)
     sizes = {r: len(fed.resident(r).y) for r in topo.region_names}
     scheduler = Scheduler(topo, Workload(sizes, 0, base_steps=4, batch_size=16))
+    if leaves == "is_quarantined":  # node 2 ("slow") sends NaN from its second job on
+        fed.grid = FaultyGrid(fed.grid._app, 2, bad_node=2, kind="nan")
 
     def outage(version, arrays):
-        if version == 10:
-            fed.grid.set_offline(2)  # node 2 is "slow"
+        if version == 10 and leaves == "vanishes":
+            fed.grid.set_offline(2)
         return MetricRecord({"accuracy": 0.0, "loss": 0.0})
 
-    strategy = AsyncGradAccum(lr=1.0, batch_size=16, update="delta", meter=fed.meter(), scheduler=scheduler)
+    strategy = AsyncGradAccum(lr=1.0, batch_size=16, update="delta", meter=fed.meter(), scheduler=scheduler,
+                              limits=UpdateLimits(quarantine_after=2))
     strategy.start(fed.grid, fed.initial, num_rounds=30, timeout=0.3, train_config=fed.config, evaluate_fn=outage)
-    assert strategy.history.counters["lost_regions"] == 1
+    assert strategy.history.counters["lost_regions" if leaves == "vanishes" else "quarantined_regions"] == 1
     left = [c for c in scheduler.changes if "slow leaves" in c["reason"]]
     assert len(left) == 1 and left[0]["plan"]["slow"]["takes_part"] is False
     assert scheduler.excluded == {"slow"}
