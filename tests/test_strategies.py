@@ -330,8 +330,8 @@ def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path, ca
     assert fedavg.meter.ledger.accounts["slow"].invocations == jobs["slow"] + 2  # rounds 4 and 5: back in
 
 
-def _fedavg_after_outage(tmp_path, offline: list[int]) -> Metered:
-    """Three regions ("fast" is node 1); the `offline` nodes vanish after round 1 for good."""
+def _fedavg_after_outage(tmp_path, offline: list[int], before_start: bool = False) -> Metered:
+    """Three regions ("fast" is node 1); the `offline` nodes vanish after round 1 (or before the run) for good."""
     two = TWO_REGIONS["regions"]
     regions = {"fast": two["fast"], "slow": {**two["slow"], "data_share": 0.3},
                "slower": {**two["slow"], "data_share": 0.2}}
@@ -341,19 +341,29 @@ def _fedavg_after_outage(tmp_path, offline: list[int]) -> Metered:
                      reply_timeout=0.2)
 
     def outage(server_round, arrays):
-        for node in offline if server_round == 1 else ():
+        for node in offline if server_round == (0 if before_start else 1) else ():
             fed.grid.set_offline(node)
 
+    outage(0, None)
     fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config, evaluate_fn=outage)
     return fedavg
 
 
-def test_fedavg_counts_every_region_it_goes_on_without(tmp_path):
-    fedavg = _fedavg_after_outage(tmp_path, offline=[2, 3])
+def test_fedavg_counts_every_region_it_goes_on_without(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        fedavg = _fedavg_after_outage(tmp_path, offline=[2, 3])
+    assert "1 of 3 regions connected after 0.2 s (gone: slow, slower); the rounds go on with them" in caplog.messages
     [lost] = fedavg.history.events
     assert (lost["event"], lost["regions"], lost["connected"]) == ("regions_lost", ["slow", "slower"], 1)
     assert fedavg.history.counters["lost_regions"] == 2
     assert (fedavg.inner.min_available_nodes, fedavg.inner.min_train_nodes) == (1, 1)  # what Flower waits for
+
+
+def test_fedavg_starts_without_a_region_that_never_came(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        fedavg = _fedavg_after_outage(tmp_path, offline=[3], before_start=True)
+    assert "2 of 3 regions connected after 0.2 s (gone: unknown); the rounds go on with them" in caplog.messages
+    assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2, 3]
 
 
 def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
