@@ -80,6 +80,8 @@ def test_a_node_claiming_a_region_whose_key_is_not_its_own_gets_no_say(tmp_path,
     assert 3 in impostor.roster.refused
     reasons = [e.get("reason", "") for e in impostor.history.events]
     assert any("claims region c, whose registered key is node 99's" in r for r in reasons), reasons
+    refusals = [(e["node"], e["region"]) for e in impostor.history.events if e["event"] == "node_refused"]
+    assert refusals == ([(3, "c")] if strategy == "fedavg" else [])  # the others turn it away at the roll call
     assert impostor.history.entries[-1]["version"] == ROUNDS[strategy]  # the run went on without it
 
 

@@ -205,8 +205,15 @@ class FaultyGrid(InProcessGrid):
     def __init__(self, app, num_nodes, bad_node: int, kind: str, from_job: int = 1) -> None:
         super().__init__(app, num_nodes)
         self.bad_node, self.kind, self.from_job, self.jobs = bad_node, kind, from_job, 0
+        self.examples: list = []  # the num-examples of every train reply, as delivered
 
     def _deliver(self, msg):
+        reply = self._faulty(msg)
+        if msg.metadata.message_type == "train" and not reply.has_error() and protocol.METRICS in reply.content:
+            self.examples.append(reply.content[protocol.METRICS].get("num-examples"))
+        return reply
+
+    def _faulty(self, msg):
         reply = super()._deliver(msg)
         if msg.metadata.dst_node_id != self.bad_node or msg.metadata.message_type != "train":
             return reply
@@ -277,23 +284,25 @@ STRATEGIES = {
 ROUNDS = {"ma": 4, "asgd_ga": 60, "asgd_ga_delta": 60, "fedavg": 3}  # async: "c" replies ~1 in 10
 
 
-def final_model(tmp_path, strategy: str, kind: str, rounds: int | None = None):
+def final_model(tmp_path, strategy: str, kind: str, rounds: int | None = None, bad_region: str = "c"):
+    """The model a run ends with when `bad_region`'s replies after its first are made `kind`; the strategy;
+    the grid."""
     fed = Federation(tmp_path, three_regions())
-    fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind=kind)  # node 3 is region "c"
+    fed.grid = FaultyGrid(fed.grid._app, 3, bad_node="abc".index(bad_region) + 1, kind=kind)  # nodes 1-3: a, b, c
     limits = UpdateLimits(max_norm=1000.0, quarantine_after=3)
     s = STRATEGIES[strategy](fed, limits)
     config = fed.config
     if strategy == "fedavg":
         config = ConfigRecord({**dict(config), **protocol.WorkOrder(lr=0.1, batch_size=16, epochs=0.5).to_config()})
     result = s.start(fed.grid, fed.initial, num_rounds=rounds or ROUNDS[strategy], train_config=config)
-    return result.arrays.to_torch_state_dict(), s
+    return result.arrays.to_torch_state_dict(), s, fed.grid
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("kind", REASONS)
 def test_a_regions_bad_updates_leave_the_model_as_if_they_were_never_sent(tmp_path, strategy, kind):
-    bad, s = final_model(tmp_path / "bad", strategy, kind)
-    without, _ = final_model(tmp_path / "without", strategy, "error")
+    bad, s, _ = final_model(tmp_path / "bad", strategy, kind)
+    without, _, _ = final_model(tmp_path / "without", strategy, "error")
     for name, tensor in without.items():
         assert torch.equal(bad[name], tensor), name
     rejected = s.history.rejections["c"]
@@ -307,44 +316,50 @@ def test_a_regions_bad_updates_leave_the_model_as_if_they_were_never_sent(tmp_pa
 def test_a_reply_whose_metrics_make_no_sense_is_rejected_and_leaves_the_model_as_if_never_sent(tmp_path, strategy,
                                                                                                kind, caplog):
     """Flower's FedAvg raises on a reply without its MetricRecord (the run would end), MA weights by a negative
-    count, and the scheduler learns from NaN seconds: such replies are `malformed` updates."""
+    count, and the scheduler learns from NaN seconds: such replies are `malformed` updates. Region "a" sends
+    them: its replies come first in a round, so the others' must still be taken after it."""
     with caplog.at_level("WARNING", logger="cloudless_fl"):
-        bad, s = final_model(tmp_path / "bad", strategy, kind)
+        bad, s, _ = final_model(tmp_path / "bad", strategy, kind, bad_region="a")
     detail = METRICS_DETAILS[kind]
     if isinstance(detail, tuple):
         detail = detail[strategy == "fedavg"]
-    assert f"region c sent a bad update (malformed: {detail}); rejected, and counted from now on" in caplog.messages
-    without, _ = final_model(tmp_path / "without", strategy, "error")
+    assert f"region a sent a bad update (malformed: {detail}); rejected, and counted from now on" in caplog.messages
+    without, plain, _ = final_model(tmp_path / "without", strategy, "error", bad_region="a")
     for name, tensor in without.items():
         assert torch.equal(bad[name], tensor), name
-    assert set(s.history.rejections["c"]) == {"malformed"} and s.history.rejections["c"]["malformed"] >= 1
-    assert s.history.counters["rejected_updates"] == s.history.rejections["c"]["malformed"]
+    assert set(s.history.rejections["a"]) == {"malformed"} and s.history.rejections["a"]["malformed"] >= 1
+    assert s.history.counters["rejected_updates"] == s.history.rejections["a"]["malformed"]
+    charged, unsent = s.meter.ledger.accounts["a"], plain.meter.ledger.accounts["a"]
+    assert charged.bytes_up > unsent.bytes_up  # a malformed reply was moved: charged
+    if strategy == "fedavg":  # ... but not for compute it cannot be said to have done (its work order has none)
+        assert charged.busy_s == unsent.busy_s
 
 
 def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):
     """Flower's FedAvg raises unless every reply's MetricRecord has the same keys; the wrapper hands it the
     keys they share, so one region's ClientApp reporting one metric more neither ends the run nor loses
     its update."""
-    more, s = final_model(tmp_path / "more", "fedavg", "one_more")
-    same, plain = final_model(tmp_path / "same", "fedavg", "as_is")
+    more, s, grid = final_model(tmp_path / "more", "fedavg", "one_more")
+    same, _, _ = final_model(tmp_path / "same", "fedavg", "as_is")
     for name, tensor in same.items():
         assert torch.equal(more[name], tensor), name
     assert s.history.counters["rejected_updates"] == 0
-    assert s.history.entries[-1]["samples"] == plain.history.entries[-1]["samples"]
+    assert s.history.entries[-1]["samples"] == sum(grid.examples)  # every reply's examples, counted once
 
 
+@pytest.mark.parametrize("kind", ["nan", "no_metrics"])
 @pytest.mark.parametrize("strategy, rounds", [("asgd_ga", ROUNDS["asgd_ga"]), ("fedavg", 5)])
-def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path, strategy, rounds):
-    _, s = final_model(tmp_path, strategy, "nan", rounds)
+def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path, strategy, rounds, kind):
+    _, s, _ = final_model(tmp_path, strategy, kind, rounds)
     assert s.history.counters["quarantined_regions"] == 1
-    assert s.history.rejections["c"]["non_finite"] == 3
+    assert s.history.rejections["c"] == {"non_finite" if kind == "nan" else "malformed": 3}
     assert s.meter.ledger.accounts["c"].invocations == 4  # one good job, three bad: no more work after the third
     assert s.meter.ledger.accounts["a"].invocations > 4
 
 
 @pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
 def test_a_region_whose_job_fails_is_lost_with_the_reason_it_gave(tmp_path, strategy):
-    _, s = final_model(tmp_path, strategy, "error")
+    _, s, _ = final_model(tmp_path, strategy, "error")
     lost = [(e["region"], e["reason"]) for e in s.history.events if e["event"] == "region_lost"]
     assert lost and set(lost) == {("c", "region gone")}  # (it rejoins, and fails again)
 
