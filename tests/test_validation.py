@@ -347,6 +347,17 @@ def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):
     assert s.history.entries[-1]["samples"] == sum(grid.examples)  # every reply's examples, counted once
 
 
+def test_fedavg_counts_a_bad_compressed_update_against_its_region(tmp_path):
+    fed = Federation(tmp_path, three_regions())
+    fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind="nan")  # region "c"
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=3), fed.meter(),
+                     limits=UpdateLimits(max_norm=1000.0, quarantine_after=3), compression=make_codec("int8"))
+    order = protocol.WorkOrder(lr=0.1, batch_size=16, epochs=0.5).to_config()
+    config = ConfigRecord({**dict(fed.config), **order, "state-dir": str(tmp_path / "region-state")})
+    fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config)
+    assert fedavg.history.rejections == {"c": {"malformed": 2}}  # rounds 2 and 3: a NaN scale does not decode
+
+
 @pytest.mark.parametrize("kind", ["nan", "no_metrics"])
 @pytest.mark.parametrize("strategy, rounds", [("asgd_ga", ROUNDS["asgd_ga"]), ("fedavg", 5)])
 def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path, strategy, rounds, kind):
