@@ -358,6 +358,24 @@ def test_fedavg_counts_a_bad_compressed_update_against_its_region(tmp_path):
     assert fedavg.history.rejections == {"c": {"malformed": 2}}  # rounds 2 and 3: a NaN scale does not decode
 
 
+def test_fedavg_applies_a_compressed_update_as_the_weights_it_arrives_at(tmp_path):
+    """A compressed reply is a change; FedAvg must average the weights it arrives at (global − change)."""
+    finals = {}
+    for codec in ("none", "fp16"):
+        fed = Federation(tmp_path / codec, three_regions())
+        fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=3), fed.meter(),
+                         compression=make_codec(codec))
+        order = protocol.WorkOrder(lr=0.1, batch_size=16, epochs=0.5).to_config()
+        config = ConfigRecord({**dict(fed.config), **order, "state-dir": str(tmp_path / codec / "region-state")})
+        result = fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config)
+        finals[codec] = result.arrays.to_torch_state_dict()
+        assert fedavg.history.counters["rejected_updates"] == 0
+    initial = fed.initial.to_torch_state_dict()
+    for name, exact in finals["none"].items():
+        assert not torch.equal(exact, initial[name]), name  # it trained
+        assert torch.allclose(finals["fp16"][name], exact, atol=2e-3), name  # within fp16's rounding
+
+
 @pytest.mark.parametrize("kind", ["nan", "no_metrics"])
 @pytest.mark.parametrize("strategy, rounds", [("asgd_ga", ROUNDS["asgd_ga"]), ("fedavg", 5)])
 def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path, strategy, rounds, kind):
