@@ -330,8 +330,8 @@ def test_fedavg_goes_on_without_a_vanished_region_and_takes_it_back(tmp_path, ca
     assert fedavg.meter.ledger.accounts["slow"].invocations == jobs["slow"] + 2  # rounds 4 and 5: back in
 
 
-def _fedavg_after_outage(tmp_path, offline: list[int], before_start: bool = False) -> Metered:
-    """Three regions ("fast" is node 1); the `offline` nodes vanish after round 1 (or before the run) for good."""
+def _three_region_fedavg(tmp_path):
+    """Flower's FedAvg, metered, over three regions ("fast" is node 1, "slow" 2, "slower" 3); 0.2 s timeouts."""
     two = TWO_REGIONS["regions"]
     regions = {"fast": two["fast"], "slow": {**two["slow"], "data_share": 0.3},
                "slower": {**two["slow"], "data_share": 0.2}}
@@ -339,6 +339,12 @@ def _fedavg_after_outage(tmp_path, offline: list[int], before_start: bool = Fals
     config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0).to_config()})
     fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3), fed.meter(),
                      reply_timeout=0.2)
+    return fed, fedavg, config
+
+
+def _fedavg_after_outage(tmp_path, offline: list[int], before_start: bool = False) -> Metered:
+    """The `offline` nodes vanish after round 1 (or before the run) for good."""
+    fed, fedavg, config = _three_region_fedavg(tmp_path)
 
     def outage(server_round, arrays):
         for node in offline if server_round == (0 if before_start else 1) else ():
@@ -373,25 +379,24 @@ def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
                                   "restart the SuperNodes and resume the run (resume=<run dir>)")
 
 
-def test_fedavg_records_a_region_that_vanishes_mid_round(tmp_path):
-    fed = Federation(tmp_path, topology())
-    work = WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0)
-    config = ConfigRecord({**dict(fed.config), **work.to_config()})
-    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
-    fedavg = Metered(inner, fed.meter(), reply_timeout=0.2)
+def test_fedavg_records_the_regions_that_vanish_mid_round(tmp_path, caplog):
+    fed, fedavg, config = _three_region_fedavg(tmp_path)
     pushed = fed.grid.push_messages
 
-    def push_then_vanish(messages):  # "slow" dies after its round-2 job was sent
+    def push_then_vanish(messages):  # "slow" and "slower" die after their round-2 jobs were sent
         ids = pushed(messages)
         if fedavg.history.entries[-1]["version"] == 1:
             fed.grid.set_offline(2)
+            fed.grid.set_offline(3)
         return ids
 
     fed.grid.push_messages = push_then_vanish
-    fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config)
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=config)
     incomplete = [e for e in fedavg.history.events if e["event"] == "round_incomplete"]
-    assert [(e["round"], e["missing"]) for e in incomplete] == [(2, ["slow"])]
-    assert fedavg.history.counters["failed_replies"] == 1
+    assert [(e["round"], e["missing"], e["failed"]) for e in incomplete] == [(2, ["slow", "slower"], {})]
+    assert "round 2: slow: no reply within 0.2 s; slower: no reply within 0.2 s" in caplog.messages
+    assert fedavg.history.counters["failed_replies"] == 2
     assert [e["version"] for e in fedavg.history.entries] == [0, 1, 2, 3]
 
 

@@ -387,11 +387,13 @@ def test_a_region_that_keeps_sending_bad_updates_is_quarantined(tmp_path, strate
 
 
 @pytest.mark.parametrize("strategy", ["ma", "asgd_ga", "fedavg"])
-def test_a_region_whose_job_fails_is_lost_with_the_reason_it_gave(tmp_path, strategy):
-    _, s, _ = final_model(tmp_path, strategy, "error")
+def test_a_region_whose_job_fails_is_lost_with_the_reason_it_gave(tmp_path, strategy, caplog):
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        _, s, _ = final_model(tmp_path, strategy, "error")
     if strategy == "fedavg":  # Flower's rounds go on; each round says who failed, and why
         failed = [(e["round"], e["failed"]) for e in s.history.events if e["event"] == "round_incomplete"]
         assert failed == [(2, {"c": "region gone"}), (3, {"c": "region gone"})]
+        assert "round 3: c failed: region gone" in caplog.messages
         return
     lost = [(e["region"], e["reason"]) for e in s.history.events if e["event"] == "region_lost"]
     assert lost and set(lost) == {("c", "region gone")}  # (it rejoins, and fails again)
