@@ -379,6 +379,21 @@ def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
                                   "restart the SuperNodes and resume the run (resume=<run dir>)")
 
 
+def test_fedavg_evaluates_on_the_regions_own_test_data_when_asked(tmp_path):
+    """Flower's federated evaluation passes through the wrapper: with `fraction_evaluate` > 0 each region
+    scores the round's model on its own test split (here: its first 30 training examples)."""
+    fed, _, config = _three_region_fedavg(tmp_path)
+    for region in fed.topology.region_names:
+        with np.load(tmp_path / region / "train.npz") as z:
+            x, y = z["x"], z["y"]
+        np.savez(tmp_path / region / "train.npz", x=x, y=y, x_test=x[:30], y_test=y[:30])
+    fedavg = Metered(FedAvg(fraction_evaluate=1.0, min_available_nodes=3, min_evaluate_nodes=3), fed.meter())
+    result = fedavg.start(fed.grid, fed.initial, num_rounds=2, train_config=config, evaluate_config=fed.config)
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
+    for metrics in result.evaluate_metrics_clientapp.values():
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+
+
 def test_fedavg_records_the_regions_that_vanish_mid_round(tmp_path, caplog):
     fed, fedavg, config = _three_region_fedavg(tmp_path)
     pushed = fed.grid.push_messages
