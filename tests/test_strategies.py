@@ -379,6 +379,16 @@ def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
                                   "restart the SuperNodes and resume the run (resume=<run dir>)")
 
 
+def test_the_wrapped_start_has_flowers_defaults():
+    """`Metered` drops into a ServerApp that calls `strategy.start(...)` as Flower documents it."""
+    import inspect
+
+    from flwr.serverapp.strategy import Strategy
+
+    ours, flowers = (inspect.signature(f).parameters for f in (Metered.start, Strategy.start))
+    assert {k: p.default for k, p in ours.items()} == {k: p.default for k, p in flowers.items()}
+
+
 def test_fedavg_evaluates_on_the_regions_own_test_data_when_asked(tmp_path):
     """Flower's federated evaluation passes through the wrapper: with `fraction_evaluate` > 0 each region
     scores the round's model on its own test split (here: its first 30 training examples)."""
