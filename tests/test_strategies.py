@@ -379,6 +379,14 @@ def test_fedavg_stops_with_what_to_do_when_every_region_is_gone(tmp_path):
                                   "restart the SuperNodes and resume the run (resume=<run dir>)")
 
 
+def test_fedavg_evaluates_every_eval_every_rounds_and_its_last(tmp_path):
+    fed = Federation(tmp_path, topology())
+    config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0).to_config()})
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=2), fed.meter(), eval_every=4)
+    fedavg.start(fed.grid, fed.initial, num_rounds=5, train_config=config, evaluate_fn=fed.evaluator())
+    assert [e["version"] for e in fedavg.history.entries if e["accuracy"] is not None] == [0, 4, 5]
+
+
 def test_the_wrapped_start_has_flowers_defaults():
     """`Metered` drops into a ServerApp that calls `strategy.start(...)` as Flower documents it."""
     import inspect
