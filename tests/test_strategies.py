@@ -704,7 +704,7 @@ def _fedavg_stopped_by(meter, stop):
     ({"target_accuracy": 0.5}, "target accuracy"),
 ])
 @pytest.mark.parametrize("make", [_asgd_ga_stopped_by, _fedavg_stopped_by], ids=["asgd_ga", "fedavg"])
-def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reason, make):
+def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reason, make, caplog):
     from cloudless_fl.strategy import StopRules
 
     fed = Federation(tmp_path, topology())
@@ -712,10 +712,13 @@ def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reas
     config = fed.config
     if isinstance(strategy, Metered):  # Flower's FedAvg sends one work order to every region
         config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0).to_config()})
-    result = strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=config,
-                            evaluate_fn=fed.evaluator())
+    with caplog.at_level("INFO", logger="cloudless_fl"):
+        result = strategy.start(fed.grid, fed.initial, num_rounds=10_000, train_config=config,
+                                evaluate_fn=fed.evaluator())
     assert strategy.stop_reason.startswith(reason)
     entries = strategy.history.entries
+    if isinstance(strategy, Metered):  # Flower's loop says nothing of why it ended early: the wrapper does
+        assert f"{strategy.stop_reason} after round {entries[-1]['version']}" in caplog.messages
     # the run returns the model its last evaluation scored (a budget spent forces that evaluation)
     assert fed.evaluator()(0, result.arrays)["accuracy"] == entries[-1]["accuracy"]
 
