@@ -783,6 +783,16 @@ def test_asgd_ga_defaults_are_the_documented_ones():
     assert AsyncGradAccum(update="delta").lr == 1.0  # a delta is already a step
 
 
+def test_the_wrapper_defaults_are_the_documented_ones():
+    from cloudless_fl.strategy import StopRules
+    from cloudless_fl.strategy.validation import UpdateLimits
+
+    metered = Metered(FedAvg())
+    assert (metered.book.eval_every, metered.reply_timeout, metered.limits, metered.downlink.codec.spec(),
+            metered.book.stop, metered.book.resume) == (1, 600.0, UpdateLimits(), "none", StopRules(), False)
+    assert not metered.meter.clock.modelled  # the wall clock, with no prices
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"update": "weights"}, "update must be one of gradient, delta, got 'weights'"),
     ({"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
