@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from cloudless_fl.training.data import load_source
 from cloudless_fl.training.models import build_model
 from cloudless_fl.training.protocol import WorkOrder
-from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging
+from cloudless_fl.strategy import AsyncGradAccum, Metered, ModelAveraging, SelectiveFedAvg
 from cloudless_fl.strategy.asgd_ga import inverse_sqrt
 from cloudless_fl.strategy.validation import UpdateLimits
 from cloudless_fl.training.local import make_batches
@@ -781,6 +781,13 @@ def test_asgd_ga_defaults_are_the_documented_ones():
             strategy.max_weight, strategy.aggregation, strategy.trim_fraction, strategy.buffer_regions) == (
         0.1, 0.0, False, 4, 32, None, inverse_sqrt, "gradient", 0.1, True, 4.0, "mean", 0.25, 3)
     assert AsyncGradAccum(update="delta").lr == 1.0  # a delta is already a step
+
+
+def test_the_wrapper_shares_the_selective_strategys_roster():
+    """SelectiveFedAvg picks nodes by region; the wrapper learns which node is which region from replies."""
+    selective = SelectiveFedAvg(round_times={"a": 1.0}, deadline_s=1.0)
+    assert Metered(selective).roster is selective.roster
+    assert Metered(FedAvg()).roster is not Metered(FedAvg()).roster
 
 
 def test_the_wrapper_defaults_are_the_documented_ones():

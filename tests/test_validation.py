@@ -222,8 +222,8 @@ class FaultyGrid(InProcessGrid):
             return reply
         if self.kind == "error":
             return Message(MessageError(code=0, reason="region gone"), reply_to=msg)
-        if self.kind in BAD_METRICS or self.kind in ODD_METRICS:
-            {**BAD_METRICS, **ODD_METRICS}[self.kind](reply.content)
+        if self.kind in CONTENT_CHANGES:
+            CONTENT_CHANGES[self.kind](reply.content)
         elif self.kind != "as_is":
             reply.content[protocol.ARRAYS] = corrupt(self.kind, reply.content[protocol.ARRAYS])
         return reply
@@ -263,6 +263,7 @@ METRICS_DETAILS = {  # what the log says of the first one; FedAvg's: Flower's on
     "no_workers": f"workers is 0; {_WHOLE.format(1)}", "negative_steps": f"steps is -1; {_WHOLE.format(0)}",
     "unknown_update": "reply says its arrays are 'gossip'; expected one of weights, gradient, delta"}
 ODD_METRICS = {"one_more": _set_metric("surprise", 1.0)}  # not bad: a metric the other regions do not report
+CONTENT_CHANGES = {**BAD_METRICS, **ODD_METRICS, "no_arrays": lambda content: content.pop(protocol.ARRAYS)}
 
 
 def three_regions():
@@ -333,6 +334,16 @@ def test_a_reply_whose_metrics_make_no_sense_is_rejected_and_leaves_the_model_as
     assert charged.bytes_up > unsent.bytes_up  # a malformed reply was moved: charged
     if strategy == "fedavg":  # ... but not for compute it cannot be said to have done (its work order has none)
         assert charged.busy_s == unsent.busy_s
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_reply_without_its_arrays_is_rejected(tmp_path, strategy):
+    bad, s, _ = final_model(tmp_path / "bad", strategy, "no_arrays", bad_region="a")
+    without, _, _ = final_model(tmp_path / "without", strategy, "error", bad_region="a")
+    for name, tensor in without.items():
+        assert torch.equal(bad[name], tensor), name
+    reason = "malformed" if strategy == "fedavg" else "missing_array"  # FedAvg: Flower's one record of each kind
+    assert set(s.history.rejections["a"]) == {reason}
 
 
 def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):
