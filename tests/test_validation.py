@@ -358,6 +358,20 @@ def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):
     assert s.history.entries[-1]["samples"] == sum(grid.examples)  # every reply's examples, counted once
 
 
+def test_fedavg_bounds_the_change_a_reply_makes_not_its_weights(tmp_path):
+    """`max_norm` bounds `w_region − w_global`: the model's own norm (3.8 here) is over the 2.0 bound, a
+    round's change well under it, so nothing is rejected."""
+    fed = Federation(tmp_path, topology())
+    model_norm = torch.linalg.vector_norm(torch.cat([t.float().flatten()
+                                                     for t in fed.initial.to_torch_state_dict().values()]))
+    assert model_norm > 2.0
+    fedavg = Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=2), fed.meter(),
+                     limits=UpdateLimits(max_norm=2.0))
+    order = protocol.WorkOrder(lr=0.1, batch_size=16, steps=2, data_seed=0).to_config()
+    fedavg.start(fed.grid, fed.initial, num_rounds=3, train_config=ConfigRecord({**dict(fed.config), **order}))
+    assert fedavg.history.counters["rejected_updates"] == 0 and fedavg.history.entries[-1]["version"] == 3
+
+
 def test_fedavg_counts_a_bad_compressed_update_against_its_region(tmp_path):
     fed = Federation(tmp_path, three_regions())
     fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind="nan")  # region "c"
