@@ -24,6 +24,15 @@ def _leaf_keys(node, prefix: str) -> set[str]:
     return keys
 
 
+GEO4_SIZES = {"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575}  # geo4's digits
+
+
+def _geo4_work():
+    from cloudless_fl.control.scheduler import Workload
+
+    return Workload(GEO4_SIZES, model_bytes=4_500_000, base_steps=20, batch_size=32)
+
+
 def test_every_strategy_file_has_an_entry_and_every_entry_a_file():
     files = {p.stem for p in (conf_dir() / "strategy").glob("*.yaml")}
     assert files == set(STRATEGIES)
@@ -84,7 +93,7 @@ def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
     from cloudless_fl.control.scheduler import Workload
     from cloudless_fl.server_app import build_strategy
 
-    sizes = {"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575}  # geo4's digits
+    sizes = GEO4_SIZES
     work = Workload(sizes, model_bytes=4_500_000, base_steps=20, batch_size=32, max_steps_factor=1.0)
 
     def built(*overrides):
@@ -164,8 +173,6 @@ def test_every_setting_reaches_the_strategy_it_configures(name):
 
 
 def test_fedavgs_settings_reach_flowers_strategy_and_its_wrapper():
-    from cloudless_fl.control.scheduler import Workload
-
     metered, _ = _built("strategy=fedavg", "target_accuracy=0.77", "compression=int8", "validation.max_norm=55",
                         "strategy.eval_every=3", "strategy.reply_timeout_s=77", "strategy.aggregation=trimmed_mean",
                         "strategy.trim_fraction=0.3", "strategy.stop.max_time_s=123", "strategy.stop.max_cost_usd=4.5",
@@ -177,8 +184,7 @@ def test_fedavgs_settings_reach_flowers_strategy_and_its_wrapper():
     assert (metered.book.eval_every, metered.reply_timeout) == (3, 77)
     assert metered.book.stop == StopRules(max_time_s=123, max_cost_usd=4.5, target_accuracy=0.77)
     assert metered.limits.max_norm == 55 and metered.downlink.codec.spec().startswith("int8")
-    work = Workload({"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575},
-                    model_bytes=4_500_000, base_steps=20, batch_size=32)
+    work = _geo4_work()
     tight, _ = _built("strategy=fedavg", "strategy.round_deadline_s=2", work=work)
     loose, _ = _built("strategy=fedavg", "strategy.round_deadline_s=100000", work=work)
     assert type(tight.inner).__name__ == "SelectiveFedAvg"
@@ -190,14 +196,11 @@ def test_fedavgs_settings_reach_flowers_strategy_and_its_wrapper():
     assert set(loose.inner.every.values()) == {1} and set(loose.inner.every) == set(work.data_sizes)
 
 
-_GEO4_WORK = {"ap-beijing": 144, "ap-shanghai": 287, "ap-guangzhou": 431, "ap-chengdu": 575}
-
-
 def test_fedavg_rents_the_schedulers_initial_workers_from_the_start():
     from cloudless_fl.config import compose, topology_of
-    from cloudless_fl.control.scheduler import Scheduler, Workload
+    from cloudless_fl.control.scheduler import Scheduler
 
-    work = Workload(_GEO4_WORK, model_bytes=4_500_000, base_steps=20, batch_size=32)
+    work = _geo4_work()
     topology = topology_of(compose(["strategy=fedavg"]))
     scheduler = Scheduler(topology, work)
     metered, _ = _built("strategy=fedavg", "strategy.round_deadline_s=2", work=work, scheduler=scheduler)
@@ -215,11 +218,10 @@ def test_fedavg_rents_the_schedulers_initial_workers_from_the_start():
 def test_round_deadlines_need_the_region_model_and_the_workload(meter, with_work):
     from cloudless_fl.config import compose, topology_of
     from cloudless_fl.control.meter import Meter
-    from cloudless_fl.control.scheduler import Workload
     from cloudless_fl.server_app import build_strategy
 
     cfg = compose(["strategy=fedavg", "strategy.round_deadline_s=2"])
-    work = Workload(_GEO4_WORK, model_bytes=4_500_000, base_steps=20, batch_size=32) if with_work else None
+    work = _geo4_work() if with_work else None
     built_meter = Meter.measured() if meter == "measured" else Meter.simulated(topology_of(cfg), 1)
     with pytest.raises(ConfigError) as refused:
         build_strategy(cfg, built_meter, num_regions=4, work=work)

@@ -337,11 +337,8 @@ class GeoStrategy(Strategy):
         return tensors, metrics
 
     def _reject(self, flight: InFlight) -> None:
-        """Count a rejected reply; quarantine its region once it has sent too many."""
-        self.book.count("rejected_updates")
-        if self.validator.quarantined(flight.region):
-            rejected = sum(self.validator.rejections[flight.region].values())
-            self.roster.quarantine(flight.node_id, flight.region, rejected)
+        """Count a rejected reply; a region quarantined for it has left the plan."""
+        if self.roster.reject(flight.node_id, flight.region, self.validator):
             self._region_left(flight.region)
 
     def _screened(self, candidates: list[Candidate]) -> list[float | None]:

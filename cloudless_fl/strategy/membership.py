@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from ..training import protocol
 from .inflight import ReplyPuller, await_replies
 from .runbook import RunBook
+from .validation import UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
 
@@ -196,12 +197,18 @@ class Roster:
         self.book.event("region_lost", counter="lost_regions", region=region, reason=reason)
         self.drop(node)
 
-    def quarantine(self, node: int, region: str, rejected: int) -> None:
-        log.warning("region %s quarantined after %d bad updates; it gets no more work", region, rejected)
+    def reject(self, node: int, region: str, validator: UpdateValidator) -> bool:
+        """Count an update `validator` rejected; quarantine its region once it has sent too many (True then)."""
+        self.book.count("rejected_updates")
+        if not validator.quarantined(region):
+            return False
+        log.warning("region %s quarantined after %d bad updates; it gets no more work", region,
+                    sum(validator.rejections[region].values()))
         self.quarantined.add(region)
         self._quarantined_nodes.add(node)
         self.book.event("region_quarantined", counter="quarantined_regions", region=region)
         self.drop(node)
+        return True
 
     # ------------------------------------------------------------------ (re)joining
     def poll(self, grid: Grid, config: ConfigRecord, ask_now: bool) -> list[RegionInfo]:

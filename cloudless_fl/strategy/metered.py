@@ -198,7 +198,7 @@ class Metered(Strategy):
                 _, reported = self.validator.check_report(region, msg, one_of_each=True)
             except RejectedUpdate:  # charged its transfer: what it computed on is unknown
                 self.meter.complete(job, bytes_up=bytes_up, reported=Reported(samples=0))
-                self._reject(msg, region)
+                self.roster.reject(msg.metadata.src_node_id, region, self.validator)
                 continue
             self.meter.complete(job, bytes_up=bytes_up, reported=reported)
             if not self.roster.is_quarantined(region) and self._valid(region, msg):
@@ -237,15 +237,9 @@ class Metered(Strategy):
             for record in msg.content.array_records.values():
                 self.validator.check(region, record, MODE_WEIGHTS, base=self._global)
         except RejectedUpdate:
-            self._reject(msg, region)
+            self.roster.reject(msg.metadata.src_node_id, region, self.validator)
             return False
         return True
-
-    def _reject(self, msg: Message, region: str) -> None:
-        """Count a rejected reply; quarantine its region once it has sent too many."""
-        self.book.count("rejected_updates")
-        if self.validator.quarantined(region):
-            self.roster.quarantine(msg.metadata.src_node_id, region, sum(self.validator.rejections[region].values()))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -233,8 +233,11 @@ def _checked_report(reply: Message, one_of_each: bool) -> tuple[MetricRecord, Re
     if one_of_each and (len(records) != 1 or arrays != 1):
         raise RejectedUpdate("malformed", f"{arrays} ArrayRecords and {len(records)} MetricRecords; "
                                           "Flower's strategies take one of each")
-    metrics = records.get(protocol.METRICS) or (next(iter(records.values())) if len(records) == 1 else None)
-    if metrics is None:
+    if protocol.METRICS in records:
+        metrics = records[protocol.METRICS]
+    elif len(records) == 1:
+        metrics = next(iter(records.values()))
+    else:
         raise RejectedUpdate("malformed", f"{len(records)} MetricRecords, none named {protocol.METRICS!r}; "
                                           "a train reply carries one, with num-examples")
     for key, least in _COUNTS.items():
