@@ -262,8 +262,15 @@ METRICS_DETAILS = {  # what the log says of the first one; FedAvg's: Flower's on
     "nan_seconds": f"compute-seconds is nan; {_SECONDS}", "negative_seconds": f"compute-seconds is -1.0; {_SECONDS}",
     "no_workers": f"workers is 0; {_WHOLE.format(1)}", "negative_steps": f"steps is -1; {_WHOLE.format(0)}",
     "unknown_update": "reply says its arrays are 'gossip'; expected one of weights, gradient, delta"}
+def _other_kind(content) -> None:
+    """A gradient where weights or a delta were asked for; weights where a gradient was."""
+    info = content[protocol.INFO]
+    info["update"] = protocol.MODE_WEIGHTS if info["update"] == protocol.MODE_GRADIENT else protocol.MODE_GRADIENT
+
+
 ODD_METRICS = {"one_more": _set_metric("surprise", 1.0)}  # not bad: a metric the other regions do not report
-CONTENT_CHANGES = {**BAD_METRICS, **ODD_METRICS, "no_arrays": lambda content: content.pop(protocol.ARRAYS)}
+CONTENT_CHANGES = {**BAD_METRICS, **ODD_METRICS, "no_arrays": lambda content: content.pop(protocol.ARRAYS),
+                   "other_kind": _other_kind}
 
 
 def three_regions():
@@ -344,6 +351,23 @@ def test_a_reply_without_its_arrays_is_rejected(tmp_path, strategy):
         assert torch.equal(bad[name], tensor), name
     reason = "malformed" if strategy == "fedavg" else "missing_array"  # FedAvg: Flower's one record of each kind
     assert set(s.history.rejections["a"]) == {reason}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_region_that_turns_to_another_kind_of_update_is_rejected_and_the_run_goes_on(tmp_path, strategy, caplog):
+    """A wrong kind of update is a setup error (stock ClientApps under gradient mode: `test_drop_in.py`) only as
+    the run's first update; once the run has taken updates, it is one region's bad update. Before, any region
+    saying so ended MA's and ASGD-GA's run, and FedAvg averaged a reply labelled a gradient as weights."""
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        bad, s, _ = final_model(tmp_path / "bad", strategy, "other_kind", bad_region="a")
+    without, _, _ = final_model(tmp_path / "without", strategy, "error", bad_region="a")
+    for name, tensor in without.items():
+        assert torch.equal(bad[name], tensor), name
+    assert set(s.history.rejections["a"]) == {"wrong_kind"}
+    asked = {"ma": "weights or delta", "fedavg": "weights", "asgd_ga": "gradient", "asgd_ga_delta": "delta or weights"}
+    sent = "weights" if strategy == "asgd_ga" else "gradient"
+    assert (f"region a sent a bad update (wrong_kind: its arrays are {sent}; the job asked for {asked[strategy]}); "
+            "rejected, and counted from now on") in caplog.messages
 
 
 def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):

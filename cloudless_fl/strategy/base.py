@@ -300,24 +300,23 @@ class GeoStrategy(Strategy):
         reaches the model, and its region is quarantined once it has sent too many.
         A reply of new weights (a stock Flower ClientApp's) where a delta was asked
         for becomes the delta against the model the job was sent, and a delta where
-        weights were asked for (a compressed upload) becomes new weights.
+        weights were asked for (a compressed upload) becomes new weights. A gradient
+        where weights or a delta were asked for (or the other way) ends the run with
+        what to set up if it is the run's first update, else is that region's bad update.
         """
         arrays = reply.content.array_records.get(protocol.ARRAYS, ArrayRecord())  # none: missing every array
         bytes_up = record_bytes(arrays)
         self.downlink.delivered(flight.region, flight.order.offset)
         try:
-            metrics, reported = self.validator.check_report(flight.region, reply)
-        except RejectedUpdate:  # charged its transfer: what it computed on is unknown
+            metrics, reported = self.validator.check_report(flight.region, reply, takes=protocol.ANSWERS[mode])
+        except RejectedUpdate as exc:
+            if exc.reason == "wrong_kind" and not self.book.samples:  # no update taken yet: how the apps are set up
+                raise self._wrong_kind(flight.region, mode, protocol.reply_update(reply)) from None
+            # charged its transfer: what it computed on is unknown
             self.meter.complete(flight.job, bytes_up=bytes_up, reported=Reported(samples=0))
             self._reject(flight)
             return None, MetricRecord()
         sent_as = protocol.reply_update(reply)
-        if sent_as != mode and protocol.MODE_GRADIENT in (sent_as, mode):
-            raise ConfigError(
-                f"{type(self).__name__} asked region {flight.region} for {mode} updates but its ClientApp sent "
-                f"{sent_as}{' (a stock Flower reply: new weights)' if sent_as == protocol.MODE_WEIGHTS else ''}. "
-                "Use update='delta' (any ClientApp that returns its new weights), or have the ClientApp send "
-                f"{mode} updates and say so in its reply (docs/drop-in.md)")
         work_s, transfer_s, overhead_s = self.meter.complete(flight.job, bytes_up=bytes_up, reported=reported)
         base = flight.arrays.to_torch_state_dict() if sent_as != mode else self.optimizer.state
         try:
@@ -335,6 +334,15 @@ class GeoStrategy(Strategy):
             self.plan.observe(flight.region, reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s,
                               nbytes=flight.job.bytes_down + bytes_up)
         return tensors, metrics
+
+    def _wrong_kind(self, region: str, mode: str, sent_as: str) -> ConfigError:
+        """The run's first update is of a kind the strategy cannot use: the ClientApps are set up for another
+        (later, one region's wrong kind is its bad update: `wrong_kind`, rejected)."""
+        return ConfigError(
+            f"{type(self).__name__} asked region {region} for {mode} updates but its ClientApp sent "
+            f"{sent_as}{' (a stock Flower reply: new weights)' if sent_as == protocol.MODE_WEIGHTS else ''}. "
+            "Use update='delta' (any ClientApp that returns its new weights), or have the ClientApp send "
+            f"{mode} updates and say so in its reply (docs/drop-in.md)")
 
     def _reject(self, flight: InFlight) -> None:
         """Count a rejected reply; a region quarantined for it has left the plan."""

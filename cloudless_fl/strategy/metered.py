@@ -195,7 +195,8 @@ class Metered(Strategy):
                                       at=self._round_start)
             bytes_up = sum(record_bytes(r) for r in msg.content.array_records.values())
             try:
-                _, reported = self.validator.check_report(region, msg, one_of_each=True)
+                takes = (MODE_WEIGHTS,) if reply_encoding(msg) == "none" else (MODE_DELTA,)  # compressed: a change
+                _, reported = self.validator.check_report(region, msg, one_of_each=True, takes=takes)
             except RejectedUpdate:  # charged its transfer: what it computed on is unknown
                 self.meter.complete(job, bytes_up=bytes_up, reported=Reported(samples=0))
                 self.roster.reject(msg.metadata.src_node_id, region, self.validator)

@@ -149,13 +149,15 @@ class UpdateValidator:
             self._count(region, exc)
             raise
 
-    def check_report(self, region: str, reply: Message, one_of_each: bool = False) -> tuple[MetricRecord, Reported]:
+    def check_report(self, region: str, reply: Message, one_of_each: bool = False,
+                     takes: tuple[str, ...] = protocol.MODES) -> tuple[MetricRecord, Reported]:
         """A train reply's MetricRecord (`metrics`, or its only one) and what it reports about the job, once its
         counts (`num-examples` at least 1, `steps`, `workers`) are whole numbers and its durations finite and not
         negative; else `RejectedUpdate` (`malformed`), counted. `one_of_each`: the reply must also hold exactly
-        one ArrayRecord and one MetricRecord, as Flower's own strategies require (they raise otherwise)."""
+        one ArrayRecord and one MetricRecord, as Flower's own strategies require (they raise otherwise).
+        `takes`: the update kinds the job can be answered with; another is `wrong_kind`."""
         try:
-            return _checked_report(reply, one_of_each)
+            return _checked_report(reply, one_of_each, takes)
         except RejectedUpdate as exc:
             self._count(region, exc)
             raise
@@ -227,7 +229,7 @@ _COUNTS = {"num-examples": 1, "steps": 0, "workers": 1}  # the least each may be
 _DURATIONS = ("compute-seconds", "startup-seconds", "load-seconds", "pace-behind-seconds")
 
 
-def _checked_report(reply: Message, one_of_each: bool) -> tuple[MetricRecord, Reported]:
+def _checked_report(reply: Message, one_of_each: bool, takes: tuple[str, ...]) -> tuple[MetricRecord, Reported]:
     records = reply.content.metric_records
     arrays = len(reply.content.array_records)
     if one_of_each and (len(records) != 1 or arrays != 1):
@@ -249,9 +251,11 @@ def _checked_report(reply: Message, one_of_each: bool) -> tuple[MetricRecord, Re
         if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
             raise RejectedUpdate("malformed", f"{key} is {value!r}; seconds >= 0 are expected")
     try:
-        protocol.reply_update(reply)
+        sent_as = protocol.reply_update(reply)
     except ValueError as exc:
         raise RejectedUpdate("malformed", str(exc)) from None
+    if sent_as not in takes:
+        raise RejectedUpdate("wrong_kind", f"its arrays are {sent_as}; the job asked for {' or '.join(takes)}")
     return metrics, protocol.job_report(reply, metrics)
 
 

@@ -29,6 +29,10 @@ MODE_WEIGHTS = "weights"  # local SGD; reply with the new weights (FedAvg, MA)
 MODE_GRADIENT = "gradient"  # accumulate gradients at the sent weights; reply with them (ASGD-GA)
 MODE_DELTA = "delta"  # local SGD; reply with sent - new weights (ASGD-GA delta option)
 MODES = (MODE_WEIGHTS, MODE_GRADIENT, MODE_DELTA)
+# What a job in each mode can be answered with: new weights and a delta are one another against the model the
+# job was sent (a stock ClientApp replies weights; a compressed upload is a delta); a gradient is only a gradient.
+ANSWERS = {MODE_WEIGHTS: (MODE_WEIGHTS, MODE_DELTA), MODE_DELTA: (MODE_DELTA, MODE_WEIGHTS),
+           MODE_GRADIENT: (MODE_GRADIENT,)}
 # A query reply's metric: the most workers the region's SuperNode starts for one job (its `max-workers`).
 MAX_WORKERS = "max-workers"
 # A train message sent before the server knows which node is which region (the run's first jobs go out
