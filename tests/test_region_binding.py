@@ -1,4 +1,5 @@
-"""Under SuperNode authentication each region's key has one node id: no other node may speak for it."""
+"""What a node says of itself: under SuperNode authentication each region's key has one node id, and no other
+node may speak for it; a self-description whose counts make no sense keeps its node out."""
 
 from __future__ import annotations
 
@@ -33,12 +34,25 @@ STRATEGIES = {
 ROUNDS = {"ma": 3, "asgd_ga_delta": 30, "fedavg": 2, "ma_first_jobs": 3, "asgd_ga_delta_first_jobs": 30}
 
 
-def run(tmp_path, strategy: str, bound: dict[str, int] | None, restart_at: int | None = None):
+def run(tmp_path, strategy: str, bound: dict[str, int] | None, restart_at: int | None = None,
+        described: dict[str, object] | None = None):
     """`strategy` on three in-process regions (node 3 is region "c"), bound as given; optionally node 3
     restarts (under a new id, still claiming "c") once `restart_at` versions are done.
+    `described`: metrics node 3 puts in each self-description (its query reply, or a first job's reply).
     Returns the strategy, the restarted node's new id (if any) and the train messages sent to each node."""
     fed = Federation(tmp_path, three_regions())
     sent, push = Counter(), fed.grid.push_messages
+    if described:
+        deliver = fed.grid._deliver
+
+        def describing(msg):
+            reply = deliver(msg)
+            metrics = reply.content.metric_records.get(protocol.METRICS) if not reply.has_error() else None
+            if msg.metadata.dst_node_id == 3 and metrics is not None and "resident-examples" in metrics:
+                metrics.update(described)
+            return reply
+
+        fed.grid._deliver = describing
 
     def counting_push(messages):
         messages = list(messages)
@@ -83,6 +97,23 @@ def test_a_node_claiming_a_region_whose_key_is_not_its_own_gets_no_say(tmp_path,
     refusals = [(e["node"], e["region"]) for e in impostor.history.events if e["event"] == "node_refused"]
     assert refusals == ([(3, "c")] if strategy == "fedavg" else [])  # the others turn it away at the roll call
     assert impostor.history.entries[-1]["version"] == ROUNDS[strategy]  # the run went on without it
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "fedavg"])  # FedAvg reads no self-description
+@pytest.mark.parametrize("described", [{"resident-examples": float("nan")}, {"resident-examples": -500},
+                                       {"resident-examples": 0}, {"resident-examples": 2.5},
+                                       {protocol.MAX_WORKERS: 0}, {protocol.MAX_WORKERS: float("inf")}],
+                         ids=["nan", "negative", "zero", "fraction", "no_workers", "inf_workers"])
+def test_a_node_whose_self_description_makes_no_sense_is_kept_out(tmp_path, strategy, described):
+    """Resident examples weigh the regions (data shares) and a worker cap sizes the scheduler's plans. Before, NaN
+    ended the run (`int(nan)`), and a negative count made the other regions' shares over 1."""
+    s, _, sent = run(tmp_path, strategy, None, described=described)
+    (key, value), = described.items()
+    failed = [e["reason"] for e in s.history.events if e["event"] == "region_failed"]
+    assert failed == [f"region c says its {key} is {value!r}; a whole number >= 1 is expected"]
+    assert jobs_of(s, "c") == 0 and sent[3] <= 1  # a first job may have gone out with the roll call
+    assert s.roster.shares.keys() == {"a", "b"} and 3 in s.roster.refused
+    assert s.history.entries[-1]["version"] == ROUNDS[strategy]  # the run went on without it
 
 
 def test_a_restarted_node_of_a_bound_region_is_not_taken_in_under_another_key(tmp_path):

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from ..training import protocol
 from .inflight import ReplyPuller, await_replies
 from .runbook import RunBook
-from .validation import UpdateValidator
+from .validation import UpdateValidator, is_whole
 
 log = logging.getLogger("cloudless_fl")
 
@@ -60,6 +60,9 @@ def read_query_reply(reply: Message) -> RegionInfo | str:
         return RegionInfo(node, f"node-{node}", None)
     metrics = reply.content.metric_records.get(protocol.METRICS, {})
     examples, cap = metrics.get("resident-examples"), metrics.get(protocol.MAX_WORKERS)
+    for key, value in (("resident-examples", examples), (protocol.MAX_WORKERS, cap)):
+        if value is not None and not is_whole(value, 1):  # they weigh regions and size plans: a bad one misleads all
+            return f"region {region} says its {key} is {value!r}; a whole number >= 1 is expected"
     return RegionInfo(node, region, None if examples is None else int(examples), None if cap is None else int(cap))
 
 

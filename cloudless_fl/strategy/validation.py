@@ -244,7 +244,7 @@ def _checked_report(reply: Message, one_of_each: bool, takes: tuple[str, ...]) -
                                           "a train reply carries one, with num-examples")
     for key, least in _COUNTS.items():
         value = metrics.get(key)
-        if (value is not None or key == "num-examples") and not _is_whole(value, least):
+        if (value is not None or key == "num-examples") and not is_whole(value, least):
             raise RejectedUpdate("malformed", f"{key} is {value!r}; a whole number >= {least} is expected")
     for key in _DURATIONS:
         value = metrics.get(key)
@@ -263,7 +263,8 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_whole(value: object, least: int) -> bool:
+def is_whole(value: object, least: int) -> bool:
+    """A count a region reports: a finite whole number (int or float, not bool) of at least `least`."""
     return _is_number(value) and math.isfinite(value) and value == int(value) and value >= least
 
 
