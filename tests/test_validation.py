@@ -370,6 +370,22 @@ def test_a_region_that_turns_to_another_kind_of_update_is_rejected_and_the_run_g
             "rejected, and counted from now on") in caplog.messages
 
 
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga", "asgd_ga_delta"])
+def test_the_runs_first_update_of_another_kind_is_a_setup_error(tmp_path, strategy):
+    """Nothing taken yet: the ClientApps answer with a kind the strategy cannot use (a stock app under gradient
+    mode), which no region's rejection would fix; the run stops with what to set up."""
+    fed = Federation(tmp_path, three_regions())
+    fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=1, kind="other_kind", from_job=0)
+    s = STRATEGIES[strategy](fed, UpdateLimits())
+    asked, sent = ("gradient", "weights") if strategy == "asgd_ga" else \
+        ("delta" if strategy == "asgd_ga_delta" else "weights", "gradient")
+    kind = type(s).__name__
+    stock = r" \(a stock Flower reply: new weights\)" if sent == "weights" else ""
+    with pytest.raises(ConfigError, match=rf"^{kind} asked region a for {asked} updates but its ClientApp sent "
+                                          rf"{sent}{stock}\. Use update='delta'"):
+        s.start(fed.grid, fed.initial, num_rounds=ROUNDS[strategy], train_config=fed.config)
+
+
 def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):
     """Flower's FedAvg raises unless every reply's MetricRecord has the same keys; the wrapper hands it the
     keys they share, so one region's ClientApp reporting one metric more neither ends the run nor loses
