@@ -268,8 +268,16 @@ def _other_kind(content) -> None:
     info["update"] = protocol.MODE_WEIGHTS if info["update"] == protocol.MODE_GRADIENT else protocol.MODE_GRADIENT
 
 
-ODD_METRICS = {"one_more": _set_metric("surprise", 1.0)}  # not bad: a metric the other regions do not report
-CONTENT_CHANGES = {**BAD_METRICS, **ODD_METRICS, "no_arrays": lambda content: content.pop(protocol.ARRAYS),
+def _renamed(name: str, to: str):  # a ClientApp that names a record its own way (Flower prescribes no names)
+    def apply(content) -> None:
+        content[to] = content.pop(name)
+    return apply
+
+
+ODD_CONTENT = {  # not bad: a metric the other regions do not report; a record named otherwise
+    "one_more": _set_metric("surprise", 1.0), "metrics_named_otherwise": _renamed(protocol.METRICS, "train_metrics"),
+    "arrays_named_otherwise": _renamed(protocol.ARRAYS, "weights")}
+CONTENT_CHANGES = {**BAD_METRICS, **ODD_CONTENT, "no_arrays": lambda content: content.pop(protocol.ARRAYS),
                    "other_kind": _other_kind}
 
 
@@ -384,6 +392,19 @@ def test_the_runs_first_update_of_another_kind_is_a_setup_error(tmp_path, strate
     with pytest.raises(ConfigError, match=rf"^{kind} asked region a for {asked} updates but its ClientApp sent "
                                           rf"{sent}{stock}\. Use update='delta'"):
         s.start(fed.grid, fed.initial, num_rounds=ROUNDS[strategy], train_config=fed.config)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", ["metrics_named_otherwise", "arrays_named_otherwise"])
+def test_a_replys_only_record_of_a_kind_counts_whatever_its_name(tmp_path, strategy, kind):
+    """Flower prescribes no record names: a reply's one MetricRecord is its metrics (its count and steps are
+    used), its one ArrayRecord its update. Before, Flower's FedAvg ended the run on a region naming either
+    otherwise than the first reply of the round, and MA and ASGD-GA rejected arrays not named `arrays`."""
+    renamed, s, _ = final_model(tmp_path / "renamed", strategy, kind)
+    same, _, _ = final_model(tmp_path / "same", strategy, "as_is")
+    for name, tensor in same.items():
+        assert torch.equal(renamed[name], tensor), name
+    assert not s.history.rejections
 
 
 def test_fedavg_takes_a_region_that_reports_a_metric_more(tmp_path):

@@ -304,7 +304,7 @@ class GeoStrategy(Strategy):
         where weights or a delta were asked for (or the other way) ends the run with
         what to set up if it is the run's first update, else is that region's bad update.
         """
-        arrays = reply.content.array_records.get(protocol.ARRAYS, ArrayRecord())  # none: missing every array
+        arrays = protocol.reply_arrays(reply)
         bytes_up = record_bytes(arrays)
         self.downlink.delivered(flight.region, flight.order.offset)
         try:

@@ -40,7 +40,7 @@ from ..control.jobs import Reported
 from ..control.meter import Meter, record_bytes
 from ..reporting.results import History
 from ..training.compression import Codec
-from ..training.protocol import (ARRAYS, CONFIG, MODE_DELTA, MODE_WEIGHTS, WorkOrder, reply_encoding,
+from ..training.protocol import (ARRAYS, CONFIG, MODE_DELTA, MODE_WEIGHTS, WorkOrder, reply_arrays, reply_encoding,
                                  reply_region)
 from .downlink import Downlink
 from .inflight import PromptReplies
@@ -59,16 +59,21 @@ class _StopRuleFired(Exception):
         self.arrays = arrays
 
 
-def _keep_shared_metrics(replies: list[Message]) -> None:
-    """Trim each reply's MetricRecord to the keys every reply has: Flower's FedAvg raises on replies whose keys
-    differ (one region's ClientApp reporting one metric more would end the run)."""
+def _alike(replies: list[Message]) -> None:
+    """Name every reply's one ArrayRecord and one MetricRecord as the first reply does, and trim each MetricRecord
+    to the keys every reply has: Flower's FedAvg raises on replies whose record names or metric keys differ (one
+    region's ClientApp naming its records its own way, or reporting one metric more, would end the run)."""
     if not replies:
         return
+    first = replies[0].content
+    array_name, metric_name = next(iter(first.array_records)), next(iter(first.metric_records))
     shared = set.intersection(*(set(next(iter(m.content.metric_records.values()))) for m in replies))
     for msg in replies:
-        name, metrics = next(iter(msg.content.metric_records.items()))
-        if set(metrics) != shared:
-            msg.content[name] = MetricRecord({k: v for k, v in metrics.items() if k in shared})
+        (arrays_as, arrays), = msg.content.array_records.items()
+        (metrics_as, metrics), = msg.content.metric_records.items()
+        del msg.content[arrays_as], msg.content[metrics_as]
+        msg.content[array_name] = arrays
+        msg.content[metric_name] = MetricRecord({k: v for k, v in metrics.items() if k in shared})
 
 
 class Metered(Strategy):
@@ -205,7 +210,7 @@ class Metered(Strategy):
             if not self.roster.is_quarantined(region) and self._valid(region, msg):
                 self.book.samples += reported.samples
                 accepted.append(msg)
-        _keep_shared_metrics([m for m in accepted if not m.has_error()])
+        _alike([m for m in accepted if not m.has_error()])
         return self.inner.aggregate_train(server_round + self.round_offset, accepted)
 
     def _note_incomplete_round(self, server_round: int, replies: list[Message]) -> None:
@@ -231,9 +236,10 @@ class Metered(Strategy):
         try:
             encoding = reply_encoding(msg)
             if encoding != "none":
-                delta = self.validator.check(region, msg.content[ARRAYS], MODE_DELTA, codec=self.downlink.codec,
+                delta = self.validator.check(region, reply_arrays(msg), MODE_DELTA, codec=self.downlink.codec,
                                              encoding=encoding)
-                msg.content[ARRAYS] = ArrayRecord({k: v - delta[k] for k, v in self._global.items()})
+                (name, _), = msg.content.array_records.items()  # one: checked with the metrics
+                msg.content[name] = ArrayRecord({k: v - delta[k] for k, v in self._global.items()})
                 return True
             for record in msg.content.array_records.values():
                 self.validator.check(region, record, MODE_WEIGHTS, base=self._global)

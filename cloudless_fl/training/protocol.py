@@ -205,6 +205,15 @@ def _npy_data_offset(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, 
     return header_end
 
 
+def reply_arrays(msg: Message) -> ArrayRecord:
+    """A train reply's update: its ArrayRecord named `arrays`, else its only one (Flower prescribes no name);
+    an empty one (missing every array) if neither."""
+    records = msg.content.array_records
+    if ARRAYS in records:
+        return records[ARRAYS]
+    return next(iter(records.values())) if len(records) == 1 else ArrayRecord()
+
+
 def reply_update(msg: Message) -> str:
     """What a train reply's arrays are: the `update` its `info` record names, else weights.
 
