@@ -99,11 +99,11 @@ def test_a_node_claiming_a_region_whose_key_is_not_its_own_gets_no_say(tmp_path,
     assert impostor.history.entries[-1]["version"] == ROUNDS[strategy]  # the run went on without it
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "fedavg"])  # FedAvg reads no self-description
-@pytest.mark.parametrize("described", [{"resident-examples": float("nan")}, {"resident-examples": -500},
-                                       {"resident-examples": 0}, {"resident-examples": 2.5},
-                                       {protocol.MAX_WORKERS: 0}, {protocol.MAX_WORKERS: float("inf")}],
-                         ids=["nan", "negative", "zero", "fraction", "no_workers", "inf_workers"])
+@pytest.mark.parametrize("described, strategy", [  # each value once, each roll call (FedAvg reads no description)
+    ({"resident-examples": float("nan")}, "ma"), ({"resident-examples": -500}, "asgd_ga_delta"),
+    ({"resident-examples": 0}, "ma_first_jobs"), ({"resident-examples": 2.5}, "asgd_ga_delta_first_jobs"),
+    ({protocol.MAX_WORKERS: 0}, "asgd_ga_delta"), ({protocol.MAX_WORKERS: float("inf")}, "ma_first_jobs")],
+    ids=["nan", "negative", "zero", "fraction", "no_workers", "inf_workers"])
 def test_a_node_whose_self_description_makes_no_sense_is_kept_out(tmp_path, strategy, described):
     """Resident examples weigh the regions (data shares) and a worker cap sizes the scheduler's plans. Before, NaN
     ended the run (`int(nan)`), and a negative count made the other regions' shares over 1."""
