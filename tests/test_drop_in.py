@@ -68,6 +68,16 @@ def test_ma_and_asgd_ga_delta_learn_as_well_as_fedavg_with_no_client_change(stoc
     assert sum("named node-<id>" in r.getMessage() for r in ours) == 2  # one INFO line per run
 
 
+def test_a_stock_app_asked_who_it_is_takes_part_under_its_node_id(stock):
+    """Asked its region (`query_regions=True`, as cloudless-fl's own ServerApp asks), a stock ClientApp without a
+    query function errs ("No query function registered"): that is no failure, the node is `node-<id>`."""
+    ma = ModelAveraging(lr=0.1, query_regions=True)
+    _, sent = _run(stock, ma, 2, ConfigRecord({"lr": 0.1}))
+    assert sent == {"query", "train"}
+    assert sorted(info.name for info in ma.roster.live.values()) == [f"node-{n}" for n in range(1, NODES + 1)]
+    assert not ma.roster.refused and ma.step == 2
+
+
 def test_gradient_mode_refuses_a_stock_reply_with_what_to_do(stock):
     with pytest.raises(ConfigError, match=r"asked region node-\d+ for gradient updates .* stock Flower reply.*"
                                           r"update='delta'"):
