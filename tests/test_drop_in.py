@@ -74,7 +74,8 @@ def test_a_stock_app_asked_who_it_is_takes_part_under_its_node_id(stock):
     ma = ModelAveraging(lr=0.1, query_regions=True)
     _, sent = _run(stock, ma, 2, ConfigRecord({"lr": 0.1}))
     assert sent == {"query", "train"}
-    assert sorted(info.name for info in ma.roster.live.values()) == [f"node-{n}" for n in range(1, NODES + 1)]
+    assert sorted((info.node_id, info.name) for info in ma.roster.live.values()) == [
+        (n, f"node-{n}") for n in range(1, NODES + 1)]
     assert not ma.roster.refused and ma.step == 2
 
 
