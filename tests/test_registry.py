@@ -87,18 +87,20 @@ def test_round_deadlines_refuse_a_robust_rule():
 def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
     """geo4, unscheduled, by default: data-share steps (mean 20) for the period-setting region, the others
     filled towards the period (at most 4x their share), weighted by data share; off, or given per region,
-    every region does the H it is given."""
+    every region does the H it is given; under the scheduler they are the first jobs' work."""
     from cloudless_fl.config import compose, topology_of
     from cloudless_fl.control.meter import Meter
-    from cloudless_fl.control.scheduler import Workload
+    from cloudless_fl.control.scheduler import Scheduler, Workload
     from cloudless_fl.server_app import build_strategy
 
     sizes = GEO4_SIZES
     work = Workload(sizes, model_bytes=4_500_000, base_steps=20, batch_size=32, max_steps_factor=1.0)
 
-    def built(*overrides):
+    def built(*overrides, scheduled=False):
         cfg = compose(["strategy=ma", *overrides])
-        return build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4, work=work)
+        scheduler = Scheduler(topology_of(cfg), work) if scheduled else None
+        return build_strategy(cfg, Meter.simulated(topology_of(cfg), 1), num_regions=4, work=work,
+                              scheduler=scheduler)
 
     fixed = built("strategy.heterogeneity_aware=false")
     assert fixed.local_steps == 20 and fixed.weight_by == "samples"
@@ -113,6 +115,8 @@ def test_heterogeneity_aware_ma_takes_its_steps_from_the_region_model():
     for region in ("ap-beijing", "ap-shanghai", "ap-guangzhou"):  # the rest fill it, at most 4x
         assert share[region] < steps[region] <= 4 * share[region]
     assert steps["ap-beijing"] == 4 * share["ap-beijing"]  # 4,000 samples/s at 10 Gbps: capped
+    scheduled = built(scheduled=True)  # the same work for the first jobs, until its first plan
+    assert scheduled.plan is not None and scheduled.local_steps == steps and scheduled.weight_by == "shares"
     cfg = compose(["strategy=ma", "strategy.heterogeneity_aware=true"])
     for meter, given in ((Meter.measured(), work), (Meter.simulated(topology_of(cfg), 1), None)):  # either missing
         with pytest.raises(ConfigError) as refused:

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -298,6 +299,67 @@ def test_asgd_ga_takes_its_accumulation_steps_from_the_plan(tmp_path):
     planned = scheduler.changes[0]["plan"]
     assert {(r, s) for r, s in seen[:2]} == {(r, planned[r]["local_steps"]) for r in ("fast", "slow")}
     assert strategy.meter.ledger.accounts["slow"].workers == planned["slow"]["workers"]
+
+
+@pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
+def test_a_scheduled_run_sends_its_first_jobs_with_the_roll_call_and_plans_after_them(tmp_path, strategy):
+    """`roll_call="first_jobs"` under the scheduler: no query goes out, the first step's jobs are the
+    strategy's own on the regions' minimum workers, so up to that step's end the run is the unscheduled
+    run bit for bit (model, time, books); the first plan is adopted then, at that step's time, and the jobs
+    after it follow its local work and workers. It is the profiles' plan: slow computed at half its
+    profile's speed, which waits for the first re-plan (one job's pace on a fluctuating link is noise)."""
+    topo = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=2, latency=0),
+                      slow=region(100, 1.8, 80, 0.5, wmax=3, latency=10))
+    profiled = hand_built(fast=region(1000, 3.6, 1000, 0.5, wmax=2, latency=0),
+                          slow=region(200, 1.8, 80, 0.5, wmax=3, latency=10))
+    runs = {}
+    for scheduled in (False, True):
+        fed = Federation(tmp_path / str(scheduled), topo)
+        sizes = {r: len(fed.resident(r).y) for r in topo.region_names}
+        scheduler = Scheduler(profiled, Workload(sizes, 0, base_steps=3, batch_size=16)) if scheduled else None
+        common = dict(batch_size=16, meter=fed.meter(), roll_call="first_jobs", scheduler=scheduler,
+                      replan_every=100)  # the first plan is the only one
+        s = (ModelAveraging(lr=0.1, local_steps=3, weight_by="shares", **common) if strategy == "ma"
+             else AsyncGradAccum(lr=0.1, accumulation_steps=3, update="delta", **common))
+        orders, pushed, at_step_1 = [], [], {}
+        original_message, original_push, evaluate = s._train_message, fed.grid.push_messages, fed.evaluator()
+
+        def spy(node_id, arrays, config, order, s=s, orders=orders, original=original_message):
+            orders.append((s.step, order.steps, order.workers))
+            return original(node_id, arrays, config, order)
+
+        def recording_push(messages, pushed=pushed, push=original_push):
+            messages = list(messages)
+            pushed.extend(m.metadata.message_type for m in messages)
+            return push(messages)
+
+        def evaluate_fn(version, arrays, s=s, at_step_1=at_step_1, evaluate=evaluate):
+            if version == 1:  # the run as it stands when its first step ends
+                at_step_1.update(model=arrays.to_torch_state_dict(), time=s.meter.clock.now(), books={
+                    r: (a.busy_s, a.bytes_down, a.bytes_up) for r, a in s.meter.ledger.accounts.items()})
+            return evaluate(version, arrays)
+
+        s._train_message, fed.grid.push_messages = spy, recording_push
+        s.start(fed.grid, fed.initial, num_rounds=3 if strategy == "ma" else 8, train_config=fed.config,
+                evaluate_fn=evaluate_fn)
+        runs[scheduled] = (s, at_step_1, orders, pushed)
+    (plain, plain_1, _, _), (planned, planned_1, orders, pushed) = runs[False], runs[True]
+    assert "query" not in pushed
+    for key in plain_1["model"]:
+        assert torch.equal(planned_1["model"][key], plain_1["model"][key])
+    assert (planned_1["time"], planned_1["books"]) == (plain_1["time"], plain_1["books"])
+    assert planned.history.entries[:2] == plain.history.entries[:2]
+    first_plan = next(e for e in planned.history.events if e["event"] == "plan")
+    assert first_plan["reason"] == "initial plan" and first_plan["time_s"] == planned_1["time"] > 0
+    scheduler = planned.plan.scheduler
+    assert scheduler.current == plan(scheduler.topology, scheduler.work, scheduler.objective)
+    assert scheduler.current != plan(scheduler.measured_topology(), scheduler.work, scheduler.objective)
+    first = scheduler.changes[0]["plan"]
+    assert first["slow"]["workers"] > 1 and planned.meter.ledger.accounts["slow"].workers == first["slow"]["workers"]
+    before = [(steps, workers) for step, steps, workers in orders if step == 0]
+    after = {(steps, workers) for step, steps, workers in orders if step >= 1}
+    assert before == [(3, 1), (3, 1)]  # the strategy's own work, on minimum workers
+    assert after and after <= {(p["local_steps"], p["workers"]) for p in first.values()}
 
 
 def test_a_supernode_that_starts_fewer_workers_caps_its_regions_plan(tmp_path):

@@ -93,8 +93,9 @@ class GeoStrategy(Strategy):
         message carrying every region's work order (the node takes its region's row), and their replies
         name the nodes — one message trip less, which in Flower 1.42 deployment is a ClientApp process
         start (7–9 s measured). Needs the region ClientApp (a stock one cannot read the table, even with
-        the Mod) and a topology; a run with a scheduler (whose first plan needs every region's data) or
-        resuming a checkpoint asks by query.
+        the Mod) and a topology; a run resuming a checkpoint asks by query. With a scheduler, whose plan
+        needs every region's data, the first jobs are the strategy's own (as unscheduled) and the first
+        plan (from the profiles, as at the start) is adopted when the first step ends; with `query`, before the first jobs.
     min_available_nodes : int
         Wait (up to `reply_timeout`) for this many SuperNodes before starting.
     average_decay : float, optional
@@ -180,7 +181,7 @@ class GeoStrategy(Strategy):
         self.summary()
         nodes = wait_for_nodes(grid, self.min_available_nodes, self.jobs.reply_timeout)
         first_jobs = None
-        if (self.query_regions and self.roll_call == "first_jobs" and self.plan is None and not self.book.resume
+        if (self.query_regions and self.roll_call == "first_jobs" and not self.book.resume
                 and self.meter.cost_model is not None):
             first_jobs = self._send_first_jobs(grid, nodes, initial_arrays, config, first_round)
         elif self.query_regions:
@@ -206,15 +207,22 @@ class GeoStrategy(Strategy):
         if self.book.resume:
             self._restore(grid, config)
             return config, self.optimizer.arrays()
-        if self.plan is not None:
-            live = self.roster.live.values()
-            sizes = {i.name: i.examples if i.examples is not None else 1 for i in live}
-            caps = {i.name: i.workers_max for i in live if i.workers_max is not None}
-            self.plan.start(sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(initial_arrays)), caps)
+        if self.plan is not None and first_jobs is None:
+            self.plan.start(*self._workload(initial_arrays))
         self._evaluate(0, initial_arrays, evaluate_fn, force=True)
         if first_jobs is not None:
             self._take_first_replies(grid, *first_jobs)
+            if self.plan is not None:  # the data sizes the plan needs are known now; it is adopted after this step
+                self.plan.prepare(*self._workload(initial_arrays))
         return config, initial_arrays
+
+    def _workload(self, arrays: ArrayRecord) -> tuple[dict[str, int], int, dict[str, int]]:
+        """What the scheduler plans for: the live regions' resident data, the model's wire size and the
+        most workers each region's SuperNode said it starts."""
+        live = self.roster.live.values()
+        sizes = {i.name: i.examples if i.examples is not None else 1 for i in live}
+        caps = {i.name: i.workers_max for i in live if i.workers_max is not None}
+        return sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(arrays)), caps
 
     def _send_first_jobs(self, grid: Grid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord,
                          first_round: int) -> tuple[dict[str, int], dict[str, InFlight]]:

@@ -38,8 +38,14 @@ class PlanFollower:
         self.steps: dict[str, int] | None = None  # the adopted plan's local work per region taking part
 
     def start(self, data_sizes: dict[str, int], model_bytes: int, worker_caps: dict[str, int] | None = None) -> None:
-        """Plan for the regions that joined: their resident data sizes, the model's size and, where a
-        region's SuperNode said, the most workers it starts for one job."""
+        """Plan now for the regions that joined (`prepare`), before any job has gone out."""
+        self.prepare(data_sizes, model_bytes, worker_caps)
+        self.adopt(self.scheduler.start(self.meter.clock.now()))
+
+    def prepare(self, data_sizes: dict[str, int], model_bytes: int, worker_caps: dict[str, int] | None = None) -> None:
+        """What the first plan is for: the regions that joined, their resident data sizes, the model's size
+        and, where a region's SuperNode said, the most workers it starts for one job. Until a plan is
+        adopted the strategy's own local work and the regions' minimum workers are used."""
         names = set(data_sizes)
         unknown = names - set(self.scheduler.topology.region_names)
         if unknown:
@@ -48,7 +54,6 @@ class PlanFollower:
         self.scheduler.set_workload(data_sizes=data_sizes, model_bytes=model_bytes, worker_caps=worker_caps)
         for name in set(self.scheduler.topology.region_names) - names:
             self.scheduler.exclude(name)
-        self.adopt(self.scheduler.start(self.meter.clock.now()))
 
     def adopt(self, plan: Plan | None) -> None:
         """Rent the plan's workers from now on and use its local work."""
@@ -71,8 +76,9 @@ class PlanFollower:
                                transfer_s=transfer_s, overhead_s=overhead_s, scaling=self.meter.scaling(region))
 
     def maybe_replan(self, step: int) -> None:
-        """Every `replan_every` steps: re-plan from what the jobs measured."""
-        if step % self.replan_every == 0:
+        """The first plan after the first step (a run whose first jobs went out with the roll call), then
+        a re-plan every `replan_every` steps from what the jobs measured."""
+        if self.scheduler.current is None or step % self.replan_every == 0:
             self.adopt(self.scheduler.replan(self.meter.clock.now()))
 
     def region_left(self, region: str, live: Iterable[str]) -> None:

@@ -150,8 +150,8 @@ def region_model_steps(b: Build) -> dict[str, int]:
 
 
 def build_ma(s: dict[str, Any], b: Build) -> Strategy:
-    # with a scheduler its plan sets H_r; a {region: H} mapping is taken as given
-    fitted = s["heterogeneity_aware"] and b.scheduler is None and not isinstance(s["local_steps"], dict)
+    # a {region: H} mapping is taken as given; a scheduler's plan, once adopted, replaces either
+    fitted = s["heterogeneity_aware"] and not isinstance(s["local_steps"], dict)
     if fitted and (b.work is None or b.meter.cost_model is None):
         raise ConfigError("strategy.heterogeneity_aware needs the region model (a topology with its regions' "
                           "speeds and links); set strategy.heterogeneity_aware=false or give the run a topology")
