@@ -276,14 +276,26 @@ def test_a_regions_scaling_efficiency_is_measured_from_its_jobs_at_two_worker_co
 
 def test_a_measured_job_is_read_back_at_the_workers_that_computed_it():
     """A group that lost a worker computed with fewer than the plan rents: its measured time must not be
-    read as the plan's workers being slow. Modelled jobs keep the rented count the cost model timed."""
+    read as the plan's workers being slow. Modelled jobs, and replies that do not say, keep the count
+    rented when they were dispatched — a plan adopted while they ran (3 workers from now) changes later
+    jobs only: read at 3, a lone worker's job looks a third as fast per worker (world5/geo4 ASGD-GA
+    under the scheduler re-planned on that, 2026-12-03)."""
     measured = Meter(SetClock(), CostModel(_topology(), seed=0))
+    job = measured.dispatch("slow", bytes_down=1000, samples=100)
     measured.ledger.set_workers("slow", 3, at=0.0)
-    assert measured.computed_by("slow", Reported(100, workers=2)) == 2
-    assert measured.computed_by("slow", Reported(100)) == 3  # a stock reply does not say
-    simulated = Meter(VirtualClock(), CostModel(_topology(), seed=0))
+    assert measured.computed_by(job, Reported(100, workers=2)) == 2
+    assert measured.computed_by(job, Reported(100)) == 1  # a stock reply does not say
+    assert measured.computed_by(measured.dispatch("slow", bytes_down=1000), Reported(100)) == 3
+    simulated = Meter(VirtualClock(), CostModel(_topology(), seed=0, compute_jitter=0.0))
+    alone = simulated.dispatch("slow", bytes_down=1000, samples=100)
+    untimed = simulated.dispatch("slow", bytes_down=1000)  # its samples are known when it is done (FedAvg)
     simulated.ledger.set_workers("slow", 3, at=0.0)
-    assert simulated.computed_by("slow", Reported(100, workers=1)) == 3
+    grouped = simulated.dispatch("slow", bytes_down=1000, samples=100)
+    assert simulated.computed_by(alone, Reported(100, workers=3)) == 1
+    assert simulated.computed_by(grouped, Reported(100, workers=1)) == 3
+    simulated.complete(untimed, bytes_up=1000, reported=Reported(100))
+    assert untimed.timing.compute_s == pytest.approx(alone.timing.compute_s)  # timed at its one worker
+    assert grouped.timing.compute_s < alone.timing.compute_s
 
 
 def test_the_ledgers_breakdown_splits_the_cost_by_kind():

@@ -558,7 +558,7 @@ def test_a_regions_measured_scaling_feeds_its_next_plan(two_worker_efficiency, p
         job = meter.dispatch("far", bytes_down=0, samples=3200)
         clock.t += reported.compute_s
         work_s, transfer_s, overhead_s = meter.complete(job, bytes_up=0, reported=reported)
-        follower.observe("far", reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s, nbytes=0)
+        follower.observe(job, reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s, nbytes=0)
     follower.maybe_replan(1)
     assert follower.scheduler.current.workers()["far"] == planned
 

@@ -32,6 +32,9 @@ class Job:
     dispatched_at: float
     bytes_down: int
     timing: JobTiming | None = None
+    # workers rented when it was dispatched: the order told the region to start them, the cost model times
+    # it with them (a plan adopted while it runs changes later jobs only); None: kept by an older checkpoint
+    workers: int | None = None
 
 
 @dataclass(frozen=True)

@@ -86,12 +86,16 @@ class Meter:
     def workers(self, region: str) -> int:
         return self.ledger.accounts[region].workers if self.ledger else 1
 
-    def computed_by(self, region: str, reported: Reported) -> int:
+    def computed_by(self, job: Job, reported: Reported) -> int:
         """The workers a job's time was computed on: measured, the reply's count (a group that lost a worker
-        is smaller than the plan's); modelled, the rented count the cost model timed it with."""
+        is smaller than the plan's); modelled, or a reply that does not say, the count rented when it was
+        dispatched (the cost model timed it with those, whatever a plan adopted since rents)."""
         if self.clock.modelled or reported.workers is None:
-            return self.workers(region)
+            return self._dispatched_with(job)
         return reported.workers
+
+    def _dispatched_with(self, job: Job) -> int:
+        return job.workers if job.workers is not None else self.workers(job.region)
 
     def roll_call(self, regions: Iterable[str]) -> None:
         """Every node was asked who it is before the first job. Measured, that time has passed; modelled, it
@@ -107,7 +111,7 @@ class Meter:
         """Start a job now (or at `at`); with `samples` known its modelled end is fixed at once."""
         job_id = self._job_counts[region]
         self._job_counts[region] += 1
-        job = Job(region, job_id, self.clock.now() if at is None else at, bytes_down)
+        job = Job(region, job_id, self.clock.now() if at is None else at, bytes_down, workers=self.workers(region))
         if samples is not None and self.cost_model:
             job.timing = self._model(job, samples, bytes_up=bytes_down)
         return job
@@ -199,7 +203,7 @@ class Meter:
 
     def _model(self, job: Job, samples: int, bytes_up: int) -> JobTiming:
         return self.cost_model.job(job.region, job.dispatched_at, bytes_down=job.bytes_down, samples=samples,
-                                   bytes_up=bytes_up, workers=self.workers(job.region), job_id=job.job_id)
+                                   bytes_up=bytes_up, workers=self._dispatched_with(job), job_id=job.job_id)
 
     def state_dict(self) -> dict:
         """The books so far, for a checkpoint: time, job counters, ledger, unpriced bytes."""

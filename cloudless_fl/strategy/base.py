@@ -339,7 +339,7 @@ class GeoStrategy(Strategy):
             tensors = {k: base[k] - v for k, v in tensors.items()}
         self.book.samples += reported.samples
         if self.plan is not None:
-            self.plan.observe(flight.region, reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s,
+            self.plan.observe(flight.job, reported, work_s=work_s, transfer_s=transfer_s, overhead_s=overhead_s,
                               nbytes=flight.job.bytes_down + bytes_up)
         return tensors, metrics
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..control.jobs import Reported
+from ..control.jobs import Job, Reported
 from ..control.meter import Meter
 from ..control.scheduler import Plan, Scheduler
 from ..errors import ConfigError
@@ -67,13 +67,13 @@ class PlanFollower:
         change = self.scheduler.changes[-1]
         self.book.event("plan", reason=change["reason"], plan=change["plan"])
 
-    def observe(self, region: str, reported: Reported, *, work_s: float, transfer_s: float,
+    def observe(self, job: Job, reported: Reported, *, work_s: float, transfer_s: float,
                 overhead_s: float | None, nbytes: int) -> None:
         """Hand one finished job's measurements to the scheduler, read at the workers that computed it and
         with the region's scaling as the meter measured it."""
-        self.scheduler.observe(region, samples=reported.samples, work_s=work_s,
-                               workers=self.meter.computed_by(region, reported), nbytes=nbytes,
-                               transfer_s=transfer_s, overhead_s=overhead_s, scaling=self.meter.scaling(region))
+        self.scheduler.observe(job.region, samples=reported.samples, work_s=work_s,
+                               workers=self.meter.computed_by(job, reported), nbytes=nbytes,
+                               transfer_s=transfer_s, overhead_s=overhead_s, scaling=self.meter.scaling(job.region))
 
     def maybe_replan(self, step: int) -> None:
         """The first plan after the first step (a run whose first jobs went out with the roll call), then
