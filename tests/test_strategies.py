@@ -755,6 +755,7 @@ def test_the_balance_weight_is_capped(tmp_path):
     strategy.roster.live = {1: RegionInfo(1, "fast", 900), 2: RegionInfo(2, "slow", 100)}
     strategy.roster.shares = {"fast": 0.5, "slow": 0.5}
     strategy._intervals = {"fast": 1.0, "slow": 10.0}  # slow arrives 10x less often: uncapped weight 5.5
+    strategy._work = {"fast": 4, "slow": 4}
     assert strategy._balance_weight("slow") == 2.0
     assert strategy._balance_weight("fast") == pytest.approx(0.5 * 1.1 / 1.0)
 
@@ -768,10 +769,28 @@ def test_the_balance_weight_counts_the_arriving_update_as_applied():
     strategy.roster.live = {1: RegionInfo(1, "fast", 900), 2: RegionInfo(2, "slow", 100)}
     strategy.roster.shares = {"fast": 0.5, "slow": 0.5}
     strategy._intervals = {"fast": 1.0, "slow": 10.0}  # rates 1 and 0.1
+    strategy._work = {"fast": 4, "slow": 4}
     strategy._applied = {"fast": 1.0, "slow": 0.5}  # half of slow's arrivals were held back
     slow = 0.7 * 0.5 + 0.3 * 1.0  # with this one applied
     assert strategy._balance_weight("slow") == pytest.approx(0.5 / (0.5 + 0.5 * slow) * (1.0 + 0.1 * slow) / 0.1)
     assert strategy._balance_weight("fast") == pytest.approx(0.5 / (0.5 + 0.5 * 0.5) * (1.0 + 0.1 * 0.5) / 1.0)
+
+
+@pytest.mark.parametrize("update", ["delta", "gradient"])
+def test_the_balance_weight_counts_each_arrivals_local_steps(tmp_path, update):
+    """Equal job times, local steps in proportion to the data shares (the elastic scheduler's `G_r`): a
+    delta of 30 steps moves the model 3x as far as one of 10, so the regions already weigh by their
+    shares and the weights are 1; a gradient is a mean whatever its steps, so arrivals alone count and
+    the bigger region's weighs 1.5 (3/4 of the data, half the arrivals)."""
+    fed = Federation(tmp_path, topology())
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps={"fast": 30, "slow": 10}, batch_size=16, update=update,
+                              max_weight=100.0, meter=fed.meter())
+    strategy.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    assert strategy._work == ({"fast": 30, "slow": 10} if update == "delta" else {"fast": 1, "slow": 1})
+    strategy.roster.shares = {"fast": 0.75, "slow": 0.25}
+    strategy._intervals, strategy._applied = {"fast": 2.0, "slow": 2.0}, {}
+    expected = {"delta": (1.0, 1.0), "gradient": (1.5, 0.5)}[update]
+    assert (strategy._balance_weight("fast"), strategy._balance_weight("slow")) == pytest.approx(expected)
 
 
 def test_asgd_ga_defaults_are_the_documented_ones():

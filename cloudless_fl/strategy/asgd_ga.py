@@ -8,10 +8,15 @@ model. Updates staler than `tau_max` (if set) are dropped and counted.
 
 Data balance: a fast region arrives more often; on non-IID data that drags the
 model toward its data. Each update is therefore weighted by
-`share_r * R / rate_r` (its data share over its share of arrivals, `R` the
-summed arrival rate; mean weight 1), capped at `max_weight` so a rare, stale
-update cannot blow up a step. With the elastic scheduler's `G_r` the rates
-already follow the shares and the weights stay near 1.
+`share_r * R / rate_r` (its data share over its share of the work applied, `R`
+the summed rate; mean weight 1 per unit of work), capped at `max_weight` so a
+rare, stale update cannot blow up a step. A rate is arrivals per second, times
+the local steps of each (delta mode: a change of `G_r` steps moves the model
+about `G_r` times as far, the count FedNova normalises MA's average by; a
+gradient is a mean whatever `G_r`). The elastic scheduler's `G_r` follow the
+data shares over equal job times, so there the weights stay near 1; counted by
+arrivals alone they were about `N * share_r`, and a region's data counted as its
+share squared (geo4: a lower plateau, 0.944 against 0.95 unscheduled).
 
 A rate is how often the region's updates actually arrive, read from the clock
 that orders them: under the virtual clock the modelled job duration (known at
@@ -152,6 +157,7 @@ class AsyncGradAccum(GeoStrategy):
         self.aggregation, self.trim_fraction, self.buffer_regions = aggregation, trim_fraction, buffer_regions
         self._slots: dict[str, dict[str, torch.Tensor]] = {}  # buffered rule: region → its latest scaled update
         self._intervals: dict[str, float] = {}  # region → smoothed seconds between its arrivals
+        self._work: dict[str, int] = {}  # region → the local steps its latest job counts for (gradient mode: 1)
         self._last_arrival: dict[str, float] = {}  # wall clock only: when the region's last reply was taken
         self._applied: dict[str, float] = {}  # region → smoothed fraction of its arrivals that were applied
 
@@ -179,10 +185,11 @@ class AsyncGradAccum(GeoStrategy):
         idle = [node for node in self.roster.live if node not in busy]
         messages = self._job_messages(idle, arrays, config, steps=self.accumulation_steps, lr=self.local_lr,
                                       mode=self.update, batch_size=self.batch_size, version=server_round)
-        if self.meter.clock.modelled:  # the pace is known at dispatch
-            for message in messages:
-                job = self.jobs.staged(message).job
-                self._observe_interval(job.region, job.timing.end - job.dispatched_at)
+        for message in messages:
+            flight = self.jobs.staged(message)
+            self._work[flight.region] = 1 if self.update == protocol.MODE_GRADIENT else flight.order.steps
+            if self.meter.clock.modelled:  # the pace is known at dispatch
+                self._observe_interval(flight.region, flight.job.timing.end - flight.job.dispatched_at)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -286,11 +293,13 @@ class AsyncGradAccum(GeoStrategy):
     # ------------------------------------------------------------------ helpers
 
     def _extra_state(self) -> dict:
-        return {"durations": self._intervals, "applied": self._applied}  # "durations": the rates' historic key
+        # "durations": the rates' historic key
+        return {"durations": self._intervals, "applied": self._applied, "work": self._work}
 
     def _load_extra_state(self, meta: dict) -> None:
         self._intervals = dict(meta["durations"])
         self._applied = dict(meta["applied"])
+        self._work = dict(meta.get("work", {}))  # absent from earlier checkpoints: balanced from the next jobs
 
     def _region_left(self, region: str) -> None:
         super()._region_left(region)
@@ -306,21 +315,22 @@ class AsyncGradAccum(GeoStrategy):
         self._intervals[region] = moving_average(self._intervals.get(region), seconds, RATE_EMA)
 
     def _balance_weight(self, region: str) -> float:
-        """`share_r * R / rate_r`, capped at `max_weight`; shares and `R` count only what gets applied.
+        """`share_r * R / rate_r` (rates of work: arrivals x their steps), capped at `max_weight`; shares and
+        `R` count only what gets applied.
 
         The weight of `region`'s arriving update if it is admitted (its applied fraction counting
         this arrival as applied): known before the screen's verdict, which the share budget needs.
 
-        Mean weight 1 over applied arrivals: each region's rate and data share count by the
+        Mean weight 1 per unit of applied work: each region's rate and data share count by the
         fraction of its arrivals that move the model. Counting a region whose updates are held
         back or rejected in `R` inflates everyone else's steps by the rate it no longer moves the
         model with (measured: a fast attacker held back on every update drove geo4 to 0.58); in
         the shares, it shrinks them, as if its data were still being learnt.
         """
         live = self.roster.live_names()
-        if not self.balance or len(live) < 2 or any(r not in self._intervals for r in live):
+        if not self.balance or len(live) < 2 or any(r not in self._intervals or r not in self._work for r in live):
             return 1.0
-        rates = {r: 1.0 / max(self._intervals[r], 1e-9) for r in live}
+        rates = {r: self._work[r] / max(self._intervals[r], 1e-9) for r in live}
         applied = {r: self._applied.get(r, 1.0) for r in live}
         applied[region] = moving_average(self._applied.get(region), 1.0, RATE_EMA)
         shares = self.roster.shares
