@@ -330,7 +330,8 @@ class AsyncGradAccum(GeoStrategy):
         live = self.roster.live_names()
         if not self.balance or len(live) < 2 or any(r not in self._intervals or r not in self._work for r in live):
             return 1.0
-        rates = {r: self._work[r] / max(self._intervals[r], 1e-9) for r in live}
+        # work relative to this region's: with equal steps everywhere, the arrival rates bit for bit
+        rates = {r: (self._work[r] / self._work[region]) / max(self._intervals[r], 1e-9) for r in live}
         applied = {r: self._applied.get(r, 1.0) for r in live}
         applied[region] = moving_average(self._applied.get(region), 1.0, RATE_EMA)
         shares = self.roster.shares
