@@ -80,14 +80,15 @@ def workload(cfg: DictConfig, data_sizes: dict[str, int], model_bytes: int) -> W
     """What the scheduler plans for: the resident data, the model's size and the strategy's local work.
 
     Only a strategy with a barrier to wait at (MA) fills idle time with extra steps. FedAvg's local
-    epoch and ASGD-GA's jobs (no barrier: an early finisher just starts its next job) keep data-share work."""
+    epoch keeps data-share work; ASGD-GA's jobs (no barrier: an early finisher just starts its next job)
+    keep the strategy's own steps everywhere."""
     sc = cfg.scheduler
     entry = strategy_entry(cfg.strategy.name)
     return Workload(data_sizes, model_bytes, base_steps=base_steps(cfg, data_sizes),
                     batch_size=int(cfg.strategy.batch_size), epochs=float(sc.get("epochs", 1.0)),
                     max_steps_factor=float(sc.get("max_steps_factor", 1.0)) if entry.fills_idle_time else 1.0,
                     max_overhead_share=sc.get("max_overhead_share"),
-                    max_overhead_growth=float(sc.get("max_steps_factor", 1.0)))
+                    max_overhead_growth=float(sc.get("max_steps_factor", 1.0)), equal_steps=entry.equal_steps)
 
 
 def base_steps(cfg: DictConfig, data_sizes: dict[str, int]) -> int:

@@ -636,6 +636,24 @@ def test_the_scheduler_averages_what_jobs_measured_and_skips_what_they_did_not()
     assert Scheduler(topo, workload(topo)).state_dict()["current"] is None  # before its first plan
 
 
+def test_an_asynchronous_strategys_plan_keeps_its_steps_in_every_region():
+    """ASGD-GA under the scheduler (`equal_steps`): every region taking part does the strategy's own steps
+    per job, whatever its data (data-share steps made geo4's ASGD-GA delta slower than unscheduled); MA's
+    and FedAvg's plans keep steps in proportion to the data."""
+    from cloudless_fl.server_app import workload as configured_workload
+
+    topo = HAND_BUILT[0]
+    work = replace(workload(topo, factor=1.0), equal_steps=True)
+    p = plan(topo, work)
+    assert {r.local_steps for r in p.regions.values() if r.takes_part} == {work.base_steps}
+    assert p.epochs_per_period == pytest.approx(work.base_steps * work.batch_size / max(work.data_sizes.values()))
+    shared = plan(topo, replace(work, equal_steps=False))
+    assert len({r.local_steps for r in shared.regions.values() if r.takes_part}) == 3
+    sizes = dict(work.data_sizes)
+    assert [configured_workload(compose([f"strategy={name}", "scheduler=elastic"]), sizes, MODEL_BYTES).equal_steps
+            for name in ("fedavg", "ma", "asgd_ga", "asgd_ga_delta")] == [False, False, True, True]
+
+
 def test_a_replan_is_adopted_for_changes_beyond_the_tolerance_and_says_which():
     """Local work moving by at most `tolerance` (10 %) is jitter; more, a region's workers or participation
     changing, is a new plan whose reason names every change."""

@@ -13,10 +13,11 @@ the summed rate; mean weight 1 per unit of work), capped at `max_weight` so a
 rare, stale update cannot blow up a step. A rate is arrivals per second, times
 the local steps of each (delta mode: a change of `G_r` steps moves the model
 about `G_r` times as far, the count FedNova normalises MA's average by; a
-gradient is a mean whatever `G_r`). The elastic scheduler's `G_r` follow the
-data shares over equal job times, so there the weights stay near 1; counted by
-arrivals alone they were about `N * share_r`, and a region's data counted as its
-share squared (geo4: a lower plateau, 0.944 against 0.95 unscheduled).
+gradient is a mean whatever `G_r`). With `G_r` in proportion to the data shares
+over equal job times the weights stay near 1; counted by arrivals alone they were
+about `N * share_r`, and a region's data counted as its share squared (geo4,
+under the scheduler when it planned such `G_r`: final 0.947/0.956/0.942 by
+arrivals, 0.950/0.958/0.950 by work, as unscheduled).
 
 A rate is how often the region's updates actually arrive, read from the clock
 that orders them: under the virtual clock the modelled job duration (known at

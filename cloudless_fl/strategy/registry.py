@@ -64,6 +64,10 @@ class StrategyEntry:
     fills_idle_time : bool
         Under the scheduler, early finishers get extra local steps to fill the
         period (only a strategy with a barrier to wait at).
+    equal_steps : bool
+        Under the scheduler, every region keeps the strategy's local work per job
+        (asynchronous: no period whose epochs to equalise; a job's steps trade
+        update frequency against staleness) instead of work in proportion to its data.
     """
 
     name: str
@@ -72,6 +76,7 @@ class StrategyEntry:
     schema: Mapping[str, Rule]
     build: Callable[[dict[str, Any], Build], Strategy]
     fills_idle_time: bool = False
+    equal_steps: bool = False
 
     @property
     def epoch_based(self) -> bool:
@@ -193,10 +198,10 @@ STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
         "strategy.heterogeneity_aware": BOOL,
         "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1), "strategy.nesterov": BOOL,
         "strategy.deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
-    StrategyEntry("asgd_ga", unit="version", local_work="accumulation_steps", build=build_asgd_ga,
+    StrategyEntry("asgd_ga", unit="version", local_work="accumulation_steps", build=build_asgd_ga, equal_steps=True,
                   schema=_rules(_ASGD_GA_SCHEMA)),
     StrategyEntry("asgd_ga_delta", unit="version", local_work="accumulation_steps", build=build_asgd_ga,
-                  schema=_rules(_ASGD_GA_SCHEMA)),  # the same strategy, delta updates by default
+                  equal_steps=True, schema=_rules(_ASGD_GA_SCHEMA)),  # the same strategy, delta updates by default
 )}
 
 
