@@ -17,7 +17,9 @@ the period lasts `T = max_r finish_r`. A region that would finish early is
 paid for the wait anyway (instance billing), so its local work is raised until
 it finishes with the slowest one (`H_r`, at most `max_steps_factor * k_r`, to
 bound drift on non-IID data); the strategies weight regions by data share, not
-by steps, so extra steps never mean extra weight.
+by steps, so extra steps never mean extra weight. An asynchronous strategy
+(`Workload.equal_steps`) has no period to equalise: every region does
+`base_steps` per job, and the plan chooses its workers and participation.
 
 The search
 ----------
