@@ -135,8 +135,10 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path)
 
 def test_each_region_computes_on_the_workers_its_plan_rents(three_regions, tmp_path):
     """MA with the elastic scheduler on real processes: ap-chengdu's plan rents 2 workers, and its jobs are
-    computed by a data-parallel group of 2 forked inside its ClientApp (training/workers.py); the others by 1."""
-    federation, config = _federation_run(three_regions, tmp_path, "ma", 1, "scheduler=elastic")
+    computed by a data-parallel group of 2 forked inside its ClientApp (training/workers.py); the others by 1.
+    The plan is adopted when the first period ends (its jobs went out with the roll call, on one worker
+    each, as unscheduled): the second period's jobs are the plan's."""
+    federation, config = _federation_run(three_regions, tmp_path, "ma", 2, "scheduler=elastic")
     before = flower_processes()
     with federation:
         federation.start_superlink()
