@@ -95,7 +95,8 @@ class GeoStrategy(Strategy):
         start (7–9 s measured). Needs the region ClientApp (a stock one cannot read the table, even with
         the Mod) and a topology; a run resuming a checkpoint asks by query. With a scheduler, whose plan
         needs every region's data, the first jobs are the strategy's own (as unscheduled) and the first
-        plan (from the profiles, as at the start) is adopted when the first step ends; with `query`, before the first jobs.
+        plan (from the profiles, as at the start) is adopted when the first step ends; with `query`,
+        before the first jobs.
     min_available_nodes : int
         Wait (up to `reply_timeout`) for this many SuperNodes before starting.
     average_decay : float, optional
