@@ -76,21 +76,23 @@ def test_ma_with_equal_steps_equals_flower_fedavg(tmp_path):
     assert ma.meter.clock.now() == pytest.approx(fedavg.meter.clock.now() + 0.02)
 
 
-def test_ma_fednova_normalises_unequal_steps(tmp_path):
+@pytest.mark.parametrize("slow_steps", [2, 1])
+def test_ma_fednova_normalises_unequal_steps(tmp_path, slow_steps):
     fed = Federation(tmp_path, topology())
-    ma = ModelAveraging(lr=0.1, local_steps={"fast": 8, "slow": 2}, batch_size=16, meter=fed.meter())
+    ma = ModelAveraging(lr=0.1, local_steps={"fast": 8, "slow": slow_steps}, batch_size=16, meter=fed.meter())
     result = ma.start(fed.grid, fed.initial, num_rounds=1, train_config=fed.config)
     # recompute by hand: each region's change / its steps, weights by samples, times tau_eff
     start = fed.initial.to_torch_state_dict()
     finals = {}
-    for region, steps in (("fast", 8), ("slow", 2)):
+    steps = {"fast": 8, "slow": slow_steps}
+    for region, h in steps.items():
         data = fed.resident(region)
         finals[region] = _centralized_sgd(
-            fed, region, 0.1, make_batches(len(data), 16, seed=0, offset=0, samples=steps * 16))
-    p = {"fast": 8 / 10, "slow": 2 / 10}
-    tau_eff = p["fast"] * 8 + p["slow"] * 2
-    expected = {k: start[k] - tau_eff * sum(p[r] * (start[k] - finals[r][k]) / h
-                                            for r, h in (("fast", 8), ("slow", 2))) for k in start}
+            fed, region, 0.1, make_batches(len(data), 16, seed=0, offset=0, samples=h * 16))
+    p = {r: h / sum(steps.values()) for r, h in steps.items()}  # samples processed: steps x the same batch
+    tau_eff = sum(p[r] * h for r, h in steps.items())
+    expected = {k: start[k] - tau_eff * sum(p[r] * (start[k] - finals[r][k]) / h for r, h in steps.items())
+                for k in start}
     _assert_same(result.arrays, expected, atol=1e-5)
 
 
@@ -456,7 +458,8 @@ def test_a_simulated_run_starts_after_its_roll_call(tmp_path):
 
 def _folded_and_queried(tmp_path, strategy: str, offline: tuple[int, ...] = ()):
     """The same run twice on the virtual clock: regions asked by query first, and with their first jobs sent
-    with the roll call. Returns, per roll call, the strategy, its result and the message types of each push."""
+    with the roll call. Returns, per roll call, the strategy, its result, the message types of each push and
+    the job versions of each push that carried jobs."""
     slow = {**TWO_REGIONS["regions"]["slow"], "job_start_s": 2.0}
     topo = topology({"fast": TWO_REGIONS["regions"]["fast"], "slow": slow})
     runs = {}
@@ -470,17 +473,35 @@ def _folded_and_queried(tmp_path, strategy: str, offline: tuple[int, ...] = ()):
         else:
             s = AsyncGradAccum(lr=0.1, accumulation_steps={"fast": 4, "slow": 2}, batch_size=16, update="delta",
                                meter=fed.meter(), roll_call=roll_call)
-        pushes, push = [], fed.grid.push_messages
+        pushes, versions, push = [], [], fed.grid.push_messages
 
-        def recording_push(messages, push=push, pushes=pushes):
+        def recording_push(messages, push=push, pushes=pushes, versions=versions):
             messages = list(messages)
             pushes.append([m.metadata.message_type for m in messages])
+            versions.append(sorted(_job_versions(messages)))
             return push(messages)
 
         fed.grid.push_messages = recording_push
         result = s.start(fed.grid, fed.initial, num_rounds=5, train_config=fed.config, evaluate_fn=fed.evaluator())
-        runs[roll_call] = (s, result, pushes)
+        runs[roll_call] = (s, result, pushes, [v for v in versions if v])
     return runs
+
+
+def _job_versions(messages) -> set[int]:
+    """The model versions the training jobs in `messages` are labelled with (a roll call's jobs: every
+    region's, from the table each node is sent)."""
+    import json
+
+    from cloudless_fl.training import protocol
+
+    found = set()
+    for message in messages:
+        if message.metadata.message_type == "train":
+            config = message.content[protocol.CONFIG]
+            orders = (json.loads(config[protocol.PER_REGION]).values() if protocol.PER_REGION in config
+                      else [config])
+            found |= {int(order["model-version"]) for order in orders}
+    return found
 
 
 @pytest.mark.parametrize("strategy", ["ma", "asgd_ga"])
@@ -490,8 +511,10 @@ def test_first_jobs_sent_with_the_roll_call_save_its_trip_and_change_nothing_els
     (model, evaluations, data shares, what each region was paid for), one message trip sooner: the slowest
     region's start-up and latency both ways (2 s + 2 x 10 ms)."""
     runs = _folded_and_queried(tmp_path, strategy)
-    (queried, q_result, q_pushes), (folded, f_result, f_pushes) = runs["query"], runs["first_jobs"]
+    (queried, q_result, q_pushes, q_versions), (folded, f_result, f_pushes, f_versions) = (runs["query"],
+                                                                                          runs["first_jobs"])
     assert q_pushes[0] == ["query", "query"] and f_pushes[0] == ["train", "train"]
+    assert f_versions == q_versions  # the first jobs are labelled as the queried run's (MA: period 1)
     assert all("query" not in push for push in f_pushes)
     _assert_same(f_result.arrays, q_result.arrays.to_torch_state_dict(), atol=0)
     assert [e["accuracy"] for e in folded.history.entries] == [e["accuracy"] for e in queried.history.entries]
@@ -510,7 +533,7 @@ def test_a_region_without_a_node_leaves_no_trace_of_its_first_job(tmp_path, stra
     """slow's SuperNode is not there at the start: its first job was planned but never sent to anyone; the
     run is the one-region run a query would have made, and nothing of slow is left in its books."""
     runs = _folded_and_queried(tmp_path, strategy, offline=(2,))
-    (queried, q_result, _), (folded, f_result, _) = runs["query"], runs["first_jobs"]
+    (queried, q_result, *_), (folded, f_result, *_) = runs["query"], runs["first_jobs"]
     _assert_same(f_result.arrays, q_result.arrays.to_torch_state_dict(), atol=0)
     assert folded.roster.live_names() == queried.roster.live_names() == {"fast"}
     assert set(folded.offsets) == {"fast"} and folded.meter.ledger.accounts["slow"].invocations == 0
@@ -645,6 +668,96 @@ def test_an_ma_reply_landing_exactly_at_the_deadline_is_on_time(tmp_path):
     assert period_one(slow_end * (1 - 1e-9)).history.counters["dropped_late"] == 1
 
 
+def _pace(grid, delays: dict[int, float]) -> None:
+    """Make an in-process grid's nodes answer a training job only `delays[node]` real seconds after it was
+    sent (a region slower than a period's deadline, on the wall clock)."""
+    import time
+
+    push, pull, sent = grid.push_messages, grid.pull_messages, {}
+
+    def due(message_id) -> bool:
+        message = grid._inbox.get(message_id)
+        return message is not None and (message.metadata.message_type != "train" or time.monotonic() - sent[
+            message_id] >= delays.get(message.metadata.dst_node_id, 0.0))
+
+    def push_messages(messages):
+        ids = list(push(messages))
+        sent.update(dict.fromkeys(ids, time.monotonic()))
+        return ids
+
+    grid.push_messages = push_messages
+    grid.pull_messages = lambda message_ids: pull([i for i in message_ids if due(i)])
+
+
+def test_ma_on_the_wall_clock_cuts_off_the_replies_after_its_deadline(tmp_path):
+    """Measured time: each period waits for the replies until its deadline and no longer. A region answering
+    within it (0.1 s) is averaged in; one answering after it (3 s) is dropped as late, every period, and the
+    run does not wait for it (its reply timeout is far away)."""
+    from cloudless_fl.control.meter import Meter
+
+    base = TWO_REGIONS["regions"]["fast"]
+    regions = {name: {**base, "data_share": 1 / 3} for name in ("a", "b", "c")}
+    fed = Federation(tmp_path, topology(regions))
+    _pace(fed.grid, {2: 0.1, 3: 3.0})  # node 2 holds b's data, node 3 c's
+    ma = ModelAveraging(lr=0.1, local_steps=2, batch_size=16, deadline_s=0.8, roll_call="query",
+                        meter=Meter.measured(fed.topology))
+    averaged, aggregate = [], ma.aggregate_train
+
+    def counted(period, replies):
+        averaged.append(len(replies))
+        return aggregate(period, replies)
+
+    ma.aggregate_train = counted
+    ma.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    assert averaged == [2, 2] and ma.history.counters["dropped_late"] == 2
+    assert ma.roster.live_names() == {"a", "b", "c"}  # late is not lost: c has a job again next period
+    assert ma.meter.clock.now() < 2.9  # two periods of 0.8 s, not c's 3 s each
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
+def test_ma_reports_how_many_regions_its_step_combined(tmp_path, aggregation):
+    fed = Federation(tmp_path, topology())
+    ma = ModelAveraging(lr=0.1, local_steps=2, batch_size=16, meter=fed.meter(), aggregation=aggregation)
+    reported, aggregate = [], ma.aggregate_train
+
+    def recorded(period, replies):
+        arrays, metrics = aggregate(period, replies)
+        reported.append(dict(metrics))
+        return arrays, metrics
+
+    ma.aggregate_train = recorded
+    ma.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    assert reported == [{"regions": 2}, {"regions": 2}]
+
+
+def test_ma_hands_the_screen_each_regions_local_steps(tmp_path):
+    """The screen compares a change's length per √(its local steps): it must be told each region's steps."""
+    fed = Federation(tmp_path, topology())
+    ma = ModelAveraging(lr=0.1, local_steps={"fast": 9, "slow": 4}, batch_size=16, meter=fed.meter())
+    seen, screened = [], ma._screened
+
+    def recorded(candidates):
+        seen.append({c.region: c.steps for c in candidates})
+        return screened(candidates)
+
+    ma._screened = recorded
+    ma.start(fed.grid, fed.initial, num_rounds=2, train_config=fed.config)
+    assert seen == [{"fast": 9, "slow": 4}] * 2
+
+
+def test_our_strategies_start_like_flowers():
+    """Drop-in: `start` takes Flower's parameters with Flower's defaults (3 rounds, an hour's timeout)."""
+    import inspect
+
+    from flwr.serverapp.strategy import Strategy
+
+    flower = inspect.signature(Strategy.start).parameters
+    for strategy in (ModelAveraging, AsyncGradAccum, Metered):
+        ours = inspect.signature(strategy.start).parameters
+        assert [(p.name, p.default) for p in ours.values()][:len(flower)] == [
+            (p.name, p.default) for p in flower.values()], strategy.__name__
+
+
 def test_ma_ends_the_run_when_no_region_is_left(tmp_path):
     """Both nodes gone: the period that lost them is recorded, the run ends saying why, and returns its model."""
     fed = Federation(tmp_path, topology())
@@ -693,6 +806,10 @@ def _asgd_ga_stopped_by(meter, stop):
     return AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=meter, eval_every=5, stop=stop)
 
 
+def _ma_stopped_by(meter, stop):
+    return ModelAveraging(lr=0.1, local_steps=2, batch_size=16, meter=meter, eval_every=5, stop=stop)
+
+
 def _fedavg_stopped_by(meter, stop):
     inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
     return Metered(inner, meter, eval_every=5, stop=stop)
@@ -703,7 +820,8 @@ def _fedavg_stopped_by(meter, stop):
     ({"max_cost_usd": 0.003}, "cost budget"),
     ({"target_accuracy": 0.5}, "target accuracy"),
 ])
-@pytest.mark.parametrize("make", [_asgd_ga_stopped_by, _fedavg_stopped_by], ids=["asgd_ga", "fedavg"])
+@pytest.mark.parametrize("make", [_asgd_ga_stopped_by, _ma_stopped_by, _fedavg_stopped_by],
+                         ids=["asgd_ga", "ma", "fedavg"])
 def test_stop_rules_end_the_run_at_the_first_step_past_them(tmp_path, rule, reason, make, caplog):
     from cloudless_fl.strategy import StopRules
 
