@@ -951,6 +951,16 @@ def test_asgd_ga_refuses_a_bad_setting_naming_the_choices(setting, message):
     assert str(refused.value) == message
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
+    ({"weight_by": "steps"}, "weight_by must be one of samples, shares, got 'steps'"),
+])
+def test_ma_refuses_a_bad_setting_naming_the_choices(setting, message):
+    with pytest.raises(ValueError) as refused:
+        ModelAveraging(**setting)
+    assert str(refused.value) == message
+
+
 def test_asgd_ga_logs_its_settings_at_the_start():
     """The line a run logs first (`summary`) says how ASGD-GA is set up, the buffered rule included."""
     assert AsyncGradAccum(lr=0.5, momentum=0.9, accumulation_steps={"a": 3}, batch_size=8, tau_max=6,
