@@ -112,8 +112,8 @@ class Roster:
 
     # ------------------------------------------------------------------ names
     def region_of(self, node: int) -> str:
-        info = self.live.get(node)
-        return info.name if info is not None else self.named.get(node, f"node-{node}")
+        """The region a node was named for (every live node is), else `node-<id>`."""
+        return self.named.get(node, f"node-{node}")
 
     def live_names(self) -> set[str]:
         return {info.name for info in self.live.values()}

@@ -1,0 +1,109 @@
+"""The roster: who takes part, who is named, refused or quarantined, and what is recorded of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloudless_fl.strategy.membership import RegionInfo, Roster
+from cloudless_fl.strategy.runbook import RunBook
+from strategy_helpers import Federation, topology
+
+
+@pytest.fixture
+def fed(tmp_path):
+    return Federation(tmp_path, topology())  # node 1 holds region fast's data, node 2 slow's
+
+
+def _roster(fed) -> Roster:
+    return Roster(RunBook(fed.meter()))
+
+
+def _pushes_to(grid) -> list[int]:
+    """Record the node every message pushed to `grid` from now on goes to."""
+    sent, push = [], grid.push_messages
+
+    def recorded(messages):
+        messages = list(messages)
+        sent.extend(m.metadata.dst_node_id for m in messages)
+        return push(messages)
+
+    grid.push_messages = recorded
+    return sent
+
+
+def test_unasked_nodes_take_part_as_node_ids_with_equal_shares(fed):
+    roster = _roster(fed)
+    roster.take_unasked([3, 5])
+    assert roster.live == {3: RegionInfo(3, "node-3", None), 5: RegionInfo(5, "node-5", None)}
+    assert roster.shares == {"node-3": 0.5, "node-5": 0.5} and roster.region_of(5) == "node-5"
+    with pytest.raises(RuntimeError, match="^no node is connected; start the SuperNodes first$"):
+        _roster(fed).take_unasked([])
+
+
+def test_names_asks_each_unnamed_node_once_and_never_a_refused_one(fed, caplog):
+    roster = _roster(fed)
+    roster.refused.add(3)
+    sent = _pushes_to(fed.grid)
+    assert roster.names(fed.grid, [1, 2, 3], fed.config, timeout=5.0) == {1: "fast", 2: "slow", 3: ""}
+    assert roster.names(fed.grid, [2, 1], fed.config, timeout=5.0) == {2: "slow", 1: "fast"}
+    assert sorted(sent) == [1, 2]  # asked once, and node 3 never
+
+
+def test_names_refuses_an_impostor_and_waits_for_a_silent_node_only_until_the_timeout(fed, caplog):
+    """An impostor is refused for good; a node that does not answer in time stays unnamed, to be asked again."""
+    roster = _roster(fed)
+    roster.bind({"fast": 1, "slow": 1})  # slow's registered key is node 1's: node 2 may not speak for it
+    fed.grid.set_offline(1)
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        assert roster.names(fed.grid, [1, 2], fed.config, timeout=0.3) == {1: "", 2: ""}
+    assert roster.refused == {2} and caplog.messages == [
+        "node 2 cannot take part: claims region slow, whose registered key is node 1's"]
+    fed.grid.set_offline(1, False)
+    assert roster.names(fed.grid, [1, 2], fed.config, timeout=5.0) == {1: "fast", 2: ""}
+
+
+def test_a_node_that_rejoins_is_named_and_recorded(fed, caplog):
+    roster = _roster(fed)
+    with caplog.at_level("INFO", logger="cloudless_fl"):
+        roster.admit(RegionInfo(7, "slow", 100))
+    assert roster.live == {7: RegionInfo(7, "slow", 100)} and roster.region_of(7) == "slow"
+    assert "region slow (node 7) joins the run" in caplog.messages
+    assert roster.book.history.counters["rejoined_regions"] == 1
+    assert [(e["event"], e["region"], e["node"]) for e in roster.book.history.events] == [("region_back", "slow", 7)]
+
+
+def test_a_refused_node_is_recorded_and_never_asked_again(fed, caplog):
+    roster = _roster(fed)
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        roster.refuse(RegionInfo(2, "slow", 100), "region slow is quarantined")
+    assert roster.refused == {2} and "node 2 not admitted: region slow is quarantined" in caplog.messages
+    assert [(e["event"], e["node"], e["reason"]) for e in roster.book.history.events] == [
+        ("node_refused", 2, "region slow is quarantined")]
+    sent = _pushes_to(fed.grid)
+    roster.poll(fed.grid, fed.config, ask_now=True)
+    assert sent == [1]
+
+
+def test_why_a_rejoining_node_may_not_take_part(fed):
+    roster = _roster(fed)
+    roster.settle({1: RegionInfo(1, "fast", 100), 2: RegionInfo(2, "slow", 100)}, {})
+    roster.bind({"fast": 1, "slow": 2})
+    assert roster.refusal(RegionInfo(2, "slow", 100)) is None  # its own key
+    assert roster.refusal(RegionInfo(3, "slow", 100)) == "claims region slow, whose registered key is node 2's"
+    roster.bind({"fast": 1, "slow": 2, "west": 4})
+    assert roster.refusal(RegionInfo(4, "west", 100)) == "region west was not in this run at its start"
+    roster.quarantined.add("slow")
+    assert roster.refusal(RegionInfo(2, "slow", 100)) == "region slow is quarantined"
+
+
+def test_a_resumed_run_keeps_its_quarantined_regions_out(fed):
+    """A checkpoint names the quarantined regions: after a resume they get no work, and their nodes are not
+    asked to (re)join."""
+    roster = _roster(fed)
+    roster.settle({1: RegionInfo(1, "fast", 100), 2: RegionInfo(2, "slow", 100)}, {})
+    roster.restore_quarantine(["slow"])
+    assert roster.quarantined == {"slow"} and roster.live_names() == {"fast"}
+    assert roster.remaining() == {"fast"}
+    sent = _pushes_to(fed.grid)
+    roster.poll(fed.grid, fed.config, ask_now=True)
+    assert sent == []  # node 1 is live, node 2's region quarantined
