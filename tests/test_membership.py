@@ -107,3 +107,51 @@ def test_a_resumed_run_keeps_its_quarantined_regions_out(fed):
     sent = _pushes_to(fed.grid)
     roster.poll(fed.grid, fed.config, ask_now=True)
     assert sent == []  # node 1 is live, node 2's region quarantined
+
+
+def test_a_region_is_quarantined_at_its_nth_rejected_update_and_only_then(fed, caplog):
+    """`reject` says True only when the region is quarantined by this rejection: the strategy then plans
+    without it. Its node is dropped and never asked to rejoin; the log names the region and the count."""
+    import torch
+
+    from cloudless_fl.strategy.validation import UpdateLimits, UpdateValidator
+
+    roster = _roster(fed)
+    roster.settle({1: RegionInfo(1, "fast", 100), 2: RegionInfo(2, "slow", 100)}, {})
+    validator = UpdateValidator({"w": torch.zeros(2)}, UpdateLimits(quarantine_after=2))
+    said = []
+    for _ in range(2):
+        validator.rejections["slow"]["non_finite"] += 1  # what the validator does when it rejects one
+        with caplog.at_level("WARNING", logger="cloudless_fl"):
+            said.append(roster.reject(2, "slow", validator))
+        assert roster.live_names() == ({"fast", "slow"} if not said[-1] else {"fast"})
+    assert said == [False, True] and roster.quarantined == {"slow"}
+    assert roster.book.history.counters["rejected_updates"] == 2
+    assert roster.book.history.counters["quarantined_regions"] == 1
+    assert caplog.messages == ["region slow quarantined after 2 bad updates; it gets no more work"]
+    sent = _pushes_to(fed.grid)
+    roster.poll(fed.grid, fed.config, ask_now=True)
+    assert sent == []  # node 2 is not asked to rejoin
+
+
+def test_a_lost_node_leaves_the_run_and_is_recorded(fed, caplog):
+    roster = _roster(fed)
+    roster.settle({1: RegionInfo(1, "fast", 100), 2: RegionInfo(2, "slow", 100)}, {})
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        roster.lose(2, "slow", "no reply within 3 s")
+    assert roster.live_names() == {"fast"} and roster.remaining() == {"fast"}
+    assert caplog.messages == ["region slow (node 2) lost: no reply within 3 s"]
+    assert [(e["event"], e["region"], e["reason"]) for e in roster.book.history.events] == [
+        ("region_lost", "slow", "no reply within 3 s")]
+
+
+def test_the_regions_remaining_are_the_live_ones_or_without_a_roll_call_those_replies_named(fed):
+    """MA and ASGD-GA keep a membership (live nodes); Flower's FedAvg only learns names from replies."""
+    roster = _roster(fed)
+    roster.learn(1, "fast")
+    roster.learn(2, "slow")
+    roster.quarantined.add("slow")
+    assert roster.remaining() == {"fast"}
+    roster.settle({1: RegionInfo(1, "fast", 100), 2: RegionInfo(2, "slow", 100)}, {})
+    roster.drop(1)
+    assert roster.remaining() == set()  # fast's node is gone, slow is quarantined; names alone would say fast
