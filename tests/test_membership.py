@@ -129,6 +129,7 @@ def test_a_region_is_quarantined_at_its_nth_rejected_update_and_only_then(fed, c
     assert roster.book.history.counters["rejected_updates"] == 2
     assert roster.book.history.counters["quarantined_regions"] == 1
     assert caplog.messages == ["region slow quarantined after 2 bad updates; it gets no more work"]
+    assert [(e["event"], e["region"]) for e in roster.book.history.events] == [("region_quarantined", "slow")]
     sent = _pushes_to(fed.grid)
     roster.poll(fed.grid, fed.config, ask_now=True)
     assert sent == []  # node 2 is not asked to rejoin
