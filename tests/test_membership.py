@@ -156,3 +156,17 @@ def test_the_regions_remaining_are_the_live_ones_or_without_a_roll_call_those_re
     roster.settle({1: RegionInfo(1, "fast", 100), 2: RegionInfo(2, "slow", 100)}, {})
     roster.drop(1)
     assert roster.remaining() == set()  # fast's node is gone, slow is quarantined; names alone would say fast
+
+
+def test_the_roll_call_waits_for_a_silent_node_only_until_its_timeout(fed):
+    roster = _roster(fed)
+    fed.grid.set_offline(2)
+    roster.discover(fed.grid, [1, 2], fed.config, timeout=0.3)
+    assert roster.live_names() == {"fast"} and roster.region_of(1) == "fast"
+    assert roster.region_of(2) == "node-2"  # never named: logs and results call it by its id
+
+
+def test_new_nodes_are_looked_for_every_few_steps_once_per_step(fed):
+    roster = _roster(fed)
+    assert [roster.due(step, 5) for step in (0, 0, 3, 5, 5, 6, 10)] == [True, False, False, True, False, False,
+                                                                         True]
