@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cloudless_fl.strategy.membership import RegionInfo, Roster
 from cloudless_fl.strategy.runbook import RunBook
+from cloudless_fl.strategy.validation import UpdateLimits, UpdateValidator
 from strategy_helpers import Federation, topology
 
 
@@ -40,7 +42,7 @@ def test_unasked_nodes_take_part_as_node_ids_with_equal_shares(fed):
         _roster(fed).take_unasked([])
 
 
-def test_names_asks_each_unnamed_node_once_and_never_a_refused_one(fed, caplog):
+def test_names_asks_each_unnamed_node_once_and_never_a_refused_one(fed):
     roster = _roster(fed)
     roster.refused.add(3)
     sent = _pushes_to(fed.grid)
@@ -112,10 +114,6 @@ def test_a_resumed_run_keeps_its_quarantined_regions_out(fed):
 def test_a_region_is_quarantined_at_its_nth_rejected_update_and_only_then(fed, caplog):
     """`reject` says True only when the region is quarantined by this rejection: the strategy then plans
     without it. Its node is dropped and never asked to rejoin; the log names the region and the count."""
-    import torch
-
-    from cloudless_fl.strategy.validation import UpdateLimits, UpdateValidator
-
     roster = _roster(fed)
     roster.settle({1: RegionInfo(1, "fast", 100), 2: RegionInfo(2, "slow", 100)}, {})
     validator = UpdateValidator({"w": torch.zeros(2)}, UpdateLimits(quarantine_after=2))

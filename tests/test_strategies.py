@@ -937,27 +937,19 @@ def test_the_wrapper_defaults_are_the_documented_ones():
     assert not metered.meter.clock.modelled  # the wall clock, with no prices
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({"update": "weights"}, "update must be one of gradient, delta, got 'weights'"),
-    ({"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
-    ({"buffer_regions": 2}, "buffer_regions=2 cannot outvote a bad region; use 3 or more"),
-    ({"aggregation": "trimmed_mean", "trim_fraction": 0.2}, "trim_fraction=0.2 of buffer_regions=3 trims nothing: "
-                                                             "raise either (e.g. 0.25 of 4), or use aggregation=median"),
-    ({"staleness": "linear"}, "unknown staleness function 'linear'; use inverse_sqrt, none"),
-])
-def test_asgd_ga_refuses_a_bad_setting_naming_the_choices(setting, message):
+@pytest.mark.parametrize("strategy, setting, message", [
+    (AsyncGradAccum, {"update": "weights"}, "update must be one of gradient, delta, got 'weights'"),
+    (AsyncGradAccum, {"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
+    (AsyncGradAccum, {"buffer_regions": 2}, "buffer_regions=2 cannot outvote a bad region; use 3 or more"),
+    (AsyncGradAccum, {"aggregation": "trimmed_mean", "trim_fraction": 0.2},
+     "trim_fraction=0.2 of buffer_regions=3 trims nothing: raise either (e.g. 0.25 of 4), or use aggregation=median"),
+    (AsyncGradAccum, {"staleness": "linear"}, "unknown staleness function 'linear'; use inverse_sqrt, none"),
+    (ModelAveraging, {"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
+    (ModelAveraging, {"weight_by": "steps"}, "weight_by must be one of samples, shares, got 'steps'"),
+], ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_a_strategy_refuses_a_bad_setting_naming_the_choices(strategy, setting, message):
     with pytest.raises(ValueError) as refused:
-        AsyncGradAccum(**setting)
-    assert str(refused.value) == message
-
-
-@pytest.mark.parametrize("setting, message", [
-    ({"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
-    ({"weight_by": "steps"}, "weight_by must be one of samples, shares, got 'steps'"),
-])
-def test_ma_refuses_a_bad_setting_naming_the_choices(setting, message):
-    with pytest.raises(ValueError) as refused:
-        ModelAveraging(**setting)
+        strategy(**setting)
     assert str(refused.value) == message
 
 
