@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError, OmegaConfBaseException
 
 from .control.scheduler import BILLINGS, OBJECTIVES
 from .errors import ConfigError
@@ -130,5 +130,9 @@ def _get(cfg: DictConfig, key: str) -> Any:
                 raise KeyError(part)
             node = node[part]
         return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    except (GrammarParseError, InterpolationResolutionError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"config key {key} holds an interpolation that cannot be resolved ({reason}); "
+                          "point it at an existing key, e.g. ${seed}, or escape a literal $ as \\${") from None
     except (KeyError, OmegaConfBaseException):
         raise ConfigError(f"config key {key} is missing or unset; give it a value (conf/ has the defaults)") from None

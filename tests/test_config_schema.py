@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -34,6 +34,7 @@ GEO4 = {"ap-beijing", "ap-shanghai", "ap-guangzhou", "ap-chengdu"}  # the bases'
 
 
 @settings(max_examples=500, deadline=None)
+@example(base=("asgd_ga", "elastic"), changes=[("checkpoint.at_end", "${")])  # drawn once: a literal `${`
 @given(st.sampled_from(sorted(BASES)), st.lists(st.tuples(st.sampled_from(KEYS), values), min_size=1, max_size=3))
 def test_random_values_raise_only_config_errors(base, changes):
     raw = OmegaConf.to_container(BASES[base])
@@ -44,7 +45,7 @@ def test_random_values_raise_only_config_errors(base, changes):
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[leaf] = value
+        node[leaf] = _literal(value)
     cfg = OmegaConf.create(raw)
     strategy, scheduler = base
     rules = {**COMMON, **STRATEGIES[strategy].schema, **SCHEDULER[scheduler]}
@@ -67,6 +68,15 @@ def test_random_values_raise_only_config_errors(base, changes):
         validate(cfg)
 
 
+def _literal(value):
+    """`value` as OmegaConf holds it verbatim: a `${` in drawn text is escaped (`\\${`), its backslashes doubled."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    return value
+
+
 def _allows(rule, key, value) -> bool:
     try:
         rule.check(key, value)
@@ -84,6 +94,13 @@ def test_each_kind_of_bad_value_is_refused_naming_its_key(key, value):
     OmegaConf.update(cfg, key, value, force_add=True)
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(cfg)
+
+
+@pytest.mark.parametrize("key", ["strategy.lr", "checkpoint.at_end"])
+def test_an_interpolation_that_cannot_resolve_is_refused_naming_its_key(key):
+    with pytest.raises(ConfigError, match=re.escape(f"config key {key} holds an interpolation that cannot be resolved "
+                                                    "(Interpolation key 'nowhere' not found)")):
+        validate(compose(["strategy=ma", f"{key}=${{nowhere}}"]))
 
 
 @pytest.mark.parametrize("override, key", [("+foo=1", "foo"), ("+strategy.lcoal_steps=3", "strategy.lcoal_steps"),
