@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from flwr.app import Error as MessageError
+from flwr.app import Message
 
-from cloudless_fl.strategy.membership import RegionInfo, Roster
+from clients.region_app import make_client_app
+from cloudless_fl.deployment.grid import InProcessGrid
+from cloudless_fl.strategy.membership import RegionInfo, Roster, data_shares, wait_for_nodes
 from cloudless_fl.strategy.runbook import RunBook
 from cloudless_fl.strategy.validation import UpdateLimits, UpdateValidator
 from strategy_helpers import Federation, topology
@@ -168,3 +174,86 @@ def test_new_nodes_are_looked_for_every_few_steps_once_per_step(fed):
     roster = _roster(fed)
     assert [roster.due(step, 5) for step in (0, 0, 3, 5, 5, 6, 10)] == [True, False, False, True, False, False,
                                                                          True]
+
+
+class SlowGrid(InProcessGrid):
+    """Nodes in `holding` do not answer yet; nodes in `failing` answer every query with that error."""
+
+    def __init__(self, app, num_nodes: int) -> None:
+        super().__init__(app, num_nodes)
+        self.holding: set[int] = set()
+        self.failing: dict[int, str] = {}
+
+    def pull_messages(self, message_ids):
+        return super().pull_messages([m for m in message_ids if m not in self._inbox
+                                      or self._inbox[m].metadata.dst_node_id not in self.holding])
+
+    def _deliver(self, msg):
+        if msg.metadata.dst_node_id in self.failing:
+            return Message(MessageError(code=0, reason=self.failing[msg.metadata.dst_node_id]), reply_to=msg)
+        return super()._deliver(msg)
+
+
+def test_data_shares_follow_the_resident_examples_and_are_equal_when_one_is_unknown():
+    assert data_shares([RegionInfo(1, "a", 30), RegionInfo(2, "b", 10)]) == {"a": 0.75, "b": 0.25}
+    assert data_shares([RegionInfo(1, "a", 30), RegionInfo(2, "b", None), RegionInfo(3, "c", 10)]) == {
+        "a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+
+
+def test_the_start_up_answers_make_the_run_and_each_failure_is_refused_and_recorded(fed, caplog):
+    roster = _roster(fed)
+    roster.bind({"fast": 1, "slow": 9, "mid": 4})  # node 2 may not speak for slow
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        roster.settle({1: RegionInfo(1, "fast", 60), 2: RegionInfo(2, "slow", 20), 4: RegionInfo(4, "mid", 20)},
+                      {3: "its data holds NaN"})
+    assert roster.live == {1: RegionInfo(1, "fast", 60), 4: RegionInfo(4, "mid", 20)}
+    assert roster.named == {1: "fast", 4: "mid"} and roster.refused == {2, 3}
+    assert roster.shares == {"fast": 0.75, "mid": 0.25}
+    assert sorted(caplog.messages) == ["node 2 cannot take part: claims region slow, whose registered key is node 9's",
+                                       "node 3 cannot take part: its data holds NaN"]
+    assert sorted((e["event"], e["node"], e["reason"]) for e in roster.book.history.events) == [
+        ("region_failed", 2, "claims region slow, whose registered key is node 9's"),
+        ("region_failed", 3, "its data holds NaN")]
+    assert roster.book.history.counters["lost_regions"] == 2
+    with pytest.raises(RuntimeError, match="^no region could take part; see the warnings above$"):
+        _roster(fed).settle({}, {3: "its data holds NaN"})
+
+
+def test_a_poll_asks_only_unknown_nodes_and_never_waits_for_their_answers(fed):
+    grid = SlowGrid(make_client_app(fed.root), 2)
+    roster = _roster(fed)
+    roster.discover(grid, [1, 2], fed.config, timeout=5.0)
+    fast, slow = roster.live[1].examples, roster.live[2].examples
+    new_fast, new_slow, refused = grid.restart(1), grid.restart(2), grid.restart(1)  # nodes 3, 4, 5
+    grid.set_offline(1, False), grid.set_offline(2, False)  # 1 live, 2 (below) quarantined: all five connected
+    roster.restore_quarantine(["slow"])
+    roster.refused.add(refused)
+    grid.holding.add(new_fast)
+    sent = _pushes_to(grid)
+    assert roster.poll(grid, fed.config, ask_now=False) == [] and sent == []  # nothing asked yet
+    started = time.monotonic()
+    assert roster.poll(grid, fed.config, ask_now=True) == [RegionInfo(new_slow, "slow", slow)]
+    assert time.monotonic() - started < 1.0 and sorted(sent) == [new_fast, new_slow]  # node 3 not awaited
+    assert roster.poll(grid, fed.config, ask_now=True) == [RegionInfo(new_slow, "slow", slow)]
+    assert sorted(sent) == [new_fast, new_slow, new_slow]  # node 3 is still being asked: not asked twice
+    grid.holding.clear()
+    assert roster.poll(grid, fed.config, ask_now=False) == [RegionInfo(new_fast, "fast", fast)]
+
+
+def test_a_node_that_fails_its_query_is_refused_and_never_asked_again(fed):
+    grid = SlowGrid(make_client_app(fed.root), 3)
+    roster = _roster(fed)
+    roster.discover(grid, [1, 2], fed.config, timeout=5.0)
+    grid.failing[3] = "RuntimeError: no data"
+    sent = _pushes_to(grid)
+    assert roster.poll(grid, fed.config, ask_now=True) == [] and roster.refused == {3}
+    assert roster.poll(grid, fed.config, ask_now=True) == [] and sent == [3]
+
+
+def test_waiting_for_nodes_ends_when_they_are_there_or_at_the_timeout(fed):
+    started = time.monotonic()
+    assert wait_for_nodes(fed.grid, 2, timeout=5.0) == [1, 2]
+    assert time.monotonic() - started < 0.4  # there already: no sleep
+    started = time.monotonic()
+    assert wait_for_nodes(fed.grid, 3, timeout=0.2) == [1, 2]
+    assert 0.2 <= time.monotonic() - started < 1.2  # one half-second look past the timeout, then the nodes there
