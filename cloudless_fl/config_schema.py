@@ -97,7 +97,7 @@ SCHEDULER = {
                 "scheduler.usd_per_hour": Number(0), "scheduler.billing": Choice(BILLINGS),
                 "scheduler.epochs": POSITIVE, "scheduler.max_steps_factor": Number(1),
                 "scheduler.replan_every": COUNT, "scheduler.smoothing": Number(0, 1, low_open=True),
-                "scheduler.tolerance": Number(0),
+                "scheduler.tolerance": Number(0), "scheduler.min_gain": Number(0, 1, nullable=True),
                 "scheduler.max_overhead_share": Number(0, 1, low_open=True, nullable=True)},
 }
 

@@ -108,7 +108,8 @@ def make_scheduler(cfg: DictConfig, topology: Topology, work: Workload) -> Sched
         return None
     objective = Objective(kind=str(sc.objective), deadline_s=sc.deadline_s, budget_usd=sc.budget_usd,
                           usd_per_hour=float(sc.usd_per_hour), billing=str(sc.billing))
-    return Scheduler(topology, work, objective, smoothing=float(sc.smoothing), tolerance=float(sc.tolerance))
+    return Scheduler(topology, work, objective, smoothing=float(sc.smoothing), tolerance=float(sc.tolerance),
+                     min_gain=sc.min_gain)
 
 
 # May change on resume: how the run is shown and driven, where it goes on, and how far (num_rounds and the stop

@@ -671,6 +671,35 @@ def test_a_replan_is_adopted_for_changes_beyond_the_tolerance_and_says_which():
             == "mid leaves; far workers 4→3")
 
 
+def test_under_min_gain_a_replan_is_adopted_only_when_it_is_worth_it():
+    """Hysteresis (`min_gain`): `far` measured 10 % slower moves its plan from 4 to 5 workers for an estimate
+    0.03 % cheaper — adopted without `min_gain`, not under 1 %; 40 % slower (6 workers, 1.6 % cheaper) is
+    adopted under 1 %; a region leaving, or current workers that now miss the deadline, always are."""
+    topo = HAND_BUILT[0]
+
+    def far_slowed(speed: float, min_gain: float | None, **objective) -> Scheduler:
+        s = Scheduler(topo, workload(topo), Objective(**objective), min_gain=min_gain)
+        start = s.start()
+        assert start.workers()["far"] == 4
+        s.observe("far", samples=6400, work_s=6400 / (400 * 0.9 * speed), workers=1, nbytes=2 * MODEL_BYTES,
+                  transfer_s=start.regions["far"].comm_s)
+        return s
+
+    assert far_slowed(0.9, None).replan(at=5.0).workers()["far"] == 5
+    held = far_slowed(0.9, 0.01)
+    assert held.replan(at=5.0) is None and held.current.workers()["far"] == 4 and len(held.changes) == 1
+    assert far_slowed(0.6, 0.01).replan(at=5.0).workers()["far"] == 6
+    assert far_slowed(0.6, 0.02).replan(at=5.0) is None
+    left = far_slowed(0.9, 0.99)
+    left.exclude("mid")
+    assert not left.replan(at=5.0).regions["mid"].takes_part and left.changes[-1]["reason"] == "mid leaves"
+    late = far_slowed(0.9, 0.99, deadline_s=31.5)  # planned 31.0 s; at 4 workers now 32.2 s, at 5 29.9 s
+    assert late.replan(at=5.0).workers()["far"] == 5
+    from cloudless_fl.server_app import make_scheduler
+
+    assert make_scheduler(compose(["scheduler=elastic", "scheduler.min_gain=0.05"]), topo, workload(topo)).min_gain == 0.05
+
+
 @pytest.mark.parametrize("billing", ["instance", "serverless"])
 def test_a_plans_times_steps_and_prices_by_hand(billing):
     """`evaluate_plan` against hand-computed figures: transfers over nominal links, each job's start-up, idle

@@ -85,6 +85,20 @@ class Objective:
         if self.usd_per_hour < 0:
             raise ConfigError(f"scheduler usd_per_hour={self.usd_per_hour} must be ≥ 0")
 
+    def score(self, p: "Plan") -> float:
+        """What the objective minimises: the plan's cost, its time, or the cost with the time priced in."""
+        if self.kind == "weighted":
+            return p.total_usd + self.usd_per_hour * p.total_time_s / 3600.0
+        return p.total_usd if self.kind == "min_cost" else p.total_time_s
+
+    def allows(self, p: "Plan") -> bool:
+        """Whether the plan keeps the objective's bound (the deadline, or the budget)."""
+        if self.kind == "min_cost" and self.deadline_s is not None:
+            return p.total_time_s <= self.deadline_s * (1 + _EPS)
+        if self.kind == "min_time" and self.budget_usd is not None:
+            return p.total_usd <= self.budget_usd * (1 + _EPS)
+        return True
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -296,16 +310,13 @@ def plan(topology: Topology, work: Workload, objective: Objective = Objective(),
     steps, _ = share_steps(topology, work, exclude)
     candidates = _candidate_plans(topology, work, objective.billing, exclude, steps)
     if objective.kind == "weighted":
-        return min(candidates, key=lambda p: p.total_usd + objective.usd_per_hour * p.total_time_s / 3600.0)
-    if objective.kind == "min_cost":  # minimise cost within the deadline
-        bound, bounded, optimised = objective.deadline_s, "total_time_s", "total_usd"
-    else:  # minimise time within the budget
-        bound, bounded, optimised = objective.budget_usd, "total_usd", "total_time_s"
-    best_bounded = min(candidates, key=lambda p: (getattr(p, bounded), getattr(p, optimised)))
-    if bound is not None and getattr(best_bounded, bounded) > bound * (1 + _EPS):
-        raise ConfigError(_infeasible(objective, best_bounded, work))
-    feasible = [p for p in candidates if bound is None or getattr(p, bounded) <= bound * (1 + _EPS)]
-    return min(feasible, key=lambda p: (getattr(p, optimised), getattr(p, bounded)))
+        return min(candidates, key=objective.score)
+    bounded = "total_time_s" if objective.kind == "min_cost" else "total_usd"  # what the bound limits
+    feasible = [p for p in candidates if objective.allows(p)]
+    if not feasible:
+        tightest = min(candidates, key=lambda p: (getattr(p, bounded), objective.score(p)))
+        raise ConfigError(_infeasible(objective, tightest, work))
+    return min(feasible, key=lambda p: (objective.score(p), getattr(p, bounded)))
 
 
 def _infeasible(objective: Objective, tightest: Plan, work: Workload) -> str:
@@ -371,6 +382,13 @@ class Scheduler:
         A re-plan is adopted when a region's workers or participation change or
         its local work moves by more than this fraction (keeps jitter from
         churning the plan).
+    min_gain : float, optional
+        Hysteresis: a re-plan that changes no region's participation is adopted
+        only if the objective's estimate of it beats keeping the current workers
+        (re-estimated from the same measurements) by at least this fraction, or
+        the current workers no longer keep the bound. None: every change beyond
+        `tolerance` is adopted (measured: ap-chengdu's workers flapping 2 ↔ 3
+        within seconds, README "Elastic scheduler").
     """
 
     topology: Topology
@@ -378,6 +396,7 @@ class Scheduler:
     objective: Objective = field(default_factory=Objective)
     smoothing: float = 0.5
     tolerance: float = 0.1
+    min_gain: float | None = None
     excluded: set[str] = field(default_factory=set)
     changes: list[dict[str, Any]] = field(default_factory=list)
     current: Plan | None = None
@@ -455,9 +474,10 @@ class Scheduler:
         """A new plan if the measurements (or the live regions) call for one, else None."""
         if self.current is None:
             return self.start(at)
-        new = plan(self.measured_topology(), self.work, self.objective, self.excluded)
+        measured = self.measured_topology()
+        new = plan(measured, self.work, self.objective, self.excluded)
         reason = self._difference(self.current, new)
-        if reason is None:
+        if reason is None or self._not_worth_it(measured, new):
             return None
         self.current = new
         self.changes.append({"time_s": at, "reason": reason, "plan": _decisions(new)})
@@ -478,6 +498,16 @@ class Scheduler:
         self.current = Plan.from_dict(state["current"]) if state["current"] else None
         self._measured = {r: _Measured(**{**m, "scaling": tuple(tuple(p) for p in m.get("scaling", ()))})
                           for r, m in state["measured"].items()}
+
+    def _not_worth_it(self, measured: Topology, new: Plan) -> bool:
+        """Under `min_gain`: `new` changes no region's participation and gains less than `min_gain` over the
+        current workers, which still keep the bound."""
+        if self.min_gain is None or any(r.takes_part != new.regions[name].takes_part
+                                        for name, r in self.current.regions.items()):
+            return False
+        kept = evaluate_plan(measured, self.work, self.current.workers(), self.objective.billing, self.excluded)
+        return (self.objective.allows(kept)
+                and self.objective.score(new) > (1 - self.min_gain) * self.objective.score(kept))
 
     def _difference(self, old: Plan, new: Plan) -> str | None:
         reasons = []
