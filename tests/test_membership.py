@@ -174,6 +174,8 @@ def test_new_nodes_are_looked_for_every_few_steps_once_per_step(fed):
     roster = _roster(fed)
     assert [roster.due(step, 5) for step in (0, 0, 3, 5, 5, 6, 10)] == [True, False, False, True, False, False,
                                                                          True]
+    # the first step a run asks at may be any step: version 1 with rejoin_every=1 is due
+    assert _roster(fed).due(1, 1)
 
 
 class SlowGrid(InProcessGrid):
