@@ -108,6 +108,7 @@ def test_the_weighted_plan_is_brute_forces_cheapest_with_time_priced_in(topo, us
     best = plan(topo, work, Objective("weighted", usd_per_hour=usd_per_hour))
     weighted = [p.total_usd + usd_per_hour * p.total_time_s / 3600.0 for p in all_worker_plans(topo, work)]
     assert best.total_usd + usd_per_hour * best.total_time_s / 3600.0 == pytest.approx(min(weighted), rel=1e-12)
+    assert Objective("weighted", usd_per_hour=usd_per_hour).score(best) == pytest.approx(min(weighted), rel=1e-12)
 
 
 @pytest.mark.parametrize("topo", HAND_BUILT)
@@ -124,6 +125,11 @@ def test_constrained_plans_match_brute_force_and_respect_the_bound(topo):
     p = plan(topo, work, Objective("min_time", budget_usd=budget))
     assert p.total_usd <= budget * (1 + 1e-9)
     assert p.total_time_s == pytest.approx(min(q.total_time_s for q in every if q.total_usd <= budget))
+    # a budget that binds, set at exactly the cost of the fastest plan within it: that plan and no dearer one
+    fastest = min(every, key=lambda q: (q.total_time_s, q.total_usd))
+    within = min((q for q in every if q.total_usd < fastest.total_usd * (1 - 1e-6)), key=lambda q: q.total_time_s)
+    p = plan(topo, work, Objective("min_time", budget_usd=within.total_usd))
+    assert p.total_time_s == pytest.approx(within.total_time_s) and p.total_usd <= within.total_usd * (1 + 1e-9)
 
 
 def test_infeasible_deadline_names_the_fastest_plan():
@@ -674,13 +680,17 @@ def test_a_replan_is_adopted_for_changes_beyond_the_tolerance_and_says_which():
 def test_under_min_gain_a_replan_is_adopted_only_when_it_is_worth_it():
     """Hysteresis (`min_gain`): `far` measured 10 % slower moves its plan from 4 to 5 workers for an estimate
     0.03 % cheaper — adopted without `min_gain`, not under 1 %; 40 % slower (6 workers, 1.6 % cheaper) is
-    adopted under 1 %; a region leaving, or current workers that now miss the deadline, always are."""
+    adopted under 1 %, and held back as well after a region left; a region leaving, or current workers that now
+    miss the deadline, always are."""
     topo = HAND_BUILT[0]
 
-    def far_slowed(speed: float, min_gain: float | None, **objective) -> Scheduler:
+    def far_slowed(speed: float, min_gain: float | None, gone: str | None = None, **objective) -> Scheduler:
         s = Scheduler(topo, workload(topo), Objective(**objective), min_gain=min_gain)
         start = s.start()
         assert start.workers()["far"] == 4
+        if gone:  # a region left before `far` slowed; the plan without it has `far` on 3 workers
+            s.exclude(gone)
+            assert s.replan(at=1.0).workers() == {"hq": 1, gone: 0, "far": 3}
         s.observe("far", samples=6400, work_s=6400 / (400 * 0.9 * speed), workers=1, nbytes=2 * MODEL_BYTES,
                   transfer_s=start.regions["far"].comm_s)
         return s
@@ -693,6 +703,8 @@ def test_under_min_gain_a_replan_is_adopted_only_when_it_is_worth_it():
     left = far_slowed(0.9, 0.99)
     left.exclude("mid")
     assert not left.replan(at=5.0).regions["mid"].takes_part and left.changes[-1]["reason"] == "mid leaves"
+    assert far_slowed(0.9, None, gone="mid").replan(at=5.0).workers()["far"] == 4
+    assert far_slowed(0.9, 0.01, gone="mid").replan(at=5.0) is None  # the current workers valued without `mid`
     late = far_slowed(0.9, 0.99, deadline_s=31.5)  # planned 31.0 s; at 4 workers now 32.2 s, at 5 29.9 s
     assert late.replan(at=5.0).workers()["far"] == 5
     from cloudless_fl.server_app import make_scheduler
