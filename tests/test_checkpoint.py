@@ -15,6 +15,7 @@ import torch
 from cloudless_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cloudless_fl.config import compose, prepare_data
 from cloudless_fl.run import run
+from cloudless_fl.strategy.asgd_ga import AsyncGradAccum
 from conftest import small_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,3 +210,16 @@ def test_a_run_that_spent_its_time_budget_extends_by_a_larger_one(two_region_top
     extended = run(compose([*base, "strategy.stop.max_time_s=40", f"resume={tmp_path}"]), tmp_path)
     assert extended["summary"]["ended_by"] == "time budget 40 s reached"
     assert extended["history"][-1]["version"] > first["history"][-1]["version"]
+
+
+def test_asgd_gas_balance_state_round_trips_and_loads_from_a_checkpoint_without_each_regions_work():
+    """ASGD-GA's checkpointed balance state (arrival intervals, applied fractions, each region's work per job)
+    comes back as saved; a checkpoint from before `work` was kept loads with the work unknown (the balance
+    waits for the next jobs) instead of failing."""
+    state = {"durations": {"fast": 0.5, "slow": 5.0}, "applied": {"fast": 1.0, "slow": 0.75},
+             "work": {"fast": 8, "slow": 32}}
+    strategy = AsyncGradAccum(update="delta")
+    strategy._load_extra_state(state)
+    assert strategy._extra_state() == state
+    strategy._load_extra_state({k: v for k, v in state.items() if k != "work"})
+    assert strategy._extra_state() == {**state, "work": {}}
