@@ -254,7 +254,7 @@ def test_asgd_ga_budgets_an_update_by_the_weight_it_then_applies_it_with(tmp_pat
 
 
 @pytest.mark.parametrize("update,limits", [("delta", UpdateLimits(min_relatedness=2.0)), ("gradient", None)])
-def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, update, limits):
+def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, caplog, update, limits):
     """The relatedness check (gradient mode: on by default; delta: opt-in): noise of an update's length is
     unrelated to the region's recent direction.
 
@@ -272,9 +272,13 @@ def test_asgd_ga_holds_back_noise_from_the_attackers_second_update(tmp_path, upd
         return noisy(msg, context)
 
     fed.grid._app = counting
-    strategy, _ = _asgd_ga(fed, update, limits)
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        strategy, _ = _asgd_ga(fed, update, limits)
     screened = [e for e in strategy.history.events if e["event"] == "update_screened"]
     assert {e["region"] for e in screened} == {"a"}
+    held_back = [m for m in caplog.messages if "held back" in m]  # the first is logged, the rest only counted
+    assert held_back == [f"update from region a held back: {screened[0]['reason']} (counted as screened_updates; "
+                         "see docs/reliability.md)"]
     assert all("unrelated to the region's recent updates" in e["reason"] for e in screened)
     # all but the first (nothing to relate it to) and one still in flight at the end, less the 5 % of noise the
     # default bound (2 spreads) lets through

@@ -252,6 +252,7 @@ def test_asgd_ga_readmits_a_lost_node_that_answers_again(tmp_path):
     assert strategy.version == 40
     assert [(e["event"], e["region"]) for e in strategy.history.events] == [("region_lost", "slow"),
                                                                           ("region_back", "slow")]
+    assert strategy.history.events[0]["reason"] == "no reply within 0.3 s"
     assert strategy.history.counters["lost_regions"] == 1 and strategy.history.counters["rejoined_regions"] == 1
     assert strategy.meter.ledger.accounts["slow"].invocations > jobs_when_back["slow"]  # it got work again
 

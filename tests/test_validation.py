@@ -492,9 +492,12 @@ def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
     s.rejoin_every = 1
     restarted = []
 
+    jobs_of_c = []
+
     def restart_once_quarantined(version, arrays):
         if s.history.counters["quarantined_regions"] and not restarted:
             restarted.append(fed.grid.restart(3))  # a fresh node of region "c", sending good updates now
+            jobs_of_c.append(s.meter.ledger.accounts["c"].invocations)
         return None
 
     s.start(fed.grid, fed.initial, num_rounds=ROUNDS["asgd_ga"], train_config=fed.config,
@@ -502,6 +505,9 @@ def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
     assert restarted and restarted[0] in s.roster.refused
     assert "c" not in {info.name for info in s.roster.live.values()}
     assert s.history.counters["rejoined_regions"] == 0
+    refused = [(e["node"], e["region"], e["reason"]) for e in s.history.events if e["event"] == "node_refused"]
+    assert refused == [(restarted[0], "c", "region c is quarantined")]
+    assert s.meter.ledger.accounts["c"].invocations == jobs_of_c[0]  # the refused node was given no job
 
 
 # ---------------------------------------------------------------- fuzzing the decoder and validator

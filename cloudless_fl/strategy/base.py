@@ -421,7 +421,6 @@ class GeoStrategy(Strategy):
             self._retire(old, f"replaced by node {info.node_id}")
         self.roster.admit(info)
         self.downlink.forget(info.name)
-        self.offsets.setdefault(info.name, 0)
         if self.plan is not None:
             self.plan.region_back(info.name)
         return True
