@@ -490,9 +490,7 @@ def test_a_quarantined_region_restarted_under_a_new_node_stays_out(tmp_path):
     fed.grid = FaultyGrid(fed.grid._app, 3, bad_node=3, kind="nan")  # node 3 is region "c"
     s = STRATEGIES["asgd_ga"](fed, UpdateLimits(quarantine_after=3))
     s.rejoin_every = 1
-    restarted = []
-
-    jobs_of_c = []
+    restarted, jobs_of_c = [], []
 
     def restart_once_quarantined(version, arrays):
         if s.history.counters["quarantined_regions"] and not restarted:
