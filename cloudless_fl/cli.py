@@ -126,6 +126,9 @@ def launch_command(argv: list[str]) -> None:
     parser.add_argument("--cold", action="store_true",
                         help="no warm trainer per region: every message's ClientApp process imports PyTorch and "
                              "computes the job itself, as in a plain Flower app")
+    parser.add_argument("--data", default=None,
+                        help="a folder `cloudless-fl data split` wrote for this topology (e.g. --source tabular); "
+                             "default: the bundled digits, split into <out>/data")
     parser.add_argument("--out", default=None, help="run folder (default outputs/launch/<time>)")
     parser.add_argument("--app", default=".", help="the Flower app folder (this checkout)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the run (key=value)")
@@ -137,7 +140,8 @@ def launch_command(argv: list[str]) -> None:
         with sigterm_as_interrupt():
             code = launch(args.topology, args.strategy, args.rounds, out, seed=args.seed,
                           time_scale=args.time_scale, pace=not args.no_pace, security=args.security,
-                          max_workers=args.max_workers, warm=not args.cold, overrides=args.overrides,
+                          max_workers=args.max_workers, warm=not args.cold,
+                          data=None if args.data is None else Path(args.data), overrides=args.overrides,
                           app_dir=Path(args.app))
     except CloudlessError as exc:
         raise SystemExit(f"error: {exc}") from None

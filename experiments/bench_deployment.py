@@ -21,7 +21,8 @@ process start and imports, data load, compute, transfers), and writes
 `cloudless-fl launch` gives it; the `*_cold` runs go without (every message's
 ClientApp process imports PyTorch and computes the job). `--bandwidth-scale` multiplies every link's bandwidth
 (1 = geo4 as it is); `--time-scale` makes links and paced compute that many
-times faster (as `cloudless-fl launch --time-scale`).
+times faster (as `cloudless-fl launch --time-scale`); `--dataset tabular` trains on the off-benchmark study's
+generated tabular task instead of the digits (as `cloudless-fl launch --data`).
 
     .venv/bin/python experiments/bench_deployment.py [--target 0.9] [--runs fedavg ma asgd_ga_delta ...] [--out DIR]
 """
@@ -37,28 +38,29 @@ from omegaconf import OmegaConf
 
 from cloudless_fl.atomic import atomic_write_text
 from cloudless_fl.config import compose
-from cloudless_fl.deployment.launch import launch, sigterm_as_interrupt
+from cloudless_fl.control.topology import load_topology
+from cloudless_fl.deployment.launch import launch, prepare_split, sigterm_as_interrupt
 from cloudless_fl.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = "geo4"
 # run name → (strategy, its rounds/periods/versions at most, Hydra overrides); every run stops at the target
 RUNS = {
-    "fedavg": ("fedavg", 20, ["strategy.eval_every=1"]),
-    "ma": ("ma", 20, ["strategy.eval_every=1", "strategy.stop.at_target=true"]),
+    "fedavg": ("fedavg", 60, ["strategy.eval_every=1", "strategy.stop.at_target=true"]),
+    "ma": ("ma", 60, ["strategy.eval_every=1", "strategy.stop.at_target=true"]),
     # re-planned after every period from what the last one measured (speeds, overheads), local work raised
     # (at most max_steps_factor-fold) until the measured overhead is at most a fifth of a period
-    "ma_elastic": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true", "scheduler=elastic",
+    "ma_elastic": ("ma", 40, ["strategy.eval_every=1", "strategy.stop.at_target=true", "scheduler=elastic",
                               "scheduler.replan_every=1"]),
     # ... without raising local work against the overhead
-    "ma_elastic_no_amortise": ("ma", 12, ["strategy.eval_every=1", "strategy.stop.at_target=true",
+    "ma_elastic_no_amortise": ("ma", 40, ["strategy.eval_every=1", "strategy.stop.at_target=true",
                                           "scheduler=elastic", "scheduler.replan_every=1",
                                           "scheduler.max_overhead_share=null"]),
-    "asgd_ga_delta": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true"]),
+    "asgd_ga_delta": ("asgd_ga_delta", 4000, ["strategy.eval_every=4", "strategy.stop.at_target=true"]),
     # the scheduler's G_r from measured speeds and overheads (every 5 versions), raised against the overhead
-    "asgd_ga_delta_elastic": ("asgd_ga_delta", 400, ["strategy.eval_every=4", "strategy.stop.at_target=true",
+    "asgd_ga_delta_elastic": ("asgd_ga_delta", 4000, ["strategy.eval_every=4", "strategy.stop.at_target=true",
                                                      "scheduler=elastic"]),
-    "asgd_ga": ("asgd_ga", 600, ["strategy.eval_every=8", "strategy.stop.at_target=true"]),
+    "asgd_ga": ("asgd_ga", 6000, ["strategy.eval_every=8", "strategy.stop.at_target=true"]),
 }
 # runs without a warm trainer per region: every message's ClientApp process imports PyTorch itself
 COLD = {f"{name}_cold": name for name in ("fedavg", "ma", "asgd_ga_delta")}
@@ -94,7 +96,7 @@ def geo4_file(folder: Path, scale: float, max_workers: int | None, measured: dic
     return path.resolve()
 
 
-def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, run_dir: Path,
+def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, data: Path, run_dir: Path,
              time_scale: float, warm: bool) -> dict:
     """The run's results; a folder that already holds them (an earlier invocation) is not run again."""
     done = list(run_dir.glob("*/results.json"))
@@ -106,7 +108,7 @@ def deployed(strategy: str, rounds: int, overrides: list[str], topology: Path, r
     try:
         # insecure: the README's figures were measured so (before launch secured runs by default)
         code = launch(str(topology), strategy, rounds, run_dir, overrides=overrides, app_dir=ROOT, stream_to=log,
-                      time_scale=time_scale, security="insecure", warm=warm)
+                      time_scale=time_scale, security="insecure", warm=warm, data=data)
     finally:
         log.close()
     if code != 0:
@@ -157,6 +159,9 @@ def main() -> None:
     parser.add_argument("--bandwidth-scale", type=float, default=1.0, help="every link's bandwidth times this")
     parser.add_argument("--time-scale", type=float, default=1.0, help="links and paced compute this many times faster")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dataset", default="digits", choices=["digits", "tabular"],
+                        help="what the regions train on, split over geo4 as the simulator's studies split it "
+                             "(Dirichlet 0.5; default digits, the README's figures; tabular: the off-benchmark study's)")
     parser.add_argument("--budget-s", type=float, default=600.0,
                         help="wall-clock seconds after which a run that has not reached the target stops (default 600)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -174,6 +179,8 @@ def main() -> None:
     names = ["fedavg", *[n for n in args.runs if n != "fedavg"]]
     max_workers = args.max_workers or None
     topology = geo4_file(args.out, args.bandwidth_scale, max_workers)
+    data = args.out / f"data-{args.dataset}"  # one split for every run, deployed and predicted
+    prepare_split(load_topology(topology), data, source=args.dataset)
     common = [f"target_accuracy={args.target}", f"seed={args.seed}", f"compression={args.compression}"]
     table: dict[str, dict] = {}
     for name in names:
@@ -182,9 +189,10 @@ def main() -> None:
                                            [f"strategy.stop.max_time_s={args.budget_s}", *args.set])]
         run_dir = args.out / f"{name}-deployed"
         with sigterm_as_interrupt():
-            real = deployed(strategy, rounds, overrides, topology, run_dir, args.time_scale, warm=name not in COLD)
+            real = deployed(strategy, rounds, overrides, topology, data, run_dir, args.time_scale,
+                            warm=name not in COLD)
         measured = geo4_file(args.out, args.bandwidth_scale, max_workers, real["summary"], tag=f"-{name}")
-        model = predicted(strategy, rounds, overrides, measured, run_dir / "data", args.out / f"{name}-predicted")
+        model = predicted(strategy, rounds, overrides, measured, data, args.out / f"{name}-predicted")
         table[name] = {"deployed": real, "predicted": model}
         for label, result in table[name].items():
             s, last = result["summary"], result["history"][-1]
@@ -193,7 +201,7 @@ def main() -> None:
                   f"final {s['final_accuracy']:.3f}, staleness {s['staleness_histogram'] or '—'}", flush=True)
 
     t = {n: {k: r["summary"]["time_to_target_s"] for k, r in v.items()} for n, v in table.items()}
-    print(f"\nTo {args.target:.0%} on {topology.stem} (compute paced, links shaped, time scale {args.time_scale:g}), "
+    print(f"\nTo {args.target:.0%}, {args.dataset} on {topology.stem} (compute paced, links shaped, time scale {args.time_scale:g}), "
           f"seed {args.seed}; predicted = the simulator given the run's own measurements (per-job overhead and "
           "reply relay, speed where slower than the profile)")
     print("| run | deployed (wall clock) | predicted | deployed / predicted | FedAvg / run deployed | "

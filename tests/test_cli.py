@@ -1,4 +1,5 @@
-"""The `cloudless-fl` command: usage, errors, `plan` and `data split` (the entry point itself, installed)."""
+"""The `cloudless-fl` command: usage, errors, `plan`, `data split`, `launch`'s data check (the entry point itself,
+installed)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ def test_data_split_writes_one_shard_per_region_and_the_test_set(tmp_path, capsy
 def test_data_split_of_an_unknown_topology_exits_with_the_error(tmp_path):
     with pytest.raises(SystemExit, match="error:"):
         main(["data", "split", "--out", str(tmp_path), "--topology", "nowhere"])
+
+
+def test_launch_refuses_a_data_folder_that_is_no_split_for_its_regions(tmp_path):
+    """Before any process starts: a folder with no split, and a split written for other regions, each named
+    with the fix (`data split` for this topology)."""
+    empty, world5 = tmp_path / "empty", tmp_path / "world5"
+    empty.mkdir()
+    main(["data", "split", "--out", str(world5), "--topology", "world5"])
+    with pytest.raises(SystemExit, match=r"error: .*empty holds no complete data split .*cloudless-fl data split"):
+        main(["launch", "--data", str(empty), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=r"error: .*world5 was split for other regions .*: no shard for "
+                                         r"ap-beijing, ap-shanghai, ap-guangzhou, ap-chengdu; split it again"):
+        main(["launch", "--topology", "geo4", "--data", str(world5), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # no federation was started
 
 
 @pytest.mark.subprocess

@@ -25,6 +25,7 @@ from cloudless_fl.deployment.certs import write_node_key
 from cloudless_fl.deployment.launch import (CONNECTION, Federation, descendants, free_port, launch, prepare_split,
                                            sigterm_as_interrupt, submit)
 from cloudless_fl.control.topology import load_topology
+from cloudless_fl.training.data import load_source, split_dataset
 from cloudless_fl.training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,14 +107,21 @@ def _submit_after_first_checkpoint(federation: Federation, config: dict) -> tupl
 
 
 def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path):
-    """`cloudless-fl launch` end to end (ASGD-GA's run over TLS is the SuperNode-fault test below)."""
+    """`cloudless-fl launch` end to end on a user's split (`data split --source tabular`: not the bundled digits
+    the other deployment tests train on; ASGD-GA's run over TLS is the SuperNode-fault test below)."""
     before = flower_processes()
+    data = tmp_path / "tabular"
+    split_dataset(load_source("tabular"), load_topology(three_regions).shares(), data)
     log = io.StringIO()
     rounds = 2
-    code = launch(str(three_regions), "fedavg", rounds, tmp_path / "run", time_scale=20.0,
+    code = launch(str(three_regions), "fedavg", rounds, tmp_path / "run", time_scale=20.0, data=data,
                   overrides=["progress=false", "strategy.eval_every=1"], app_dir=ROOT, stream_to=log)
     assert code == 0, log.getvalue()[-3000:]
     results = results_of(tmp_path / "run")
+    assert results["config"]["dataset"]["root"] == str(data.resolve())
+    _, tensors = load_checkpoint(next((tmp_path / "run").glob("*/checkpoint.pt")))
+    assert tensors["model"]["1.weight"].shape[1] == 40  # a model of the tabular rows' 40 features
+    assert not (tmp_path / "run" / "data").exists()  # no digits split beside it
     evaluated = [e for e in results["history"] if e["accuracy"] is not None]
     assert results["clock"] == "wall" and results["history"][-1]["version"] == rounds
     assert evaluated[-1]["accuracy"] > evaluated[0]["accuracy"] + 0.1  # it learned
