@@ -92,7 +92,7 @@ def geo4_file(folder: Path, scale: float, max_workers: int | None, measured: dic
             if speed is not None:
                 region["samples_per_s"] = min(region["samples_per_s"], speed / region["efficiency"])
     path = folder / f"{raw['name']}.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # geo4's region order: the split follows it
     return path.resolve()
 
 

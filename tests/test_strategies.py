@@ -585,6 +585,32 @@ def test_a_second_node_of_a_region_at_the_start_works_from_its_next_job(tmp_path
     assert sorted(s.roster.nodes_of("slow")) == [2, 3] and 3 in worked and s.step == 3
 
 
+def test_ma_takes_a_node_restarted_elsewhere_between_periods_in_place_of_its_old_one(tmp_path):
+    """slow's SuperNode restarts on another machine between periods (a new node id, an empty state-dir, no job
+    in flight): the old node leaves the run without a job being sent to it, and under a lossy codec the new one
+    is sent the whole model, not a change from a model only the old node held."""
+    from cloudless_fl.training.compression import Int8
+
+    fed = Federation(tmp_path, topology())
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})
+    restarted = {}
+
+    def restart_slow(version, arrays):
+        if version == 2 and not restarted:
+            restarted["node"] = fed.grid.restart(2)
+            fed.grid._contexts[restarted["node"]].node_config["state-dir"] = str(tmp_path / "elsewhere")
+            restarted["slow_jobs"] = s.meter.ledger.accounts["slow"].invocations
+        return None
+
+    s = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), rejoin_every=1, reply_timeout=0.3,
+                       compression=Int8())
+    s.start(fed.grid, fed.initial, num_rounds=6, train_config=config, evaluate_fn=restart_slow)
+    new = restarted["node"]
+    assert [(e["event"], e["region"], e.get("node")) for e in s.history.events] == [("region_back", "slow", new)]
+    assert {info.name: node for node, info in s.roster.live.items()} == {"fast": 1, "slow": new}
+    assert s.meter.ledger.accounts["slow"].invocations == restarted["slow_jobs"] + 4  # the new node's 4 periods
+
+
 def test_a_compressed_first_download_to_a_region_without_a_node_is_forgotten(tmp_path):
     """Under a lossy codec the server keeps what each region will rebuild from its download; a region whose
     first job found no node keeps nothing (a checkpoint would otherwise carry its model)."""
