@@ -297,6 +297,8 @@ def dirichlet_assignment(
 
     Each region draws class proportions from Dirichlet(alpha) and fills its quota
     from the remaining pool by those proportions (falling back to what is left).
+    Regions draw in the order `shares` lists them (the topology's): the same
+    topology with its regions listed in another order is another split.
     """
     rng = np.random.default_rng(seed)
     n = len(labels)
