@@ -611,6 +611,13 @@ def test_ma_takes_a_node_restarted_elsewhere_between_periods_in_place_of_its_old
     assert s.meter.ledger.accounts["slow"].invocations == restarted["slow_jobs"] + 4  # the new node's 4 periods
 
 
+def test_local_steps_per_region_without_a_live_regions_value_is_an_error_naming_it(tmp_path):
+    fed = Federation(tmp_path, topology())
+    s = ModelAveraging(lr=0.1, local_steps={"fast": 3}, batch_size=16, meter=fed.meter())
+    with pytest.raises(KeyError, match=r"no value for region 'slow' in \{'fast': 3\}; give every region one"):
+        s.start(fed.grid, fed.initial, num_rounds=1, train_config=fed.config)
+
+
 def test_a_compressed_first_download_to_a_region_without_a_node_is_forgotten(tmp_path):
     """Under a lossy codec the server keeps what each region will rebuild from its download; a region whose
     first job found no node keeps nothing (a checkpoint would otherwise carry its model)."""

@@ -396,18 +396,17 @@ class GeoStrategy(Strategy):
             self.plan.region_left(region, self.roster.live_names())
 
     # ------------------------------------------------------------------ nodes that (re)join
-    def _newcomers(self, grid: Grid, config: ConfigRecord, step: int) -> list[int]:
-        """Nodes admitted now, so the caller can give them work.
+    def _newcomers(self, grid: Grid, config: ConfigRecord, step: int) -> bool:
+        """Admit the nodes that (re)joined; True if any was, so a caller with no work out can give them some.
 
         Every `rejoin_every` steps the nodes the run does not know are asked who
         they are; answers are read on every call, so nothing waits for a slow one.
         """
         if not self.query_regions:
-            return []
-        admitted = []
+            return False
+        admitted = False
         for info in self.roster.poll(grid, config, ask_now=self.roster.due(step, self.rejoin_every)):
-            if self._admit(info):
-                admitted.append(info.node_id)
+            admitted = self._admit(info) or admitted
         return admitted
 
     def _admit(self, info: RegionInfo) -> bool:
@@ -519,6 +518,7 @@ def per_region(value: int | Mapping[str, int], region: str) -> int:
     """A setting given once for all regions or per region name."""
     if isinstance(value, Mapping):
         if region not in value:
-            raise KeyError(f"no value for region {region!r} in {dict(value)}")
+            raise KeyError(f"no value for region {region!r} in {dict(value)}; give every region one, or one "
+                           "number for all")
         return int(value[region])
     return int(value)
