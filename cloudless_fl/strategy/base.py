@@ -219,9 +219,14 @@ class GeoStrategy(Strategy):
 
     def _workload(self, arrays: ArrayRecord) -> tuple[dict[str, int], int, dict[str, int]]:
         """What the scheduler plans for: the live regions' resident data, the model's wire size and the
-        most workers each region's SuperNode said it starts."""
+        most workers each region's SuperNode said it starts. If a node did not say its data size (a Mod app
+        without `resident-examples`), every region counts as holding the mean of the sizes said (1 if none
+        was), as `data_shares` weighs them equally: a guess of 1 would plan it almost no work."""
         live = self.roster.live.values()
-        sizes = {i.name: i.examples if i.examples is not None else 1 for i in live}
+        sizes = {i.name: i.examples for i in live}
+        if None in sizes.values():
+            said = [n for n in sizes.values() if n is not None]
+            sizes = dict.fromkeys(sizes, round(sum(said) / len(said)) if said else 1)
         caps = {i.name: i.workers_max for i in live if i.workers_max is not None}
         return sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(arrays)), caps
 
