@@ -191,6 +191,18 @@ def data_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def check_presplit(topology: Topology, root: Path) -> None:
+    """Refuse a folder that is no per-region split for `topology`: a sub-folder per region and test.npz."""
+    missing = [r for r in topology.region_names if not (root / r).exists()]
+    if missing:
+        raise DataError(f"{root} has no folder for region(s) {', '.join(missing)}; its sub-folders must match the "
+                        f"topology's regions ({', '.join(topology.region_names)}): write them with "
+                        f"`cloudless-fl data split --topology <this topology> --source <source> --out {root}`")
+    if not (root / "test.npz").is_file():
+        raise DataError(f"{root} has no test.npz for central evaluation; write one (x, y), or split with "
+                        "`cloudless-fl data split`")
+
+
 def prepare_data(cfg: DictConfig) -> DataLayout:
     """Resolve (and, for a source dataset, write once into the cache) the per-region split."""
     ds = dataset_cfg(cfg)
@@ -199,12 +211,6 @@ def prepare_data(cfg: DictConfig) -> DataLayout:
         if ds.get("root") in (None, "???") or OmegaConf.is_missing(ds, "root"):
             raise ConfigError("dataset=npz needs dataset.root=<folder with one sub-folder per region and test.npz>")
         root = Path(ds.root)
-        missing = [r for r in topology.region_names if not (root / r).exists()]
-        if missing:
-            raise DataError(
-                f"{root} has no folder for region(s) {', '.join(missing)}; its sub-folders must match "
-                f"the topology's regions ({', '.join(topology.region_names)})"
-            )
     else:
         if OmegaConf.is_missing(ds, "root"):
             raise ConfigError(f"dataset={ds.name} needs dataset.root=<folder holding the {ds.name} files>")
@@ -214,9 +220,7 @@ def prepare_data(cfg: DictConfig) -> DataLayout:
         root = cache_dir() / "splits" / f"{ds.source}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         if read_manifest(root) is None:
             split_dataset(load_source(ds.source, ds.root), topology.shares(), root, **split)
-    test_file = root / "test.npz"
-    if not test_file.is_file():
-        raise DataError(f"{root} has no test.npz for central evaluation; write one (x, y) or use the split tool")
-    test, _ = load_npz(test_file)
+    check_presplit(topology, root)
+    test, _ = load_npz(root / "test.npz")
     num_classes = int(ds.num_classes) if ds.get("num_classes") else int(np.max(test.y)) + 1
     return DataLayout(root=root, test=test, num_classes=num_classes)

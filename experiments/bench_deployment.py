@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dataset", default="digits", choices=["digits", "tabular"],
                         help="what the regions train on, split over geo4 as the simulator's studies split it "
-                             "(Dirichlet 0.5; default digits, the README's figures; tabular: the off-benchmark study's)")
+                             "(Dirichlet 0.5; default digits, the README's figures; tabular: the off-benchmark "
+                             "study's)")
     parser.add_argument("--budget-s", type=float, default=600.0,
                         help="wall-clock seconds after which a run that has not reached the target stops (default 600)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -201,9 +202,9 @@ def main() -> None:
                   f"final {s['final_accuracy']:.3f}, staleness {s['staleness_histogram'] or '—'}", flush=True)
 
     t = {n: {k: r["summary"]["time_to_target_s"] for k, r in v.items()} for n, v in table.items()}
-    print(f"\nTo {args.target:.0%}, {args.dataset} on {topology.stem} (compute paced, links shaped, time scale {args.time_scale:g}), "
-          f"seed {args.seed}; predicted = the simulator given the run's own measurements (per-job overhead and "
-          "reply relay, speed where slower than the profile)")
+    print(f"\nTo {args.target:.0%}, {args.dataset} on {topology.stem} (compute paced, links shaped, time scale "
+          f"{args.time_scale:g}), seed {args.seed}; predicted = the simulator given the run's own measurements "
+          "(per-job overhead and reply relay, speed where slower than the profile)")
     print("| run | deployed (wall clock) | predicted | deployed / predicted | FedAvg / run deployed | "
           "FedAvg / run predicted | deployed $ to target (instance) |")
     print("|---|---|---|---|---|---|---|")

@@ -63,15 +63,19 @@ def test_data_split_of_an_unknown_topology_exits_with_the_error(tmp_path):
 
 
 def test_launch_refuses_a_data_folder_that_is_no_split_for_its_regions(tmp_path):
-    """Before any process starts: a folder with no split, and a split written for other regions, each named
-    with the fix (`data split` for this topology)."""
+    """Before any process starts (the ServerApp's own check, `config.check_presplit`): a folder with no test
+    set, and a split written for other regions, each named with the fix (`data split` for this topology)."""
     empty, world5 = tmp_path / "empty", tmp_path / "world5"
     empty.mkdir()
     main(["data", "split", "--out", str(world5), "--topology", "world5"])
-    with pytest.raises(SystemExit, match=r"error: .*empty holds no complete data split .*cloudless-fl data split"):
+    for region in ("ap-beijing", "ap-shanghai", "ap-guangzhou", "ap-chengdu"):
+        (empty / region).mkdir()
+    with pytest.raises(SystemExit, match=r"error: .*empty has no test.npz for central evaluation; write one "
+                                         r"\(x, y\), or split with `cloudless-fl data split`"):
         main(["launch", "--data", str(empty), "--out", str(tmp_path / "run")])
-    with pytest.raises(SystemExit, match=r"error: .*world5 was split for other regions .*: no shard for "
-                                         r"ap-beijing, ap-shanghai, ap-guangzhou, ap-chengdu; split it again"):
+    with pytest.raises(SystemExit, match=r"error: .*world5 has no folder for region\(s\) ap-beijing, ap-shanghai, "
+                                         r"ap-guangzhou, ap-chengdu; .* write them with `cloudless-fl data split "
+                                         r"--topology <this topology>"):
         main(["launch", "--topology", "geo4", "--data", str(world5), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # no federation was started
 

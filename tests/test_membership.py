@@ -11,7 +11,7 @@ from flwr.app import Message
 
 from clients.region_app import make_client_app
 from cloudless_fl.deployment.grid import InProcessGrid
-from cloudless_fl.strategy.membership import RegionInfo, Roster, data_shares, wait_for_nodes
+from cloudless_fl.strategy.membership import RegionInfo, Roster, data_shares, data_sizes, wait_for_nodes
 from cloudless_fl.strategy.runbook import RunBook
 from cloudless_fl.strategy.validation import UpdateLimits, UpdateValidator
 from strategy_helpers import Federation, topology
@@ -200,6 +200,14 @@ def test_data_shares_follow_the_resident_examples_and_are_equal_when_one_is_unkn
     assert data_shares([RegionInfo(1, "a", 30), RegionInfo(2, "b", 10)]) == {"a": 0.75, "b": 0.25}
     assert data_shares([RegionInfo(1, "a", 30), RegionInfo(2, "b", None), RegionInfo(3, "c", 10)]) == {
         "a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+
+
+def test_data_sizes_are_as_said_or_all_the_mean_of_those_said_when_one_is_unknown():
+    """Never 1 sample for the region that did not say beside the others' hundreds; none said: 1 each."""
+    assert data_sizes([RegionInfo(1, "a", 700), RegionInfo(2, "b", 500)]) == {"a": 700, "b": 500}
+    assert data_sizes([RegionInfo(1, "a", 700), RegionInfo(2, "b", None), RegionInfo(3, "c", 501)]) == {
+        "a": 600, "b": 600, "c": 600}
+    assert data_sizes([RegionInfo(1, "a", None), RegionInfo(2, "b", None)]) == {"a": 1, "b": 1}
 
 
 def test_the_start_up_answers_make_the_run_and_each_failure_is_refused_and_recorded(fed, caplog):

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from clients.warm_trainer import NODE_KEY as NODE_TRAINER
 
-from ..config import compose, topology_of
-from ..training.data import load_source, read_manifest, split_dataset
+from ..config import check_presplit, compose, topology_of
+from ..training.data import load_source, split_dataset
 from ..training.pacing import NODE_KEY as NODE_PACE
 from ..training.workers import NODE_KEY as NODE_MAX_WORKERS
 from ..errors import ConfigError
@@ -419,18 +419,6 @@ def prepare_split(topology: Topology, data_dir: Path, source: str = "digits", se
         split_dataset(load_source(source), topology.shares(), data_dir, alpha=0.5, seed=seed)
 
 
-def check_split(topology: Topology, data_dir: Path) -> None:
-    """Refuse a data folder that is not a complete split for `topology`'s regions, before any process starts."""
-    manifest = read_manifest(data_dir)
-    if manifest is None or not (data_dir / "test.npz").is_file():
-        raise ConfigError(f"{data_dir} holds no complete data split (split.json and test.npz); write one with "
-                          f"`cloudless-fl data split --topology <topology> --source <source> --out {data_dir}`")
-    missing = [r for r in topology.region_names if r not in manifest.get("regions", {})]
-    if missing:
-        raise ConfigError(f"{data_dir} was split for other regions ({', '.join(manifest.get('regions', {}))}): "
-                          f"no shard for {', '.join(missing)}; split it again with --topology set to this run's")
-
-
 def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *, seed: int = 1,
            time_scale: float = 1.0, pace: bool = True, security: str = "auth", max_workers: int | None = None,
            warm: bool = True, data: Path | None = None, overrides: list[str] = (), app_dir: Path | None = None,
@@ -452,7 +440,7 @@ def launch(topology_name: str, strategy: str, num_rounds: int, run_dir: Path, *,
         prepare_split(topology, data_dir)
     else:
         data_dir = Path(data).resolve()
-        check_split(topology, data_dir)
+        check_presplit(topology, data_dir)  # as the ServerApp would, but before any process starts
     app_dir = (app_dir or Path.cwd()).resolve()
     if not (app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"{app_dir} is not a Flower app folder (no pyproject.toml); run from the cloudless-fl "

@@ -33,7 +33,7 @@ from ..training import protocol
 from ..training.compression import Codec, wire_bytes
 from .downlink import Downlink
 from .inflight import InFlight, InFlightJobs, await_replies
-from .membership import RegionInfo, Roster, read_answers, wait_for_nodes
+from .membership import RegionInfo, Roster, data_sizes, read_answers, wait_for_nodes
 from .planning import PlanFollower
 from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
@@ -219,16 +219,10 @@ class GeoStrategy(Strategy):
 
     def _workload(self, arrays: ArrayRecord) -> tuple[dict[str, int], int, dict[str, int]]:
         """What the scheduler plans for: the live regions' resident data, the model's wire size and the
-        most workers each region's SuperNode said it starts. If a node did not say its data size (a Mod app
-        without `resident-examples`), every region counts as holding the mean of the sizes said (1 if none
-        was), as `data_shares` weighs them equally: a guess of 1 would plan it almost no work."""
+        most workers each region's SuperNode said it starts (`data_sizes`: equal where one is unknown)."""
         live = self.roster.live.values()
-        sizes = {i.name: i.examples for i in live}
-        if None in sizes.values():
-            said = [n for n in sizes.values() if n is not None]
-            sizes = dict.fromkeys(sizes, round(sum(said) / len(said)) if said else 1)
         caps = {i.name: i.workers_max for i in live if i.workers_max is not None}
-        return sizes, wire_bytes(self.downlink.codec, protocol.decode_tensors(arrays)), caps
+        return data_sizes(live), wire_bytes(self.downlink.codec, protocol.decode_tensors(arrays)), caps
 
     def _send_first_jobs(self, grid: Grid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord,
                          first_round: int) -> tuple[dict[str, int], dict[str, InFlight]]:

@@ -66,13 +66,22 @@ def read_query_reply(reply: Message) -> RegionInfo | str:
     return RegionInfo(node, region, None if examples is None else int(examples), None if cap is None else int(cap))
 
 
+def data_sizes(regions: Iterable[RegionInfo]) -> dict[str, int]:
+    """Each region's resident examples, as said. If one did not say (a Mod app without `resident-examples`),
+    every region counts as holding the mean of the sizes said (1 if none was): equal, rather than a guess
+    that would weigh and plan that region as holding almost nothing."""
+    sizes = {r.name: r.examples for r in regions}
+    if None in sizes.values():
+        said = [n for n in sizes.values() if n is not None]
+        return dict.fromkeys(sizes, round(sum(said) / len(said)) if said else 1)
+    return sizes
+
+
 def data_shares(regions: Iterable[RegionInfo]) -> dict[str, float]:
-    """Each region's share of all resident data (equal shares where sizes are unknown)."""
-    regions = list(regions)
-    if any(r.examples is None for r in regions):
-        return {r.name: 1.0 / len(regions) for r in regions}
-    total = sum(r.examples for r in regions)
-    return {r.name: r.examples / total for r in regions}
+    """Each region's share of all resident data (`data_sizes`: equal where a size is unknown)."""
+    sizes = data_sizes(regions)
+    total = sum(sizes.values())
+    return {name: n / total for name, n in sizes.items()}
 
 
 class Roster:
