@@ -68,6 +68,17 @@ def test_ma_and_asgd_ga_delta_learn_as_well_as_fedavg_with_no_client_change(stoc
     assert sum("named node-<id>" in r.getMessage() for r in ours) == 2  # one INFO line per run
 
 
+@pytest.mark.parametrize("preset, update", [("asgd_ga_delta", "delta"), ("asgd_ga", "gradient")])
+def test_a_drop_in_asgd_ga_serves_the_model_a_configured_run_serves(preset, update):
+    """A Flower user constructing the class gets the served average the Hydra preset has (deltas: an average of
+    versions, which swing; gradients: the last version), and an explicit choice is kept."""
+    from cloudless_fl.config import compose
+
+    assert AsyncGradAccum(update=update).average_decay == compose([f"strategy={preset}"]).strategy.average_decay
+    assert AsyncGradAccum(update=update, average_decay=None).average_decay is None
+    assert AsyncGradAccum(update=update, average_decay=0.5).average_decay == 0.5
+
+
 def test_a_stock_app_asked_who_it_is_takes_part_under_its_node_id(stock):
     """Asked its region (`query_regions=True`, as cloudless-fl's own ServerApp asks), a stock ClientApp without a
     query function errs ("No query function registered"): that is no failure, the node is `node-<id>`."""

@@ -305,7 +305,8 @@ def test_asgd_ga_buffered_median_holds_against_minus_ten_times_an_update_without
         else:
             fed.grid.set_offline(1)
         strategy = AsyncGradAccum(update="delta", local_lr=0.1, accumulation_steps=10, batch_size=16, eval_every=10,
-                                  meter=fed.meter(), limits=NO_ASYNC_SCREEN, aggregation=rule)
+                                  meter=fed.meter(), limits=NO_ASYNC_SCREEN, aggregation=rule,
+                                  average_decay=None)  # the rule's own versions, not an average lagging them
         accuracy[name] = _final_accuracy(strategy.start(fed.grid, fed.initial, num_rounds=30,
                                                         train_config=fed.config, evaluate_fn=fed.evaluator()))
     print(accuracy)

@@ -61,6 +61,7 @@ def no_scaling(tau: int) -> float:
 
 STALENESS_FUNCTIONS: dict[str, Callable[[int], float]] = {"inverse_sqrt": inverse_sqrt, "none": no_scaling}
 UPDATES = (protocol.MODE_GRADIENT, protocol.MODE_DELTA)  # what a job returns
+DELTA_AVERAGE_DECAY = 0.9  # delta mode serves about the last 10 versions' average by default
 
 
 class AsyncGradAccum(GeoStrategy):
@@ -108,6 +109,11 @@ class AsyncGradAccum(GeoStrategy):
         `trimmed_mean`: fraction dropped of each side per entry.
     buffer_regions : int
         Regions whose updates make one buffered step (at least 3: a median of 3 outvotes one bad region).
+    average_decay : float or None
+        Serve (evaluate, return) an exponential moving average of the versions with this decay per version.
+        Default: 0.9 for deltas, whose versions swing with each region's non-IID update, so the final model
+        is not one sample of that swing (README, "The served model"); None (the last version) for gradients,
+        whose versions do not swing. As `conf/strategy/asgd_ga*.yaml`.
     **kwargs :
         `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every`, `rejoin_every`, ... (see
         `GeoStrategy`).
@@ -130,6 +136,7 @@ class AsyncGradAccum(GeoStrategy):
                  staleness: str | Callable[[int], float] = "inverse_sqrt", update: str = protocol.MODE_GRADIENT,
                  local_lr: float = 0.1, balance: bool = True, max_weight: float = 4.0, aggregation: str = "mean",
                  trim_fraction: float = 0.25, buffer_regions: int = 3, **kwargs) -> None:
+        kwargs.setdefault("average_decay", DELTA_AVERAGE_DECAY if update == protocol.MODE_DELTA else None)
         super().__init__(**kwargs)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
