@@ -106,6 +106,28 @@ def _submit_after_first_checkpoint(federation: Federation, config: dict) -> tupl
     return run, codes
 
 
+def test_a_stock_clientapp_trains_under_asgd_ga_delta_on_real_supernodes(three_regions, tmp_path):
+    """Someone else's app (tests/stock_app: a quickstart-shaped ClientApp with its own model and data, run as it
+    is; nothing of cloudless-fl beside it: no trainer, no pacing, no region query) on a real SuperLink and
+    SuperNodes behind shaped links, only its ServerApp's strategy line ours; judged by the model it ends with."""
+    before = flower_processes()
+    topology = load_topology(three_regions)
+    run_dir = (tmp_path / "run").resolve()
+    log = io.StringIO()
+    with Federation(topology, run_dir, pace=False, security="insecure") as federation:
+        federation.start_superlink()
+        for i, region in enumerate(topology.region_names):
+            federation.start_region(region, run_dir / "no-data", app_config=f"partition-id={i} num-partitions=3")
+        code = submit(federation, ROOT / "tests" / "stock_app", {"strategy": "asgd_ga_delta",
+                                                                 "num-server-rounds": 12}, log)
+    out = log.getvalue()
+    assert code == 0, out[-3000:]
+    assert "ERROR" not in out and "Traceback" not in out, out[-3000:]
+    final = float(out.split("final accuracy ")[1].split()[0])
+    assert final > 0.85, out[-3000:]  # 0.35 at the start; FedAvg's first round reaches about 0.93
+    assert flower_processes() <= before
+
+
 def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path):
     """`cloudless-fl launch` end to end on a user's split (`data split --source tabular`: not the bundled digits
     the other deployment tests train on; ASGD-GA's run over TLS is the SuperNode-fault test below)."""

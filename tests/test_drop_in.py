@@ -209,7 +209,7 @@ def test_flwr_run_trains_the_stock_app_on_the_simulation_engine(tmp_path):
             logs[strategy] = log = done.stdout + done.stderr
             assert done.returncode == 0, log[-3000:]
             assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
-            best[strategy] = float(log.split("best accuracy ")[1].split()[0])
+            best[strategy] = float(log.split("best accuracy ")[1].split(",")[0])
     finally:
         for pid in _local_superlink_processes(tmp_path / "flwr"):
             os.killpg(os.getpgid(pid), signal.SIGTERM)

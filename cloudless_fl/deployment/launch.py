@@ -224,8 +224,9 @@ class Federation:
         connection.append(f'root-certificates = "{self.certs / "ca.crt"}"' if self.tls else "insecure = true")
         (self.home / "config.toml").write_text("\n".join(connection) + "\n")
 
-    def start_region(self, region: str, data_dir: Path) -> None:
-        """A region's proxy (if not already running) and its SuperNode, connecting through it."""
+    def start_region(self, region: str, data_dir: Path, app_config: str = "") -> None:
+        """A region's proxy (if not already running) and its SuperNode, connecting through it. `app_config`:
+        more node config for the app, space-separated `key=value` (e.g. a stock app's `partition-id=0`)."""
         if region not in self.proxies:
             up, down = link_shapes(self.topology, region, self.seed, self.time_scale)
             self.proxies[region] = WanProxy(("127.0.0.1", self.superlink_port), up, down)
@@ -236,7 +237,7 @@ class Federation:
             "--superlink", f"127.0.0.1:{self.proxies[region].port}", "--port", str(free_port()),
             "--node-config", f"region='{region}' data-dir='{data_dir}' state-dir='{self.run_dir / 'region-state'}'"
             f" {NODE_MAX_WORKERS}={self.max_workers or self.topology.region(region).workers_max}"
-            + self._pace(region) + self._trainer(region)])
+            + self._pace(region) + self._trainer(region) + (f" {app_config}" if app_config else "")])
 
     def register(self, region: str) -> Path:
         """The region's private key; the first time, a new key pair whose public key the SuperLink registers

@@ -30,5 +30,6 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(0)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(make_model().state_dict()), num_rounds=rounds,
                             train_config=ConfigRecord({"lr": 0.1}), evaluate_fn=evaluate)
-    best = max(m["accuracy"] for m in result.evaluate_metrics_serverapp.values())
-    print(f"best accuracy {best:.4f}")
+    evaluations = result.evaluate_metrics_serverapp
+    best = max(m["accuracy"] for m in evaluations.values())
+    print(f"best accuracy {best:.4f}, final accuracy {evaluations[max(evaluations)]['accuracy']:.4f}")
