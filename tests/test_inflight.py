@@ -187,9 +187,9 @@ class RepliesOnPull:
         return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=key)) for key in message_ids]
 
 
-def test_flowers_round_loop_waits_for_its_replies_as_promptly_as_ours(monkeypatch):
-    """`Metered` runs Flower's round loop on `PromptReplies`: between pulls it waits `WATCH_POLL_S`, as ASGD-GA
-    and MA do, not the 3 s of Flower's `HttpGrid.send_and_receive`."""
+def test_flowers_round_loop_waits_for_its_replies_promptly(monkeypatch):
+    """`Metered` runs Flower's round loop on `PromptReplies`: between pulls it waits `WATCH_POLL_S` (as ASGD-GA
+    and MA's watches do at first), not the 3 s of Flower's `HttpGrid.send_and_receive`."""
     slept = []
     monkeypatch.setattr(inflight.time, "sleep", slept.append)
     grid = RepliesOnPull(nth=4)
@@ -243,6 +243,26 @@ def test_replies_over_a_superlink_are_watched_on_daemon_threads_until_they_come(
     watch = puller._watches["m1"]
     puller.forget("m1")
     assert watch._dropped.is_set() and "m1" not in puller._watches
+
+
+def test_a_watched_jobs_pulls_thin_out_as_it_ages():
+    """Pulled every 0.05 s at first, then every 5 % of the job's age, at least once a second: a reply waits
+    for its pull at most 5 % of its job's time, and a long job costs the SuperLink about log(age) pulls."""
+    assert inflight.watch_interval(0.0) == inflight.watch_interval(1.0) == 0.05
+    assert inflight.watch_interval(10.0) == pytest.approx(0.5)
+    assert inflight.watch_interval(600.0) == 1.0
+
+
+def test_a_watch_pulls_at_the_interval_its_age_calls_for(monkeypatch):
+    """Over 1.5 s with the lag raised to 50 % of the age: pulls at 0, 0.05, 0.1, then every half-age (0.15,
+    0.225, 0.34, 0.51, 0.76, 1.14): 9 pulls; every 0.05 s would be 30."""
+    monkeypatch.setattr(inflight, "WATCH_LAG", 0.5)
+    grid = HttpGridLike(nth=None)
+    grid.replies.max_pulls = 1000
+    watch = inflight.ReplyWatch(grid, "m0")
+    time.sleep(1.5)
+    watch.drop()
+    assert 8 <= grid.replies.pulls <= 12
 
 
 def test_an_in_memory_grid_is_pulled_on_the_callers_thread():
