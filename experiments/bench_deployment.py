@@ -1,9 +1,9 @@
-"""Wall-clock FedAvg, MA and ASGD-GA on a real local federation shaped like geo4, beside the simulator's prediction.
+"""Wall-clock FedAvg, MA and ASGD-GA on a real local federation shaped like a topology, beside the simulator's prediction.
 
 Each run goes twice on the same data split and settings:
 
 - deployed: `cloudless-fl launch` machinery — a real SuperLink, one SuperNode per
-  geo4 region behind its WAN-emulating proxy (the topology's bandwidth, seeded
+  region of `--topology` (default geo4) behind its WAN-emulating proxy (the topology's bandwidth, seeded
   fluctuation and latency), each region's compute paced to its profile
   (training/pacing.py), the wall clock;
 - predicted: the same ServerApp, strategy and ClientApp in-process under the
@@ -20,7 +20,7 @@ process start and imports, data load, compute, transfers), and writes
 `<out>/summary.json`. Every region has a warm trainer (clients/warm_trainer.py), as
 `cloudless-fl launch` gives it; the `*_cold` runs go without (every message's
 ClientApp process imports PyTorch and computes the job). `--bandwidth-scale` multiplies every link's bandwidth
-(1 = geo4 as it is); `--time-scale` makes links and paced compute that many
+(1 = the topology as it is); `--time-scale` makes links and paced compute that many
 times faster (as `cloudless-fl launch --time-scale`); `--dataset tabular` trains on the off-benchmark study's
 generated tabular task instead of the digits (as `cloudless-fl launch --data`).
 
@@ -43,7 +43,6 @@ from cloudless_fl.deployment.launch import launch, prepare_split, sigterm_as_int
 from cloudless_fl.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
-TOPOLOGY = "geo4"
 # run name → (strategy, its rounds/periods/versions at most, Hydra overrides); every run stops at the target
 RUNS = {
     "fedavg": ("fedavg", 60, ["strategy.eval_every=1", "strategy.stop.at_target=true"]),
@@ -67,17 +66,17 @@ COLD = {f"{name}_cold": name for name in ("fedavg", "ma", "asgd_ga_delta")}
 RUNS.update({cold: RUNS[warm] for cold, warm in COLD.items()})
 
 
-def geo4_file(folder: Path, scale: float, max_workers: int | None, measured: dict | None = None,
-              tag: str = "") -> Path:
-    """geo4 with every link's bandwidth times `scale`, at most `max_workers` workers per region (None: geo4's)
+def topology_file(folder: Path, topology: str, scale: float, max_workers: int | None, measured: dict | None = None,
+                  tag: str = "") -> Path:
+    """`topology` (a name in conf/topology) with every link's bandwidth times `scale`, at most `max_workers` workers per region (None: geo4's)
     and, given a deployed run's `summary`, what it measured.
 
     Each region's per-job fixed time (`job_start_s`) becomes its measured overhead plus its reply relay
     (both are per job, neither is compute nor modelled transfer), and its speed the measured one where it
     computed slower than its profile (a local federation's regions share this machine's cores).
     """
-    raw = OmegaConf.to_container(compose([f"topology={TOPOLOGY}"]).topology)
-    raw["name"] = f"{TOPOLOGY}-bw{scale:g}{tag}"
+    raw = OmegaConf.to_container(compose([f"topology={topology}"]).topology)
+    raw["name"] = f"{topology}-bw{scale:g}{tag}"
     for name, region in raw["regions"].items():
         if max_workers is not None:
             region["workers"]["max"] = max(region["workers"]["min"], min(region["workers"]["max"], max_workers))
@@ -92,7 +91,7 @@ def geo4_file(folder: Path, scale: float, max_workers: int | None, measured: dic
             if speed is not None:
                 region["samples_per_s"] = min(region["samples_per_s"], speed / region["efficiency"])
     path = folder / f"{raw['name']}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # geo4's region order: the split follows it
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # the topology's region order: the split follows it
     return path.resolve()
 
 
@@ -156,11 +155,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.90, help="accuracy to reach (default 0.90)")
     parser.add_argument("--runs", nargs="+", default=["fedavg", "ma", "asgd_ga_delta"], choices=sorted(RUNS),
                         help="which runs (default: fedavg ma asgd_ga_delta); fedavg is always run, as the reference")
+    parser.add_argument("--topology", default="geo4", help="a topology of conf/topology (default geo4)")
     parser.add_argument("--bandwidth-scale", type=float, default=1.0, help="every link's bandwidth times this")
     parser.add_argument("--time-scale", type=float, default=1.0, help="links and paced compute this many times faster")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dataset", default="digits", choices=["digits", "tabular"],
-                        help="what the regions train on, split over geo4 as the simulator's studies split it "
+                        help="what the regions train on, split over the topology as the simulator's studies split it "
                              "(Dirichlet 0.5; default digits, the README's figures; tabular: the off-benchmark "
                              "study's)")
     parser.add_argument("--budget-s", type=float, default=600.0,
@@ -172,14 +172,14 @@ def main() -> None:
     parser.add_argument("--max-workers", type=int, default=1,
                         help="in-region workers a region may rent at most (default 1: on a small machine a region's "
                              "extra workers are processes on the same cores and cannot keep its profile's pace); "
-                             "0: geo4's own bounds")
-    parser.add_argument("--out", type=Path, default=None, help="default outputs/bench-deployment/bw<scale>")
+                             "0: the topology's own bounds")
+    parser.add_argument("--out", type=Path, default=None, help="default outputs/bench-deployment/<topology>-bw<scale>")
     args = parser.parse_args()
-    args.out = (args.out or Path(f"outputs/bench-deployment/bw{args.bandwidth_scale:g}")).resolve()
+    args.out = (args.out or Path(f"outputs/bench-deployment/{args.topology}-bw{args.bandwidth_scale:g}")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["fedavg", *[n for n in args.runs if n != "fedavg"]]
     max_workers = args.max_workers or None
-    topology = geo4_file(args.out, args.bandwidth_scale, max_workers)
+    topology = topology_file(args.out, args.topology, args.bandwidth_scale, max_workers)
     data = args.out / f"data-{args.dataset}"  # one split for every run, deployed and predicted
     prepare_split(load_topology(topology), data, source=args.dataset)
     common = [f"target_accuracy={args.target}", f"seed={args.seed}", f"compression={args.compression}"]
@@ -192,7 +192,8 @@ def main() -> None:
         with sigterm_as_interrupt():
             real = deployed(strategy, rounds, overrides, topology, data, run_dir, args.time_scale,
                             warm=name not in COLD)
-        measured = geo4_file(args.out, args.bandwidth_scale, max_workers, real["summary"], tag=f"-{name}")
+        measured = topology_file(args.out, args.topology, args.bandwidth_scale, max_workers, real["summary"],
+                                 tag=f"-{name}")
         model = predicted(strategy, rounds, overrides, measured, data, args.out / f"{name}-predicted")
         table[name] = {"deployed": real, "predicted": model}
         for label, result in table[name].items():
