@@ -96,6 +96,25 @@ def test_a_worker_killed_mid_job_fails_its_group_and_the_rest_redo_the_job(monke
     assert _close(grads, workers.accumulate_gradient(_model(), data, batches, workers=1)[0], atol=0)
 
 
+def test_a_rank_that_hangs_as_it_joins_fails_its_group_and_the_rest_redo_the_job(monkeypatch):
+    """Rank 1 of two never joins (as a rank forked while another thread held a lock it needs: docs/testing.md):
+    rank 0 gives up after the group timeout instead of waiting forever, and the job is redone by one."""
+    data = _data()
+    batches = local.make_batches(len(data), 32, seed=3, offset=0, samples=600)
+    joined = workers.dist.init_process_group
+
+    def rank_1_hangs(*args, **kwargs):
+        if os.environ["RANK"] == "1":
+            threading.Event().wait()
+        return joined(*args, **kwargs)
+
+    monkeypatch.setattr(workers, "GROUP_TIMEOUT", workers.timedelta(seconds=3))
+    monkeypatch.setattr(workers.dist, "init_process_group", rank_1_hangs)  # the forked ranks inherit both
+    grads, stats = workers.accumulate_gradient(_model(), data, batches, workers=2)
+    assert stats.workers == 1
+    assert _close(grads, workers.accumulate_gradient(_model(), data, batches, workers=1)[0], atol=0)
+
+
 def _train_message(model, planned: int, steps: int = 10) -> Message:
     spec = protocol.ModelSpec("mlp", 10, {"hidden": [32]})
     order = protocol.WorkOrder(lr=0.1, batch_size=16, steps=steps, offset=0, mode=protocol.MODE_GRADIENT,

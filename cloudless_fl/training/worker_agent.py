@@ -30,7 +30,6 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import lru_cache
 
 import torch
@@ -40,14 +39,13 @@ from ..errors import ConfigError
 from .data import load_resident
 from .local import Shard
 from .models import build_model
-from .workers import GroupJob, Result, as_rank
+from .workers import GROUP_TIMEOUT, GroupJob, Result, as_rank
 
 log = logging.getLogger(__name__)
 
 NODE_KEY = "worker-endpoint"  # node config: host:port where the region's agents look for jobs
 JOIN_WINDOW_S = 2.0  # how long a job waits for agents to join (they poll every POLL_S)
 POLL_S = 0.2
-GROUP_TIMEOUT = timedelta(seconds=120)  # a collective that waits longer than this fails the group
 
 
 class GroupFailed(RuntimeError):
