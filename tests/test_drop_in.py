@@ -33,6 +33,12 @@ def stock():
 
 def _run(stock, strategy, num_rounds, train_config):
     """Run `strategy` on the stock app; returns (best accuracy, message types sent)."""
+    result, sent = _result(stock, strategy, num_rounds, train_config)
+    return max(m["accuracy"] for m in result.evaluate_metrics_serverapp.values()), sent
+
+
+def _result(stock, strategy, num_rounds, train_config):
+    """Run `strategy` on the stock app; returns (Flower's Result, message types sent)."""
     client_app, task = stock
     grid = InProcessGrid(client_app.app, NODES)
     sent = []
@@ -48,7 +54,14 @@ def _run(stock, strategy, num_rounds, train_config):
 
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, train_config=train_config,
                             evaluate_fn=evaluate)
-    return max(m["accuracy"] for m in result.evaluate_metrics_serverapp.values()), set(sent)
+    return result, set(sent)
+
+
+def test_the_served_model_is_evaluated_every_eval_every_versions_and_at_the_end(stock):
+    """`eval_every=4` over 10 versions: the initial model, versions 4 and 8, and the last one, nothing else."""
+    result, _ = _result(stock, AsyncGradAccum(update="delta", local_lr=0.1, eval_every=4), 10,
+                        ConfigRecord({"lr": 0.1}))
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 4, 8, 10]
 
 
 def test_ma_and_asgd_ga_delta_learn_as_well_as_fedavg_with_no_client_change(stock, caplog):

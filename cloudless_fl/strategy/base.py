@@ -433,7 +433,7 @@ class GeoStrategy(Strategy):
 
     # ------------------------------------------------------------------ books
     def _evaluate(self, version: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None,
-                  force: bool = False) -> float | None:
+                  force: bool) -> float | None:
         """Record a history entry; evaluate the served model (`arrays`, or the average of the versions)
         centrally when due. Returns the accuracy if evaluated."""
         due = self.book.evaluation_due(version, force)
