@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def test_a_rank_that_hangs_as_it_joins_fails_its_group_and_the_rest_redo_the_job
             threading.Event().wait()
         return joined(*args, **kwargs)
 
-    monkeypatch.setattr(workers, "GROUP_TIMEOUT", workers.timedelta(seconds=3))
+    monkeypatch.setattr(workers, "GROUP_TIMEOUT", timedelta(seconds=3))
     monkeypatch.setattr(workers.dist, "init_process_group", rank_1_hangs)  # the forked ranks inherit both
     grads, stats = workers.accumulate_gradient(_model(), data, batches, workers=2)
     assert stats.workers == 1

@@ -22,8 +22,9 @@ the group's store (not the launcher's store thread in this process, which
 resolves each worker's address as it connects — a rank forked while that
 thread held glibc's resolver lock waited on it forever, as gdb showed), and a
 rank that waits on another longer than `GROUP_TIMEOUT` fails the group, which
-bounds what any other inherited lock can cost: one redo. A region spread over several machines gets its other workers
-from agents there instead (worker_agent.py). CPU only: the project trains on
+bounds what any other inherited lock can cost: one redo. A region spread over
+several machines gets its other workers from agents there instead
+(worker_agent.py). CPU only: the project trains on
 CPU tensors, so the group runs gloo, never NCCL.
 """
 
@@ -34,10 +35,10 @@ import os
 import socket
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
+from unittest import mock
 
 import numpy as np
 import torch
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 NODE_KEY = "max-workers"  # node config: the most worker processes a SuperNode may start for one job
 GROUP_TIMEOUT = timedelta(seconds=120)  # a rank that waits longer than this on another fails the group
-_UNSHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 Result = tuple[dict[str, torch.Tensor], local.WorkStats]  # new weights (local SGD) or the gradient, and its stats
 
@@ -127,24 +127,11 @@ def _launch(job: GroupJob, workers: int) -> Result:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", local_addr="127.0.0.1",
                           max_restarts=0, monitor_interval=0.05, start_method="fork")
-    with _ranks_host_their_store():
+    # torch elastic's documented opt-out of sharing its rendezvous store with the workers, for this launch only:
+    # rank 0 hosts the group's store, so no thread of this process serves the ranks while it forks them
+    with mock.patch.dict(os.environ, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}):
         arrays, stats = elastic_launch(config, _worker)(job)[0]
     return {name: torch.from_numpy(a) for name, a in arrays.items()}, stats
-
-
-@contextmanager
-def _ranks_host_their_store():
-    """torch elastic's documented opt-out of sharing its rendezvous store with the workers: rank 0 then hosts
-    the group's store, and no thread of this process serves the ranks while it forks them."""
-    before = os.environ.get(_UNSHARED_STORE)
-    os.environ[_UNSHARED_STORE] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[_UNSHARED_STORE]
-        else:
-            os.environ[_UNSHARED_STORE] = before
 
 
 def _worker(job: GroupJob) -> tuple[dict[str, np.ndarray], local.WorkStats] | None:
