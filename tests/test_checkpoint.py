@@ -11,12 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
-from cloudless_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cloudless_fl.checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
 from cloudless_fl.config import compose, prepare_data
 from cloudless_fl.run import run
 from cloudless_fl.strategy.asgd_ga import AsyncGradAccum
-from conftest import small_run_overrides
+from cloudless_fl.strategy.ma import ModelAveraging
+from cloudless_fl.training import protocol
+from cloudless_fl.training.compression import make_codec
+from conftest import TWO_REGIONS, small_run_overrides
+from strategy_helpers import Federation, topology
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
@@ -184,13 +189,16 @@ def test_a_finished_run_extends_by_growing_num_rounds(two_region_topology, tmp_p
     assert [e["version"] for e in extended["history"]][-1] == 4
 
 
-@pytest.mark.parametrize("strategy, rounds, extra", [("fedavg", 2, []), ("asgd_ga", 30, ["strategy.tau_max=1"])])
+@pytest.mark.parametrize("strategy, rounds, extra", [
+    ("fedavg", 2, ["compression=int8"]), ("asgd_ga", 30, ["compression=int8", "strategy.tau_max=1"]),
+    ("asgd_ga_delta", 30, ["compression=none", "scheduler=elastic", "scheduler.replan_every=4"])])
 def test_an_extended_run_is_the_run_it_would_have_been(two_region_topology, tmp_path, strategy, rounds, extra):
     """Extending a finished run to twice its steps ends where a run of all of them does: FedAvg's rounds are
     offset (Flower's loop counts from 1 again; the regions' data streams and the compressed downloads are
     keyed by the round), ASGD-GA's arrival rates and the fractions of its regions' updates applied are
-    restored (the slow region's stale ones are dropped: not all are)."""
-    base = [*small_run_overrides(two_region_topology), f"strategy={strategy}", "compression=int8", *extra]
+    restored (the slow region's stale ones are dropped: not all are), and so are the scheduler's plan and
+    measurements."""
+    base = [*small_run_overrides(two_region_topology), f"strategy={strategy}", *extra]
     whole = run(compose([*base, f"strategy.num_rounds={2 * rounds}"]), tmp_path / "whole")
     assert strategy != "asgd_ga" or whole["summary"]["dropped_stale"] > 0
     run(compose([*base, f"strategy.num_rounds={rounds}"]), tmp_path / "extended")
@@ -223,3 +231,72 @@ def test_asgd_gas_balance_state_round_trips_and_loads_from_a_checkpoint_without_
     assert strategy._extra_state() == state
     strategy._load_extra_state({k: v for k, v in state.items() if k != "work"})
     assert strategy._extra_state() == {**state, "work": {}}
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_a_resume_resends_the_jobs_in_flight_as_sent_but_a_gone_regions(tmp_path, caplog, compression):
+    """An asynchronous run ends with jobs out, and its checkpoint keeps them. Resumed with the region of the
+    first of them gone, every other job is re-sent as it was sent — same order, metering, model and
+    (compressed) payload, to its region's node — and the gone region's job is lost with it."""
+    regions = {name: {**TWO_REGIONS["regions"]["slow"], "data_share": 1 / 3} for name in ("east", "west", "north")}
+    fed = Federation(tmp_path / "data", topology(regions))
+    path = tmp_path / "checkpoint.pt"
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "region-state")})  # compressed traffic's
+
+    def asgd_ga(**resume):
+        return AsyncGradAccum(update="delta", batch_size=16, accumulation_steps={"east": 2, "west": 3, "north": 5},
+                              meter=fed.meter(), checkpointer=Checkpointer(path), compression=make_codec(compression),
+                              **resume)
+
+    asgd_ga().start(fed.grid, fed.initial, num_rounds=8, train_config=config)
+    meta, tensors = load_checkpoint(path)
+    saved = meta["inflight"]
+    assert len(saved) >= 2
+    gone = saved[0]["region"]
+    nodes = {name: i + 1 for i, name in enumerate(fed.topology.region_names)}  # node i+1 holds the i-th region
+    fed.grid.set_offline(nodes[gone])
+
+    resumed, resent = asgd_ga(resume=True), []
+    push = resumed.jobs.push
+
+    def recorded(grid, messages):
+        messages = list(messages)
+        if not resent:  # the restore's push
+            resent.extend((message, resumed.jobs.staged(message)) for message in messages)
+        return push(grid, messages)
+
+    resumed.jobs.push = recorded
+    with caplog.at_level("INFO", logger="cloudless_fl"):
+        resumed.start(fed.grid, fed.initial, num_rounds=9, train_config=config)
+    assert f"resumed from {path} at step 8 (t={meta['meter']['now']:.1f} s)" in caplog.messages
+    kept = [(i, state) for i, state in enumerate(saved) if state["region"] != gone]
+    assert [flight.state_dict() for _, flight in resent] == [state for _, state in kept]
+    for (message, flight), (i, state) in zip(resent, kept):
+        assert message.metadata.dst_node_id == flight.node_id == nodes[state["region"]]
+        assert message.content[protocol.ARRAYS] is flight.payload
+        model = tensors["sent"][str(state["version"])]
+        assert set(model) == set(fed.initial.to_torch_state_dict())
+        payload = tensors["payloads"][str(i)] if compression != "none" else model
+        for sent, expected in ((flight.arrays, model), (flight.payload, payload)):
+            state_dict = sent.to_torch_state_dict()
+            assert set(state_dict) == set(expected)
+            for name, tensor in expected.items():
+                assert torch.equal(state_dict[name], tensor), name
+
+
+@pytest.mark.parametrize("make, rounds, every, steps", [
+    (lambda **kw: ModelAveraging(local_steps=2, batch_size=16, **kw), 5, 2, [2, 4, 5]),
+    (lambda **kw: AsyncGradAccum(update="delta", batch_size=16, accumulation_steps=2, **kw), 7, 3, [3, 6, 7])],
+    ids=["ma", "asgd_ga"])
+def test_a_checkpoint_is_written_every_every_steps_and_at_the_end(tmp_path, monkeypatch, make, rounds, every, steps):
+    written, save = [], Checkpointer.save
+
+    def recorded(self, meta, tensors):
+        written.append(meta["step"])
+        save(self, meta, tensors)
+
+    monkeypatch.setattr(Checkpointer, "save", recorded)
+    fed = Federation(tmp_path / "data", topology())
+    make(meter=fed.meter(), checkpointer=Checkpointer(tmp_path / "checkpoint.pt", every=every)).start(
+        fed.grid, fed.initial, num_rounds=rounds, train_config=fed.config)
+    assert written == steps

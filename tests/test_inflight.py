@@ -3,6 +3,7 @@ only its own message."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
 
+from cloudless_fl.control.jobs import Job, JobTiming
 from cloudless_fl.strategy import inflight
 from cloudless_fl.strategy.inflight import InFlight, InFlightJobs, PromptReplies, ReplyPuller
 from cloudless_fl.strategy.metered import Metered
@@ -276,6 +278,23 @@ def test_a_job_sent_uncompressed_carries_its_model_as_its_payload():
     assert flight.payload == "the model"
     assert InFlight(node_id=1, region="a", version=0, job=None, order=None, arrays="the model",
                     payload="a change").payload == "a change"
+
+
+@pytest.mark.parametrize("timing", [None, JobTiming(start=2.0, download_s=0.5, compute_s=3.0, upload_s=0.25)],
+                         ids=["measured", "modelled"])
+def test_a_job_kept_by_a_checkpoint_comes_back_as_it_was_sent(timing):
+    """What a checkpoint keeps of a job (JSON) brings back the same job: region, version, order, metering
+    (with its modelled timing, or none when no cost model times it), to the region's node now."""
+    order = WorkOrder(lr=0.05, batch_size=16, steps=7, mode=protocol.MODE_DELTA, offset=112, version=9, workers=2,
+                      compression="int8", base=3, keep_from=2)
+    job = Job(region="a", job_id=4, dispatched_at=1.5, bytes_down=1234, timing=timing, workers=2)
+    sent = InFlight(node_id=1, region="a", version=9, job=job, order=order, arrays="the model",
+                    payload="a change")
+    state = json.loads(json.dumps(sent.state_dict()))
+    back = InFlight.from_state_dict(state, 7, "the model", "a change")
+    assert (back.node_id, back.region, back.version, back.order, back.job, back.arrays, back.payload) == (
+        7, "a", 9, order, job, "the model", "a change")
+    assert InFlight.from_state_dict(state, 7, "the model").payload == "the model"
 
 
 def test_fedavgs_rounds_pull_their_replies_through_the_prompt_grid(tmp_path):

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..checkpoint import Checkpointer
-from ..control.jobs import Job, JobTiming, Reported
+from ..control.jobs import Reported
 from ..control.meter import Meter, record_bytes
 from ..control.scheduler import Scheduler
 from ..errors import ConfigError
@@ -498,15 +498,10 @@ class GeoStrategy(Strategy):
             node = by_name.get(saved["region"])
             if node is None:
                 continue  # its region did not come back: the job is lost with it
-            arrays = ArrayRecord(tensors["sent"][str(saved["version"])])
-            payload = ArrayRecord(tensors["payloads"][str(i)]) if str(i) in tensors["payloads"] else arrays
-            order = protocol.WorkOrder.from_config(ConfigRecord(saved["order"]))
-            job_fields = dict(saved["job"])
-            timing = job_fields.pop("timing")
-            job = Job(**job_fields, timing=None if timing is None else JobTiming(**timing))
-            message = self._train_message(node, payload, config, order)
-            messages.append(self.jobs.stage(message, InFlight(node, saved["region"], int(saved["version"]), job,
-                                                              order, arrays, payload)))
+            payload = tensors["payloads"].get(str(i))
+            flight = InFlight.from_state_dict(saved, node, ArrayRecord(tensors["sent"][str(saved["version"])]),
+                                              None if payload is None else ArrayRecord(payload))
+            messages.append(self.jobs.stage(self._train_message(node, flight.payload, config, flight.order), flight))
         self.jobs.push(grid, messages)
         self._load_extra_state(meta)
         log.info("resumed from %s at step %d (t=%.1f s)", self.book.checkpointer.path, self.step,

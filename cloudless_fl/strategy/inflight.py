@@ -23,11 +23,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from ..control.jobs import Job
+from ..control.jobs import Job, JobTiming
 from ..training import protocol
 
 POLL_S = 0.005  # between pulls while waiting for replies
@@ -184,8 +184,19 @@ class InFlight:
             self.payload = self.arrays
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it, as JSON (the models it carries are kept as tensors apart)."""
         return {"region": self.region, "version": self.version, "order": dict(self.order.to_config()),
                 "job": asdict(self.job)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], node_id: int, arrays: ArrayRecord,
+                        payload: ArrayRecord | None = None) -> InFlight:
+        """The job a checkpoint kept, to be re-sent to `node_id` (its region's node now)."""
+        job = dict(state["job"])
+        timing = job.pop("timing")
+        return cls(node_id, state["region"], int(state["version"]),
+                   Job(**job, timing=None if timing is None else JobTiming(**timing)),
+                   protocol.WorkOrder.from_config(ConfigRecord(state["order"])), arrays, payload)
 
 
 class InFlightJobs:
