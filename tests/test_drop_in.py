@@ -78,7 +78,8 @@ def test_ma_and_asgd_ga_delta_learn_as_well_as_fedavg_with_no_client_change(stoc
     assert ma_sent == asgd_sent == {"train"}  # no region query a stock ClientApp cannot answer
     ours = [r for r in caplog.records if r.name == "cloudless_fl"]
     assert not [r for r in ours if r.levelno >= logging.WARNING]
-    assert sum("named node-<id>" in r.getMessage() for r in ours) == 2  # one INFO line per run
+    named = f"{NODES} nodes named node-<id> with equal data shares (not asked their region: query_regions=False)"
+    assert [r.getMessage() for r in ours].count(named) == 2  # one INFO line per run
 
 
 @pytest.mark.parametrize("preset, update", [("asgd_ga_delta", "delta"), ("asgd_ga", "gradient")])

@@ -644,6 +644,28 @@ def test_a_compressed_first_download_to_a_region_without_a_node_is_forgotten(tmp
 
 
 @pytest.mark.parametrize("roll_call", ["query", "first_jobs"])
+def test_a_node_silent_at_the_start_is_waited_for_only_until_the_reply_timeout(tmp_path, roll_call):
+    """slow's node is connected but never answers the roll call (or its first job): the run starts after
+    `reply_timeout` without it, instead of waiting for it for ever."""
+    import threading
+
+    from clients.region_app import make_client_app
+    from test_membership import SlowGrid
+
+    fed = Federation(tmp_path, topology())
+    grid = SlowGrid(make_client_app(tmp_path), 2)
+    grid.holding.add(2)
+    s = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), roll_call=roll_call,
+                       reply_timeout=0.5)
+    run = threading.Thread(target=s.start, args=(grid, fed.initial), daemon=True,
+                           kwargs={"num_rounds": 2, "train_config": fed.config})
+    run.start()
+    run.join(timeout=60)
+    assert not run.is_alive(), "the run still waits for the silent node"
+    assert s.roster.live_names() == {"fast"} and s.step == 2
+
+
+@pytest.mark.parametrize("roll_call", ["query", "first_jobs"])
 def test_a_region_that_cannot_serve_at_the_start_is_recorded_and_the_others_go_on(tmp_path, roll_call, caplog):
     """slow's resident data is gone: its answer (to the query, or to its first job) is an error; the node is
     refused, said in a warning and recorded as `region_failed` (node, reason; counted in lost_regions)."""
