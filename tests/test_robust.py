@@ -48,7 +48,7 @@ def four_regions():
 
 
 def attacked(fed: Federation, attack: str = "x-10", jobs: set[int] | None = None) -> None:
-    """Region 'a' (node 1) replaces its honest change by × −10, × 1e4, × 6 or noise of its norm: finite, so it
+    """Region 'a' (node 1) replaces its honest change by × −10, × 1e4, × 6, × 3 or noise of its norm: finite, so it
     passes validation. Replies of weights or deltas alike; `jobs`: only its jobs of these numbers (from 1)."""
     honest = fed.grid._app
     noise = torch.Generator().manual_seed(0)
@@ -69,7 +69,7 @@ def attacked(fed: Federation, attack: str = "x-10", jobs: set[int] | None = None
                 out[k] = v
                 continue
             change = v - sent[k] if weights else v
-            change = {"x-10": lambda c: -10 * c, "x1e4": lambda c: 1e4 * c, "x6": lambda c: 6 * c,
+            change = {"x-10": lambda c: -10 * c, "x1e4": lambda c: 1e4 * c, "x6": lambda c: 6 * c, "x3": lambda c: 3 * c,
                       "noise": lambda c: torch.randn(c.shape, generator=noise) * c.norm() / c.numel() ** 0.5}[attack](
                 change)
             out[k] = sent[k] + change if weights else change
@@ -221,6 +221,39 @@ def test_asgd_ga_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_
     assert {e["region"] for e in screened} <= {"a"}  # nothing honest is held back
     assert screened  # the attacker is
     assert strategy.history.counters["quarantined_regions"] == 0
+
+
+@pytest.mark.parametrize("clip_factor", [1.0, None])
+def test_asgd_ga_clips_an_admitted_over_long_update_to_the_regions_median(tmp_path, clip_factor):
+    """`validation.clip_factor`: region a's changes x3 stay under the length bound (5x the regions' median), so
+    they are admitted, and scaled down to clip_factor x that median (an honest one now and then too: half are
+    over the median); None: nothing is clipped."""
+    fed = Federation(tmp_path, four_regions(), alpha=0.5)
+    attacked(fed, "x3")
+    strategy, _ = _asgd_ga(fed, "delta", UpdateLimits(clip_factor=clip_factor))
+    clipped = strategy.validator.clipped
+    assert strategy.history.counters["screened_updates"] == 0  # admitted, every one
+    if clip_factor is None:
+        assert sum(clipped.values()) == 0
+    else:  # seen: a 9 of its 10, the others 6 in all
+        assert clipped["a"] >= 8 and clipped["a"] > sum(n for region, n in clipped.items() if region != "a")
+
+
+@pytest.mark.parametrize("setting", [{"clip_factor": 0.5}, {"share_budget": 1.5}, {"min_relatedness": 2.0}],
+                         ids=lambda setting: next(iter(setting)))
+def test_ma_ignores_the_screen_settings_documented_as_asgd_gas(tmp_path, setting):
+    """MA's updates are compared with their own region's previous one (`min_agreement`); the settings made for
+    ASGD-GA's per-region screen leave its run as it was: here under region a's noise, with `min_agreement` off
+    so that a relatedness check, were it applied, would hold that noise back."""
+    def final(name, limits):
+        fed = Federation(tmp_path / name, four_regions(), alpha=0.5)
+        attacked(fed, "noise")
+        ma = ModelAveraging(lr=0.1, local_steps=5, batch_size=16, meter=fed.meter(), limits=limits)
+        return ma.start(fed.grid, fed.initial, num_rounds=6, train_config=fed.config).arrays.to_torch_state_dict()
+
+    plain = final("plain", UpdateLimits(min_agreement=None))
+    configured = final("configured", UpdateLimits(min_agreement=None, **setting))
+    assert all(torch.equal(plain[k], configured[k]) for k in plain)
 
 
 @pytest.mark.parametrize("update,steps", [("delta", 10), ("gradient", None)])
