@@ -488,6 +488,33 @@ def _folded_and_queried(tmp_path, strategy: str, offline: tuple[int, ...] = ()):
     return runs
 
 
+def test_each_job_carries_the_runs_data_seed_and_the_version_it_starts_from(tmp_path):
+    """A job's work order draws its batches with the run's `data-seed` (`train_config`: two seeds, two
+    different models) and is labelled with its place in the run (MA: its period, as Flower's server round)."""
+    from cloudless_fl.training import protocol
+
+    finals = {}
+    for seed in (0, 1):
+        fed = Federation(tmp_path / str(seed), topology())
+        orders, push = [], fed.grid.push_messages
+
+        def recording(messages, orders=orders, push=push):
+            messages = list(messages)
+            orders.extend((m.metadata.dst_node_id, WorkOrder.from_config(m.content[protocol.CONFIG]))
+                          for m in messages if m.metadata.message_type == "train")
+            return push(messages)
+
+        fed.grid.push_messages = recording
+        ma = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter())
+        result = ma.start(fed.grid, fed.initial, num_rounds=3, train_config=ConfigRecord({**dict(fed.config),
+                                                                                           "data-seed": seed}))
+        finals[seed] = result.arrays.to_torch_state_dict()
+        assert {order.data_seed for _, order in orders} == {seed}
+        for node in (1, 2):
+            assert [order.version for n, order in orders if n == node] == [1, 2, 3]
+    assert not all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
 def _job_versions(messages) -> set[int]:
     """The model versions the training jobs in `messages` are labelled with (a roll call's jobs: every
     region's, from the table each node is sent)."""

@@ -69,7 +69,7 @@ class WorkOrder:
     offset: int | None = None  # position in the region's sample stream; None: from the round
     round: int | None = None  # Flower's "server-round", set by synchronous strategies
     data_seed: int = 0
-    version: int = 0  # model version the job starts from
+    version: int = 0  # the job's place in the run: the model version it starts from (ASGD-GA), its period (MA)
     workers: int = 1  # workers the region rents for the job (the plan's): its worker group, up to `max-workers`
     compression: str = "none"  # the codec of both directions (`training/compression.py`'s spec)
     base: int | None = None  # the arrays are the change from the model of this earlier job; None: the model
