@@ -201,6 +201,25 @@ def test_fedavgs_compressed_downloads_follow_each_node_from_round_to_round(two_r
         assert [o.keep_from for o in orders] == [1, 1, 2, 3, 3]  # round 5: the checkpoint of round 3 may re-send 3
 
 
+def test_mas_compressed_downloads_tell_each_region_what_it_must_keep(two_region_topology, tmp_path, monkeypatch):
+    """MA (jobs named by their stream offsets): each period's download is the change from the region's last
+    model, which it must keep; once a checkpoint is written (period 3), also what a resume from it may send
+    again — the job of period 3, whose model the region rebuilt — until the next checkpoint."""
+    grids = []
+    monkeypatch.setattr("cloudless_fl.run.InProcessGrid", lambda app, n: grids.append(CountingGrid(app, n)) or grids[-1])
+    cfg = compose(small_run_overrides(two_region_topology, strategy="ma", compression="int8",
+                                      **{"strategy.num_rounds": 5, "checkpoint.every": 3}))
+    payload = run(cfg, tmp_path / "run")
+    assert payload["summary"]["failed_replies"] == 0
+    for node, region in enumerate(("fast", "slow"), start=1):  # the first jobs carry every region's order
+        orders = [protocol.WorkOrder.from_config(protocol.region_config(config, region))
+                  for config in grids[-1].configs[node]]
+        keys = [o.offset for o in orders]
+        assert len(keys) == 5 and keys == sorted(set(keys))  # one job a period, each further on
+        assert [o.base for o in orders] == [None, *keys[:4]]  # the whole model once, then changes
+        assert [o.keep_from for o in orders] == [keys[0], keys[0], keys[1], keys[2], keys[2]]
+
+
 def test_a_model_layout_round_trips_and_a_bad_one_is_refused():
     model = _model(3).to_torch_state_dict()
     like = protocol.layout_tensors(protocol.layout_of(model))
