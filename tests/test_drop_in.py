@@ -104,6 +104,30 @@ def test_a_stock_app_asked_who_it_is_takes_part_under_its_node_id(stock):
     assert not ma.roster.refused and ma.step == 2
 
 
+def test_a_stock_replys_new_weights_are_taken_against_the_model_its_job_was_sent(stock, monkeypatch):
+    """ASGD-GA delta with the stock app, which replies new weights: by the time a reply comes the model has
+    moved on (other regions' updates were applied), so its change is taken from the model the job carried."""
+    from cloudless_fl.strategy.base import GeoStrategy
+    from cloudless_fl.training import protocol
+
+    seen, complete = [], GeoStrategy._complete
+
+    def recording(self, flight, reply, mode):
+        now = {k: v.clone() for k, v in self.optimizer.state.items()}
+        tensors, metrics = complete(self, flight, reply, mode)
+        seen.append((flight.arrays.to_torch_state_dict(), protocol.reply_arrays(reply).to_torch_state_dict(),
+                     tensors, now))
+        return tensors, metrics
+
+    monkeypatch.setattr(GeoStrategy, "_complete", recording)
+    _result(stock, AsyncGradAccum(update="delta", local_lr=0.1), 12, ConfigRecord({"lr": 0.1}))
+    moved = 0
+    for sent, new, change, now in seen:
+        assert change is not None and all(torch.equal(change[k], sent[k] - new[k]) for k in change)
+        moved += any(not torch.equal(sent[k], now[k]) for k in change)
+    assert moved >= len(seen) // 2  # most replies came after the model had moved: the two bases differ
+
+
 def test_gradient_mode_refuses_a_stock_reply_with_what_to_do(stock):
     with pytest.raises(ConfigError, match=r"asked region node-\d+ for gradient updates .* stock Flower reply.*"
                                           r"update='delta'"):

@@ -135,6 +135,23 @@ def test_weights_are_judged_by_their_change_and_clipped_to_the_bound():
     within.check("r", record(**moved), protocol.MODE_WEIGHTS, base=base)  # 7.3 < 10: passes as is
 
 
+def test_mas_new_weights_are_bounded_by_their_change_from_the_model_sent(tmp_path):
+    """`max_norm=2` lies between a period's change (under 2 here) and the weights' own norm (3.8): MA's replies
+    of new weights pass it untouched, as if there were no bound; judged by the weights themselves, every one
+    would be rejected."""
+    finals = {}
+    for bound in (None, 2.0):
+        fed = Federation(tmp_path / str(bound), topology())
+        ma = ModelAveraging(lr=0.1, local_steps=5, batch_size=16, meter=fed.meter(),
+                            limits=UpdateLimits(max_norm=bound))
+        finals[bound] = ma.start(fed.grid, fed.initial, num_rounds=4, train_config=fed.config).arrays
+        assert not any(ma.validator.rejections.values())
+    assert float(torch.linalg.vector_norm(torch.cat([t.flatten() for t in finals[2.0].to_torch_state_dict().values()
+                                                     ]))) > 2.0
+    unbounded, bounded = finals[None].to_torch_state_dict(), finals[2.0].to_torch_state_dict()
+    assert all(torch.equal(unbounded[k], bounded[k]) for k in unbounded)
+
+
 def test_weights_far_from_zero_with_a_small_change_pass_and_a_delta_is_its_own_change():
     base = {**REFERENCE, "w": torch.full((3, 2), 100.0)}
     validator = UpdateValidator(REFERENCE, UpdateLimits(max_norm=1.0))
