@@ -117,6 +117,7 @@ def serve(endpoint: str, data_dir: str, data_format: str = "auto", jobs: int | N
             store = dist.TCPStore(host, port, is_master=False, timeout=GROUP_TIMEOUT)
         except dist.DistError:  # the job closed in between
             continue
+        joined = False
         try:
             job_id = store.get("id").decode()
             if job_id == last:  # the job this agent just served, not yet closed
@@ -126,6 +127,7 @@ def serve(endpoint: str, data_dir: str, data_format: str = "auto", jobs: int | N
             rank = store.add("joined", 1)
             if rank >= int(store.get("world")):
                 continue  # joined too late or not wanted: the next job
+            joined = True
             group_store = dist.TCPStore(host, int(store.get("group-port")), is_master=False, timeout=GROUP_TIMEOUT)
             dist.init_process_group("gloo", store=group_store, rank=rank, world_size=int(store.get("world")),
                                     timeout=GROUP_TIMEOUT)
@@ -136,7 +138,8 @@ def serve(endpoint: str, data_dir: str, data_format: str = "auto", jobs: int | N
                 dist.destroy_process_group()
             served += 1
         except RuntimeError as exc:  # the SuperNode's ClientApp ended or the group broke (DistError included)
-            log.warning("job at %s ended without this agent: %s", endpoint, exc)
+            if joined:  # else the job closed while looked at (often the one just served): nothing was lost
+                log.warning("job at %s ended without this agent: %s", endpoint, exc)
         finally:
             del store
 
