@@ -488,7 +488,7 @@ def _folded_and_queried(tmp_path, strategy: str, offline: tuple[int, ...] = ()):
     return runs
 
 
-def test_each_job_carries_the_runs_data_seed_and_the_version_it_starts_from(tmp_path):
+def test_each_job_carries_the_runs_data_seed_and_its_place_in_the_run(tmp_path):
     """A job's work order draws its batches with the run's `data-seed` (`train_config`: two seeds, two
     different models) and is labelled with its place in the run (MA: its period, as Flower's server round)."""
     from cloudless_fl.training import protocol
