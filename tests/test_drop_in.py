@@ -93,6 +93,27 @@ def test_a_drop_in_asgd_ga_serves_the_model_a_configured_run_serves(preset, upda
     assert AsyncGradAccum(update=update, average_decay=0.5).average_decay == 0.5
 
 
+@pytest.mark.parametrize("preset", ["ma", "asgd_ga", "asgd_ga_delta"])
+def test_a_drop_in_strategy_waits_looks_and_replans_as_a_configured_run_does(preset):
+    """The run-level settings a Flower user constructing the class does not think of (how long a silent node is
+    waited for, how often nodes that (re)join are looked for, how often a scheduler re-plans) default to the
+    Hydra presets' values: the same run drop-in or configured; an explicit choice is kept."""
+    from cloudless_fl.config import compose, topology_of
+    from cloudless_fl.control.scheduler import Scheduler, Workload
+
+    cfg = compose([f"strategy={preset}", "scheduler=elastic"])
+    cls, update = {"ma": (ModelAveraging, None), "asgd_ga": (AsyncGradAccum, "gradient"),
+                   "asgd_ga_delta": (AsyncGradAccum, "delta")}[preset]
+    kwargs = {} if update is None else {"update": update}
+    strategy = cls(scheduler=Scheduler(topology_of(cfg), Workload({}, 0)), **kwargs)
+    assert strategy.jobs.reply_timeout == cfg.strategy.reply_timeout_s
+    assert strategy.rejoin_every == cfg.strategy.rejoin_every
+    assert strategy.plan.replan_every == cfg.scheduler.replan_every
+    chosen = cls(scheduler=Scheduler(topology_of(cfg), Workload({}, 0)), reply_timeout=5.0, rejoin_every=1,
+                 replan_every=1, **kwargs)
+    assert (chosen.jobs.reply_timeout, chosen.rejoin_every, chosen.plan.replan_every) == (5.0, 1, 1)
+
+
 def test_a_stock_app_asked_who_it_is_takes_part_under_its_node_id(stock):
     """Asked its region (`query_regions=True`, as cloudless-fl's own ServerApp asks), a stock ClientApp without a
     query function errs ("No query function registered"): that is no failure, the node is `node-<id>`."""

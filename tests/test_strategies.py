@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -1040,6 +1042,7 @@ def test_the_wrapper_defaults_are_the_documented_ones():
     (AsyncGradAccum, {"staleness": "linear"}, "unknown staleness function 'linear'; use inverse_sqrt, none"),
     (ModelAveraging, {"aggregation": "mode"}, "aggregation must be one of mean, median, trimmed_mean, got 'mode'"),
     (ModelAveraging, {"weight_by": "steps"}, "weight_by must be one of samples, shares, got 'steps'"),
+    (ModelAveraging, {"roll_call": "shout"}, "roll_call must be one of query, first_jobs, got 'shout'"),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else None)
 def test_a_strategy_refuses_a_bad_setting_naming_the_choices(strategy, setting, message):
     with pytest.raises(ValueError) as refused:
@@ -1047,12 +1050,23 @@ def test_a_strategy_refuses_a_bad_setting_naming_the_choices(strategy, setting, 
     assert str(refused.value) == message
 
 
-def test_asgd_ga_logs_its_settings_at_the_start():
-    """The line a run logs first (`summary`) says how ASGD-GA is set up, the buffered rule included."""
-    assert AsyncGradAccum(lr=0.5, momentum=0.9, accumulation_steps={"a": 3}, batch_size=8, tau_max=6,
-                          update="delta", balance=False).describe() == (
-        "server lr=0.5 momentum=0.9, G={'a': 3}, batch=8, tau_max=6, update=delta, balance=False")
+def test_asgd_ga_logs_its_settings_at_the_start(caplog):
+    """The line a run logs first (`summary`) names the strategy and says how it is set up, the buffered rule
+    included."""
+    caplog.set_level(logging.INFO, logger="cloudless_fl")
+    AsyncGradAccum(lr=0.5, momentum=0.9, accumulation_steps={"a": 3}, batch_size=8, tau_max=6, update="delta",
+                   balance=False).summary()
+    assert [r.getMessage() for r in caplog.records] == [
+        "AsyncGradAccum: server lr=0.5 momentum=0.9, G={'a': 3}, batch=8, tau_max=6, update=delta, balance=False"]
     assert AsyncGradAccum(aggregation="median", buffer_regions=4).describe().endswith(", buffered median of 4")
+
+
+def test_ma_logs_its_settings_at_the_start(caplog):
+    caplog.set_level(logging.INFO, logger="cloudless_fl")
+    ModelAveraging(lr=0.2, local_steps={"a": 7}, batch_size=8, normalize=False, outer_lr=0.7, outer_momentum=0.9,
+                   deadline_s=30.0).summary()
+    assert [r.getMessage() for r in caplog.records] == [
+        "ModelAveraging: local lr=0.2, H={'a': 7}, batch=8, FedNova=False, outer lr=0.7 momentum=0.9, deadline=30.0"]
 
 
 def test_asgd_ga_starts_from_its_evaluated_model_with_the_server_optimizer_it_was_given(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -159,8 +160,9 @@ class GeoStrategy(Strategy):
     def summary(self) -> None:
         log.info("%s: %s", type(self).__name__, self.describe())
 
+    @abstractmethod
     def describe(self) -> str:
-        return ""
+        """The strategy's settings, for the line `summary` logs at the start of a run."""
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
