@@ -10,6 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from clients.region_app import make_client_app
+from cloudless_fl.deployment.grid import InProcessGrid
 from cloudless_fl.training.data import load_source
 from cloudless_fl.training.models import build_model
 from cloudless_fl.training.protocol import WorkOrder
@@ -640,6 +642,41 @@ def test_ma_takes_a_node_restarted_elsewhere_between_periods_in_place_of_its_old
     assert s.meter.ledger.accounts["slow"].invocations == restarted["slow_jobs"] + 4  # the new node's 4 periods
 
 
+def test_asgd_ga_takes_a_node_restarted_while_every_job_is_out(tmp_path):
+    """fast's SuperNode restarts while the first jobs are out and slow's reply is not back yet: with no reply to
+    apply, ASGD-GA looks for new nodes while it waits, asks the new one who it is, retires the old node (its job
+    is lost) and gives the new one work, instead of waiting for a reply before it looks."""
+    import threading
+
+    from flwr.app import MessageType
+
+    fed = Federation(tmp_path, topology())
+
+    class RestartWhileBusy(InProcessGrid):
+        restarted: int | None = None
+
+        def pull_messages(self, message_ids):
+            message_ids = list(message_ids)
+            if self.restarted is None and s.jobs:  # the first jobs are out: fast's SuperNode restarts
+                self.restarted = self.restart(1)
+            if self.restarted not in s.roster.live:  # slow's job is still running
+                message_ids = [m for m in message_ids if m not in self._inbox
+                               or self._inbox[m].metadata.message_type != MessageType.TRAIN]
+            return super().pull_messages(message_ids)
+
+    grid = RestartWhileBusy(make_client_app(tmp_path), 2)
+    s = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(), rejoin_every=5)
+    run = threading.Thread(target=s.start, args=(grid, fed.initial), daemon=True,
+                           kwargs={"num_rounds": 4, "train_config": fed.config})
+    run.start()
+    run.join(timeout=60)
+    assert not run.is_alive(), "the run waits for a reply before it looks for the restarted node"
+    assert [(e["event"], e["region"], e.get("node") or e["reason"]) for e in s.history.events] == [
+        ("region_lost", "fast", f"replaced by node {grid.restarted}"), ("region_back", "fast", grid.restarted)]
+    assert {info.name: node for node, info in s.roster.live.items()} == {"fast": grid.restarted, "slow": 2}
+    assert s.version == 4
+
+
 def test_the_scheduler_plans_equal_data_sizes_when_a_node_did_not_say_its_own(tmp_path):
     """A Mod app without `resident-examples` says no size: the scheduler is told the live regions' sizes by
     `data_sizes` (equal, the mean of those said), never 1 sample beside the others' hundreds."""
@@ -862,12 +899,46 @@ def test_ma_ends_the_run_when_no_region_is_left(tmp_path):
         if period == 1:
             fed.grid.set_offline(1)
             fed.grid.set_offline(2)
-        return None
+        return MetricRecord({"accuracy": 0.5, "loss": 1.0})
 
     ma = ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=fed.meter(), reply_timeout=0.3)
     result = ma.start(fed.grid, fed.initial, num_rounds=5, train_config=fed.config, evaluate_fn=take_everyone_offline)
     assert ma.stop_reason == "no region left" and ma.history.counters["lost_regions"] == 2
     assert [e["version"] for e in ma.history.entries] == [0, 1, 2] and result.arrays is not None
+
+
+class VanishingGrid(InProcessGrid):
+    """Every node vanishes once `after` replies have been read."""
+
+    def __init__(self, app, num_nodes: int, after: int) -> None:
+        super().__init__(app, num_nodes)
+        self.after = after
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.after -= len(replies)
+        if self.after <= 0:
+            for node in list(self.get_node_ids()):
+                self.set_offline(node)
+        return replies
+
+
+@pytest.mark.parametrize("strategy", [
+    lambda meter: ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=meter, eval_every=1000,
+                                 reply_timeout=0.3),
+    lambda meter: AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=meter, eval_every=1000,
+                                 reply_timeout=0.3)], ids=["ma", "asgd_ga"])
+def test_a_run_that_loses_every_region_says_so_and_evaluates_the_model_it_ends_with(tmp_path, strategy):
+    """Every SuperNode vanishes after a few steps: the run ends before `num_rounds`, its stop reason says why
+    (not "num_rounds done"), and the model it ends with is evaluated although `eval_every` did not make its
+    version due (the run's final accuracy is its final model's)."""
+    fed = Federation(tmp_path, topology())
+    s = strategy(fed.meter())
+    s.start(VanishingGrid(make_client_app(tmp_path), 2, after=6), fed.initial, num_rounds=40,
+            train_config=fed.config, evaluate_fn=fed.evaluator())
+    assert s.stop_reason == "no region left" and s.history.counters["lost_regions"] == 2
+    last = s.history.entries[-1]
+    assert 0 < last["version"] == s.step < 40 and last["accuracy"] is not None
 
 
 def test_ma_goes_on_when_a_node_disappears(tmp_path):

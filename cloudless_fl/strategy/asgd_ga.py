@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import Result
 
 from ..control.jobs import moving_average
 from ..training import protocol
-from .base import EvaluateFn, GeoStrategy
+from .base import NO_REGION_LEFT, EvaluateFn, GeoStrategy
 from .inflight import POLL_S
 from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
 from .screen import Candidate
@@ -292,9 +292,11 @@ class AsyncGradAccum(GeoStrategy):
             self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
             if self.version != before:
                 self._checkpoint()
+        if self.version < num_rounds and self.book.stop_reason is None:  # no job out: every region was lost
+            self.book.stop_reason = NO_REGION_LEFT
         if evaluate_fn is not None and self.history.entries[-1]["accuracy"] is None:
-            # a stop rule fired on a reply that made no version (dropped, held back): the last version was
-            # recorded when it came, evaluated only if due then; the run's final accuracy must be its model's
+            # the run ended on a version not due for evaluation (a stop rule fired on a reply that made no
+            # version, dropped or held back, or no region is left): its final accuracy must be its model's
             self._evaluate(self.version, arrays, evaluate_fn, force=True)
         return self._finish(arrays)
 

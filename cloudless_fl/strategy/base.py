@@ -43,6 +43,7 @@ from .validation import AUTO, RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
 
+NO_REGION_LEFT = "no region left"  # the stop reason of a run whose every region was lost or quarantined
 ROLL_CALLS = ("query", "first_jobs")  # how nodes are asked who they are at start-up (GeoStrategy's roll_call)
 
 __all__ = ["EvaluateFn", "GeoStrategy", "StopRules", "per_region"]

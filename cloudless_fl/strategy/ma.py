@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from ..training import protocol
-from .base import EvaluateFn, GeoStrategy
+from .base import NO_REGION_LEFT, EvaluateFn, GeoStrategy
 from .inflight import POLL_S
 from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
 from .screen import Candidate
@@ -142,8 +142,8 @@ class ModelAveraging(GeoStrategy):
                                      first_round=self.step + 1, lr=self.outer_lr, momentum=self.outer_momentum,
                                      nesterov=self.nesterov)
         for period in range(self.step + 1, num_rounds + 1):
-            if not self.roster.live:
-                self.book.stop_reason = "no region left"
+            if not self.roster.live:  # a resumed run whose regions are all quarantined
+                self.book.stop_reason = NO_REGION_LEFT
                 break
             if not self.jobs:  # else the first period's jobs went out with the roll call (`_begin`)
                 self.jobs.push(grid, self.configure_train(period, arrays, config, grid))
@@ -154,6 +154,8 @@ class ModelAveraging(GeoStrategy):
             if new_arrays is not None:
                 arrays = new_arrays
             self.step = period
+            if not self.roster.live:  # set before the evaluation: the run ends with this model, evaluated
+                self.book.stop_reason = NO_REGION_LEFT
             accuracy = self._evaluate(period, arrays, evaluate_fn, force=period == num_rounds)
             if self.book.should_stop(accuracy):
                 break
