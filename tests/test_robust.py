@@ -241,19 +241,36 @@ def test_asgd_ga_clips_an_admitted_over_long_update_to_the_regions_median(tmp_pa
 
 @pytest.mark.parametrize("setting", [{"clip_factor": 0.5}, {"share_budget": 1.5}, {"min_relatedness": 2.0}],
                          ids=lambda setting: next(iter(setting)))
-def test_ma_ignores_the_screen_settings_documented_as_asgd_gas(tmp_path, setting):
+def test_ma_ignores_the_screen_settings_documented_as_asgd_gas_and_says_so(tmp_path, caplog, setting):
     """MA's updates are compared with their own region's previous one (`min_agreement`); the settings made for
     ASGD-GA's per-region screen leave its run as it was: here under region a's noise, with `min_agreement` off
-    so that a relatedness check, were it applied, would hold that noise back."""
+    so that a relatedness check, were it applied, would hold that noise back. A setting changed from its default
+    is named in one warning; the defaults say nothing."""
     def final(name, limits):
         fed = Federation(tmp_path / name, four_regions(), alpha=0.5)
         attacked(fed, "noise")
         ma = ModelAveraging(lr=0.1, local_steps=5, batch_size=16, meter=fed.meter(), limits=limits)
-        return ma.start(fed.grid, fed.initial, num_rounds=6, train_config=fed.config).arrays.to_torch_state_dict()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cloudless_fl"):
+            arrays = ma.start(fed.grid, fed.initial, num_rounds=6, train_config=fed.config).arrays
+        return arrays.to_torch_state_dict(), [m for m in caplog.messages if "ignores" in m]
 
-    plain = final("plain", UpdateLimits(min_agreement=None))
-    configured = final("configured", UpdateLimits(min_agreement=None, **setting))
+    plain, quiet = final("plain", UpdateLimits(min_agreement=None))
+    configured, warned = final("configured", UpdateLimits(min_agreement=None, **setting))
     assert all(torch.equal(plain[k], configured[k]) for k in plain)
+    [(name, value)] = setting.items()
+    assert quiet == [] and warned == [
+        f"ModelAveraging ignores validation.{name}={value!r}: ASGD-GA's per-region screen settings (its updates are "
+        "compared across regions and with each region's previous one: validation.norm_factor, min_agreement)"]
+
+
+def test_asgd_ga_takes_its_screen_settings_without_a_warning(tmp_path, caplog):
+    fed = Federation(tmp_path, four_regions(), alpha=0.5)
+    limits = UpdateLimits(clip_factor=0.5, share_budget=1.5, min_relatedness=2.0)
+    asgd = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=fed.meter(), limits=limits)
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        asgd.start(fed.grid, fed.initial, num_rounds=4, train_config=fed.config)
+    assert not [m for m in caplog.messages if "ignores" in m]
 
 
 @pytest.mark.parametrize("update,steps", [("delta", 10), ("gradient", None)])

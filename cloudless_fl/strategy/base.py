@@ -200,6 +200,10 @@ class GeoStrategy(Strategy):
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, average_decay=self.average_decay, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
         comparable, factor = self.comparable_updates, self.limits.norm_factor
+        if comparable and (ignored := self.limits.per_region_screen_changes()):
+            log.warning("%s ignores %s: ASGD-GA's per-region screen settings (its updates are compared across "
+                        "regions and with each region's previous one: validation.norm_factor, min_agreement)",
+                        type(self).__name__, ", ".join(ignored))
         # a sparsified update is a different slice of the region's change each time: unlike its last by design
         agreement = self.limits.min_agreement if comparable and not self.downlink.codec.sparse else None
         self.screen = UpdateScreen(factor, agreement, model_bound=factor is not None, per_region=not comparable,

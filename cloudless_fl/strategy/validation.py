@@ -36,6 +36,7 @@ from ..errors import ConfigError
 log = logging.getLogger("cloudless_fl")
 NORM_POLICIES = ("reject", "clip")
 AUTO = "auto"  # a screen setting the strategy chooses (UpdateLimits.min_relatedness)
+PER_REGION_SCREEN = ("clip_factor", "share_budget", "min_relatedness")  # ASGD-GA's screen only (screen.py)
 
 
 class RejectedUpdate(Exception):
@@ -114,6 +115,12 @@ class UpdateLimits:
                               f"{AUTO} (the strategy's choice) or null (no check)")
         if not isinstance(self.quarantine_after, int) or self.quarantine_after < 0:
             raise ConfigError(f"validation.quarantine_after={self.quarantine_after!r} must be an integer ≥ 0")
+
+    def per_region_screen_changes(self) -> list[str]:
+        """The ASGD-GA-only screen settings given other than their defaults (`validation.clip_factor=2.0`): a
+        strategy whose updates are comparable across regions (MA) does not use them, and says so."""
+        return [f"validation.{name}={getattr(self, name)!r}" for name in PER_REGION_SCREEN
+                if getattr(self, name) != getattr(UpdateLimits, name)]
 
 
 class UpdateValidator:
