@@ -941,6 +941,43 @@ def test_a_run_that_loses_every_region_says_so_and_evaluates_the_model_it_ends_w
     assert 0 < last["version"] == s.step < 40 and last["accuracy"] is not None
 
 
+@pytest.mark.parametrize("make", [
+    lambda meter, **kw: ModelAveraging(lr=0.1, local_steps=3, batch_size=16, meter=meter, **kw),
+    lambda meter, **kw: AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=meter, **kw)],
+    ids=["ma", "asgd_ga"])
+def test_a_resumed_run_whose_every_region_is_quarantined_ends_at_once_saying_so(tmp_path, make):
+    """Every update is rejected and one rejection quarantines: the run ends with every region quarantined, and
+    its last checkpoint says so. Extending it (a larger `num_rounds`) sends no work and counts no step in which
+    nothing happened: it ends where it was, with the stop reason and the same model."""
+    from cloudless_fl.checkpoint import Checkpointer
+
+    fed = Federation(tmp_path / "data", topology())
+    limits = UpdateLimits(max_norm=1e-9, quarantine_after=1)
+
+    def run(rounds, resume):
+        s = make(fed.meter(), limits=limits, resume=resume, reply_timeout=2.0,
+                 checkpointer=Checkpointer(tmp_path / "checkpoint.pt", every=1))
+        result = s.start(fed.grid, fed.initial, num_rounds=rounds, train_config=fed.config,
+                         evaluate_fn=fed.evaluator())
+        return s, result.arrays.to_torch_state_dict()
+
+    first, model = run(4, resume=False)
+    assert first.stop_reason == "no region left" and first.history.counters["quarantined_regions"] == 2
+    pushed, push = [], fed.grid.push_messages
+
+    def recorded(messages):
+        messages = list(messages)
+        pushed.extend(m for m in messages if m.metadata.message_type == "train")
+        return push(messages)
+
+    fed.grid.push_messages = recorded
+    resumed, resumed_model = run(8, resume=True)
+    assert pushed == [] and resumed.stop_reason == "no region left"
+    assert resumed.step == first.step and resumed.history.entries[-1]["version"] == first.step
+    for name, tensor in model.items():
+        assert torch.equal(resumed_model[name], tensor), name
+
+
 def test_ma_goes_on_when_a_node_disappears(tmp_path):
     fed = Federation(tmp_path, topology())
 
