@@ -418,6 +418,29 @@ def test_ma_median_and_trimmed_mean_hold_against_minus_ten_times_an_update(tmp_p
     assert accuracy["robust"] > 0.75 * accuracy["clean"]  # ...and not on the robust rule (measured: 0.70 vs 0.85)
 
 
+@pytest.mark.parametrize("setting", [None, {"norm_factor": 3.0}, {"min_agreement": 0.5}, {"clip_factor": 0.5},
+                                     {"share_budget": 1.5}, {"min_relatedness": 2.0},
+                                     {"norm_factor": None, "min_relatedness": None}],
+                         ids=lambda setting: "defaults" if setting is None else "+".join(setting))
+def test_the_fedavg_baseline_names_the_screen_settings_it_ignores(tmp_path, caplog, setting):
+    """`Metered` validates updates but screens none: a screen setting changed from its default is named in one
+    warning that says what to use instead; the defaults say nothing."""
+    fed = Federation(tmp_path, four_regions(), alpha=100.0)
+    config = ConfigRecord({**dict(fed.config), **WorkOrder(lr=0.1, batch_size=16, epochs=0.1).to_config()})
+    strategy = Metered(FedAvg(fraction_evaluate=0.0, min_available_nodes=4, min_train_nodes=4), fed.meter(),
+                       limits=UpdateLimits(**(setting or {})))
+    with caplog.at_level("WARNING", logger="cloudless_fl"):
+        strategy.start(fed.grid, fed.initial, num_rounds=1, train_config=config)
+    warned = [m for m in caplog.messages if "ignores" in m]
+    if setting is None:
+        assert warned == []
+        return
+    named = ", ".join(f"validation.{name}={value!r}" for name, value in setting.items())
+    assert warned == [f"FedAvg does not screen updates (the screen is MA's and ASGD-GA's): it ignores {named}. "
+                      "Against a bad region use Flower's FedMedian or FedTrimmedAvg, or bound updates with "
+                      "validation.max_norm"]
+
+
 @pytest.mark.parametrize("robust", [FedMedian, FedTrimmedAvg])
 def test_fedavg_baseline_takes_flowers_robust_rules(tmp_path, robust):
     accuracy = {}

@@ -39,7 +39,7 @@ from .planning import PlanFollower
 from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
 from .screen import Candidate, UpdateScreen
-from .validation import AUTO, RejectedUpdate, UpdateLimits, UpdateValidator
+from .validation import AUTO, PER_REGION_SCREEN, RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
 
@@ -200,7 +200,7 @@ class GeoStrategy(Strategy):
         self.optimizer = ServerOptimizer.from_arrays(initial_arrays, average_decay=self.average_decay, **optimizer)
         self.validator = UpdateValidator(self.optimizer.state, self.limits)
         comparable, factor = self.comparable_updates, self.limits.norm_factor
-        if comparable and (ignored := self.limits.per_region_screen_changes()):
+        if comparable and (ignored := self.limits.changed(PER_REGION_SCREEN)):
             log.warning("%s ignores %s: ASGD-GA's per-region screen settings (its updates are compared across "
                         "regions and with each region's previous one: validation.norm_factor, min_agreement)",
                         type(self).__name__, ", ".join(ignored))

@@ -46,7 +46,7 @@ from .downlink import Downlink
 from .inflight import PromptReplies
 from .membership import RegionInfo, Roster, wait_for_nodes
 from .runbook import EvaluateFn, RunBook, StopRules
-from .validation import RejectedUpdate, UpdateLimits, UpdateValidator
+from .validation import SCREEN, RejectedUpdate, UpdateLimits, UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
 
@@ -92,7 +92,9 @@ class Metered(Strategy):
         ends after the first round past it (evaluated, checkpointed).
     limits : UpdateLimits, optional
         Update validation: replies whose weights are bad never reach `strategy`;
-        a region that keeps sending them gets no more rounds.
+        a region that keeps sending them gets no more rounds. The screen of
+        well-formed updates (`norm_factor`, `min_agreement`, ...) is not applied:
+        a setting of it changed from its default is named in a warning.
     checkpointer : Checkpointer, optional
         Write the model and the books every `checkpointer.every` rounds and at the end.
     resume : bool
@@ -259,6 +261,10 @@ class Metered(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Flower's round loop, with each round's time, cost and accuracy recorded (and checkpointed)."""
+        if ignored := self.limits.changed(SCREEN):
+            log.warning("%s does not screen updates (the screen is MA's and ASGD-GA's): it ignores %s. Against a "
+                        "bad region use Flower's FedMedian or FedTrimmedAvg, or bound updates with "
+                        "validation.max_norm", type(self.inner).__name__, ", ".join(ignored))
         if self.book.resume:
             initial_arrays = self._restore()
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,7 @@ log = logging.getLogger("cloudless_fl")
 NORM_POLICIES = ("reject", "clip")
 AUTO = "auto"  # a screen setting the strategy chooses (UpdateLimits.min_relatedness)
 PER_REGION_SCREEN = ("clip_factor", "share_budget", "min_relatedness")  # ASGD-GA's screen only (screen.py)
+SCREEN = ("norm_factor", "min_agreement", *PER_REGION_SCREEN)  # MA's and ASGD-GA's screen (screen.py); not FedAvg's
 
 
 class RejectedUpdate(Exception):
@@ -116,10 +117,10 @@ class UpdateLimits:
         if not isinstance(self.quarantine_after, int) or self.quarantine_after < 0:
             raise ConfigError(f"validation.quarantine_after={self.quarantine_after!r} must be an integer ≥ 0")
 
-    def per_region_screen_changes(self) -> list[str]:
-        """The ASGD-GA-only screen settings given other than their defaults (`validation.clip_factor=2.0`): a
-        strategy whose updates are comparable across regions (MA) does not use them, and says so."""
-        return [f"validation.{name}={getattr(self, name)!r}" for name in PER_REGION_SCREEN
+    def changed(self, names: Iterable[str]) -> list[str]:
+        """Those of the settings `names` given other than their defaults, as `validation.clip_factor=2.0`: what
+        a strategy that does not use them names when it says it ignores them."""
+        return [f"validation.{name}={getattr(self, name)!r}" for name in names
                 if getattr(self, name) != getattr(UpdateLimits, name)]
 
 
