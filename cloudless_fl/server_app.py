@@ -32,6 +32,7 @@ from .errors import CloudlessError, ConfigError
 from .reporting.progress import Progress
 from .reporting.results import History, summarize, write_results
 from .strategy.membership import wait_for_nodes
+from .strategy.planning import REPLAN_EVERY
 from .strategy.registry import Build, strategy_entry
 from .strategy.validation import UpdateLimits
 from .training.compression import Codec, make_codec, wire_bytes
@@ -158,7 +159,7 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
                           share_budget=v.share_budget,
                           min_relatedness=v.min_relatedness)
     context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
-                    work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", 5),
+                    work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", REPLAN_EVERY),
                     checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec_of(cfg))
     settings = OmegaConf.to_container(cfg.strategy, resolve=True)
     settings["stop"]["max_time_s"] = resolve_time_budget(settings["stop"]["max_time_s"], cfg.clock, baseline_s)

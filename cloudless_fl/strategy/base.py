@@ -35,7 +35,7 @@ from ..training.compression import Codec, wire_bytes
 from .downlink import Downlink
 from .inflight import InFlight, InFlightJobs, await_replies
 from .membership import RegionInfo, Roster, data_sizes, read_answers, wait_for_nodes
-from .planning import PlanFollower
+from .planning import REPLAN_EVERY, PlanFollower
 from .runbook import EvaluateFn, RunBook, StopRules
 from .server_optimizer import ServerOptimizer
 from .screen import Candidate, UpdateScreen
@@ -117,7 +117,7 @@ class GeoStrategy(Strategy):
     default_relatedness: float | None = None  # what `min_relatedness="auto"` means for this strategy
 
     def __init__(self, *, meter: Meter | None = None, eval_every: int = 1, stop: StopRules | None = None,
-                 reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = 5,
+                 reply_timeout: float = 600.0, scheduler: Scheduler | None = None, replan_every: int = REPLAN_EVERY,
                  rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
                  resume: bool = False, query_regions: bool | None = None, roll_call: str = "query",
                  min_available_nodes: int = 1, average_decay: float | None = None,

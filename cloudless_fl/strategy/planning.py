@@ -17,6 +17,8 @@ from ..control.scheduler import Plan, Scheduler
 from ..errors import ConfigError
 from .runbook import RunBook
 
+REPLAN_EVERY = 5  # steps between re-plans unless a run says otherwise (conf/scheduler/elastic.yaml: the same)
+
 
 class PlanFollower:
     """Parameters
@@ -30,7 +32,7 @@ class PlanFollower:
         Steps (versions or periods) between re-plans.
     """
 
-    def __init__(self, scheduler: Scheduler, meter: Meter, book: RunBook, replan_every: int = 5) -> None:
+    def __init__(self, scheduler: Scheduler, meter: Meter, book: RunBook, replan_every: int = REPLAN_EVERY) -> None:
         self.scheduler = scheduler
         self.meter = meter
         self.book = book

@@ -22,6 +22,7 @@ from ..training.compression import Codec
 from .base import ROLL_CALLS
 from .asgd_ga import STALENESS_FUNCTIONS, UPDATES, AsyncGradAccum
 from .ma import ModelAveraging
+from .planning import REPLAN_EVERY
 from .metered import Metered
 from .robust import AGGREGATIONS
 from .runbook import StopRules
@@ -39,7 +40,7 @@ class Build:
     target_accuracy: float
     work: Workload | None = None
     scheduler: Scheduler | None = None
-    replan_every: int = 5
+    replan_every: int = REPLAN_EVERY
     checkpointer: Checkpointer | None = None
     resume: bool = False
     compression: Codec | None = None
