@@ -939,6 +939,8 @@ def test_a_run_that_loses_every_region_says_so_and_evaluates_the_model_it_ends_w
     assert s.stop_reason == "no region left" and s.history.counters["lost_regions"] == 2
     last = s.history.entries[-1]
     assert 0 < last["version"] == s.step < 40 and last["accuracy"] is not None
+    versions = [e["version"] for e in s.history.entries]
+    assert versions == sorted(set(versions))  # one entry per version: the last one evaluated after the fact
 
 
 @pytest.mark.parametrize("make", [

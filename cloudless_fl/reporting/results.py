@@ -35,9 +35,14 @@ class History:
 
     def record(self, version: int, figures: dict[str, Any], samples: int,
                accuracy: float | None = None, loss: float | None = None) -> dict[str, Any]:
+        """One entry per version: a version recorded again (evaluated after the fact, at a run's end) replaces
+        its entry."""
         entry = {"version": int(version), **figures, "samples": int(samples),
                  "accuracy": accuracy, "loss": loss}
-        self.entries.append(entry)
+        if self.entries and self.entries[-1]["version"] == entry["version"]:
+            self.entries[-1] = entry
+        else:
+            self.entries.append(entry)
         for listener in self.listeners:
             listener(entry)
         return entry
