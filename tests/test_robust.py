@@ -437,8 +437,8 @@ def test_the_fedavg_baseline_names_the_screen_settings_it_ignores(tmp_path, capl
         return
     named = ", ".join(f"validation.{name}={value!r}" for name, value in setting.items())
     assert warned == [f"FedAvg does not screen updates (the screen is MA's and ASGD-GA's): it ignores {named}. "
-                      "Against a bad region use Flower's FedMedian or FedTrimmedAvg, or bound updates with "
-                      "validation.max_norm"]
+                      "What holds a bad region back here is the aggregation rule (Flower's FedMedian, "
+                      "FedTrimmedAvg) and validation.max_norm"]
 
 
 @pytest.mark.parametrize("robust", [FedMedian, FedTrimmedAvg])

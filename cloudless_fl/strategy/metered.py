@@ -262,8 +262,8 @@ class Metered(Strategy):
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Flower's round loop, with each round's time, cost and accuracy recorded (and checkpointed)."""
         if ignored := self.limits.changed(SCREEN):
-            log.warning("%s does not screen updates (the screen is MA's and ASGD-GA's): it ignores %s. Against a "
-                        "bad region use Flower's FedMedian or FedTrimmedAvg, or bound updates with "
+            log.warning("%s does not screen updates (the screen is MA's and ASGD-GA's): it ignores %s. What holds a "
+                        "bad region back here is the aggregation rule (Flower's FedMedian, FedTrimmedAvg) and "
                         "validation.max_norm", type(self.inner).__name__, ", ".join(ignored))
         if self.book.resume:
             initial_arrays = self._restore()
