@@ -18,6 +18,7 @@ from cloudless_fl.strategy.downlink import Downlink
 from cloudless_fl.strategy.validation import RejectedUpdate, UpdateValidator
 from cloudless_fl.training import protocol
 from cloudless_fl.training.compression import Int8, TopK
+from cloudless_fl.training.protocol import pack_tensors, unpack_tensors
 from cloudless_fl.training.region_link import RegionLink
 from conftest import small_run_overrides
 
@@ -111,16 +112,16 @@ def test_validation_runs_on_the_decoded_update():
     good = codec.encode({k: torch.zeros_like(v) for k, v in reference.items()})
     decoded = validator.check("r", good, protocol.MODE_DELTA, codec=codec, encoding=codec.spec())
     assert set(decoded) == set(reference) and float(decoded["w"].abs().max()) == 0.0
-    nan_scale = good.to_torch_state_dict()
+    nan_scale = unpack_tensors(good)
     nan_scale["w@scale"] = torch.full_like(nan_scale["w@scale"], float("nan"))
     with pytest.raises(RejectedUpdate, match="w@scale") as rejected:
-        validator.check("r", ArrayRecord(nan_scale), protocol.MODE_DELTA, codec=codec, encoding=codec.spec())
+        validator.check("r", pack_tensors(nan_scale), protocol.MODE_DELTA, codec=codec, encoding=codec.spec())
     assert rejected.value.reason == "malformed"
     huge = codec.encode({k: (torch.full_like(v, 3e38) if v.is_floating_point() else v) for k, v in reference.items()})
-    huge_scaled = huge.to_torch_state_dict()
+    huge_scaled = unpack_tensors(huge)
     huge_scaled["w@scale"] = torch.full_like(huge_scaled["w@scale"], 3e38)  # decodes to Inf
     with pytest.raises(RejectedUpdate) as rejected:
-        validator.check("r", ArrayRecord(huge_scaled), protocol.MODE_DELTA, codec=codec,
+        validator.check("r", pack_tensors(huge_scaled), protocol.MODE_DELTA, codec=codec,
                         encoding=codec.spec())
     assert rejected.value.reason == "non_finite"
     with pytest.raises(RejectedUpdate, match="missing") as rejected:  # says int8, is not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from cloudless_fl.control.meter import record_bytes
 from cloudless_fl.training.compression import ErrorFeedback, Fp16, Int4, Int8, TopK, codec_from_spec, make_codec
+from cloudless_fl.training.protocol import PACKED, pack_tensors, unpack_tensors
 
 shapes = st.lists(st.integers(1, 40), min_size=0, max_size=3).map(tuple)
 dtypes = st.sampled_from([torch.float32, torch.float64])
@@ -103,23 +105,83 @@ def test_bad_payloads_are_refused_with_the_entry_named():
     like = {"w": torch.randn(10)}
     good = Int8(4).encode(like)
     codec = Int8(4)
-    bad_scale = dict(good.to_torch_state_dict())
+    bad_scale = unpack_tensors(good)
     bad_scale["w@scale"] = torch.full((3,), float("nan"))
     with pytest.raises(ValueError, match="w@scale"):
-        codec.decode(type(good)(bad_scale), like)
+        codec.decode(pack_tensors(bad_scale), like)
     with pytest.raises(ValueError, match="missing"):
         codec.decode(make_codec("none").encode(like), like)
     topk = TopK(0.3)
-    entries = dict(topk.encode(like).to_torch_state_dict())
+    entries = unpack_tensors(topk.encode(like))
     entries["w@index"] = torch.tensor([0, 5, 10], dtype=torch.int32)  # 10 is past the end
     with pytest.raises(ValueError, match="w@index"):
-        topk.decode(type(good)(entries), like)
+        topk.decode(pack_tensors(entries), like)
     entries["w@index"] = torch.tensor([3, 3, 4], dtype=torch.int32)  # repeated
     with pytest.raises(ValueError, match="increasing"):
-        topk.decode(type(good)(entries), like)
-    packed = dict(Int4(4).encode(like).to_torch_state_dict())
+        topk.decode(pack_tensors(entries), like)
+    packed = unpack_tensors(Int4(4).encode(like))
     packed["w"] = packed["w"] & 0xF0  # a zero nibble: no value of -7..7 packs to it
     with pytest.raises(ValueError, match="outside"):
-        Int4(4).decode(type(good)(packed), like)
+        Int4(4).decode(pack_tensors(packed), like)
     with pytest.raises(ValueError, match="unknown compression"):
         make_codec("zip")
+
+
+@pytest.mark.parametrize("codec", [Fp16(), Int8(16), Int4(16), TopK(0.2)])
+def test_a_compressed_payload_travels_as_one_array(codec):
+    """Flower moves each array as objects of its own, a round trip per pair on a slow link: one array, not 2 per tensor."""
+    like = {"a.weight": torch.randn(20, 8), "a.bias": torch.randn(20), "b.weight": torch.randn(3, 20),
+            "steps": torch.tensor(7)}
+    record = codec.encode(like)
+    assert list(record.keys()) == [PACKED]
+    decoded = codec.decode(record, like)
+    assert set(decoded) == set(like) and torch.equal(decoded["steps"], like["steps"])
+
+
+def test_an_uncompressed_payload_stays_tensor_by_tensor_for_a_stock_clientapp():
+    like = {"a.weight": torch.randn(4, 2), "a.bias": torch.randn(4)}
+    assert list(make_codec("none").encode(like).keys()) == ["a.weight", "a.bias"]
+
+
+def test_packing_round_trips_every_numeric_dtype_and_shape():
+    tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "u8": torch.arange(9, dtype=torch.uint8),
+               "i8": torch.tensor([-7, 7], dtype=torch.int8), "i32": torch.tensor([1, 2], dtype=torch.int32),
+               "scalar": torch.tensor(3), "empty": torch.zeros(0, 2)}
+    back = unpack_tensors(pack_tensors(tensors))
+    assert list(back) == list(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t)
+
+
+def _packed(table, values: bytes):
+    """A packed record as a region could send it: `table` (JSON-able, or raw bytes) then `values`."""
+    from flwr.app import ArrayRecord
+
+    head = table if isinstance(table, bytes) else json.dumps(table).encode()
+    payload = len(head).to_bytes(4, "little") + head + values
+    return ArrayRecord({PACKED: torch.frombuffer(bytearray(payload), dtype=torch.uint8)})
+
+
+THREE = torch.ones(3).numpy().tobytes()
+
+
+@pytest.mark.parametrize("table, values, message", [
+    ([["w", "<f4", [3]]], THREE[:-1], "ends inside 'w'"),
+    ([["w", "<f4", [3]]], THREE + b"\0", "1 bytes past"),
+    (b"{not json", THREE, "not a JSON list"),
+    ({"w": 1}, THREE, "not a JSON list"),
+    ([["w", "|O8", [3]]], THREE, "only numeric"),
+    ([["w", "no-such-dtype", [3]]], THREE, "unknown dtype"),
+    ([["w", "<f4", [-3]]], THREE, "bad table row"),
+    ([["w", "<f4"]], THREE, "bad table row"),
+    ([["w", "<f4", [1]], ["w", "<f4", [2]]], THREE, "names 'w' twice"),
+])
+def test_a_damaged_packed_payload_is_refused_saying_what_is_wrong(table, values, message):
+    assert unpack_tensors(_packed([["w", "<f4", [3]]], THREE))["w"].tolist() == [1.0, 1.0, 1.0]  # the good one
+    with pytest.raises(ValueError, match=message):
+        unpack_tensors(_packed(table, values))
+
+
+def test_a_record_of_several_arrays_is_not_a_packed_one():
+    with pytest.raises(ValueError, match="not packed"):
+        unpack_tensors(make_codec("none").encode({"w": torch.ones(2), "b": torch.ones(1)}))

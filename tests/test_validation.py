@@ -31,8 +31,15 @@ def record(**arrays) -> ArrayRecord:
 
 
 def corrupt(kind: str, arrays: ArrayRecord) -> ArrayRecord:
-    """The same update, broken in one way."""
-    state = {k: v.numpy().copy() for k, v in arrays.items()}
+    """The same update, broken in one way (a compressed one inside its packed array: a NaN scale, say)."""
+    if list(arrays.keys()) == [protocol.PACKED]:
+        entries = {k: v.numpy() for k, v in protocol.unpack_tensors(arrays).items()}
+        return protocol.pack_tensors({k: torch.from_numpy(v) for k, v in _corrupted(kind, entries).items()})
+    return record(**_corrupted(kind, {k: v.numpy() for k, v in arrays.items()}))
+
+
+def _corrupted(kind: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    state = {k: v.copy() for k, v in arrays.items()}
     name = next(k for k, v in state.items() if v.dtype.kind == "f")
     if kind == "wrong_shape":
         state[name] = np.zeros(3, dtype=state[name].dtype)
@@ -46,7 +53,7 @@ def corrupt(kind: str, arrays: ArrayRecord) -> ArrayRecord:
         state[name] = state[name] * 0 + 1e4
     elif kind == "missing_array":
         del state[name]
-    return record(**state)
+    return state
 
 
 REASONS = {"wrong_shape": "wrong_shape", "wrong_dtype": "wrong_dtype", "nan": "non_finite", "inf": "non_finite",

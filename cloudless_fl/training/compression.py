@@ -3,8 +3,10 @@
 A codec turns a dict of tensors into the `ArrayRecord` that crosses the WAN and
 back. Only floating-point entries are compressed; integer entries (batch-norm
 step counters) travel as they are. Encoded arrays are named after the entry
-they carry (`<name>` for the values, `<name>@scale`, `<name>@index`), so a
-record stays readable and its size is what Flower serialises.
+they carry (`<name>` for the values, `<name>@scale`, `<name>@index`) and a
+compressed record travels as one array holding them all (`protocol.pack_tensors`:
+Flower moves every array as objects of its own, two at a time, a round trip of the
+link per pair); `none` leaves the record tensor by tensor, as a stock ClientApp reads it.
 
 - `none`: the tensors as they are.
 - `fp16`: half precision.
@@ -37,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from ..control.meter import record_bytes
-from .protocol import decode_tensors
+from .protocol import decode_tensors, pack_tensors, unpack_tensors
 
 SCALE, INDEX = "@scale", "@index"
 Tensors = Mapping[str, torch.Tensor]
@@ -49,6 +51,7 @@ class Codec:
     name = "none"
     lossy = False
     sparse = False  # sends a different subset of entries each time
+    packed = False  # travels as one array (`protocol.pack_tensors`): only this project's protocol reads it
 
     def encode(self, tensors: Tensors) -> ArrayRecord:
         """Floating-point entries as the codec encodes them; integer entries as they are."""
@@ -56,10 +59,12 @@ class Codec:
         for name, value in tensors.items():
             value = value.detach()
             out.update(self._encode_one(name, value) if value.is_floating_point() else {name: value})
+        if self.packed:
+            return pack_tensors(out)
         return ArrayRecord(OrderedDict((k, v.contiguous()) for k, v in out.items()))
 
     def decode(self, record: ArrayRecord, like: Tensors) -> dict[str, torch.Tensor]:
-        arrays = decode_tensors(record)
+        arrays = unpack_tensors(record) if self.packed else decode_tensors(record)
         expected = {k for k in like} | {f"{k}{suffix}" for k, v in like.items() if v.is_floating_point()
                                          for suffix in self._suffixes()}
         if set(arrays) != expected:
@@ -94,7 +99,7 @@ def _as_sent(name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
 
 
 class Fp16(Codec):
-    name, lossy = "fp16", True
+    name, lossy, packed = "fp16", True, True
 
     def _encode_one(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: value.half()}
@@ -112,7 +117,7 @@ class Int8(Codec):
     Parameters: chunk — values per scale.
     """
 
-    name, lossy, bits = "int8", True, 8
+    name, lossy, packed, bits = "int8", True, True, 8
 
     def __init__(self, chunk: int = 1024) -> None:
         if int(chunk) < 1:
@@ -178,7 +183,7 @@ class Int4(Int8):
 class TopK(Codec):
     """Parameters: fraction — of each tensor's entries sent (at least one), the largest in magnitude."""
 
-    name, lossy, sparse = "topk", True, True
+    name, lossy, sparse, packed = "topk", True, True, True
 
     def __init__(self, fraction: float = 0.05) -> None:
         if not 0.0 < float(fraction) <= 1.0:
