@@ -138,6 +138,21 @@ def test_a_compressed_payload_travels_as_one_array(codec):
     assert set(decoded) == set(like) and torch.equal(decoded["steps"], like["steps"])
 
 
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int4", "topk"])
+def test_a_compressed_job_is_as_few_flower_objects_as_a_one_tensor_model(codec):
+    """What a slow link pays per pair of objects (docs/compression.md): counted on Flower's own object tree."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree, iterate_object_tree
+
+    def objects(record) -> int:
+        return sum(1 for _ in iterate_object_tree(get_object_tree(RecordDict({"arrays": record,
+                                                                              "config": ConfigRecord({"lr": 0.1})}))))
+
+    six_tensors = {f"layer{i}.{kind}": torch.randn(8, 4) if kind == "weight" else torch.randn(8)
+                   for i in range(3) for kind in ("weight", "bias")}
+    assert objects(make_codec(codec).encode(six_tensors)) == objects(make_codec("none").encode({"w": torch.ones(3)}))
+
+
 def test_an_uncompressed_payload_stays_tensor_by_tensor_for_a_stock_clientapp():
     like = {"a.weight": torch.randn(4, 2), "a.bias": torch.randn(4)}
     assert list(make_codec("none").encode(like).keys()) == ["a.weight", "a.bias"]
