@@ -190,11 +190,17 @@ THREE = torch.ones(3).numpy().tobytes()
     ([["w", "<f4", [-3]]], THREE, "bad table row"),
     ([["w", "<f4"]], THREE, "bad table row"),
     ([["w", "<f4", [1]], ["w", "<f4", [2]]], THREE, "names 'w' twice"),
+    ([["w", "<f4", [10**12]]], THREE, "ends inside 'w'"),  # refused before anything that size is made
 ])
 def test_a_damaged_packed_payload_is_refused_saying_what_is_wrong(table, values, message):
     assert unpack_tensors(_packed([["w", "<f4", [3]]], THREE))["w"].tolist() == [1.0, 1.0, 1.0]  # the good one
     with pytest.raises(ValueError, match=message):
         unpack_tensors(_packed(table, values))
+
+
+def test_a_packed_entry_in_the_other_byte_order_reads_as_its_values():
+    big_endian = torch.arange(3, dtype=torch.float32).numpy().astype(">f4").tobytes()
+    assert unpack_tensors(_packed([["w", ">f4", [3]]], big_endian))["w"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_a_record_of_several_arrays_is_not_a_packed_one():

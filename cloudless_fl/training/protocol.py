@@ -13,8 +13,8 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -211,7 +211,7 @@ def unpack_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     if data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError(f"packed payload: {data.dtype} {tuple(data.shape)}, expected a 1-D uint8 array")
     payload = data.numpy().tobytes()
-    size = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else len(payload)
+    size = int.from_bytes(payload[:4], "little")
     try:
         table = json.loads(payload[4:4 + size]) if 4 + size <= len(payload) else None
     except (ValueError, UnicodeDecodeError):
@@ -227,8 +227,8 @@ def unpack_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
         end = offset + dtype.itemsize * count
         if end > len(payload):
             raise ValueError(f"packed payload ends inside {name!r}")
-        out[name] = torch.from_numpy(np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
-                                     .reshape(shape).copy())
+        values = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
+        out[name] = torch.from_numpy(values.astype(dtype.newbyteorder("=")))  # a copy, in this machine's order
         offset = end
     if offset != len(payload):
         raise ValueError(f"packed payload has {len(payload) - offset} bytes past its last entry")
