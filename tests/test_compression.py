@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -181,21 +182,31 @@ THREE = torch.ones(3).numpy().tobytes()
 
 
 @pytest.mark.parametrize("table, values, message", [
-    ([["w", "<f4", [3]]], THREE[:-1], "ends inside 'w'"),
-    ([["w", "<f4", [3]]], THREE + b"\0", "1 bytes past"),
-    (b"{not json", THREE, "not a JSON list"),
-    ({"w": 1}, THREE, "not a JSON list"),
-    ([["w", "|O8", [3]]], THREE, "only numeric"),
-    ([["w", "no-such-dtype", [3]]], THREE, "unknown dtype"),
-    ([["w", "<f4", [-3]]], THREE, "bad table row"),
-    ([["w", "<f4"]], THREE, "bad table row"),
-    ([["w", "<f4", [1]], ["w", "<f4", [2]]], THREE, "names 'w' twice"),
-    ([["w", "<f4", [10**12]]], THREE, "ends inside 'w'"),  # refused before anything that size is made
+    ([["w", "<f4", [3]]], THREE[:-1], "packed payload ends inside 'w'"),
+    ([["w", "<f4", [3]]], THREE + b"\0", "packed payload has 1 bytes past its last entry"),
+    (b"{not json", THREE, "its table of entries is missing or not a JSON list"),
+    ({"w": 1}, THREE, "its table of entries is missing or not a JSON list"),
+    ([["w", "|O8", [3]]], THREE, "'w' has dtype '|O8'; only numeric arrays are accepted"),
+    ([["w", "no-such-dtype", [3]]], THREE, "'w' has unknown dtype 'no-such-dtype'"),
+    ([["w", "<f4", [-3]]], THREE, "bad table row \"['w', '<f4', [-3]]\"; expected [name, dtype, shape]"),
+    ([["w", "<f4"]], THREE, "bad table row \"['w', '<f4']\""),
+    ([["w", "<f4", [1]], ["w", "<f4", [2]]], THREE, "packed payload names 'w' twice"),
+    ([["w", "<f4", [10**12]]], THREE, "packed payload ends inside 'w'"),  # refused before anything that size is made
 ])
 def test_a_damaged_packed_payload_is_refused_saying_what_is_wrong(table, values, message):
     assert unpack_tensors(_packed([["w", "<f4", [3]]], THREE))["w"].tolist() == [1.0, 1.0, 1.0]  # the good one
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         unpack_tensors(_packed(table, values))
+
+
+def test_a_packed_record_of_nothing_is_nothing_and_a_packed_array_must_be_flat_bytes():
+    from flwr.app import ArrayRecord
+
+    assert unpack_tensors(pack_tensors({})) == {}  # the table ends exactly where the payload does
+    for wrong in (torch.ones(8), torch.zeros(2, 4, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=re.escape(f"packed payload: {wrong.dtype} {tuple(wrong.shape)}, "
+                                                       "expected a 1-D uint8 array")):
+            unpack_tensors(ArrayRecord({PACKED: wrong}))
 
 
 def test_a_packed_entry_in_the_other_byte_order_reads_as_its_values():
