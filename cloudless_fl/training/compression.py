@@ -51,7 +51,6 @@ class Codec:
     name = "none"
     lossy = False
     sparse = False  # sends a different subset of entries each time
-    packed = False  # travels as one array (`protocol.pack_tensors`): only this project's protocol reads it
 
     def encode(self, tensors: Tensors) -> ArrayRecord:
         """Floating-point entries as the codec encodes them; integer entries as they are."""
@@ -59,12 +58,12 @@ class Codec:
         for name, value in tensors.items():
             value = value.detach()
             out.update(self._encode_one(name, value) if value.is_floating_point() else {name: value})
-        if self.packed:
+        if self.lossy:  # read only by this project's protocol, which unpacks it; `none` stays a stock model
             return pack_tensors(out)
         return ArrayRecord(OrderedDict((k, v.contiguous()) for k, v in out.items()))
 
     def decode(self, record: ArrayRecord, like: Tensors) -> dict[str, torch.Tensor]:
-        arrays = unpack_tensors(record) if self.packed else decode_tensors(record)
+        arrays = unpack_tensors(record) if self.lossy else decode_tensors(record)
         expected = {k for k in like} | {f"{k}{suffix}" for k, v in like.items() if v.is_floating_point()
                                          for suffix in self._suffixes()}
         if set(arrays) != expected:
@@ -99,7 +98,7 @@ def _as_sent(name: str, arrays: Tensors, ref: torch.Tensor) -> torch.Tensor:
 
 
 class Fp16(Codec):
-    name, lossy, packed = "fp16", True, True
+    name, lossy = "fp16", True
 
     def _encode_one(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: value.half()}
@@ -117,7 +116,7 @@ class Int8(Codec):
     Parameters: chunk — values per scale.
     """
 
-    name, lossy, packed, bits = "int8", True, True, 8
+    name, lossy, bits = "int8", True, 8
 
     def __init__(self, chunk: int = 1024) -> None:
         if int(chunk) < 1:
@@ -183,7 +182,7 @@ class Int4(Int8):
 class TopK(Codec):
     """Parameters: fraction — of each tensor's entries sent (at least one), the largest in magnitude."""
 
-    name, lossy, sparse, packed = "topk", True, True, True
+    name, lossy, sparse = "topk", True, True
 
     def __init__(self, fraction: float = 0.05) -> None:
         if not 0.0 < float(fraction) <= 1.0:

@@ -198,8 +198,8 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """
     arrays = [t.detach().cpu().contiguous().numpy() for t in tensors.values()]
     table = json.dumps([[name, a.dtype.str, list(a.shape)] for name, a in zip(tensors, arrays)]).encode()
-    payload = b"".join([len(table).to_bytes(4, "little"), table, *(a.tobytes() for a in arrays)])
-    return ArrayRecord({PACKED: torch.frombuffer(bytearray(payload), dtype=torch.uint8)})
+    payload = bytearray().join([len(table).to_bytes(4, "little"), table, *(a.tobytes() for a in arrays)])
+    return ArrayRecord({PACKED: torch.frombuffer(payload, dtype=torch.uint8)})
 
 
 def unpack_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -210,10 +210,10 @@ def unpack_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     data = decode_tensors(record)[PACKED]
     if data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError(f"packed payload: {data.dtype} {tuple(data.shape)}, expected a 1-D uint8 array")
-    payload = data.numpy().tobytes()
-    size = int.from_bytes(payload[:4], "little")
+    payload = data.numpy()  # read where it lies; each entry is copied out once
+    size = int.from_bytes(payload[:4].tobytes(), "little")
     try:
-        table = json.loads(payload[4:4 + size]) if 4 + size <= len(payload) else None
+        table = json.loads(payload[4:4 + size].tobytes()) if 4 + size <= len(payload) else None
     except (ValueError, UnicodeDecodeError):
         table = None
     if not isinstance(table, list):
