@@ -763,16 +763,19 @@ def test_asgd_ga_evaluates_its_last_version_whatever_eval_every(tmp_path):
     assert [e["version"] for e in strategy.history.entries if e.get("accuracy") is not None] == [0, 4, 8, 10]
 
 
-def test_asgd_ga_evaluates_the_model_it_ends_with_when_its_budget_runs_out_on_a_dropped_update(tmp_path):
+@pytest.mark.parametrize("eval_every", [1000, 1])
+def test_asgd_ga_evaluates_the_model_it_ends_with_when_its_budget_runs_out_on_a_dropped_update(tmp_path,
+                                                                                             eval_every):
     """The stop rules are checked after every reply, a version comes only from an applied one: a run whose
-    time budget runs out on a dropped update ends with a version evaluation may not have been due for."""
+    time budget runs out on a dropped update ends with a version evaluation may not have been due for (or
+    was, earlier), recorded at the time the run ended, so its summary's time and cost are the whole run's."""
     from cloudless_fl.strategy import StopRules
 
     fed = Federation(tmp_path, topology())  # "slow"'s updates are always stale: tau_max=0 drops them
 
     def run(stop):
         strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, tau_max=0, meter=fed.meter(),
-                                  eval_every=1000, stop=stop)
+                                  eval_every=eval_every, stop=stop)
         drops, count = [], strategy.book.count
         strategy.book.count = lambda counter, n=1: (drops.append(strategy.meter.clock.now())
                                                    if counter == "dropped_stale" else None, count(counter, n))
@@ -784,6 +787,7 @@ def test_asgd_ga_evaluates_the_model_it_ends_with_when_its_budget_runs_out_on_a_
     assert strategy.stop_reason.startswith("time budget") and strategy.history.counters["dropped_stale"] == 1
     last = strategy.history.entries[-1]
     assert last["version"] == strategy.version and last["accuracy"] is not None
+    assert last["time_s"] == drops[0] and strategy.history.entries[-2]["time_s"] < drops[0]
 
 
 def test_an_ma_reply_landing_exactly_at_the_deadline_is_on_time(tmp_path):

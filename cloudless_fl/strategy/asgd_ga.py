@@ -219,6 +219,8 @@ class AsyncGradAccum(GeoStrategy):
                 continue
             self.history.staleness[tau] += 1  # of applied (or buffered) updates
             weight = scale * staleness * balance
+            if self.update == protocol.MODE_GRADIENT:  # the server's step is the one that cools
+                weight *= self._cooldown()
             if self.aggregation == "mean":
                 self.optimizer.step(update, scale=weight)
             else:
@@ -294,9 +296,11 @@ class AsyncGradAccum(GeoStrategy):
                 self._checkpoint()
         if self.version < num_rounds and self.book.stop_reason is None:  # no job out: every region was lost
             self.book.stop_reason = NO_REGION_LEFT
-        if evaluate_fn is not None and self.history.entries[-1]["accuracy"] is None:
-            # the run ended on a version not due for evaluation (a stop rule fired on a reply that made no
-            # version, dropped or held back, or no region is left): its final accuracy must be its model's
+        last = self.history.entries[-1]
+        if evaluate_fn is not None and (last["accuracy"] is None or last["time_s"] < self.book.now()):
+            # the run ended on a version not due for evaluation, or after it (a stop rule fired on a reply that
+            # made no version, dropped or held back, or no region is left): its final entry is its model's
+            # accuracy at the time and cost the run ended with
             self._evaluate(self.version, arrays, evaluate_fn, force=True)
         return self._finish(arrays)
 

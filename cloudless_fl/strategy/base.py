@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..reporting.results import History
 from ..training import protocol
 from ..training.compression import Codec, wire_bytes
+from .cooldown import cooldown_factor
 from .downlink import Downlink
 from .inflight import InFlight, InFlightJobs, await_replies
 from .membership import RegionInfo, Roster, data_sizes, read_answers, wait_for_nodes
@@ -108,6 +109,10 @@ class GeoStrategy(Strategy):
         How models and updates cross the WAN (training/compression.py): downloads become the compressed
         change from the model a region holds (downlink.py), uploads the compressed change with error
         feedback at the region. Default: uncompressed.
+    lr_cooldown : float, optional
+        Over this last share of the time or cost budget (`stop`), the step size that moves the model
+        falls linearly to zero (cooldown.py): the regions' local SGD rate, or in gradient mode the
+        server's. None: constant (also when `stop` sets no time or cost budget).
     """
 
     # Updates are comparable across regions and with each region's previous one (synchronous periods from one
@@ -121,13 +126,16 @@ class GeoStrategy(Strategy):
                  rejoin_every: int = 5, limits: UpdateLimits | None = None, checkpointer: Checkpointer | None = None,
                  resume: bool = False, query_regions: bool | None = None, roll_call: str = "query",
                  min_available_nodes: int = 1, average_decay: float | None = None,
-                 compression: Codec | None = None) -> None:
+                 compression: Codec | None = None, lr_cooldown: float | None = None) -> None:
         if roll_call not in ROLL_CALLS:
             raise ValueError(f"roll_call must be one of {', '.join(ROLL_CALLS)}, got {roll_call!r}")
         self.roll_call = roll_call
         self.meter = meter or Meter.measured()
         self.downlink = Downlink(compression or Codec())
         self.average_decay = average_decay
+        if lr_cooldown is not None and not 0.0 <= lr_cooldown <= 1.0:
+            raise ValueError(f"lr_cooldown must be a share of the budget in [0, 1], got {lr_cooldown}")
+        self.lr_cooldown = lr_cooldown
         self.query_regions = self.meter.cost_model is not None if query_regions is None else query_regions
         self.min_available_nodes = max(1, int(min_available_nodes))
         self.book = RunBook(self.meter, eval_every=eval_every, stop=stop, checkpointer=checkpointer, resume=resume)
@@ -275,6 +283,10 @@ class GeoStrategy(Strategy):
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: content}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
 
+    def _cooldown(self) -> float:
+        """The step size's share of its configured value now (1 until `lr_cooldown` of the budget is left)."""
+        return cooldown_factor(self.book.stop.spent(self.meter.figures()), self.lr_cooldown)
+
     def _job_messages(self, node_ids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord, *,
                       steps: int | Mapping[str, int], lr: float, mode: str, batch_size: int,
                       version: int) -> list[Message]:
@@ -285,6 +297,8 @@ class GeoStrategy(Strategy):
         replaces `steps` (and may leave regions out).
         """
         node_ids = [n for n in node_ids if n in self.roster.live]  # lost or quarantined since: no work
+        if mode != protocol.MODE_GRADIENT:  # a gradient is taken at the sent weights: no local rate to cool
+            lr *= self._cooldown()
         if self.plan is not None and self.plan.steps is not None:
             steps = self.plan.steps
             node_ids = [n for n in node_ids if self.roster.live[n].name in steps]

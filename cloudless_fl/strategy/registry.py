@@ -95,6 +95,7 @@ STRATEGY_COMMON: dict[str, Rule] = {
 }
 _OWN_LOOP: dict[str, Rule] = {  # strategies that run their own loop (GeoStrategy)
     "strategy.rejoin_every": COUNT, "strategy.average_decay": Number(0, 0.999, nullable=True),
+    "strategy.lr_cooldown": Number(0, 1, nullable=True),
     "strategy.roll_call": Choice(ROLL_CALLS)}
 
 
@@ -108,7 +109,7 @@ def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:
             "reply_timeout": s["reply_timeout_s"], "average_decay": s["average_decay"],
             "rejoin_every": s["rejoin_every"], "roll_call": s["roll_call"], "scheduler": b.scheduler,
             "replan_every": b.replan_every, "limits": b.limits, "checkpointer": b.checkpointer, "resume": b.resume,
-            "compression": b.compression}
+            "compression": b.compression, "lr_cooldown": s["lr_cooldown"]}
 
 
 def build_fedavg(s: dict[str, Any], b: Build) -> Strategy:

@@ -44,6 +44,16 @@ class StopRules:
             return f"target accuracy {self.target_accuracy:g} reached"
         return None
 
+    def spent(self, figures: dict) -> float | None:
+        """The share of the time or cost budget gone, whichever is nearer its end; None without either."""
+        shares = []
+        if self.max_time_s:
+            shares.append(figures["time_s"] / self.max_time_s)
+        cost = figures.get("cost_usd")
+        if self.max_cost_usd and cost:
+            shares.append(cost["instance"] / self.max_cost_usd)
+        return max(shares, default=None)
+
 
 class RunBook:
     """History, counters, stop rules, evaluation and checkpoint state of one run.
