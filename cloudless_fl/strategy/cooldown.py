@@ -1,4 +1,4 @@
-"""The regions' step size as the run's budget runs out: constant, then a linear cooldown to zero.
+"""The step size that moves the model as the run's budget runs out: constant, then a linear cooldown to zero.
 
 Local SGD from one model on non-IID regions does not converge to the optimum at a
 constant step size: each region drifts towards its own data for `H` steps, and
