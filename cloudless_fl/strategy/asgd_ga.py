@@ -182,7 +182,7 @@ class AsyncGradAccum(GeoStrategy):
         buffered = "" if self.aggregation == "mean" else f", buffered {self.aggregation} of {self.buffer_regions}"
         return (f"server lr={self.lr} momentum={self.momentum}, G={self.accumulation_steps}, "
                 f"batch={self.batch_size}, tau_max={self.tau_max}, update={self.update}, balance={self.balance}"
-                f"{buffered}")
+                f"{buffered}{self._cooldown_setting()}")
 
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -283,6 +283,10 @@ class GeoStrategy(Strategy):
         return Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: content}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
 
+    def _cooldown_setting(self) -> str:
+        """The cooldown as the start-of-run line names it ("" without one)."""
+        return "" if not self.lr_cooldown else f", lr cooldown over the budget's last {self.lr_cooldown:.0%}"
+
     def _cooldown(self) -> float:
         """The step size's share of its configured value now (1 until `lr_cooldown` of the budget is left)."""
         return cooldown_factor(self.book.stop.spent(self.meter.figures()), self.lr_cooldown)

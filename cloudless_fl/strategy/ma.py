@@ -86,7 +86,8 @@ class ModelAveraging(GeoStrategy):
 
     def describe(self) -> str:
         return (f"local lr={self.lr}, H={self.local_steps}, batch={self.batch_size}, FedNova={self.normalize}, "
-                f"outer lr={self.outer_lr} momentum={self.outer_momentum}, deadline={self.deadline_s}")
+                f"outer lr={self.outer_lr} momentum={self.outer_momentum}, deadline={self.deadline_s}"
+                f"{self._cooldown_setting()}")
 
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
