@@ -790,6 +790,22 @@ def test_asgd_ga_evaluates_the_model_it_ends_with_when_its_budget_runs_out_on_a_
     assert last["time_s"] == drops[0] and strategy.history.entries[-2]["time_s"] < drops[0]
 
 
+def test_a_wall_clock_asgd_ga_run_stopping_on_a_version_ends_with_that_versions_entry(tmp_path):
+    """Measured time always moves on: a run whose stop rule fires on the version it just evaluated keeps that
+    entry (its time is the time to target) instead of evaluating the same model again later."""
+    from cloudless_fl.control.meter import Meter
+    from cloudless_fl.strategy import StopRules
+
+    fed = Federation(tmp_path, topology())
+    evaluated, evaluate = [], fed.evaluator()
+    strategy = AsyncGradAccum(lr=0.1, accumulation_steps=2, batch_size=16, meter=Meter.measured(fed.topology),
+                              stop=StopRules(target_accuracy=0.0))  # the first version reaches it
+    strategy.start(fed.grid, fed.initial, num_rounds=10, train_config=fed.config,
+                   evaluate_fn=lambda version, arrays: (evaluated.append(version), evaluate(version, arrays))[1])
+    assert strategy.stop_reason.startswith("target accuracy") and evaluated == [0, 1]
+    assert [e["version"] for e in strategy.history.entries] == [0, 1]
+
+
 def test_an_ma_reply_landing_exactly_at_the_deadline_is_on_time(tmp_path):
     """The deadline is inclusive: slow's job ending at the very instant is averaged in, a hair earlier
     deadline drops it (first jobs at t=0, so the period starts at 0 and the deadline is exactly its end)."""

@@ -262,6 +262,7 @@ class AsyncGradAccum(GeoStrategy):
         self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
         arrived: dict[str, Message] = {}
         arrival_order: list[str] = []
+        stopped_between_versions = False  # a stop rule fired on a reply that made no version
         while self.version < num_rounds and self.jobs:
             for reply in self.jobs.pull(grid, skip=arrived):
                 arrived[reply.metadata.reply_to_message_id] = reply
@@ -290,14 +291,14 @@ class AsyncGradAccum(GeoStrategy):
                 if self.plan is not None:
                     self.plan.maybe_replan(self.version)
             if self.book.should_stop(accuracy):
+                stopped_between_versions = self.version == before
                 break
             self.jobs.push(grid, self.configure_train(self.version, arrays, config, grid))
             if self.version != before:
                 self._checkpoint()
         if self.version < num_rounds and self.book.stop_reason is None:  # no job out: every region was lost
             self.book.stop_reason = NO_REGION_LEFT
-        last = self.history.entries[-1]
-        if evaluate_fn is not None and (last["accuracy"] is None or last["time_s"] < self.book.now()):
+        if evaluate_fn is not None and (self.history.entries[-1]["accuracy"] is None or stopped_between_versions):
             # the run ended on a version not due for evaluation, or after it (a stop rule fired on a reply that
             # made no version, dropped or held back, or no region is left): its final entry is its model's
             # accuracy at the time and cost the run ended with

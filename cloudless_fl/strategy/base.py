@@ -289,6 +289,8 @@ class GeoStrategy(Strategy):
 
     def _cooldown(self) -> float:
         """The step size's share of its configured value now (1 until `lr_cooldown` of the budget is left)."""
+        if not self.lr_cooldown:  # no cooldown: nothing to measure (this runs for every job)
+            return 1.0
         return cooldown_factor(self.book.stop.spent(self.meter.figures()), self.lr_cooldown)
 
     def _job_messages(self, node_ids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord, *,
