@@ -24,7 +24,7 @@ from .checkpoint import FILENAME as CHECKPOINT_FILE
 from .checkpoint import Checkpointer, model_fingerprint
 from .config import (DataLayout, config_from_run_config, data_digest, dataset_cfg, flatten, prepare_data,
                      topology_of, topology_spec, under, validate)
-from .control.budget import baseline_time_s, resolve_time_budget
+from .control.budget import baseline_time_s, measured_baseline_time_s, resolve_time_budget
 from .control.meter import Meter
 from .control.scheduler import Objective, Scheduler, Workload, epoch_steps
 from .control.topology import Topology
@@ -148,21 +148,25 @@ def codec_of(cfg: DictConfig) -> Codec:
 
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
                    scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None,
-                   baseline_s: Callable[[], float] | None = None) -> Strategy:
+                   baseline_s: Callable[[], float] | None = None,
+                   measured_baseline_s: Callable[[], float | None] | None = None) -> Strategy:
     """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`.
 
-    `baseline_s()`: the modelled time of FedAvg's default run, which `strategy.stop.max_time_s: auto` stands for
-    under the virtual clock (`control/budget.py`); None: `auto` sets no time budget."""
+    `strategy.stop.max_time_s: auto` stands for `baseline_s()`, the modelled time of FedAvg's default run,
+    under the virtual clock, and for `measured_baseline_s()`, the same with the per-job overhead the run
+    measures (None until it has), under the wall clock (`control/budget.py`); without them, for no budget."""
     v = cfg.validation
     limits = UpdateLimits(max_norm=v.max_norm, on_norm=v.on_norm, quarantine_after=v.quarantine_after,
                           norm_factor=v.norm_factor, min_agreement=v.min_agreement, clip_factor=v.clip_factor,
                           share_budget=v.share_budget,
                           min_relatedness=v.min_relatedness)
+    settings = OmegaConf.to_container(cfg.strategy, resolve=True)
+    settings["stop"]["max_time_s"], time_budget_later = resolve_time_budget(
+        settings["stop"]["max_time_s"], cfg.clock, baseline_s, measured_baseline_s)
     context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
                     work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", REPLAN_EVERY),
-                    checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec_of(cfg))
-    settings = OmegaConf.to_container(cfg.strategy, resolve=True)
-    settings["stop"]["max_time_s"] = resolve_time_budget(settings["stop"]["max_time_s"], cfg.clock, baseline_s)
+                    checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec_of(cfg),
+                    time_budget_later=time_budget_later)
     return strategy_entry(cfg.strategy.name).build(settings, context)
 
 
@@ -195,8 +199,11 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     work = workload(cfg, sizes, wire_bytes(codec_of(cfg), model.state_dict()))
     scheduler = make_scheduler(cfg, topology, work)
     checkpointer = make_checkpointer(cfg, Path(run_dir), model.state_dict(), layout)
-    strategy = build_strategy(cfg, meter, len(topology.regions), work, scheduler, checkpointer, baseline_s=lambda: (
-        baseline_time_s(topology, sizes, wire_bytes(make_codec("none"), model.state_dict()))))
+    plain_bytes = wire_bytes(make_codec("none"), model.state_dict())  # the baseline's model goes uncompressed
+    strategy = build_strategy(
+        cfg, meter, len(topology.regions), work, scheduler, checkpointer,
+        baseline_s=lambda: baseline_time_s(topology, sizes, plain_bytes),
+        measured_baseline_s=lambda: measured_baseline_time_s(topology, sizes, plain_bytes, meter.per_job_s()))
     if cfg.region_nodes is not None:
         strategy.roster.bind(OmegaConf.to_container(cfg.region_nodes))
     progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cloudless_fl.config import compose, prepare_data, topology_of, validate
-from cloudless_fl.control.budget import baseline_settings, baseline_time_s, resolve_time_budget
+from cloudless_fl.control.budget import (baseline_settings, baseline_time_s, measured_baseline_time_s,
+                                         resolve_time_budget)
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.run import run
 from cloudless_fl.server_app import resident_sizes
@@ -58,18 +59,79 @@ def test_the_baseline_is_its_rounds_times_the_slowest_regions_round_by_hand(monk
     assert budget.baseline_time_s(topology, sizes, model_bytes=1_000_000) == pytest.approx(expected)
 
 
-def test_auto_is_the_baseline_on_the_virtual_clock_and_no_budget_on_the_wall_clock():
+def test_auto_is_the_modelled_baseline_on_the_virtual_clock_and_the_measured_one_later_on_the_wall_clock():
     def baseline() -> float:
         calls.append(1)
         return 150.0
 
+    def measured() -> float | None:
+        return None
+
     calls = []
-    assert resolve_time_budget("auto", "virtual", baseline) == 150.0
-    assert resolve_time_budget("auto", "wall", baseline) is None  # deployed jobs carry overhead the model learns later
-    assert resolve_time_budget("auto", "virtual", None) is None
-    assert resolve_time_budget(40.0, "wall", baseline) == 40.0
-    assert resolve_time_budget(None, "virtual", baseline) is None
+    assert resolve_time_budget("auto", "virtual", baseline, measured) == (150.0, None)
+    assert resolve_time_budget("auto", "wall", baseline, measured) == (None, measured)  # known once measured
+    assert resolve_time_budget("auto", "wall", baseline) == (None, None)
+    assert resolve_time_budget("auto", "virtual", None) == (None, None)
+    assert resolve_time_budget(40.0, "wall", baseline, measured) == (40.0, None)
+    assert resolve_time_budget(None, "virtual", baseline, measured) == (None, None)
     assert len(calls) == 1  # the baseline is worked out only where `auto` needs it
+
+
+@pytest.mark.parametrize("per_job, expected", [
+    ({"fast": 0.5, "slow": 2.0}, 2 * (2.0 + 2 * (0.010 + 8e6 / 80e6) + 640 / 100)),  # slow's round, 2 s longer
+    ({"fast": 9.0, "slow": 2.0}, 2 * (9.0 + 2 * (8e6 / 1000e6) + 640 / 1000)),  # fast's overhead now sets it
+    ({"slow": 2.0}, None),  # fast has not answered a job yet
+])
+def test_the_measured_baseline_gives_each_region_its_measured_per_job_time_by_hand(monkeypatch, per_job,
+                                                                                   expected):
+    import cloudless_fl.control.budget as budget
+    from cloudless_fl.control.topology import load_topology
+    from conftest import TWO_REGIONS
+
+    monkeypatch.setattr(budget, "baseline_settings", lambda: {"num_rounds": 2, "local_epochs": 1, "batch_size": 64})
+    got = measured_baseline_time_s(load_topology(TWO_REGIONS), {"fast": 640, "slow": 640}, 1_000_000, per_job)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_a_regions_per_job_time_is_its_overhead_and_reply_relay_once_its_overhead_is_measured():
+    """A region whose replies report no compute (a stock ClientApp's) has a relay but no overhead to tell
+    from its work: no per-job time, so a budget waiting for every region is not set from a guess."""
+    from cloudless_fl.control.meter import Meter
+
+    meter = Meter.measured()
+    meter.overhead_s, meter.relay_s = {"ours": 3.0, "no-relay-yet": 1.0}, {"ours": 0.5, "stock": 2.0}
+    assert meter.per_job_s() == {"ours": 3.5, "no-relay-yet": 1.0}
+
+
+def test_a_budget_known_only_later_is_set_once_it_is_and_then_ends_the_run():
+    from cloudless_fl.strategy import StopRules
+
+    answers = [None, 12.0]
+    stop = StopRules(time_budget_later=lambda: answers.pop(0))
+    assert stop.settle() is None and stop.max_time_s is None and stop.spent({"time_s": 5.0}) is None
+    assert stop.settle() == 12.0 and stop.max_time_s == 12.0
+    assert stop.settle() is None and not answers  # settled: not asked again
+    assert stop.spent({"time_s": 6.0}) == 0.5
+    assert stop.reason({"time_s": 12.0}, None) == "time budget 12 s reached"
+
+
+def test_a_wall_clock_run_gets_fedavgs_default_rounds_with_its_measured_overhead(monkeypatch, two_region_topology,
+                                                                                 tmp_path):
+    """In-process on the wall clock (real seconds; the per-job overhead measured is this process's, small):
+    FedAvg's default run patched to one round so the budget is seconds. It is set when every region has
+    answered a job, from the per-job time measured by then, and it is what ends the run."""
+    import cloudless_fl.control.budget as budget
+
+    monkeypatch.setattr(budget, "baseline_settings", lambda: {"num_rounds": 1, "local_epochs": 1, "batch_size": 32})
+    base = toy_overrides(two_region_topology)
+    modelled = baseline_of(base)
+    # ~170 periods fit in the budget here; the cap ends a run that never got one, and the test says so
+    payload = run(compose([*base, "clock=wall", "strategy=ma", "strategy.num_rounds=500"]), tmp_path / "ma")
+    [event] = [e for e in payload["events"] if e["event"] == "time_budget_set"]
+    assert modelled < event["seconds"] < modelled + 5  # the model's round plus what a job cost here beyond it
+    assert event["time_s"] < event["seconds"] / 2  # set at the first period's end, not the run's
+    assert payload["summary"]["ended_by"] == f"time budget {event['seconds']:g} s reached"
+    assert payload["summary"]["total_time_s"] >= event["seconds"]
 
 
 def test_the_budget_follows_the_workload():

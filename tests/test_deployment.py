@@ -150,6 +150,11 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path)
     assert evaluated[-1]["loss"] < evaluated[0]["loss"]
     assert set(results["regions"]) == {"ap-shanghai", "ap-guangzhou", "ap-chengdu"}
     assert results["summary"]["total_cost_usd"]["instance"] > 0  # the cost model on measured time
+    # `auto` on the wall clock: FedAvg's default 30 rounds, each job with the fixed time measured here (seconds:
+    # a ClientApp process per message), set once every region answered the first round
+    [budget] = [e for e in results["events"] if e["event"] == "time_budget_set"]
+    assert budget["seconds"] > 30 and budget["time_s"] < results["history"][2]["time_s"]  # before round 2 ended
+    assert results["summary"]["ended_by"] == f"strategy.num_rounds ({rounds} rounds) done"
     assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])
     # every job answered by its region's warm trainer (none computed cold in a ClientApp process)
     answered = {r: (tmp_path / "run" / "logs" / f"trainer-{r}.log").read_text().count("answering a train message")

@@ -249,6 +249,11 @@ class Meter:
                 "scaling_efficiency": {r: {str(n): e for n, e in self.scaling(r)}
                                        for r in self.group_speed if self.scaling(r)}}
 
+    def per_job_s(self) -> dict[str, float]:
+        """Per region measured so far: the fixed time one job costs beyond its compute and modelled transfer
+        (its overhead plus its reply relay), what the region model calls `job_start_s`."""
+        return {region: overhead + self.relay_s.get(region, 0.0) for region, overhead in self.overhead_s.items()}
+
     def utilization(self) -> dict[str, float] | None:
         if not self.ledger:
             return None

@@ -44,6 +44,7 @@ class Build:
     checkpointer: Checkpointer | None = None
     resume: bool = False
     compression: Codec | None = None
+    time_budget_later: Callable[[], float | None] | None = None  # `StopRules.time_budget_later`
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ _OWN_LOOP: dict[str, Rule] = {  # strategies that run their own loop (GeoStrateg
 
 def _stop_rules(s: dict[str, Any], b: Build) -> StopRules:
     return StopRules(max_time_s=s["stop"]["max_time_s"], max_cost_usd=s["stop"]["max_cost_usd"],
-                     target_accuracy=b.target_accuracy if s["stop"]["at_target"] else None)
+                     target_accuracy=b.target_accuracy if s["stop"]["at_target"] else None,
+                     time_budget_later=b.time_budget_later)
 
 
 def _geo_common(s: dict[str, Any], b: Build) -> dict[str, Any]:

@@ -33,6 +33,17 @@ class StopRules:
     max_time_s: float | None = None
     max_cost_usd: float | None = None  # instance billing
     target_accuracy: float | None = None
+    time_budget_later: Callable[[], float | None] | None = None  # gives `max_time_s` once the run can know it
+
+    def settle(self) -> float | None:
+        """Set a time budget that waited for the run's measurements (`auto` on the wall clock) as soon as
+        `time_budget_later` gives it; returns the seconds on that call, else None."""
+        if self.time_budget_later is None:
+            return None
+        seconds = self.time_budget_later()
+        if seconds is not None:
+            self.max_time_s, self.time_budget_later = seconds, None
+        return seconds
 
     def reason(self, figures: dict, accuracy: float | None) -> str | None:
         if self.max_time_s is not None and figures["time_s"] >= self.max_time_s:
@@ -123,6 +134,10 @@ class RunBook:
         return force or version % self.eval_every == 0 or self.should_stop(None)
 
     def should_stop(self, accuracy: float | None) -> bool:
+        settled = self.stop.settle()
+        if settled is not None:
+            log.info("time budget set from what the run measured: %.1f s", settled)
+            self.event("time_budget_set", seconds=settled)
         if self.stop_reason is None:
             self.stop_reason = self.stop.reason(self.meter.figures(), accuracy)
         return self.stop_reason is not None
