@@ -207,7 +207,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     if cfg.region_nodes is not None:
         strategy.roster.bind(OmegaConf.to_container(cfg.region_nodes))
     progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit,
-                        strategy.book.stop.max_time_s) if cfg.progress else None
+                        lambda: strategy.book.stop.max_time_s) if cfg.progress else None
     if progress is not None:
         strategy.history.listeners.append(progress)
     try:

@@ -117,11 +117,20 @@ def test_progress_prints_plain_lines_off_a_terminal_and_a_live_bar_on_one(capsys
     live.close()
     captured = capsys.readouterr()
     assert captured.out == "" and "acc=0.5000" in captured.err and "2/4" in captured.err
-    timed = Progress("asgd_ga", total=100_000, unit="version", time_budget_s=3.0, live=True)  # fills with time
+    timed = Progress("asgd_ga", total=100_000, unit="version", time_budget_s=lambda: 3.0, live=True)  # fills with time
     timed(entry)
     timed.close()
     err = capsys.readouterr().err
     assert "1.5/3.0" in err and "version 2 " in err and "/100000" not in err
+    budgets = [None, 9.0]  # the wall clock's `auto`: set once the run has measured it
+    later = Progress("ma", total=1000, unit="period", time_budget_s=lambda: budgets[0], live=True)
+    later(entry)
+    assert "2/1000" in capsys.readouterr().err
+    budgets.pop(0)
+    later({**entry, "version": 3, "time_s": 4.5})
+    later.close()
+    err = capsys.readouterr().err
+    assert "4.5/9.0" in err and "period 3 " in err
 
 
 @pytest.mark.parametrize("strategy", ["ma", "fedavg"])
