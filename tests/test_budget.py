@@ -147,3 +147,20 @@ def test_the_budget_follows_the_workload():
 def test_a_time_budget_must_be_seconds_or_auto(value):
     with pytest.raises(ConfigError, match="strategy.stop.max_time_s"):
         validate(compose(["strategy=ma", f"strategy.stop.max_time_s={value}"]))
+
+
+def test_a_resumed_wall_clock_run_keeps_the_budget_it_was_given(monkeypatch, two_region_topology, tmp_path):
+    """Resumed, the meter's per-job averages are those of the run's end, not of its first jobs: the budget is the
+    one the run set (its event), not worked out again."""
+    import cloudless_fl.control.budget as budget
+
+    monkeypatch.setattr(budget, "baseline_settings", lambda: {"num_rounds": 1, "local_epochs": 1, "batch_size": 32})
+    base = [*toy_overrides(two_region_topology)[:-1], "checkpoint.at_end=true", "clock=wall", "strategy=ma",
+            "strategy.num_rounds=500"]
+    first = run(compose(base), tmp_path)
+    [event] = [e for e in first["events"] if e["event"] == "time_budget_set"]
+    monkeypatch.setattr(budget, "baseline_time_s", lambda *args: 1e6)  # what working it out again would give
+    resumed = run(compose([*base, f"resume={tmp_path}"]), tmp_path)
+    ended_by = f"time budget {event['seconds']:g} s reached"
+    assert resumed["summary"]["ended_by"] == first["summary"]["ended_by"] == ended_by
+    assert [e for e in resumed["events"] if e["event"] == "time_budget_set"] == [event]

@@ -178,5 +178,8 @@ class RunBook:
         self.step, self.samples = int(meta["step"]), int(meta["samples"])
         self.meter.load_state_dict(meta["meter"])
         self.history.load_state_dict(meta["history"])
+        set_before = [e["seconds"] for e in self.history.events if e["event"] == "time_budget_set"]
+        if set_before and self.stop.time_budget_later is not None:  # the run keeps the budget it was given
+            self.stop.max_time_s, self.stop.time_budget_later = set_before[-1], None
         self.event("resumed", step=self.step)
         return meta, tensors
