@@ -24,6 +24,7 @@ from .validation import UpdateValidator
 
 log = logging.getLogger("cloudless_fl")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+BUDGET_SET = "time_budget_set"  # the event of a time budget set during the run (`StopRules.settle`)
 
 
 @dataclass
@@ -137,7 +138,7 @@ class RunBook:
         settled = self.stop.settle()
         if settled is not None:
             log.info("time budget set from what the run measured: %.1f s", settled)
-            self.event("time_budget_set", seconds=settled)
+            self.event(BUDGET_SET, seconds=settled)
         if self.stop_reason is None:
             self.stop_reason = self.stop.reason(self.meter.figures(), accuracy)
         return self.stop_reason is not None
@@ -178,7 +179,7 @@ class RunBook:
         self.step, self.samples = int(meta["step"]), int(meta["samples"])
         self.meter.load_state_dict(meta["meter"])
         self.history.load_state_dict(meta["history"])
-        set_before = [e["seconds"] for e in self.history.events if e["event"] == "time_budget_set"]
+        set_before = [e["seconds"] for e in self.history.events if e["event"] == BUDGET_SET]
         if set_before and self.stop.time_budget_later is not None:  # the run keeps the budget it was given
             self.stop.max_time_s, self.stop.time_budget_later = set_before[-1], None
         self.event("resumed", step=self.step)
