@@ -76,3 +76,17 @@ def app_modules(folder: Path, *names: str):
         sys.path.remove(str(folder))
         for name in (*names, "task"):
             sys.modules.pop(name, None)
+
+
+def modelled_baseline_s(cfg) -> float:
+    """What `strategy.stop.max_time_s: auto` is under the virtual clock for `cfg`'s topology, data and model."""
+    from cloudless_fl.config import prepare_data, topology_of
+    from cloudless_fl.control.budget import baseline_time_s
+    from cloudless_fl.server_app import resident_sizes
+    from cloudless_fl.training.compression import make_codec, wire_bytes
+    from cloudless_fl.training.models import build_model
+
+    topology, layout = topology_of(cfg), prepare_data(cfg)
+    model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, **cfg.model.options)
+    return baseline_time_s(topology, resident_sizes(topology, layout), wire_bytes(make_codec("none"),
+                                                                                  model.state_dict()))

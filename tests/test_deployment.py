@@ -20,16 +20,14 @@ from omegaconf import OmegaConf
 
 from cloudless_fl.checkpoint import CheckpointError, load_checkpoint
 from cloudless_fl.control.meter import record_bytes
-from cloudless_fl.config import compose, prepare_data, topology_of
-from cloudless_fl.control.budget import baseline_time_s
+from cloudless_fl.config import compose
 from cloudless_fl.deployment.certs import write_node_key
 from cloudless_fl.deployment.launch import (CONNECTION, Federation, descendants, free_port, launch, prepare_split,
                                            sigterm_as_interrupt, submit)
 from cloudless_fl.control.topology import load_topology
 from cloudless_fl.training.data import load_source, split_dataset
-from cloudless_fl.server_app import resident_sizes
-from cloudless_fl.training.compression import make_codec, wire_bytes
 from cloudless_fl.training.models import build_model
+from conftest import modelled_baseline_s
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -131,15 +129,6 @@ def test_a_stock_clientapp_trains_under_asgd_ga_delta_on_real_supernodes(three_r
     assert flower_processes() <= before
 
 
-def _modelled_baseline_s(results: dict) -> float:
-    """What `auto` is under the virtual clock for the run's topology, data and model (no per-job overhead)."""
-    cfg = OmegaConf.create(results["config"])
-    topology, layout = topology_of(cfg), prepare_data(cfg)
-    model = build_model(cfg.model.name, layout.input_shape, layout.num_classes, **cfg.model.options)
-    return baseline_time_s(topology, resident_sizes(topology, layout), wire_bytes(make_codec("none"),
-                                                                                  model.state_dict()))
-
-
 def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path):
     """`cloudless-fl launch` end to end on a user's split (`data split --source tabular`: not the bundled digits
     the other deployment tests train on; ASGD-GA's run over TLS is the SuperNode-fault test below)."""
@@ -166,7 +155,8 @@ def test_a_real_federation_trains_and_leaves_no_process(three_regions, tmp_path)
     # fixed time measured here (seconds: a ClientApp process per message), set once every region answered the
     # first round
     [budget] = [e for e in results["events"] if e["event"] == "time_budget_set"]
-    assert budget["seconds"] > _modelled_baseline_s(results) + 30 * 1.0  # over a second per round more
+    modelled = modelled_baseline_s(OmegaConf.create(results["config"]))
+    assert budget["seconds"] > modelled + 30 * 1.0  # over a second per round more
     assert budget["time_s"] < results["history"][2]["time_s"]  # before round 2 ended
     assert results["summary"]["ended_by"] == f"strategy.num_rounds ({rounds} rounds) done"
     assert all(results["regions"][r]["jobs"] >= 1 for r in results["regions"])

@@ -1198,7 +1198,8 @@ def test_ma_logs_its_settings_at_the_start(caplog):
                    deadline_s=30.0).summary()
     assert [r.getMessage() for r in caplog.records] == [
         "ModelAveraging: local lr=0.2, H={'a': 7}, batch=8, FedNova=False, outer lr=0.7 momentum=0.9, deadline=30.0"]
-    assert ModelAveraging(lr_cooldown=0.25).describe().endswith(", deadline=None, lr cooldown over the budget's last 25%")
+    cooled = ModelAveraging(lr_cooldown=0.25).describe()
+    assert cooled.endswith(", deadline=None, lr cooldown over the budget's last 25%")
 
 
 def test_asgd_ga_starts_from_its_evaluated_model_with_the_server_optimizer_it_was_given(tmp_path):

@@ -43,8 +43,12 @@ class StopRules:
             return None
         seconds = self.time_budget_later()
         if seconds is not None:
-            self.max_time_s, self.time_budget_later = seconds, None
+            self.keep(seconds)
         return seconds
+
+    def keep(self, seconds: float) -> None:
+        """Fix the time budget at `seconds`, waiting for nothing more (settled now, or before a resume)."""
+        self.max_time_s, self.time_budget_later = seconds, None
 
     def reason(self, figures: dict, accuracy: float | None) -> str | None:
         if self.max_time_s is not None and figures["time_s"] >= self.max_time_s:
@@ -181,6 +185,6 @@ class RunBook:
         self.history.load_state_dict(meta["history"])
         set_before = [e["seconds"] for e in self.history.events if e["event"] == BUDGET_SET]
         if set_before and self.stop.time_budget_later is not None:  # the run keeps the budget it was given
-            self.stop.max_time_s, self.stop.time_budget_later = set_before[-1], None
+            self.stop.keep(set_before[-1])
         self.event("resumed", step=self.step)
         return meta, tensors
