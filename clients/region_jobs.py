@@ -55,12 +55,16 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
                                         for k, v in model.state_dict().items() if v.is_floating_point()))
     else:
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stats = workers.local_sgd(model, data.train, batches, order.lr, group, agents)
+        correction = link.drift_correction()
+        stats = workers.local_sgd(model, data.train, batches, order.lr, group, agents,
+                                  correction=correction, track_gradient=order.drift)
         if order.mode == protocol.MODE_DELTA or link.codec.lossy:  # a lossy codec compresses changes
             update = protocol.MODE_DELTA
-            arrays = link.reply(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()))
+            arrays = link.reply(OrderedDict((k, start[k] - v) for k, v in model.state_dict().items()),
+                                stats.mean_gradient)
         else:
             arrays = ArrayRecord(model.state_dict())
+            link.keep(stats.mean_gradient)
     paced = _paced(context, stats.samples, stats.workers, stats.compute_seconds)
     metrics = MetricRecord({
         "num-examples": stats.samples,
@@ -73,6 +77,8 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
         "workers": stats.workers,
         **_self_description(context, data),  # names the node to a server that sent this job with its roll call
     })
+    if order.drift:
+        metrics[protocol.DRIFT_CORRECTED] = int(correction is not None)
     info = ConfigRecord({"region": region, "update": update, "encoding": link.codec.spec()})
     return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info})
 
@@ -180,7 +186,7 @@ def _paced(context: Context, samples: int, trained_on: int, took_s: float) -> pa
 
 
 def _state_dir(context: Context, config: ConfigRecord, region: str) -> Path | None:
-    """Where the region keeps what compressed traffic needs between jobs: the SuperNode's `state-dir`,
+    """Where the region keeps what compressed traffic and drift correction need between jobs: the SuperNode's `state-dir`,
     else (one machine) the folder the server names."""
     folder = context.node_config.get("state-dir") or config.get("state-dir")
     return None if folder is None else Path(str(folder)) / region

@@ -149,7 +149,8 @@ def codec_of(cfg: DictConfig) -> Codec:
 def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Workload | None = None,
                    scheduler: Scheduler | None = None, checkpointer: Checkpointer | None = None,
                    baseline_s: Callable[[], float] | None = None,
-                   measured_baseline_s: Callable[[], float | None] | None = None) -> Strategy:
+                   measured_baseline_s: Callable[[], float | None] | None = None,
+                   parameter_names: tuple[str, ...] | None = None) -> Strategy:
     """The configured strategy (a name `config.validate` accepted, built by its registry entry), charged by `meter`.
 
     `strategy.stop.max_time_s: auto` stands for `baseline_s()`, the modelled time of FedAvg's default run,
@@ -166,7 +167,7 @@ def build_strategy(cfg: DictConfig, meter: Meter, num_regions: int, work: Worklo
     context = Build(meter=meter, num_regions=num_regions, limits=limits, target_accuracy=cfg.target_accuracy,
                     work=work, scheduler=scheduler, replan_every=cfg.scheduler.get("replan_every", REPLAN_EVERY),
                     checkpointer=checkpointer, resume=bool(cfg.resume), compression=codec_of(cfg),
-                    time_budget_later=time_budget_later)
+                    time_budget_later=time_budget_later, parameter_names=parameter_names)
     return strategy_entry(cfg.strategy.name).build(settings, context)
 
 
@@ -185,7 +186,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     spec = ModelSpec(cfg.model.name, layout.num_classes, OmegaConf.to_container(cfg.model.options))
     train_config = ConfigRecord({**spec.to_config(), "regions": ",".join(topology.region_names),
                                  "data-seed": int(cfg.seed)})
-    if cfg.compression.name != "none":  # where regions on this machine keep what compressed traffic needs
+    if cfg.compression.name != "none" or cfg.strategy.get("drift_correction"):  # where regions on this machine
+        # keep what compressed traffic and drift correction need between jobs
         train_config["state-dir"] = str(Path(run_dir).resolve() / "region-state")
     entry = strategy_entry(cfg.strategy.name)
     if entry.epoch_based:  # Flower's FedAvg sends this one work order to every region
@@ -203,7 +205,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, run_dir: str | Path, topology: T
     strategy = build_strategy(
         cfg, meter, len(topology.regions), work, scheduler, checkpointer,
         baseline_s=lambda: baseline_time_s(topology, sizes, plain_bytes),
-        measured_baseline_s=lambda: measured_baseline_time_s(topology, sizes, plain_bytes, meter.per_job_s()))
+        measured_baseline_s=lambda: measured_baseline_time_s(topology, sizes, plain_bytes, meter.per_job_s()),
+        parameter_names=tuple(name for name, _ in model.named_parameters()))
     if cfg.region_nodes is not None:
         strategy.roster.bind(OmegaConf.to_container(cfg.region_nodes))
     progress = Progress(cfg.strategy.name, int(cfg.strategy.num_rounds), entry.unit,

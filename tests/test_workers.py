@@ -75,6 +75,33 @@ def test_local_sgd_on_three_workers_is_local_sgd_on_one():
     assert not _close(group.state_dict(), _model().state_dict(), atol=1e-3)  # it trained
 
 
+def test_drift_corrected_local_sgd_on_two_workers_is_the_same_on_one_mean_gradient_included():
+    data = _data()
+    batches = local.make_batches(len(data), 16, seed=2, offset=7, samples=160)
+    alone, group = _model(), _model()
+    correction = {k: torch.full_like(p, 0.02) for k, p in alone.named_parameters()}
+    alone_stats = workers.local_sgd(alone, data, batches, lr=0.1, workers=1, correction=correction,
+                                    track_gradient=True)
+    group_stats = workers.local_sgd(group, data, batches, lr=0.1, workers=2, correction=correction,
+                                    track_gradient=True)
+    assert group_stats.workers == 2 and _close(group.state_dict(), alone.state_dict(), atol=1e-5)
+    assert _close(group_stats.mean_gradient, alone_stats.mean_gradient, atol=1e-6)
+    uncorrected = _model()
+    workers.local_sgd(uncorrected, data, batches, lr=0.1, workers=2)
+    assert not _close(uncorrected.state_dict(), group.state_dict(), atol=1e-3)
+
+
+def test_an_agent_is_posted_the_jobs_drift_correction(tmp_path):
+    split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=[32])
+    correction = {k: torch.full_like(p, 0.5) for k, p in model.named_parameters()}
+    job = workers.GroupJob(model, _data(), [np.arange(4)], 0.1, correction, track_gradient=True)
+    spec = {"name": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "options": {"hidden": [32]}}
+    posted = worker_agent._job_from(worker_agent._payload(job, spec), str(tmp_path / "a"), "auto")
+    assert posted.correction.keys() == correction.keys()
+    assert all(torch.equal(posted.correction[k], v) for k, v in correction.items())
+
+
 def test_a_worker_killed_mid_job_fails_its_group_and_the_rest_redo_the_job(monkeypatch):
     """Rank 1 of two SIGKILLs itself as it starts computing: the job is redone by the one left (the calling
     process), its result the one-worker result, and no process is left over (the autouse fixture).

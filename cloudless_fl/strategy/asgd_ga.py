@@ -311,7 +311,7 @@ class AsyncGradAccum(GeoStrategy):
         # "durations": the rates' historic key
         return {"durations": self._intervals, "applied": self._applied, "work": self._work}
 
-    def _load_extra_state(self, meta: dict) -> None:
+    def _load_extra_state(self, meta: dict, tensors: dict | None = None) -> None:
         self._intervals = dict(meta["durations"])
         self._applied = dict(meta["applied"])
         self._work = dict(meta.get("work", {}))  # absent from earlier checkpoints: balanced from the next jobs

@@ -320,6 +320,7 @@ class GeoStrategy(Strategy):
                                        version=version, workers=self.meter.workers(region),
                                        compression=self.downlink.codec.spec(), base=down.base, layout=down.layout,
                                        keep_from=self.downlink.keep_from(region, down.base, key))
+            order = self._amend_order(region, order)
             self.offsets[region] += samples
             job = self.meter.dispatch(region, bytes_down=record_bytes(down.payload), samples=samples)
             message = self._train_message(node_id, down.payload, config, order)
@@ -497,16 +498,24 @@ class GeoStrategy(Strategy):
         norms, last = self.screen.state_dict()
         self.book.save({**meta, "screen_norms": norms},
                        {"optimizer": self.optimizer.state_dict(), "sent": sent, "payloads": payloads,
-                        "downlink": downlink_models, "screen": last})
+                        "downlink": downlink_models, "screen": last, "extra": self._extra_tensors()})
         self.downlink.pin((f.region, key) for f in flights for key in (f.order.base, f.order.offset)
                           if key is not None)  # regions may forget what this checkpoint cannot ask for
+
+    def _amend_order(self, region: str, order: protocol.WorkOrder) -> protocol.WorkOrder:
+        """A subclass's additions to a region's work order (MA: drift correction)."""
+        return order
 
     def _extra_state(self) -> dict[str, Any]:
         """A subclass's own JSON-able state for the checkpoint."""
         return {}
 
-    def _load_extra_state(self, meta: dict[str, Any]) -> None:
-        """Restore what `_extra_state` saved."""
+    def _extra_tensors(self) -> dict[str, Any]:
+        """A subclass's own tensors for the checkpoint."""
+        return {}
+
+    def _load_extra_state(self, meta: dict[str, Any], tensors: dict[str, Any] | None = None) -> None:
+        """Restore what `_extra_state` and `_extra_tensors` saved."""
 
     def _restore(self, grid: Grid, config: ConfigRecord) -> None:
         """Continue from the checkpoint: same model, momentum, books and plan; jobs in flight re-sent."""
@@ -530,7 +539,7 @@ class GeoStrategy(Strategy):
                                               None if payload is None else ArrayRecord(payload))
             messages.append(self.jobs.stage(self._train_message(node, flight.payload, config, flight.order), flight))
         self.jobs.push(grid, messages)
-        self._load_extra_state(meta)
+        self._load_extra_state(meta, tensors.get("extra", {}))
         log.info("resumed from %s at step %d (t=%.1f s)", self.book.checkpointer.path, self.step,
                  self.meter.clock.now())
 

@@ -7,7 +7,9 @@ normalised for unequal `H_r` as in FedNova (each region's change is divided by
 its step count, the average is rescaled by the effective step count), and
 applies the result through an outer optimizer: plain replacement by default,
 Nesterov momentum on the averaged pseudo-gradient as in DiLoCo when
-`outer_momentum > 0`. A region that misses the period's deadline does not hold
+`outer_momentum > 0`. With `drift_correction` each region's local steps are
+corrected for its drift from the others, as in SCAFFOLD, at no extra WAN
+bytes (`training/region_link.py` derives how). A region that misses the period's deadline does not hold
 the others: its result is dropped and counted. Updates go through the screen
 (screen.py) first: held back, or scaled down (a region's one-off spike).
 """
@@ -22,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from ..training import protocol
+from .drift import DriftBooks
 from .base import NO_REGION_LEFT, EvaluateFn, GeoStrategy
 from .inflight import POLL_S
 from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
@@ -60,6 +63,17 @@ class ModelAveraging(GeoStrategy):
         trimming `trim_fraction` of each side; the robust ones count every region once.
     trim_fraction : float
         For `trimmed_mean`: the fraction of largest and of smallest values dropped per entry.
+    drift_correction : bool
+        SCAFFOLD's drift correction (Karimireddy et al., ICML 2020) of the regions' local steps: each step's
+        gradient gets `c − c_i`, the regions' mean gradient minus the region's own, both from the last period;
+        the region reads `c` off the model it is sent (each work order carries the scale of the server's last
+        step), so nothing more crosses the WAN. For non-IID regions, whose local steps pull towards their own
+        optimum. Needs `aggregation="mean"` and `outer_momentum=0` (the step must be the regions' average), a
+        ClientApp that keeps state between jobs (this project's, with a `state-dir`); a region whose previous
+        job is not the last period's trains that period uncorrected.
+    parameter_names : names, optional
+        With `drift_correction`: the model's parameters, the entries a region corrects (buffers such as
+        batch-norm statistics are not). None: every floating-point entry (right for models without buffers).
     **kwargs :
         `meter`, `eval_every`, `stop`, `reply_timeout`, `scheduler`, `replan_every`, `rejoin_every`, ... (see
         `GeoStrategy`).
@@ -68,10 +82,15 @@ class ModelAveraging(GeoStrategy):
     def __init__(self, *, lr: float = 0.1, local_steps: int | Mapping[str, int] = 10, batch_size: int = 32,
                  normalize: bool = True, outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = True,
                  deadline_s: float | None = None, weight_by: str | None = None, aggregation: str = "mean",
-                 trim_fraction: float = 0.25, **kwargs) -> None:
+                 trim_fraction: float = 0.25, drift_correction: bool = False,
+                 parameter_names: Iterable[str] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        if drift_correction and (aggregation != "mean" or outer_momentum):
+            raise ValueError("drift_correction reads the regions' average step off the model: it needs "
+                             "aggregation='mean' and outer_momentum=0")
+        self.drift = DriftBooks(parameter_names) if drift_correction else None
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
         weight_by = weight_by or ("shares" if self.plan is not None else "samples")
         if weight_by not in WEIGHT_BY:
@@ -87,12 +106,30 @@ class ModelAveraging(GeoStrategy):
     def describe(self) -> str:
         return (f"local lr={self.lr}, H={self.local_steps}, batch={self.batch_size}, FedNova={self.normalize}, "
                 f"outer lr={self.outer_lr} momentum={self.outer_momentum}, deadline={self.deadline_s}"
-                f"{self._cooldown_setting()}")
+                f"{'' if self.drift is None else ', drift correction'}{self._cooldown_setting()}")
+
+    def _amend_order(self, region: str, order: protocol.WorkOrder) -> protocol.WorkOrder:
+        return order if self.drift is None else self.drift.amend(region, order)
+
+    def _extra_state(self) -> dict:
+        if self.drift is None:
+            return {}
+        self.drift.pin()  # a checkpoint is being written
+        return {"drift": self.drift.state_dict()[0]}
+
+    def _extra_tensors(self) -> dict:
+        return {} if self.drift is None else self.drift.state_dict()[1]
+
+    def _load_extra_state(self, meta: dict, tensors: dict | None = None) -> None:
+        if self.drift is not None and "drift" in meta:
+            self.drift.load_state_dict(meta["drift"], tensors or {})
 
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Every live region's work for the period (`H_r` steps), metered from now."""
+        if self.drift is not None:
+            self.drift.begin_period()
         return self._job_messages(self.roster.live, arrays, config, steps=self.local_steps, lr=self.lr,
                                   mode=protocol.MODE_WEIGHTS, batch_size=self.batch_size, version=server_round)
 
@@ -100,26 +137,35 @@ class ModelAveraging(GeoStrategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedNova-normalised, sample-weighted average of on-time replies, through the outer optimizer."""
         start = self.optimizer.state
-        regions, changes, weights, steps = [], [], [], []
+        regions, changes, weights, steps, screened = [], [], [], [], []
+        answered, corrected, lr = {}, set(), None  # a region that answered kept its job's state, taken up or not
         for reply in replies:
             flight = self.jobs.pop(reply.metadata.reply_to_message_id)
+            answered[flight.region], lr = flight.order.offset, flight.order.lr
             local, metrics = self._complete(flight, reply, protocol.MODE_WEIGHTS)
+            if metrics.get(protocol.DRIFT_CORRECTED) == 1:  # as the region says: it may have lacked the state
+                corrected.add(flight.region)
             if local is None:  # rejected: the period goes on without it
                 continue
             regions.append(flight.region)
             changes.append({k: start[k] - local[k] for k in start if start[k].is_floating_point()})
+            screened.append(changes[-1] if self.drift is None  # the screen judges the region's own work
+                            else self.drift.plain_change(flight.region, flight.order, start, changes[-1],
+                                                         corrected=flight.region in corrected))
             weights.append(float(metrics["num-examples"]) if self.weight_by == "samples"
                            else self.roster.shares[flight.region])
             steps.append(max(1, int(metrics["steps"])) if "steps" in metrics else None)  # stock replies: none
-        scales = self._screened([Candidate(r, c, h) for r, c, h in zip(regions, changes, steps)]) if changes else []
+        scales = self._screened([Candidate(r, c, h) for r, c, h in zip(regions, screened, steps)]) if changes else []
+        whole = [r for r, factor in zip(regions, scales) if factor == 1.0]  # taken up as they came
         changes = [c if scale in (None, 1.0) else {k: v * scale for k, v in c.items()}  # a tolerated spike
                    for c, scale in zip(changes, scales)]
         changes, weights, steps = ([x for x, scale in zip(xs, scales) if scale is not None]
                                    for xs in (changes, weights, steps))
         if not changes:
+            self._settle_drift(answered, corrected, {}, None, start)
             return None, None
         if self.aggregation != "mean":
-            robust = (coordinate_median(changes) if self.aggregation == "median"
+            robust = (coordinate_median(changes) if self.aggregation == "median"  # (no drift correction)
                       else trimmed_mean(changes, self.trim_fraction))
             self.optimizer.step(robust)
             return self.optimizer.arrays(), MetricRecord({"regions": len(changes)})
@@ -130,9 +176,18 @@ class ModelAveraging(GeoStrategy):
             coeffs = [pi * tau_eff / h for pi, h in zip(p, steps)]
         else:
             coeffs = p
+        # the step is outer_lr · lr · Σ p_i H_r times the regions' mean (corrected) gradient
+        scale = None if None in steps else self.outer_lr * lr * sum(pi * h for pi, h in zip(p, steps))
+        taken = [r for r, factor in zip(regions, scales) if factor is not None]
+        self._settle_drift(answered, corrected, {r: pi for r, pi in zip(taken, p) if r in whole}, scale, start)
         pseudo_gradient = {k: sum(c * d[k] for c, d in zip(coeffs, changes)) for k in changes[0]}
         self.optimizer.step(pseudo_gradient)
         return self.optimizer.arrays(), MetricRecord({"regions": len(changes)})
+
+    def _settle_drift(self, answered: dict[str, int], corrected: set[str], weights: dict[str, float],
+                      scale: float | None, start: dict) -> None:
+        if self.drift is not None:
+            self.drift.settle(answered, corrected, weights, scale, start)
 
     # ------------------------------------------------------------------ the period loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,

@@ -29,6 +29,7 @@ class WorkStats:
     loss: float
     compute_seconds: float
     workers: int = 1  # data-parallel workers that computed it (training/workers.py)
+    mean_gradient: dict[str, torch.Tensor] | None = None  # local SGD's raw gradient per step, averaged (if asked)
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,19 @@ def _tensors(data: Arrays, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(data.x[rows]), torch.from_numpy(data.y[rows])
 
 
-def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: float,
-              momentum: float = 0.0, shard: Shard = Shard()) -> WorkStats:
-    """Run one SGD step per batch on `model` in place (on a worker group: `shard`'s rows, `model` wrapped in DDP)."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: float, momentum: float = 0.0,
+              shard: Shard = Shard(), correction: dict[str, torch.Tensor] | None = None,
+              track_gradient: bool = False) -> WorkStats:
+    """Run one SGD step per batch on `model` in place (on a worker group: `shard`'s rows, `model` wrapped in DDP).
+
+    `correction` (per parameter name) is added to every step's gradient: SCAFFOLD's drift correction
+    (`training/region_link.py`). With `track_gradient` the stats carry the mean raw gradient of the steps taken,
+    before any correction — the region's control variate for its next job."""
+    params = dict(getattr(model, "module", model).named_parameters())
+    opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum)
     model.train()
     start, total, seen = time.perf_counter(), 0.0, 0
+    grad_sum = {name: torch.zeros_like(p) for name, p in params.items()} if track_gradient else None
     for rows in batches:
         x, y = _tensors(data, shard.rows(rows))
         opt.zero_grad(set_to_none=True)
@@ -89,9 +97,18 @@ def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: flo
             loss = summed * shard.world / len(rows)
             total += summed.item()
         loss.backward()
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.grad is None:
+                    continue
+                if grad_sum is not None:
+                    grad_sum[name] += p.grad
+                if correction is not None:
+                    p.grad += correction[name]
         opt.step()
         seen += len(rows)
-    return WorkStats(seen, len(batches), total / max(seen, 1), time.perf_counter() - start, shard.world)
+    mean = None if grad_sum is None else {k: v / max(len(batches), 1) for k, v in grad_sum.items()}
+    return WorkStats(seen, len(batches), total / max(seen, 1), time.perf_counter() - start, shard.world, mean)
 
 
 def accumulate_gradient(model: nn.Module, data: Arrays, batches: list[np.ndarray],

@@ -36,6 +36,9 @@ ANSWERS = {MODE_WEIGHTS: (MODE_WEIGHTS, MODE_DELTA), MODE_DELTA: (MODE_DELTA, MO
            MODE_GRADIENT: (MODE_GRADIENT,)}
 # A query reply's metric: the most workers the region's SuperNode starts for one job (its `max-workers`).
 MAX_WORKERS = "max-workers"
+# A train reply's metric under drift correction: 1 if the job's steps were corrected (a region without the
+# state its order names trains uncorrected, as does a ClientApp that knows nothing of it: no such metric).
+DRIFT_CORRECTED = "drift-corrected"
 # A train message sent before the server knows which node is which region (the run's first jobs go out
 # with the roll call): a JSON table region → that region's work-order keys, merged by the region it reaches.
 PER_REGION = "per-region"
@@ -76,6 +79,9 @@ class WorkOrder:
     base: int | None = None  # the arrays are the change from the model of this earlier job; None: the model
     keep_from: int | None = None  # the region may forget what jobs before this one left (region_link.py)
     layout: str | None = None  # base None and this set: the arrays are the whole model, encoded (`layout_of`)
+    drift: bool = False  # keep this job's start model and mean gradient for the next job's drift correction
+    drift_from: int | None = None  # correct local steps for drift from what this earlier job kept (region_link.py)
+    drift_scale: float | None = None  # the global model's move since that job, per unit of mean gradient
 
     def to_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"lr": float(self.lr), "batch-size": int(self.batch_size), "mode": self.mode,
@@ -93,6 +99,10 @@ class WorkOrder:
             cfg["keep-from-job"] = int(self.keep_from)
         if self.layout is not None:
             cfg["model-layout"] = self.layout
+        if self.drift:
+            cfg["drift-correction"] = True
+        if self.drift_from is not None:
+            cfg["drift-from-job"], cfg["drift-scale"] = int(self.drift_from), float(self.drift_scale)
         return cfg
 
     @classmethod
@@ -100,6 +110,9 @@ class WorkOrder:
         mode = str(config.get("mode", MODE_WEIGHTS))
         if mode not in MODES:
             raise ValueError(f"unknown local-work mode {mode!r}; expected one of {', '.join(MODES)}")
+        scale = float(config["drift-scale"]) if "drift-from-job" in config else None
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"drift-scale must be a positive number, got {scale}")
         steps = config.get("local-steps")
         epochs = config.get("local-epochs")
         if steps is None and epochs is None:
@@ -113,7 +126,10 @@ class WorkOrder:
                    compression=str(config.get("compression", "none")),
                    base=int(config["base-job"]) if "base-job" in config else None,
                    keep_from=int(config["keep-from-job"]) if "keep-from-job" in config else None,
-                   layout=str(config["model-layout"]) if "model-layout" in config else None)
+                   layout=str(config["model-layout"]) if "model-layout" in config else None,
+                   drift=bool(config.get("drift-correction", False)),
+                   drift_from=int(config["drift-from-job"]) if "drift-from-job" in config else None,
+                   drift_scale=scale)
 
     def job_key(self) -> int:
         """What names this job among its region's jobs: its stream offset, or the round of a synchronous

@@ -29,7 +29,7 @@ import logging
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -84,7 +84,7 @@ def lead(job: GroupJob, workers: int, agents: Agents) -> Result:
             log.warning("no agent joined at %s within %.0f s; the job runs on the SuperNode alone",
                         agents.endpoint, JOIN_WINDOW_S)
             return job.compute(job.model, Shard())
-        mine = GroupJob(copy.deepcopy(job.model), job.data, job.batches, job.lr)  # DDP's hooks stay off the caller's
+        mine = replace(job, model=copy.deepcopy(job.model))  # DDP's hooks stay off the caller's
         try:
             # the group gets a store of its own: what DDP keeps of the group lives until garbage collection, and
             # must not hold the endpoint, which the next job opens again
@@ -155,7 +155,8 @@ def _listening(host: str, port: int) -> bool:
 def _payload(job: GroupJob, model: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save({"model": model, "state": job.model.state_dict(),
-                "batches": [torch.from_numpy(b) for b in job.batches], "lr": job.lr}, buffer)
+                "batches": [torch.from_numpy(b) for b in job.batches], "lr": job.lr,
+                "correction": job.correction}, buffer)
     return buffer.getvalue()
 
 
@@ -165,7 +166,7 @@ def _job_from(raw: bytes, data_dir: str, data_format: str) -> GroupJob:
     model = build_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"], **spec["options"])
     model.load_state_dict(posted["state"])
     return GroupJob(model, _resident(data_dir, data_format).train, [b.numpy() for b in posted["batches"]],
-                    posted["lr"])
+                    posted["lr"], posted["correction"])
 
 
 @lru_cache(maxsize=2)

@@ -71,19 +71,23 @@ class GroupJob:
     data: Arrays
     batches: list[np.ndarray]
     lr: float | None  # None: accumulate the gradient; else local SGD at this learning rate
+    correction: dict[str, torch.Tensor] | None = None  # local SGD's drift correction (local.local_sgd)
+    track_gradient: bool = False  # local SGD: report the mean raw gradient
 
     def compute(self, model: nn.Module, shard: local.Shard) -> Result:
         """This worker's part: `model` is the job's model, wrapped in DDP on a group."""
         if self.lr is None:
             return local.accumulate_gradient(model, self.data, self.batches, shard)
-        stats = local.local_sgd(model, self.data, self.batches, self.lr, shard=shard)
+        stats = local.local_sgd(model, self.data, self.batches, self.lr, shard=shard, correction=self.correction,
+                                track_gradient=self.track_gradient)
         return self.model.state_dict(), stats
 
 
 def local_sgd(model: nn.Module, data: Arrays, batches: list[np.ndarray], lr: float, workers: int = 1,
-              agents: Agents | None = None) -> local.WorkStats:
+              agents: Agents | None = None, correction: dict[str, torch.Tensor] | None = None,
+              track_gradient: bool = False) -> local.WorkStats:
     """`local.local_sgd` on `workers` data-parallel workers; `model` ends with the group's weights."""
-    state, stats = _run(GroupJob(model, data, batches, lr), workers, agents)
+    state, stats = _run(GroupJob(model, data, batches, lr, correction, track_gradient), workers, agents)
     model.load_state_dict(state)
     return stats
 
@@ -131,6 +135,8 @@ def _launch(job: GroupJob, workers: int) -> Result:
     # rank 0 hosts the group's store, so no thread of this process serves the ranks while it forks them
     with mock.patch.dict(os.environ, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}):
         arrays, stats = elastic_launch(config, _worker)(job)[0]
+    if stats.mean_gradient is not None:
+        stats = replace(stats, mean_gradient={k: torch.from_numpy(a) for k, a in stats.mean_gradient.items()})
     return {name: torch.from_numpy(a) for name, a in arrays.items()}, stats
 
 
@@ -140,7 +146,11 @@ def _worker(job: GroupJob) -> tuple[dict[str, np.ndarray], local.WorkStats] | No
     dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     try:
         result, stats = as_rank(job, dist.get_rank(), dist.get_world_size())
-        return None if dist.get_rank() else ({name: t.detach().numpy() for name, t in result.items()}, stats)
+        if dist.get_rank():
+            return None
+        if stats.mean_gradient is not None:
+            stats = replace(stats, mean_gradient={k: t.numpy() for k, t in stats.mean_gradient.items()})
+        return {name: t.detach().numpy() for name, t in result.items()}, stats
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,275 @@
+"""MA's drift correction (SCAFFOLD, read off the model): the region's step, what it keeps, the server's scale."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from cloudless_fl.config import compose
+from cloudless_fl.errors import ConfigError, DataError
+from cloudless_fl.run import run
+from cloudless_fl.strategy import ModelAveraging
+from cloudless_fl.strategy.drift import DriftBooks
+from cloudless_fl.strategy.validation import UpdateLimits
+from cloudless_fl.training.data import Arrays
+from cloudless_fl.training.local import evaluate, local_sgd, make_batches
+from cloudless_fl.training.models import build_model
+from cloudless_fl.training.protocol import WorkOrder
+from cloudless_fl.training.region_link import RegionLink, RegionState, Snapshot
+from conftest import small_run_overrides
+from strategy_helpers import HIDDEN, Federation, topology
+
+NO_SCREEN = UpdateLimits(norm_factor=None, min_agreement=None)  # the algorithm alone, nothing held back
+
+
+def _by_hand_sgd(model, data: Arrays, batches, lr: float, correction: dict | None):
+    """Plain SGD written out: each step moves by lr × (the batch's gradient + correction); returns the mean
+    raw gradient."""
+    params = dict(model.named_parameters())
+    mean = {k: torch.zeros_like(p) for k, p in params.items()}
+    for rows in batches:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(data.x[rows])),
+                                          torch.from_numpy(data.y[rows])).backward()
+        with torch.no_grad():
+            for k, p in params.items():
+                mean[k] += p.grad / len(batches)
+                p -= lr * (p.grad + (0 if correction is None else correction[k]))
+    return mean
+
+
+def _toy(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return Arrays(rng.normal(size=(n, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, n).astype(np.int64))
+
+
+def test_local_sgd_adds_the_correction_to_every_step_and_reports_the_raw_mean_gradient():
+    data = _toy()
+    batches = make_batches(len(data), 16, seed=0, offset=0, samples=64)
+    ours, theirs = (build_model("mlp", (1, 8, 8), 10, seed=3, hidden=HIDDEN) for _ in range(2))
+    correction = {k: torch.full_like(p, 0.05) for k, p in ours.named_parameters()}
+    stats = local_sgd(ours, data, batches, lr=0.1, correction=correction, track_gradient=True)
+    expected_mean = _by_hand_sgd(theirs, data, batches, 0.1, correction)
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, atol=1e-6, rtol=0)
+    for k, v in expected_mean.items():  # the raw gradient, not the corrected one
+        torch.testing.assert_close(stats.mean_gradient[k], v, atol=1e-6, rtol=0)
+    assert local_sgd(ours, data, batches, lr=0.1).mean_gradient is None  # nothing kept unless asked
+
+
+def test_a_region_corrects_by_the_global_step_since_its_last_job_minus_its_own_mean_gradient(tmp_path):
+    state = RegionState(tmp_path)
+    before = {"w": torch.tensor([1.0, 2.0])}
+    state.save(100, Snapshot(before, None, {"w": torch.tensor([0.5, -1.0])}), keep_from=100)
+    order = WorkOrder(lr=0.1, batch_size=8, steps=2, offset=200, drift=True, drift_from=100, drift_scale=0.5)
+    link = RegionLink(order, tmp_path)
+    link.received(ArrayRecord({"w": torch.tensor([0.8, 2.4])}))
+    # c = (x' − x) / scale = (0.4, −0.8); minus c_i = (0.5, −1.0)
+    torch.testing.assert_close(link.drift_correction()["w"], torch.tensor([-0.1, 0.2]))
+    link.keep({"w": torch.tensor([7.0, 7.0])})  # this job's state replaces the last one
+    assert [p.name for p in tmp_path.iterdir()] == ["job-000000000200.pt"]
+    kept = state.load(200)
+    assert torch.equal(kept.model["w"], torch.tensor([0.8, 2.4])) and torch.equal(kept.gradient["w"],
+                                                                                  torch.tensor([7.0, 7.0]))
+
+
+def test_a_region_without_the_named_state_trains_uncorrected_and_says_so(tmp_path, caplog):
+    order = WorkOrder(lr=0.1, batch_size=8, steps=2, offset=200, drift=True, drift_from=100, drift_scale=0.5)
+    link = RegionLink(order, tmp_path)
+    link.received(ArrayRecord({"w": torch.tensor([0.8, 2.4])}))
+    with caplog.at_level(logging.WARNING):
+        assert link.drift_correction() is None
+    assert "no drift state of job 100" in caplog.text
+
+
+def test_drift_correction_without_a_state_folder_names_the_fix():
+    with pytest.raises(DataError, match="drift correction needs a folder.*state-dir"):
+        RegionLink(WorkOrder(lr=0.1, batch_size=8, steps=2, drift=True), None)
+
+
+def test_work_orders_carry_the_drift_fields_and_refuse_a_bad_scale():
+    order = WorkOrder(lr=0.1, batch_size=8, steps=2, offset=5, drift=True, drift_from=3, drift_scale=0.25)
+    assert WorkOrder.from_config(ConfigRecord(order.to_config())) == order
+    plain = WorkOrder(lr=0.1, batch_size=8, steps=2)
+    assert WorkOrder.from_config(ConfigRecord(plain.to_config())) == plain
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="drift-scale must be a positive number"):
+            WorkOrder.from_config(ConfigRecord({**order.to_config(), "drift-scale": bad}))
+
+
+def test_ma_with_drift_correction_is_scaffold_by_hand(tmp_path):
+    """Three periods on two regions with unequal steps: the first plain, the next two corrected by
+    `(x' − x) / (lr · τ_eff) − c_i`, the model averaged FedNova-style — all written out here."""
+    fed = Federation(tmp_path / "data", topology())
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})
+    steps, lr, batch = {"fast": 6, "slow": 3}, 0.1, 16
+    ma = ModelAveraging(lr=lr, local_steps=steps, batch_size=batch, meter=fed.meter(), limits=NO_SCREEN,
+                        drift_correction=True)
+    sent = []
+    ma.jobs.push = lambda grid, messages, push=ma.jobs.push: (sent.extend(messages), push(grid, messages))[1]
+    result = ma.start(fed.grid, fed.initial, num_rounds=3, train_config=config)
+
+    x = fed.initial.to_torch_state_dict()
+    p = {r: h / sum(steps.values()) for r, h in steps.items()}  # by samples processed
+    tau = sum(p[r] * h for r, h in steps.items())
+    kept, offsets = {}, {r: 0 for r in steps}
+    for period in range(3):
+        finals = {}
+        for region, h in steps.items():
+            model = build_model("mlp", (1, 8, 8), 10, hidden=HIDDEN)
+            model.load_state_dict(x)
+            correction = None
+            if region in kept:
+                before, gradient = kept[region]
+                correction = {k: (before[k] - x[k]) / (lr * tau) - g for k, g in gradient.items()}
+            data = fed.resident(region)
+            batches = make_batches(len(data), batch, seed=0, offset=offsets[region], samples=h * batch)
+            offsets[region] += h * batch
+            mean = _by_hand_sgd(model, data, batches, lr, correction)
+            finals[region], kept[region] = model.state_dict(), (x, mean)
+        x = {k: x[k] - tau * sum(p[r] * (x[k] - finals[r][k]) / h for r, h in steps.items()) for k in x}
+    got = result.arrays.to_torch_state_dict()
+    for k, v in x.items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0)
+    orders = [WorkOrder.from_config(m.content.config_records["config"]) for m in sent]
+    # (job, the job it corrects from): each region's job of the last period (fast: 96 samples a job, slow: 48)
+    pairs = sorted((o.offset, -1 if o.drift_from is None else o.drift_from) for o in orders)
+    assert pairs == [(0, -1), (0, -1), (48, 0), (96, 0), (96, 48), (192, 96)]
+    assert [o.drift_scale for o in orders if o.drift_from is not None] == [pytest.approx(lr * tau)] * 4
+    assert all(o.drift for o in orders)
+
+
+def test_drift_correction_brings_strongly_non_iid_regions_nearer_the_optimum(tmp_path):
+    """Digits split with almost disjoint labels (Dirichlet 0.05) and many local steps: each region's steps
+    pull towards its own classes; corrected, the averaged model fits the whole data better."""
+    fed = Federation(tmp_path / "data", topology(), alpha=0.05)
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})
+    evaluate_fn = fed.evaluator()
+    final = {}
+    for drift in (False, True):
+        ma = ModelAveraging(lr=0.1, local_steps=40, batch_size=16, meter=fed.meter(), limits=NO_SCREEN,
+                            drift_correction=drift)
+        result = ma.start(fed.grid, fed.initial, num_rounds=12, train_config=config)
+        final[drift] = evaluate_fn(12, result.arrays)
+    assert final[True]["loss"] < 0.8 * final[False]["loss"], final
+    assert final[True]["accuracy"] > final[False]["accuracy"], final  # measured: loss 0.376 → 0.247, 92.2 → 94.2 %
+
+
+def test_drift_correction_needs_the_plain_average():
+    for conflict in ({"aggregation": "median"}, {"outer_momentum": 0.9}):
+        with pytest.raises(ValueError, match="drift_correction.*aggregation='mean' and outer_momentum=0"):
+            ModelAveraging(drift_correction=True, **conflict)
+
+
+def test_a_drift_corrected_run_with_a_momentum_is_refused_naming_both_settings(two_region_topology, tmp_path):
+    cfg = compose([*small_run_overrides(two_region_topology), "strategy=ma", "strategy.drift_correction=true",
+                   "strategy.outer_momentum=0.9"])
+    with pytest.raises(ConfigError, match="strategy.drift_correction.*strategy.outer_momentum=0"):
+        run(cfg, tmp_path)
+
+
+def _period(books: DriftBooks, jobs: dict[str, int]) -> dict[str, WorkOrder]:
+    books.begin_period()
+    return {r: books.amend(r, WorkOrder(lr=0.1, batch_size=8, steps=2, offset=key, keep_from=key))
+            for r, key in jobs.items()}
+
+
+def test_a_step_that_breaks_the_average_of_the_regions_gradients_makes_the_next_period_uncorrected():
+    books, weights = DriftBooks(), {"a": 0.25, "b": 0.75}
+    orders = _period(books, {"a": 0, "b": 0})
+    assert all(o.drift and o.drift_from is None for o in orders.values())  # nothing kept yet
+    books.settle({"a": 0, "b": 0}, set(), weights, 0.5, {})  # an uncorrected step founds c
+    orders = _period(books, {"a": 10, "b": 30})
+    assert {r: (o.drift_from, o.drift_scale) for r, o in orders.items()} == {"a": (0, 0.5), "b": (0, 0.5)}
+    books.settle({"a": 10, "b": 30}, {"a", "b"}, weights, 0.4, {})  # corrected, whole, the same weights: goes on
+    assert books.scale == 0.4
+    for answered, corrected, taken in [
+            ({"a": 20, "b": 60}, {"a", "b"}, {"a": 1.0}),  # b held back (or scaled down)
+            ({"a": 20}, {"a"}, {"a": 1.0}),  # b late or lost
+            ({"a": 20, "b": 60}, {"a", "b"}, {"a": 0.5, "b": 0.5}),  # other weights than the last step's
+            ({"a": 20, "b": 60}, {"a"}, weights)]:  # b uncorrected (a newcomer) beside a corrected a
+        books.scale, books.weights = 0.4, dict(weights)
+        _period(books, {"a": 20, "b": 60})
+        books.settle(answered, corrected, taken, 0.4, {})
+        assert books.scale is None, (answered, corrected, taken)
+        assert all(o.drift_from is None for o in _period(books, {"a": 30, "b": 90}).values())
+    books.settle({"a": 30, "b": 90}, set(), weights, 0.3, {})  # the uncorrected period founds c again
+    assert books.scale == 0.3 and books.kept == {"a": 30, "b": 90}
+
+
+def test_regions_keep_what_a_resume_from_the_last_checkpoint_names():
+    books = DriftBooks()
+    _period(books, {"a": 0})
+    books.settle({"a": 0}, set(), {"a": 1.0}, 0.5, {})
+    books.pin()  # a checkpoint: its next period corrects from job 0
+    orders = _period(books, {"a": 10})
+    books.settle({"a": 10}, {"a"}, {"a": 1.0}, 0.5, {})
+    assert orders["a"].keep_from == 0 and _period(books, {"a": 20})["a"].keep_from == 0
+    restored = DriftBooks()
+    restored.load_state_dict(*books.state_dict())
+    assert restored.pinned == {"a": 10} and _period(restored, {"a": 20})["a"].drift_from == 10
+
+
+def test_the_screen_is_shown_the_regions_own_work_the_correction_taken_out():
+    """By hand: a region's change is lr · H · (its mean gradient + correction); the plain change is
+    lr · H · its mean gradient, and that mean gradient is mirrored for its next job's correction."""
+    books = DriftBooks(parameters={"w"})
+    previous, start = {"w": torch.tensor([1.0, 1.0]), "bn": torch.tensor([0.0])}, {"w": torch.tensor([0.8, 1.2])}
+    books.gradients["a"] = {"w": torch.tensor([0.1, 0.0])}  # c_i: a's last mean gradient
+    books.previous_start = previous
+    order = WorkOrder(lr=0.1, batch_size=8, steps=4, drift=True, drift_from=0, drift_scale=0.5)
+    # correction = (x' − x) / scale − c_i = (0.4, −0.4) − (0.1, 0) = (0.3, −0.4); lr · H = 0.4
+    change = {"w": torch.tensor([0.2, 0.0]), "bn": torch.tensor([0.5])}
+    plain = books.plain_change("a", order, start, change, corrected=True)
+    torch.testing.assert_close(plain["w"], torch.tensor([0.2 - 0.4 * 0.3, 0.0 + 0.4 * 0.4]))
+    assert torch.equal(plain["bn"], change["bn"])  # a buffer is not corrected
+    torch.testing.assert_close(books.gradients["a"]["w"], plain["w"] / 0.4)
+    assert set(books.gradients["a"]) == {"w"}
+    uncorrected = books.plain_change("b", order, start, change, corrected=False)  # it lacked the state
+    assert uncorrected == change and set(books.gradients) == {"a", "b"}
+
+
+def test_the_screen_sees_what_the_regions_own_gradients_did(tmp_path):
+    """The server's reconstruction against the regions' own record: in a corrected period each change the
+    screen is shown is lr · H times the mean gradient the region kept for its job (not the change applied)."""
+    fed = Federation(tmp_path / "data", topology(), alpha=0.05)
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})
+    steps, lr = {"fast": 12, "slow": 5}, 0.1
+    ma = ModelAveraging(lr=lr, local_steps=steps, batch_size=16, meter=fed.meter(), limits=NO_SCREEN,
+                        drift_correction=True)
+    shown, screened = [], ma._screened
+    ma._screened = lambda candidates: (shown.append({c.region: c.change for c in candidates}), screened(candidates))[1]
+    ma.start(fed.grid, fed.initial, num_rounds=3, train_config=config)
+    assert ma.drift.scale is not None  # the last period was corrected and went on
+    for region, h in steps.items():
+        [job] = (tmp_path / "state" / region).iterdir()  # the region keeps its last job's state only
+        kept = RegionState(job.parent).load(int(job.stem.split("-")[1]))
+        for name, gradient in kept.gradient.items():
+            torch.testing.assert_close(shown[-1][region][name], lr * h * gradient, atol=1e-6, rtol=0)
+
+
+def test_a_region_that_trained_uncorrected_says_so_and_the_next_period_founds_c_afresh(tmp_path, monkeypatch):
+    """The slow region loses its state before its third job (a fresh state-dir): it trains that job
+    uncorrected and reports it; the step then mixes corrected and uncorrected work, so the fourth period is
+    uncorrected for every region, and the fifth corrected again."""
+    fed = Federation(tmp_path / "data", topology())
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})
+    steps = {"fast": 6, "slow": 3}
+    find = RegionState.find
+    monkeypatch.setattr(RegionState, "find", lambda self, key: None if (self.folder.name, key) == ("slow", 48)
+                        else find(self, key))
+    ma = ModelAveraging(lr=0.1, local_steps=steps, batch_size=16, meter=fed.meter(), limits=NO_SCREEN,
+                        drift_correction=True)
+    sent, said = [], []
+    ma.jobs.push = lambda grid, messages, push=ma.jobs.push: (sent.extend(messages), push(grid, messages))[1]
+    complete = ma._complete
+    ma._complete = lambda flight, reply, mode: (said.append(reply.content["metrics"]["drift-corrected"]),
+                                                complete(flight, reply, mode))[1]
+    ma.start(fed.grid, fed.initial, num_rounds=5, train_config=config)
+    corrected = [WorkOrder.from_config(m.content.config_records["config"]).drift_from is not None for m in sent]
+    assert corrected == [False, False, True, True, True, True, False, False, True, True]
+    assert sorted(said[4:6]) == [0, 1]  # the third period: fast corrected, slow not
