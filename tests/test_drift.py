@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from cloudless_fl.config import compose
-from cloudless_fl.errors import ConfigError, DataError
+from cloudless_fl.errors import ConfigError
 from cloudless_fl.run import run
 from cloudless_fl.strategy import ModelAveraging
 from cloudless_fl.strategy.drift import DriftBooks
@@ -86,9 +86,14 @@ def test_a_region_without_the_named_state_trains_uncorrected_and_says_so(tmp_pat
     assert "no drift state of job 100" in caplog.text
 
 
-def test_drift_correction_without_a_state_folder_names_the_fix():
-    with pytest.raises(DataError, match="drift correction needs a folder.*state-dir"):
-        RegionLink(WorkOrder(lr=0.1, batch_size=8, steps=2, drift=True), None)
+def test_a_region_without_a_state_folder_trains_uncorrected_and_names_the_fix(caplog):
+    order = WorkOrder(lr=0.1, batch_size=8, steps=2, offset=200, drift=True, drift_from=100, drift_scale=0.5)
+    with caplog.at_level(logging.WARNING):
+        link = RegionLink(order, None)
+    assert "drift correction needs a folder" in caplog.text and "state-dir" in caplog.text
+    link.received(ArrayRecord({"w": torch.tensor([0.8, 2.4])}))
+    assert link.drift_correction() is None
+    link.keep({"w": torch.tensor([1.0, 1.0])})  # nowhere to keep it: nothing happens
 
 
 def test_work_orders_carry_the_drift_fields_and_refuse_a_bad_scale():
@@ -273,3 +278,16 @@ def test_a_region_that_trained_uncorrected_says_so_and_the_next_period_founds_c_
     corrected = [WorkOrder.from_config(m.content.config_records["config"]).drift_from is not None for m in sent]
     assert corrected == [False, False, True, True, True, True, False, False, True, True]
     assert sorted(said[4:6]) == [0, 1]  # the third period: fast corrected, slow not
+
+
+@pytest.mark.parametrize("extra, on", [([], True), (["strategy.outer_momentum=0.9"], False),
+                                       (["strategy.aggregation=median"], False)])
+def test_auto_corrects_drift_wherever_the_step_is_the_plain_average(two_region_topology, tmp_path, caplog,
+                                                                    extra, on):
+    cfg = compose([*small_run_overrides(two_region_topology), "strategy=ma", "strategy.drift_correction=auto",
+                   *extra])
+    with caplog.at_level(logging.INFO, logger="cloudless_fl"):
+        run(cfg, tmp_path)
+    [settings] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ModelAveraging:")]
+    assert ("drift correction" in settings) is on, settings
+    assert (tmp_path / "region-state").exists() is on  # where the regions keep their state

@@ -165,15 +165,17 @@ def build_ma(s: dict[str, Any], b: Build) -> Strategy:
     if fitted and (b.work is None or b.meter.cost_model is None):
         raise ConfigError("strategy.heterogeneity_aware needs the region model (a topology with its regions' "
                           "speeds and links); set strategy.heterogeneity_aware=false or give the run a topology")
-    if s["drift_correction"] and (s["aggregation"] != "mean" or s["outer_momentum"]):
+    plain_average = s["aggregation"] == "mean" and not s["outer_momentum"]
+    if s["drift_correction"] is True and not plain_average:
         raise ConfigError("strategy.drift_correction reads the regions' average step off the model: it needs "
                           "strategy.aggregation=mean and strategy.outer_momentum=0 (or set "
-                          "strategy.drift_correction=false)")
+                          "strategy.drift_correction=false or auto)")
+    drift = plain_average if s["drift_correction"] == AUTO else s["drift_correction"]  # auto: where it applies
     return ModelAveraging(lr=s["lr"], local_steps=region_model_steps(b) if fitted else s["local_steps"],
                           batch_size=s["batch_size"], normalize=s["normalize"], outer_lr=s["outer_lr"],
                           outer_momentum=s["outer_momentum"], nesterov=s["nesterov"], deadline_s=s["deadline_s"],
                           aggregation=s["aggregation"], trim_fraction=s["trim_fraction"],
-                          drift_correction=s["drift_correction"], parameter_names=b.parameter_names,
+                          drift_correction=drift, parameter_names=b.parameter_names,
                           weight_by="shares" if fitted else None,  # extra steps must not mean extra weight
                           **_geo_common(s, b))
 
@@ -205,7 +207,7 @@ STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
         "strategy.local_epochs": POSITIVE, "strategy.round_deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
     StrategyEntry("ma", unit="period", local_work="local_steps", build=build_ma, fills_idle_time=True, schema=_rules({
         **_OWN_LOOP, "strategy.local_steps": Number(1, integer=True, per_region=True), "strategy.normalize": BOOL,
-        "strategy.heterogeneity_aware": BOOL, "strategy.drift_correction": BOOL,
+        "strategy.heterogeneity_aware": BOOL, "strategy.drift_correction": Choice((True, False, AUTO)),
         "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1), "strategy.nesterov": BOOL,
         "strategy.deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
     StrategyEntry("asgd_ga", unit="version", local_work="accumulation_steps", build=build_asgd_ga, equal_steps=True,

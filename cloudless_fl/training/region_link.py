@@ -102,17 +102,20 @@ class RegionLink:
     order : WorkOrder
         Its `compression`, `base`, `keep_from` and `drift*`; the job's snapshot is named by `order.job_key()`.
     folder : path, optional
-        Where the region keeps its snapshots; needed only when the codec is lossy or drift is corrected.
+        Where the region keeps its snapshots; needed when the codec is lossy (drift correction without one:
+        the region trains uncorrected).
     """
 
     def __init__(self, order: WorkOrder, folder: str | Path | None) -> None:
         self.codec = codec_from_spec(order.compression)
         self.order, self.key = order, order.job_key()
-        if (self.codec.lossy or order.drift) and folder is None:
-            what = "compressed WAN traffic" if self.codec.lossy else "drift correction"
-            raise DataError(f"{what} needs a folder where the region keeps its last model; "
+        if self.codec.lossy and folder is None:
+            raise DataError("compressed WAN traffic needs a folder where the region keeps its last model; "
                             "start the SuperNode with --node-config \"state-dir='/path'\"")
-        self.state = RegionState(folder) if self.codec.lossy or order.drift else None
+        if order.drift and folder is None:
+            log.warning("drift correction needs a folder where the region keeps its last job's state; without "
+                        "one it trains uncorrected: start the SuperNode with --node-config \"state-dir='/path'\"")
+        self.state = RegionState(folder) if folder is not None and (self.codec.lossy or order.drift) else None
         self.base: Snapshot | None = None
         self.start: dict[str, torch.Tensor] | None = None
 
@@ -131,7 +134,7 @@ class RegionLink:
     def drift_correction(self) -> dict[str, torch.Tensor] | None:
         """What each local step adds to its gradient (`(x' − x) / scale − c_i`, module docstring); None when
         the order asks for none or the region no longer holds the job it names (it then trains uncorrected)."""
-        if self.order.drift_from is None:
+        if self.order.drift_from is None or self.state is None:
             return None
         kept = self.state.find(self.order.drift_from)
         if kept is None or kept.gradient is None:
