@@ -291,3 +291,22 @@ def test_auto_corrects_drift_wherever_the_step_is_the_plain_average(two_region_t
     [settings] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ModelAveraging:")]
     assert ("drift correction" in settings) is on, settings
     assert (tmp_path / "region-state").exists() is on  # where the regions keep their state
+
+
+def test_the_drift_books_round_trip_through_a_checkpoint_with_what_the_screen_mirrors():
+    books = DriftBooks(parameters={"w"})
+    books.begin_period()
+    books.amend("a", WorkOrder(lr=0.1, batch_size=8, steps=2, offset=0, keep_from=0))
+    books.plain_change("a", WorkOrder(lr=0.1, batch_size=8, steps=2), {"w": torch.zeros(2)},
+                       {"w": torch.tensor([0.2, 0.4])}, corrected=False)
+    books.settle({"a": 0}, set(), {"a": 1.0}, 0.2, {"w": torch.tensor([1.0, 2.0])})
+    meta, tensors = books.state_dict()
+    restored = DriftBooks(parameters={"w"})
+    restored.load_state_dict(meta, tensors)
+    assert (restored.kept, restored.scale, restored.weights) == ({"a": 0}, 0.2, {"a": 1.0})
+    assert torch.equal(restored.previous_start["w"], torch.tensor([1.0, 2.0]))
+    assert torch.equal(restored.gradients["a"]["w"], torch.tensor([1.0, 2.0]))  # 0.2, 0.4 over lr · H = 0.2
+    # at the cooldown's end (lr 0) a change says nothing of the gradient: the mirror stays as it was
+    restored.plain_change("a", WorkOrder(lr=0.0, batch_size=8, steps=2), {"w": torch.zeros(2)},
+                          {"w": torch.zeros(2)}, corrected=False)
+    assert torch.equal(restored.gradients["a"]["w"], torch.tensor([1.0, 2.0]))
