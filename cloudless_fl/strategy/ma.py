@@ -24,8 +24,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from ..training import protocol
-from .drift import DriftBooks
 from .base import NO_REGION_LEFT, EvaluateFn, GeoStrategy
+from .drift import DriftBooks
 from .inflight import POLL_S
 from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
 from .screen import Candidate
@@ -69,8 +69,8 @@ class ModelAveraging(GeoStrategy):
         the region reads `c` off the model it is sent (each work order carries the scale of the server's last
         step), so nothing more crosses the WAN. For non-IID regions, whose local steps pull towards their own
         optimum. Needs `aggregation="mean"` and `outer_momentum=0` (the step must be the regions' average), a
-        ClientApp that keeps state between jobs (this project's, with a `state-dir`); a region whose previous
-        job is not the last period's trains that period uncorrected.
+        ClientApp that keeps state between jobs (this project's, with a `state-dir`). After a step that took
+        not every region's change whole (strategy/drift.py) the next period runs uncorrected.
     parameter_names : names, optional
         With `drift_correction`: the model's parameters, the entries a region corrects (buffers such as
         batch-norm statistics are not). None: every floating-point entry (right for models without buffers).
