@@ -16,7 +16,7 @@ from cloudless_fl.strategy import ModelAveraging
 from cloudless_fl.strategy.drift import DriftBooks
 from cloudless_fl.strategy.validation import UpdateLimits
 from cloudless_fl.training.data import Arrays
-from cloudless_fl.training.local import evaluate, local_sgd, make_batches
+from cloudless_fl.training.local import local_sgd, make_batches
 from cloudless_fl.training.models import build_model
 from cloudless_fl.training.protocol import WorkOrder
 from cloudless_fl.training.region_link import RegionLink, RegionState, Snapshot
