@@ -186,8 +186,8 @@ def _paced(context: Context, samples: int, trained_on: int, took_s: float) -> pa
 
 
 def _state_dir(context: Context, config: ConfigRecord, region: str) -> Path | None:
-    """Where the region keeps what compressed traffic and drift correction need between jobs: the SuperNode's `state-dir`,
-    else (one machine) the folder the server names."""
+    """Where the region keeps what compressed traffic and drift correction need between jobs: the SuperNode's
+    `state-dir`, else (one machine) the folder the server names."""
     folder = context.node_config.get("state-dir") or config.get("state-dir")
     return None if folder is None else Path(str(folder)) / region
 

@@ -310,3 +310,26 @@ def test_the_drift_books_round_trip_through_a_checkpoint_with_what_the_screen_mi
     restored.plain_change("a", WorkOrder(lr=0.0, batch_size=8, steps=2), {"w": torch.zeros(2)},
                           {"w": torch.zeros(2)}, corrected=False)
     assert torch.equal(restored.gradients["a"]["w"], torch.tensor([1.0, 2.0]))
+
+
+def test_a_region_claiming_a_correction_it_was_not_asked_for_changes_nothing(tmp_path):
+    """`drift-corrected: 1` is read only where the work order asked for a correction: a region answering it
+    anyway (broken, or lying) neither crashes the server nor changes the run."""
+    fed = Federation(tmp_path / "data", topology())
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})
+    results = {}
+    for lying in (False, True):
+        ma = ModelAveraging(lr=0.1, local_steps={"fast": 6, "slow": 3}, batch_size=16, meter=fed.meter(),
+                            limits=NO_SCREEN, drift_correction=True)
+        complete = ma._complete
+
+        def claims(flight, reply, mode, complete=complete, lying=lying):
+            local, metrics = complete(flight, reply, mode)
+            if lying and flight.order.drift_from is None:
+                metrics["drift-corrected"] = 1
+            return local, metrics
+
+        ma._complete = claims
+        results[lying] = ma.start(fed.grid, fed.initial, num_rounds=3, train_config=config).arrays
+    honest, lied = results[False].to_torch_state_dict(), results[True].to_torch_state_dict()
+    assert all(torch.equal(honest[k], lied[k]) for k in honest)

@@ -36,6 +36,11 @@ from ..training.protocol import WorkOrder
 Tensors = dict[str, torch.Tensor]
 
 
+def corrects_drift(aggregation: str, outer_momentum: float) -> bool:
+    """Whether MA's step is the regions' plain weighted average, which a region can read `c` off."""
+    return aggregation == "mean" and not outer_momentum
+
+
 class DriftBooks:
     """What the next period's work orders say about drift, kept from the last period's step.
 

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Result
 
 from ..training import protocol
 from .base import NO_REGION_LEFT, EvaluateFn, GeoStrategy
-from .drift import DriftBooks
+from .drift import DriftBooks, corrects_drift
 from .inflight import POLL_S
 from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
 from .screen import Candidate
@@ -87,7 +87,7 @@ class ModelAveraging(GeoStrategy):
         super().__init__(**kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
-        if drift_correction and (aggregation != "mean" or outer_momentum):
+        if drift_correction and not corrects_drift(aggregation, outer_momentum):
             raise ValueError("drift_correction reads the regions' average step off the model: it needs "
                              "aggregation='mean' and outer_momentum=0")
         self.drift = DriftBooks(parameter_names) if drift_correction else None
@@ -143,8 +143,8 @@ class ModelAveraging(GeoStrategy):
             flight = self.jobs.pop(reply.metadata.reply_to_message_id)
             answered[flight.region], lr = flight.order.offset, flight.order.lr
             local, metrics = self._complete(flight, reply, protocol.MODE_WEIGHTS)
-            if metrics.get(protocol.DRIFT_CORRECTED) == 1:  # as the region says: it may have lacked the state
-                corrected.add(flight.region)
+            if flight.order.drift_from is not None and metrics.get(protocol.DRIFT_CORRECTED) == 1:
+                corrected.add(flight.region)  # asked, and as the region says: it may have lacked the state
             if local is None:  # rejected: the period goes on without it
                 continue
             regions.append(flight.region)

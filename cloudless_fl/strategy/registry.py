@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..training.compression import Codec
 from .base import ROLL_CALLS
 from .asgd_ga import STALENESS_FUNCTIONS, UPDATES, AsyncGradAccum
+from .drift import corrects_drift
 from .ma import ModelAveraging
 from .planning import REPLAN_EVERY
 from .metered import Metered
@@ -165,7 +166,7 @@ def build_ma(s: dict[str, Any], b: Build) -> Strategy:
     if fitted and (b.work is None or b.meter.cost_model is None):
         raise ConfigError("strategy.heterogeneity_aware needs the region model (a topology with its regions' "
                           "speeds and links); set strategy.heterogeneity_aware=false or give the run a topology")
-    plain_average = s["aggregation"] == "mean" and not s["outer_momentum"]
+    plain_average = corrects_drift(s["aggregation"], s["outer_momentum"])
     if s["drift_correction"] is True and not plain_average:
         raise ConfigError("strategy.drift_correction reads the regions' average step off the model: it needs "
                           "strategy.aggregation=mean and strategy.outer_momentum=0 (or set "
