@@ -1092,16 +1092,23 @@ def test_asgd_ga_scales_each_update_by_its_staleness(tmp_path, monkeypatch):
     assert min(scales) < 1  # some updates were stale, and scaled down
 
 
-def test_the_balance_weight_is_capped(tmp_path):
+def test_the_balance_weights_are_capped_together_keeping_their_ratio(tmp_path):
+    """Over the cap, every weight is scaled by the same factor: capping the slow region's alone would count
+    its data below its share (the run converges to another objective)."""
     from cloudless_fl.strategy.membership import RegionInfo
 
     strategy = AsyncGradAccum(max_weight=2.0)
     strategy.roster.live = {1: RegionInfo(1, "fast", 900), 2: RegionInfo(2, "slow", 100)}
     strategy.roster.shares = {"fast": 0.5, "slow": 0.5}
-    strategy._intervals = {"fast": 1.0, "slow": 10.0}  # slow arrives 10x less often: uncapped weight 5.5
+    strategy._intervals = {"fast": 1.0, "slow": 10.0}  # slow arrives 10x less often: uncapped weights 0.55, 5.5
     strategy._work = {"fast": 4, "slow": 4}
-    assert strategy._balance_weight("slow") == 2.0
-    assert strategy._balance_weight("fast") == pytest.approx(0.5 * 1.1 / 1.0)
+    assert strategy._balance_weight("slow") == pytest.approx(2.0)
+    assert strategy._balance_weight("fast") == pytest.approx(0.55 * 2.0 / 5.5)
+    # weight x rate per region: equal, as their equal shares ask
+    assert strategy._balance_weight("fast") * 1.0 == pytest.approx(strategy._balance_weight("slow") * 0.1)
+    strategy.max_weight = 10.0  # under the cap: the weights themselves
+    assert strategy._balance_weight("slow") == pytest.approx(5.5)
+    assert strategy._balance_weight("fast") == pytest.approx(0.55)
 
 
 def test_the_balance_weight_counts_the_arriving_update_as_applied():
