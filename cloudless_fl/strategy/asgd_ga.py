@@ -340,7 +340,8 @@ class AsyncGradAccum(GeoStrategy):
         and the run converges to another objective (FedNova's objective inconsistency, Wang et al., NeurIPS
         2020). Measured (tabular, seed 1, 200 s): final 0.869 capped one by one (27 of the slowest region's
         updates held back by the screen, test loss climbing from 0.51 to 0.81), 0.903 scaled together (none
-        held back, loss flat at 0.46); geo4 0.958 -> 0.964, its 95 % at 16.3 s instead of 12.2 s.
+        held back, loss flat at 0.46); the studies' seeds 1-3 (README, "ASGD-GA's balance weights"): tabular
+        0.871 -> 0.886, geo4 0.956 -> 0.964 with 95 % later (20.2 s instead of 12.2 s).
 
         The weight of `region`'s arriving update if it is admitted (its applied fraction counting
         this arrival as applied): known before the screen's verdict, which the share budget needs.
