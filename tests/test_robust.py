@@ -204,7 +204,7 @@ def _asgd_ga(fed, update, limits=None):
 
 @pytest.mark.parametrize("update,attack", [("delta", "x-10"), ("delta", "x1e4"), ("gradient", "x-10")])
 def test_asgd_ga_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_path, update, attack):
-    """The asynchronous screen (length against the regions' latest, clip to their median) on label-skewed data."""
+    """The asynchronous screen (length against the regions' latest; by default no clip) on label-skewed data."""
     absent_fed = Federation(tmp_path / "absent", four_regions(), alpha=0.5)
     absent_fed.grid.set_offline(1)
     _, absent = _asgd_ga(absent_fed, update)
@@ -221,6 +221,15 @@ def test_asgd_ga_screen_holds_an_attacking_region_to_what_its_absence_costs(tmp_
     assert {e["region"] for e in screened} <= {"a"}  # nothing honest is held back
     assert screened  # the attacker is
     assert strategy.history.counters["quarantined_regions"] == 0
+
+
+def test_asgd_ga_applies_honest_updates_at_their_full_length_by_default(tmp_path):
+    """No clip by default: on label-skewed regions half the updates are longer than the regions' median, and
+    scaling them down to it would count those regions' data below their share (docs/reliability.md)."""
+    fed = Federation(tmp_path, four_regions(), alpha=0.5)
+    strategy, _ = _asgd_ga(fed, "delta")
+    assert sum(strategy.validator.clipped.values()) == 0
+    assert strategy.history.counters.get("screened_updates", 0) == 0
 
 
 @pytest.mark.parametrize("clip_factor", [1.0, None])

@@ -89,7 +89,7 @@ class UpdateLimits:
     quarantine_after: int = 5
     norm_factor: float | None = 5.0
     min_agreement: float | None = 0.05
-    clip_factor: float | None = 1.0
+    clip_factor: float | None = None
     share_budget: float | None = None
     min_relatedness: float | str | None = AUTO
 
