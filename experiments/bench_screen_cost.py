@@ -1,8 +1,8 @@
 """What ASGD-GA's update screen costs when nobody attacks, and whose honest updates it holds back or clips.
 
-Three settings side by side, every region honest: the default screen (length
-bound + clip), the length bound alone (`validation.clip_factor=null`) and no
-screen. Per setting: final accuracy and the mean of the last five evaluations
+Three settings side by side, every region honest: the default screen (the
+length bound), the same with the opt-in clip (`validation.clip_factor=1`, the
+default until 2026-12-07) and no screen. Per setting: final accuracy and the mean of the last five evaluations
 per seed, and per region the updates held back and clipped out of the jobs it
 sent. In-process engine, the off-benchmark studies' budgets (bench_served_model.py's
 workloads); runs are cached in `--out`.
@@ -28,7 +28,7 @@ def budget_settings(k: float) -> dict[str, list[str]]:
     return {"budget": share_budget(k), "budget_bound": share_budget(k, length_bound=True)}
 
 
-SETTINGS = {"default": [], "noclip": ["validation.clip_factor=null"],
+SETTINGS = {"default": [], "clip": ["validation.clip_factor=1.0"],
             "off": ["validation.norm_factor=null", "validation.clip_factor=null"], **budget_settings(2)}
 
 

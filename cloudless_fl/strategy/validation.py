@@ -69,7 +69,9 @@ class UpdateLimits:
         that check off (`norm_factor`: every length check).
     clip_factor : float, optional
         ASGD-GA: an admitted update whose norm per √step is over this multiple of
-        the regions' median is scaled down to it. None: no clipping.
+        the regions' median is scaled down to it. None (default): no clipping —
+        at 1x it under-counts the regions whose honest updates are longest
+        (docs/reliability.md).
     share_budget : float, optional
         ASGD-GA: keep each region's recent movement of the model (its admitted updates'
         applied weight x norm, decaying) within this multiple of its data share of the
