@@ -1,9 +1,9 @@
 """What ASGD-GA's update screen costs when nobody attacks, and whose honest updates it holds back or clips.
 
-Three settings side by side, every region honest: the default screen (the
-length bound), the same with the opt-in clip (`validation.clip_factor=1`, the
-default until 2026-12-07) and no screen. Per setting: final accuracy and the mean of the last five evaluations
-per seed, and per region the updates held back and clipped out of the jobs it
+Settings side by side, every region honest: the default screen (the length
+bound), the same with the opt-in clip (`validation.clip_factor=1`, the default
+until 2026-12-07), no screen, and the share budgets. Per setting: final
+accuracy and the mean of the last five evaluations per seed, and per region the updates held back and clipped out of the jobs it
 sent. In-process engine, the off-benchmark studies' budgets (bench_served_model.py's
 workloads); runs are cached in `--out`.
 
