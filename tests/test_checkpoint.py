@@ -34,7 +34,7 @@ RUNS = {
     "ma_int8": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "compression=int8"],
     # drift correction: the regions' kept starts and gradients, and the server's books of them
     "ma_drift": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "strategy.drift_correction=true",
-                 "compression=none"],
+                 "strategy.drift_warmup=0", "compression=none"],
     "fedavg_int4": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25", "compression=int4"],
     "asgd_ga_delta_topk": ["strategy=asgd_ga_delta", "strategy.num_rounds=300", "strategy.eval_every=10",
                            "compression=topk", "compression.fraction=0.05"],
@@ -195,7 +195,8 @@ def test_a_finished_run_extends_by_growing_num_rounds(two_region_topology, tmp_p
 @pytest.mark.parametrize("strategy, rounds, extra", [
     ("fedavg", 2, ["compression=int8"]), ("asgd_ga", 30, ["compression=int8", "strategy.tau_max=1"]),
     ("asgd_ga_delta", 30, ["compression=none", "scheduler=elastic", "scheduler.replan_every=4"]),
-    ("ma", 3, ["strategy.drift_correction=true"])])
+    ("ma", 3, ["strategy.drift_correction=true", "strategy.drift_warmup=0"]),
+    ("ma", 3, ["strategy.drift_correction=true", "strategy.drift_warmup=0.3", "strategy.stop.max_time_s=60"])])
 def test_an_extended_run_is_the_run_it_would_have_been(two_region_topology, tmp_path, strategy, rounds, extra):
     """Extending a finished run to twice its steps ends where a run of all of them does: FedAvg's rounds are
     offset (Flower's loop counts from 1 again; the regions' data streams and the compressed downloads are

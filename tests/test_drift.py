@@ -14,6 +14,7 @@ from cloudless_fl.errors import ConfigError
 from cloudless_fl.run import run
 from cloudless_fl.strategy import ModelAveraging
 from cloudless_fl.strategy.drift import DriftBooks
+from cloudless_fl.strategy.runbook import StopRules
 from cloudless_fl.strategy.validation import UpdateLimits
 from cloudless_fl.training.data import Arrays
 from cloudless_fl.training.local import local_sgd, make_batches
@@ -285,7 +286,7 @@ def test_a_region_that_trained_uncorrected_says_so_and_the_next_period_founds_c_
 def test_auto_corrects_drift_wherever_the_step_is_the_plain_average(two_region_topology, tmp_path, caplog,
                                                                     extra, on):
     cfg = compose([*small_run_overrides(two_region_topology), "strategy=ma", "strategy.drift_correction=auto",
-                   *extra])
+                   "strategy.drift_warmup=0", *extra])
     with caplog.at_level(logging.INFO, logger="cloudless_fl"):
         run(cfg, tmp_path)
     [settings] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ModelAveraging:")]
@@ -333,3 +334,38 @@ def test_a_region_claiming_a_correction_it_was_not_asked_for_changes_nothing(tmp
         results[lying] = ma.start(fed.grid, fed.initial, num_rounds=3, train_config=config).arrays
     honest, lied = results[False].to_torch_state_dict(), results[True].to_torch_state_dict()
     assert all(torch.equal(honest[k], lied[k]) for k in honest)
+
+
+def _record_drift_orders(strategy) -> list[tuple[float, WorkOrder]]:
+    """(dispatch time, work order) of every job the strategy sends."""
+    sent: list[tuple[float, WorkOrder]] = []
+    make = strategy._train_message
+
+    def spy(node_id, arrays, config, order: WorkOrder):
+        sent.append((strategy.meter.clock.now(), order))
+        return make(node_id, arrays, config, order)
+
+    strategy._train_message = spy
+    return sent
+
+
+def test_drift_correction_starts_once_its_warm_up_share_of_the_budget_is_spent(tmp_path):
+    """Before the warm-up's end jobs are plain (no state kept); the first period after it founds `c`, the
+    rest are corrected. Without a budget the warm-up never ends."""
+    fed = Federation(tmp_path / "data", topology())
+    config = ConfigRecord({**dict(fed.config), "state-dir": str(tmp_path / "state")})
+    settings = dict(lr=0.1, local_steps=5, batch_size=16, limits=NO_SCREEN, drift_correction=True, drift_warmup=0.5)
+    free = ModelAveraging(meter=fed.meter(), **settings)
+    sent = _record_drift_orders(free)
+    free.start(fed.grid, fed.initial, num_rounds=8, train_config=config)
+    assert sent and not any(order.drift for _, order in sent)  # no budget: still warming up
+    budget = free.meter.clock.now() * 0.999  # the eighth period ends past it
+
+    ma = ModelAveraging(meter=fed.meter(), stop=StopRules(max_time_s=budget), **settings)
+    sent = _record_drift_orders(ma)
+    ma.start(fed.grid, fed.initial, num_rounds=100, train_config=config)
+    assert ma.stop_reason.startswith("time budget") and len(sent) == 16  # 8 periods of 2 regions
+    assert [order.drift for _, order in sent] == [t >= 0.5 * budget for t, _ in sent]
+    after = [order for _, order in sent if order.drift]
+    assert 2 <= len(after) <= 12, [t / budget for t, _ in sent]
+    assert [o.drift_from is None for o in after] == [True, True] + [False] * (len(after) - 2)

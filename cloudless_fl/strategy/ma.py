@@ -71,6 +71,12 @@ class ModelAveraging(GeoStrategy):
         optimum. Needs `aggregation="mean"` and `outer_momentum=0` (the step must be the regions' average), a
         ClientApp that keeps state between jobs (this project's, with a `state-dir`). After a step that took
         not every region's change whole (strategy/drift.py) the next period runs uncorrected.
+    drift_warmup : float
+        With `drift_correction`: the share of the time or cost budget spent before the correction starts; its
+        first period after runs uncorrected, founding `c`. A correction is last period's drift, and early on,
+        while the model moves far each period, a stale one overshoots (as control variates go stale in variance-
+        reduced SGD early in training: Defazio & Bottou, NeurIPS 2019). 0: from the first period (SCAFFOLD);
+        above 0 and no budget: not at all.
     parameter_names : names, optional
         With `drift_correction`: the model's parameters, the entries a region corrects (buffers such as
         batch-norm statistics are not). None: every floating-point entry (right for models without buffers).
@@ -82,7 +88,7 @@ class ModelAveraging(GeoStrategy):
     def __init__(self, *, lr: float = 0.1, local_steps: int | Mapping[str, int] = 10, batch_size: int = 32,
                  normalize: bool = True, outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = True,
                  deadline_s: float | None = None, weight_by: str | None = None, aggregation: str = "mean",
-                 trim_fraction: float = 0.25, drift_correction: bool = False,
+                 trim_fraction: float = 0.25, drift_correction: bool = False, drift_warmup: float = 0.0,
                  parameter_names: Iterable[str] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if aggregation not in AGGREGATIONS:
@@ -90,7 +96,11 @@ class ModelAveraging(GeoStrategy):
         if drift_correction and not corrects_drift(aggregation, outer_momentum):
             raise ValueError("drift_correction reads the regions' average step off the model: it needs "
                              "aggregation='mean' and outer_momentum=0")
-        self.drift = DriftBooks(parameter_names) if drift_correction else None
+        if not 0.0 <= drift_warmup <= 1.0:
+            raise ValueError(f"drift_warmup must be a share of the budget in [0, 1], got {drift_warmup}")
+        self.drift_warmup = drift_warmup if drift_correction else None
+        self.parameter_names = parameter_names
+        self.drift: DriftBooks | None = None  # once the warm-up is over (`_begin_drift_correction`)
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
         weight_by = weight_by or ("shares" if self.plan is not None else "samples")
         if weight_by not in WEIGHT_BY:
@@ -106,7 +116,20 @@ class ModelAveraging(GeoStrategy):
     def describe(self) -> str:
         return (f"local lr={self.lr}, H={self.local_steps}, batch={self.batch_size}, FedNova={self.normalize}, "
                 f"outer lr={self.outer_lr} momentum={self.outer_momentum}, deadline={self.deadline_s}"
-                f"{'' if self.drift is None else ', drift correction'}{self._cooldown_setting()}")
+                f"{self._drift_setting()}{self._cooldown_setting()}")
+
+    def _drift_setting(self) -> str:
+        if self.drift_warmup is None:
+            return ""
+        return ", drift correction" + (f" after the budget's first {self.drift_warmup:.0%}" if self.drift_warmup
+                                       else "")
+
+    def _begin_drift_correction(self) -> None:
+        """Start keeping the drift books once the warm-up is over (the next period founds `c`)."""
+        if self.drift is None and self.drift_warmup is not None:
+            spent = self.book.stop.spent(self.meter.figures()) if self.drift_warmup else 0.0
+            if spent is not None and spent >= self.drift_warmup:
+                self.drift = DriftBooks(self.parameter_names)
 
     def _amend_order(self, region: str, order: protocol.WorkOrder) -> protocol.WorkOrder:
         return order if self.drift is None else self.drift.amend(region, order)
@@ -121,13 +144,15 @@ class ModelAveraging(GeoStrategy):
         return {} if self.drift is None else self.drift.state_dict()[1]
 
     def _load_extra_state(self, meta: dict, tensors: dict | None = None) -> None:
-        if self.drift is not None and "drift" in meta:
+        if self.drift_warmup is not None and "drift" in meta:  # saved after the warm-up
+            self.drift = self.drift or DriftBooks(self.parameter_names)
             self.drift.load_state_dict(meta["drift"], tensors or {})
 
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Every live region's work for the period (`H_r` steps), metered from now."""
+        self._begin_drift_correction()
         if self.drift is not None:
             self.drift.begin_period()
         return self._job_messages(self.roster.live, arrays, config, steps=self.local_steps, lr=self.lr,

@@ -176,7 +176,7 @@ def build_ma(s: dict[str, Any], b: Build) -> Strategy:
                           batch_size=s["batch_size"], normalize=s["normalize"], outer_lr=s["outer_lr"],
                           outer_momentum=s["outer_momentum"], nesterov=s["nesterov"], deadline_s=s["deadline_s"],
                           aggregation=s["aggregation"], trim_fraction=s["trim_fraction"],
-                          drift_correction=drift, parameter_names=b.parameter_names,
+                          drift_correction=drift, drift_warmup=s["drift_warmup"], parameter_names=b.parameter_names,
                           weight_by="shares" if fitted else None,  # extra steps must not mean extra weight
                           **_geo_common(s, b))
 
@@ -209,6 +209,7 @@ STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
     StrategyEntry("ma", unit="period", local_work="local_steps", build=build_ma, fills_idle_time=True, schema=_rules({
         **_OWN_LOOP, "strategy.local_steps": Number(1, integer=True, per_region=True), "strategy.normalize": BOOL,
         "strategy.heterogeneity_aware": BOOL, "strategy.drift_correction": Choice((True, False, AUTO)),
+        "strategy.drift_warmup": Number(0, 1),
         "strategy.outer_lr": POSITIVE, "strategy.outer_momentum": Number(0, 1), "strategy.nesterov": BOOL,
         "strategy.deadline_s": OPTIONAL_SECONDS, **_ROBUST})),
     StrategyEntry("asgd_ga", unit="version", local_work="accumulation_steps", build=build_asgd_ga, equal_steps=True,
