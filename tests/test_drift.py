@@ -294,6 +294,19 @@ def test_auto_corrects_drift_wherever_the_step_is_the_plain_average(two_region_t
     assert (tmp_path / "region-state").exists() is on  # where the regions keep their state
 
 
+def test_ma_corrects_drift_by_default_from_halfway_through_its_budget(two_region_topology, tmp_path, caplog):
+    """The shipped config: periods of ~6.5 s against a 30 s budget, so the correction starts in the third
+    period (the regions then keep their state) — and the start-of-run line says when it will."""
+    cfg = compose([*small_run_overrides(two_region_topology), "strategy=ma", "strategy.num_rounds=100",
+                   "strategy.stop.max_time_s=30"])
+    with caplog.at_level(logging.INFO, logger="cloudless_fl"):
+        results = run(cfg, tmp_path)
+    [settings] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ModelAveraging:")]
+    assert "drift correction after the budget's first 50%" in settings, settings
+    assert results["summary"]["ended_by"].startswith("time budget")
+    assert (tmp_path / "region-state").exists()  # a job asked the regions to keep their state for it
+
+
 def test_the_drift_books_round_trip_through_a_checkpoint_with_what_the_screen_mirrors():
     books = DriftBooks(parameters={"w"})
     books.begin_period()
