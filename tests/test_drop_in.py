@@ -82,6 +82,32 @@ def test_ma_and_asgd_ga_delta_learn_as_well_as_fedavg_with_no_client_change(stoc
     assert [r.getMessage() for r in ours].count(named) == 2  # one INFO line per run
 
 
+@pytest.mark.parametrize("mod", [False, True], ids=["stock", "stock+mod"])
+def test_a_stock_app_under_mas_drift_correction_trains_plainly_as_without_it(stock, caplog, mod):
+    """MA's default corrects drift after a warm-up; here from the first period. Without `steps` in its replies
+    (the stock app) the server cannot scale a correction and never asks for one; with the Mod (which reports
+    `steps`) every job after the first names the job to correct from, and the app, which never answers
+    `drift-corrected`, trains plainly. Either way it learns as well as without the correction, with no warning."""
+    caplog.set_level(logging.INFO, logger="cloudless_fl")
+    client_app, task = stock
+    app = with_mod(client_app) if mod else client_app.app
+    config = ConfigRecord({"lr": 0.1})
+    plain, _ = _run((SimpleNamespace(app=app), task), ModelAveraging(lr=0.1), ROUNDS, config)
+    received = []
+
+    def recording(msg, ctx):
+        received.append(dict(msg.content["config"]))
+        return app(msg, ctx)
+
+    asked, _ = _run((SimpleNamespace(app=recording), task),
+                    ModelAveraging(lr=0.1, drift_correction=True, drift_warmup=0.0), ROUNDS, config)
+    print(f"best accuracy: MA {plain:.3f}, MA with drift correction {asked:.3f}")
+    corrections_asked = sum("drift-from-job" in c for c in received)
+    assert corrections_asked == ((ROUNDS - 1) * NODES if mod else 0)
+    assert asked >= 0.9 * plain
+    assert not [r for r in caplog.records if r.name == "cloudless_fl" and r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize("preset, update", [("asgd_ga_delta", "delta"), ("asgd_ga", "gradient")])
 def test_a_drop_in_asgd_ga_serves_the_model_a_configured_run_serves(preset, update):
     """A Flower user constructing the class gets the served average the Hydra preset has (deltas: an average of
