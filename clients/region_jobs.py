@@ -55,7 +55,8 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
                                         for k, v in model.state_dict().items() if v.is_floating_point()))
     else:
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        correction = link.drift_correction()
+        sent = content[protocol.CORRECTION] if protocol.CORRECTION in content else None
+        correction = link.drift_correction(sent)
         stats = workers.local_sgd(model, data.train, batches, order.lr, group, agents,
                                   correction=correction, track_gradient=order.drift)
         if order.mode == protocol.MODE_DELTA or link.codec.lossy:  # a lossy codec compresses changes
@@ -77,7 +78,7 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
         "workers": stats.workers,
         **_self_description(context, data),  # names the node to a server that sent this job with its roll call
     })
-    if order.drift:
+    if order.drift or protocol.CORRECTION in content:
         metrics[protocol.DRIFT_CORRECTED] = int(correction is not None)
     info = ConfigRecord({"region": region, "update": update, "encoding": link.codec.spec()})
     return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.INFO: info})

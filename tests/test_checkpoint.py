@@ -36,8 +36,9 @@ RUNS = {
     "ma_drift": ["strategy=ma", "strategy.num_rounds=16", "strategy.local_steps=4", "strategy.drift_correction=true",
                  "strategy.drift_warmup=0", "compression=none"],
     "fedavg_int4": ["strategy=fedavg", "strategy.num_rounds=16", "strategy.local_epochs=0.25", "compression=int4"],
+    # + drift correction from the start: the corrections in flight are re-sent as sent, the mirrors resume
     "asgd_ga_delta_topk": ["strategy=asgd_ga_delta", "strategy.num_rounds=300", "strategy.eval_every=10",
-                           "compression=topk", "compression.fraction=0.05"],
+                           "compression=topk", "compression.fraction=0.05", "strategy.drift_warmup=0"],
 }
 EVERY = {"ma": 2, "asgd_ga": 20, "fedavg": 2, "ma_int8": 2, "ma_drift": 2, "fedavg_int4": 2, "asgd_ga_delta_topk": 20}
 

@@ -36,9 +36,9 @@ def _record_orders(strategy) -> list[tuple[float, float]]:
     sent: list[tuple[float, float]] = []
     make = strategy._train_message
 
-    def spy(node_id, arrays, config, order: WorkOrder):
+    def spy(node_id, arrays, config, order: WorkOrder, correction=None):
         sent.append((strategy.meter.clock.now(), order.lr))
-        return make(node_id, arrays, config, order)
+        return make(node_id, arrays, config, order, correction)
 
     strategy._train_message = spy
     return sent

@@ -1,4 +1,5 @@
-"""MA's drift correction (SCAFFOLD, read off the model): the region's step, what it keeps, the server's scale."""
+"""Drift correction (SCAFFOLD): MA's, read off the model (the region's step, what it keeps, the server's scale),
+and ASGD-GA's, sent with each job (what the server mirrors and sends, what the region adds)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,23 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from clients.region_app import make_client_app
 from cloudless_fl.config import compose
+from cloudless_fl.control.meter import record_bytes
+from cloudless_fl.deployment.grid import InProcessGrid
 from cloudless_fl.errors import ConfigError
 from cloudless_fl.run import run
-from cloudless_fl.strategy import ModelAveraging
-from cloudless_fl.strategy.drift import DriftBooks
+from cloudless_fl.strategy import AsyncGradAccum, ModelAveraging
+from cloudless_fl.strategy.drift import ControlVariates, DriftBooks
 from cloudless_fl.strategy.runbook import StopRules
 from cloudless_fl.strategy.validation import UpdateLimits
-from cloudless_fl.training.data import Arrays
+from cloudless_fl.training.compression import codec_from_spec
+from cloudless_fl.training.data import Arrays, load_resident, load_source, split_dataset
 from cloudless_fl.training.local import local_sgd, make_batches
 from cloudless_fl.training.models import build_model
-from cloudless_fl.training.protocol import WorkOrder
+from cloudless_fl.training.protocol import ModelSpec, WorkOrder
 from cloudless_fl.training.region_link import RegionLink, RegionState, Snapshot
 from conftest import small_run_overrides
 from strategy_helpers import HIDDEN, Federation, topology
@@ -354,9 +359,9 @@ def _record_drift_orders(strategy) -> list[tuple[float, WorkOrder]]:
     sent: list[tuple[float, WorkOrder]] = []
     make = strategy._train_message
 
-    def spy(node_id, arrays, config, order: WorkOrder):
+    def spy(node_id, arrays, config, order: WorkOrder, correction=None):
         sent.append((strategy.meter.clock.now(), order))
-        return make(node_id, arrays, config, order)
+        return make(node_id, arrays, config, order, correction)
 
     strategy._train_message = spy
     return sent
@@ -382,3 +387,179 @@ def test_drift_correction_starts_once_its_warm_up_share_of_the_budget_is_spent(t
     after = [order for _, order in sent if order.drift]
     assert 2 <= len(after) <= 12, [t / budget for t, _ in sent]
     assert [o.drift_from is None for o in after] == [True, True] + [False] * (len(after) - 2)
+
+
+# ---------------------------------------------------------------- ASGD-GA: the correction sent with each job
+
+def _decoded(record: ArrayRecord | None, order: WorkOrder, like: dict) -> dict | None:
+    """A correction as the region decodes it (int8 unless the run compresses otherwise)."""
+    if record is None:
+        return None
+    assert order.drift_encoding == "int8:1024"
+    return codec_from_spec(order.drift_encoding).decode(record, like)
+
+
+def test_asgd_ga_sends_each_job_c_minus_its_regions_gradient_mirrored_from_its_changes(tmp_path):
+    """Replayed by hand from what was sent and what came back: a region's mean gradient is its change over `lr ·
+    K` minus the correction its job added; each job is sent `c − c_r`, `c` the share-weighted mean, once every
+    region has a gradient; each corrected region says so; the correction's bytes are charged to its download."""
+    fed = Federation(tmp_path / "data", topology())
+    steps, lr = {"fast": 6, "slow": 3}, 0.1
+    s = AsyncGradAccum(update="delta", local_lr=lr, accumulation_steps=steps, batch_size=16, meter=fed.meter(),
+                       limits=NO_SCREEN, drift_correction=True, average_decay=None)
+    events = []
+    make, complete = s._train_message, s._complete
+
+    like = dict(fed.model.named_parameters())
+
+    def send(node_id, arrays, config, order, correction=None):
+        events.append(("send", s.roster.live[node_id].name, _decoded(correction, order, like)))
+        return make(node_id, arrays, config, order, correction)
+
+    def reply(flight, message, mode):
+        change, metrics = complete(flight, message, mode)
+        events.append(("reply", flight.region, flight.order, change, _decoded(flight.correction, flight.order, like),
+                       metrics))
+        assert flight.job.bytes_down == record_bytes(flight.payload) + (
+            0 if flight.correction is None else record_bytes(flight.correction))
+        return change, metrics
+
+    s._train_message, s._complete = send, reply
+    s.start(fed.grid, fed.initial, num_rounds=30, train_config=fed.config)
+
+    shares, gradients, corrected = s.roster.shares, {}, 0
+    for event in events:
+        if event[0] == "send":
+            _, region, sent = event
+            if len(gradients) < len(shares):
+                assert sent is None
+                continue
+            c = {k: sum(shares[r] * gradients[r][k] for r in shares) for k in sent}
+            for k, v in sent.items():  # int8: within half a level of each chunk's largest entry
+                expected = c[k] - gradients[region][k]
+                torch.testing.assert_close(v, expected, atol=float(expected.abs().max()) / 127 / 2 + 1e-6, rtol=0)
+        else:
+            _, region, order, change, sent, metrics = event
+            assert metrics.get("drift-corrected") == (None if sent is None else 1)
+            corrected += sent is not None
+            work = order.lr * order.steps
+            gradients[region] = {k: v / work - (0 if sent is None else sent[k]) for k, v in change.items()}
+    assert corrected >= 20, corrected  # all but the jobs sent before both regions had answered once
+
+
+@pytest.mark.parametrize("encoding", [None, "int8:1024"])
+def test_a_region_adds_the_correction_sent_with_its_job_to_every_step(tmp_path, encoding):
+    """The record as the work order says it is encoded (none: as it is); decoded, added to every step."""
+    split_dataset(load_source("digits"), {"a": 0.5, "b": 0.5}, tmp_path)
+    grid = InProcessGrid(make_client_app(tmp_path), 2)
+    model = build_model("mlp", (1, 8, 8), 10, seed=0, hidden=HIDDEN)
+    exact = {k: torch.linspace(-0.1, 0.1, p.numel()).view_as(p) for k, p in model.named_parameters()}
+    codec = codec_from_spec(encoding or "none")
+    record = codec.encode(exact)
+    correction = codec.decode(record, exact)
+    assert (encoding is None) == all(torch.equal(correction[k], v) for k, v in exact.items())
+    spec = ModelSpec("mlp", 10, {"hidden": HIDDEN})
+    order = WorkOrder(lr=0.1, batch_size=16, steps=4, mode="delta", offset=0, drift_encoding=encoding)
+    message = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "drift-correction": record,
+                                  "config": ConfigRecord({**spec.to_config(), **order.to_config(), "regions": "a,b"})}),
+                      dst_node_id=2, message_type="train")
+    [reply] = grid.pull_messages(grid.push_messages([message]))
+    assert reply.content["metrics"]["drift-corrected"] == 1
+    data = load_resident(tmp_path / "b").train
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _by_hand_sgd(model, data, make_batches(len(data), 16, seed=0, offset=0, samples=64), 0.1, correction)
+    change = reply.content["arrays"].to_torch_state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(change[k], start[k] - v, atol=1e-6, rtol=0)
+
+
+def test_drift_correction_brings_asgd_ga_nearer_the_optimum_on_strongly_non_iid_regions(tmp_path):
+    """As MA's test above: almost disjoint labels, many local steps; corrected, the model fits the whole data
+    better."""
+    fed = Federation(tmp_path / "data", topology(), alpha=0.05)
+    evaluate_fn = fed.evaluator()
+    final = {}
+    for drift in (False, True):
+        s = AsyncGradAccum(update="delta", local_lr=0.1, accumulation_steps=40, batch_size=16, meter=fed.meter(),
+                           limits=NO_SCREEN, drift_correction=drift)
+        final[drift] = evaluate_fn(24, s.start(fed.grid, fed.initial, num_rounds=24, train_config=fed.config).arrays)
+    print(final)
+    assert final[True]["loss"] < 0.8 * final[False]["loss"], final
+    assert final[True]["accuracy"] > final[False]["accuracy"], final
+
+
+def test_asgd_ga_corrects_drift_once_its_warm_up_share_of_the_budget_is_spent(tmp_path):
+    fed = Federation(tmp_path / "data", topology())
+    settings = dict(update="delta", local_lr=0.1, accumulation_steps=5, batch_size=16, limits=NO_SCREEN,
+                    drift_correction=True, drift_warmup=0.75)
+    free = AsyncGradAccum(meter=fed.meter(), **settings)
+    free.start(fed.grid, fed.initial, num_rounds=20, train_config=fed.config)
+    budget = free.meter.clock.now()
+    s = AsyncGradAccum(meter=fed.meter(), stop=StopRules(max_time_s=budget), **settings)
+    sent = []
+    make = s._train_message
+
+    def spy(node_id, arrays, config, order, correction=None):
+        sent.append((s.meter.clock.now(), correction is not None))
+        return make(node_id, arrays, config, order, correction)
+
+    s._train_message = spy
+    s.start(fed.grid, fed.initial, num_rounds=1000, train_config=fed.config)
+    assert s.stop_reason.startswith("time budget")
+    # both regions have answered by 0.6 of the budget (the slow one's first reply: 0.57), so only the warm-up
+    # holds the correction back
+    assert [corrected for _, corrected in sent] == [t >= 0.75 * budget for t, _ in sent]
+    assert sum(corrected for _, corrected in sent) >= 4, [(t / budget, c) for t, c in sent]
+
+
+def test_asgd_ga_drift_correction_needs_local_steps_and_the_plain_mean(two_region_topology, tmp_path):
+    for conflict in ({"update": "gradient"}, {"update": "delta", "aggregation": "median"}):
+        with pytest.raises(ValueError, match="drift_correction.*update='delta' and aggregation='mean'"):
+            AsyncGradAccum(drift_correction=True, **conflict)
+    cfg = compose([*small_run_overrides(two_region_topology), "strategy=asgd_ga", "strategy.drift_correction=true"])
+    with pytest.raises(ConfigError, match="strategy.update=delta and strategy.aggregation=mean"):
+        run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("preset, on", [("asgd_ga_delta", True), ("asgd_ga", False)])
+def test_auto_corrects_asgd_gas_local_steps_from_halfway(two_region_topology, tmp_path, caplog, preset, on):
+    cfg = compose([*small_run_overrides(two_region_topology), f"strategy={preset}"])
+    with caplog.at_level(logging.INFO, logger="cloudless_fl"):
+        run(cfg, tmp_path)
+    [settings] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AsyncGradAccum:")]
+    assert ("drift correction after the budget's first 50%" in settings) is on, settings
+
+
+def test_a_configured_asgd_ga_corrects_from_its_first_jobs_answers(two_region_topology, tmp_path, monkeypatch):
+    """No warm-up, and the first jobs go out with the roll call (the regions' data shares are not known until
+    they answer): once both have answered (the slow one after a dozen of the fast one's jobs), every job is."""
+    sent = []
+    make = AsyncGradAccum._train_message
+
+    def spy(self, node_id, arrays, config, order, correction=None):
+        sent.append(correction is not None)
+        return make(self, node_id, arrays, config, order, correction)
+
+    monkeypatch.setattr(AsyncGradAccum, "_train_message", spy)
+    cfg = compose([*small_run_overrides(two_region_topology), "strategy=asgd_ga_delta", "strategy.drift_warmup=0",
+                   "strategy.num_rounds=20"])
+    results = run(cfg, tmp_path)
+    assert results["summary"]["final_accuracy"] > 0.5
+    pattern = "".join("x" if corrected else "." for corrected in sent)  # measured: 12 plain, then 10 corrected
+    plain = pattern.index("x")
+    assert plain >= 2 and pattern == "." * plain + "x" * (len(sent) - plain) and len(sent) - plain >= 8, pattern
+
+
+def test_the_control_variates_round_trip_through_a_checkpoint():
+    books = ControlVariates(parameters={"w"})
+    order = WorkOrder(lr=0.1, batch_size=8, steps=2, mode="delta")
+    books.observe("a", order, {"w": torch.tensor([0.2, 0.4]), "bn": torch.ones(2)}, None, None)
+    books.observe("b", order, {"w": torch.tensor([0.0, 0.2]), "bn": torch.ones(2)}, {"w": torch.ones(2)}, None)
+    meta, tensors = books.state_dict()
+    restored = ControlVariates(parameters={"w"})
+    restored.load_state_dict(meta, tensors)
+    assert restored.ignored == {"b"}  # it was sent a correction and said nothing of it: a stock ClientApp
+    assert torch.equal(restored.gradients["a"]["w"], torch.tensor([1.0, 2.0])) and set(restored.gradients["a"]) == {"w"}
+    assert torch.equal(restored.gradients["b"]["w"], torch.tensor([0.0, 1.0]))  # plain: the correction not taken out
+    assert restored.correction("b", {"a": 0.5, "b": 0.5}) is None
+    torch.testing.assert_close(restored.correction("a", {"a": 0.75, "b": 0.25})["w"], torch.tensor([-0.25, -0.25]))

@@ -108,6 +108,29 @@ def test_a_stock_app_under_mas_drift_correction_trains_plainly_as_without_it(sto
     assert not [r for r in caplog.records if r.name == "cloudless_fl" and r.levelno >= logging.WARNING]
 
 
+def test_a_stock_app_under_asgd_gas_drift_correction_is_sent_it_once_and_trains_plainly(stock, caplog):
+    """ASGD-GA's correction goes out with each job once every node has answered one; the stock app ignores the
+    extra record and never answers `drift-corrected`, so each node is sent one and no more (no download wasted)
+    and the run learns as without it, with no warning."""
+    caplog.set_level(logging.INFO, logger="cloudless_fl")
+    client_app, task = stock
+    config = ConfigRecord({"lr": 0.1})
+    settings = dict(update="delta", local_lr=0.1, eval_every=NODES)
+    plain, _ = _run(stock, AsyncGradAccum(**settings), ROUNDS * NODES, config)
+    received = []
+
+    def recording(msg, ctx):
+        received.append("drift-correction" in msg.content)
+        return client_app.app(msg, ctx)
+
+    asked, _ = _run((SimpleNamespace(app=recording), task), AsyncGradAccum(drift_correction=True, **settings),
+                    ROUNDS * NODES, config)
+    print(f"best accuracy: ASGD-GA delta {plain:.3f}, with drift correction {asked:.3f}")
+    assert sum(received) == NODES and len(received) > 2 * NODES
+    assert asked >= 0.9 * plain
+    assert not [r for r in caplog.records if r.name == "cloudless_fl" and r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize("preset, update", [("asgd_ga_delta", "delta"), ("asgd_ga", "gradient")])
 def test_a_drop_in_asgd_ga_serves_the_model_a_configured_run_serves(preset, update):
     """A Flower user constructing the class gets the served average the Hydra preset has (deltas: an average of

@@ -295,9 +295,9 @@ def test_asgd_ga_takes_its_accumulation_steps_from_the_plan(tmp_path):
     strategy = AsyncGradAccum(lr=0.1, batch_size=16, update="delta", meter=fed.meter(), scheduler=scheduler)
     original = strategy._train_message
 
-    def spy(node_id, arrays, config, order):
+    def spy(node_id, arrays, config, order, correction=None):
         seen.append((strategy.roster.live[node_id].name, order.steps))
-        return original(node_id, arrays, config, order)
+        return original(node_id, arrays, config, order, correction)
 
     strategy._train_message = spy
     strategy.start(fed.grid, fed.initial, num_rounds=6, train_config=fed.config)
@@ -329,9 +329,9 @@ def test_a_scheduled_run_sends_its_first_jobs_with_the_roll_call_and_plans_after
         orders, pushed, at_step_1 = [], [], {}
         original_message, original_push, evaluate = s._train_message, fed.grid.push_messages, fed.evaluator()
 
-        def spy(node_id, arrays, config, order, s=s, orders=orders, original=original_message):
+        def spy(node_id, arrays, config, order, correction=None, s=s, orders=orders, original=original_message):
             orders.append((s.step, order.steps, order.workers))
-            return original(node_id, arrays, config, order)
+            return original(node_id, arrays, config, order, correction)
 
         def recording_push(messages, pushed=pushed, push=original_push):
             messages = list(messages)

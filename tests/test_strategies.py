@@ -607,9 +607,9 @@ def test_a_second_node_of_a_region_at_the_start_works_from_its_next_job(tmp_path
     worked = []
     original = s._train_message
 
-    def spy(node_id, arrays, config, order):
+    def spy(node_id, arrays, config, order, correction=None):
         worked.append(node_id)
-        return original(node_id, arrays, config, order)
+        return original(node_id, arrays, config, order, correction)
 
     s._train_message = spy
     s.start(fed.grid, fed.initial, num_rounds=3, train_config=fed.config)

@@ -44,9 +44,11 @@ from flwr.serverapp.strategy import Result
 
 from ..control.jobs import moving_average
 from ..training import protocol
+from ..training.compression import codec_from_spec
 from .base import NO_REGION_LEFT, EvaluateFn, GeoStrategy
 from .inflight import POLL_S
 from .robust import AGGREGATIONS, coordinate_median, trimmed_mean
+from .drift import ControlVariates
 from .screen import Candidate
 
 RATE_EMA = 0.3
@@ -112,6 +114,15 @@ class AsyncGradAccum(GeoStrategy):
         `trimmed_mean`: fraction dropped of each side per entry.
     buffer_regions : int
         Regions whose updates make one buffered step (at least 3: a median of 3 outvotes one bad region).
+    drift_correction : bool
+        Delta mode: SCAFFOLD's drift correction of the regions' local steps (Karimireddy et al., ICML 2020),
+        each job sent its correction `c − c_r` beside the model (strategy/drift.py: the download doubles
+        while it is on). A ClientApp that ignores it (a stock one) trains plainly and is no longer sent it.
+    drift_warmup : float
+        With `drift_correction`: the share of the time or cost budget spent before the correction starts (as
+        MA's: early on, while the model moves fast, a region's last gradient is a poor guess of its next).
+    parameter_names : names, optional
+        With `drift_correction`: the model's parameters, the entries a region corrects. None: every entry.
     average_decay : float or None
         Serve (evaluate, return) an exponential moving average of the versions with this decay per version.
         Default: 0.9 for deltas, whose versions swing with each region's non-IID update, so the final model
@@ -138,7 +149,8 @@ class AsyncGradAccum(GeoStrategy):
                  accumulation_steps: int | Mapping[str, int] = 4, batch_size: int = 32, tau_max: int | None = None,
                  staleness: str | Callable[[int], float] = "inverse_sqrt", update: str = protocol.MODE_GRADIENT,
                  local_lr: float = 0.1, balance: bool = True, max_weight: float = 4.0, aggregation: str = "mean",
-                 trim_fraction: float = 0.25, buffer_regions: int = 3, **kwargs) -> None:
+                 trim_fraction: float = 0.25, buffer_regions: int = 3, drift_correction: bool = False,
+                 drift_warmup: float = 0.0, parameter_names: Iterable[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("average_decay", DELTA_AVERAGE_DECAY if update == protocol.MODE_DELTA else None)
         super().__init__(**kwargs)
         if update not in UPDATES:
@@ -150,6 +162,11 @@ class AsyncGradAccum(GeoStrategy):
         if aggregation == "trimmed_mean" and int(trim_fraction * buffer_regions) == 0:
             raise ValueError(f"trim_fraction={trim_fraction} of buffer_regions={buffer_regions} trims nothing: raise "
                              "either (e.g. 0.25 of 4), or use aggregation=median")
+        if drift_correction and (update != protocol.MODE_DELTA or aggregation != "mean"):
+            raise ValueError("drift_correction corrects local steps and trusts every admitted update: it needs "
+                             "update='delta' and aggregation='mean'")
+        if not 0.0 <= drift_warmup <= 1.0:
+            raise ValueError(f"drift_warmup must be a share of the budget in [0, 1], got {drift_warmup}")
         if isinstance(staleness, str):
             if staleness not in STALENESS_FUNCTIONS:
                 raise ValueError(f"unknown staleness function {staleness!r}; use {', '.join(STALENESS_FUNCTIONS)}")
@@ -166,6 +183,8 @@ class AsyncGradAccum(GeoStrategy):
         self.balance = balance
         self.max_weight = max_weight
         self.aggregation, self.trim_fraction, self.buffer_regions = aggregation, trim_fraction, buffer_regions
+        self.drift_warmup = drift_warmup if drift_correction else None
+        self.drift = ControlVariates(parameter_names) if drift_correction else None
         self._slots: dict[str, dict[str, torch.Tensor]] = {}  # buffered rule: region → its latest scaled update
         self._intervals: dict[str, float] = {}  # region → smoothed seconds between its arrivals
         self._work: dict[str, int] = {}  # region → the local steps its latest job counts for (gradient mode: 1)
@@ -185,7 +204,13 @@ class AsyncGradAccum(GeoStrategy):
         buffered = "" if self.aggregation == "mean" else f", buffered {self.aggregation} of {self.buffer_regions}"
         return (f"server lr={self.lr} momentum={self.momentum}, G={self.accumulation_steps}, "
                 f"batch={self.batch_size}, tau_max={self.tau_max}, update={self.update}, balance={self.balance}"
-                f"{buffered}{self._cooldown_setting()}")
+                f"{buffered}{self._drift_setting()}{self._cooldown_setting()}")
+
+    def _drift_setting(self) -> str:
+        if self.drift is None:
+            return ""
+        return ", drift correction" + (f" after the budget's first {self.drift_warmup:.0%}" if self.drift_warmup
+                                       else "") + f" (sent as {self.drift_codec.spec()})"
 
     # ------------------------------------------------------------------ Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -216,6 +241,8 @@ class AsyncGradAccum(GeoStrategy):
             tau = self.version - flight.version
             staleness, balance = self.staleness(tau), self._balance_weight(flight.region)
             scale = self._admitted(flight, update, staleness * balance)
+            if scale is not None and self.drift is not None:  # the change as the screen lets it in
+                self._mirror(flight, {k: v * scale for k, v in update.items()}, metrics)
             self._applied[flight.region] = moving_average(self._applied.get(flight.region), float(scale is not None),
                                                           RATE_EMA)
             if scale is None:  # the region simply gets the newest model again
@@ -234,6 +261,29 @@ class AsyncGradAccum(GeoStrategy):
             self.version += 1
             applied = True
         return (self.optimizer.arrays() if applied else None), metrics
+
+    def _drift_correction(self, region: str) -> dict[str, torch.Tensor] | None:
+        """`c − c_r` over the live regions, once the warm-up share of the budget is spent."""
+        if self.drift is None:
+            return None
+        if self.drift_warmup:
+            spent = self.book.stop.spent(self.meter.figures())
+            if spent is None or spent < self.drift_warmup:
+                return None
+        live, shares = self.roster.live_names(), self.roster.shares
+        if any(r not in shares for r in live):  # a region that has not answered yet (nor mirrored a gradient)
+            return None
+        return self.drift.correction(region, {r: shares[r] for r in live})
+
+    def _mirror(self, flight, change: dict[str, torch.Tensor], metrics: MetricRecord) -> None:
+        """Mirror the region's mean gradient from its admitted change, the correction it was sent taken out."""
+        sent = None
+        if flight.correction is not None:  # as the region decodes it
+            sent = codec_from_spec(flight.order.drift_encoding).decode(flight.correction, {
+                k: v for k, v in self.optimizer.state.items()
+                if k in change and (self.drift.parameters is None or k in self.drift.parameters)})
+        said = metrics.get(protocol.DRIFT_CORRECTED)
+        self.drift.observe(flight.region, flight.order, change, sent, None if said is None else said == 1)
 
     def _step_buffered(self) -> None:
         """One version from the full buffer: its robust aggregate; then empty it."""
@@ -312,12 +362,18 @@ class AsyncGradAccum(GeoStrategy):
 
     def _extra_state(self) -> dict:
         # "durations": the rates' historic key
-        return {"durations": self._intervals, "applied": self._applied, "work": self._work}
+        drift = {} if self.drift is None else {"drift": self.drift.state_dict()[0]}
+        return {"durations": self._intervals, "applied": self._applied, "work": self._work, **drift}
+
+    def _extra_tensors(self) -> dict:
+        return {} if self.drift is None else self.drift.state_dict()[1]
 
     def _load_extra_state(self, meta: dict, tensors: dict | None = None) -> None:
         self._intervals = dict(meta["durations"])
         self._applied = dict(meta["applied"])
         self._work = dict(meta.get("work", {}))  # absent from earlier checkpoints: balanced from the next jobs
+        if self.drift is not None and "drift" in meta:
+            self.drift.load_state_dict(meta["drift"], tensors or {})
 
     def _region_left(self, region: str) -> None:
         super()._region_left(region)

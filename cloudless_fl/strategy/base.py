@@ -17,6 +17,7 @@ import json
 import logging
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from ..control.scheduler import Scheduler
 from ..errors import ConfigError
 from ..reporting.results import History
 from ..training import protocol
-from ..training.compression import Codec, wire_bytes
+from ..training.compression import Codec, Int8, wire_bytes
 from .cooldown import cooldown_factor
 from .downlink import Downlink
 from .inflight import InFlight, InFlightJobs, await_replies
@@ -278,10 +279,12 @@ class GeoStrategy(Strategy):
 
     # ------------------------------------------------------------------ jobs
     def _train_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord,
-                       order: protocol.WorkOrder) -> Message:
-        content = ConfigRecord({**dict(config), **order.to_config()})
-        return Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: content}), dst_node_id=node_id,
-                       message_type=MessageType.TRAIN)
+                       order: protocol.WorkOrder, correction: ArrayRecord | None = None) -> Message:
+        content = RecordDict({protocol.ARRAYS: arrays,
+                              protocol.CONFIG: ConfigRecord({**dict(config), **order.to_config()})})
+        if correction is not None:
+            content[protocol.CORRECTION] = correction
+        return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
     def _cooldown_setting(self) -> str:
         """The cooldown as the start-of-run line names it ("" without one)."""
@@ -321,11 +324,16 @@ class GeoStrategy(Strategy):
                                        compression=self.downlink.codec.spec(), base=down.base, layout=down.layout,
                                        keep_from=self.downlink.keep_from(region, down.base, key))
             order = self._amend_order(region, order)
+            correction = self._drift_correction(region)
+            if correction is not None:
+                order = replace(order, drift_encoding=self.drift_codec.spec())
+                correction = self.drift_codec.encode(correction)
             self.offsets[region] += samples
-            job = self.meter.dispatch(region, bytes_down=record_bytes(down.payload), samples=samples)
-            message = self._train_message(node_id, down.payload, config, order)
+            job = self.meter.dispatch(region, samples=samples, bytes_down=record_bytes(down.payload) + (
+                0 if correction is None else record_bytes(correction)))
+            message = self._train_message(node_id, down.payload, config, order, correction)
             messages.append(self.jobs.stage(message, InFlight(node_id, region, version, job, order, arrays,
-                                                              down.payload)))
+                                                              down.payload, correction)))
         return messages
 
     def _complete(self, flight: InFlight, reply: Message, mode: str) -> tuple[dict | None, MetricRecord]:
@@ -490,6 +498,8 @@ class GeoStrategy(Strategy):
         for flight in flights:
             sent.setdefault(str(flight.version), flight.arrays.to_torch_state_dict())
         payloads = {str(i): f.payload.to_torch_state_dict() for i, f in enumerate(flights) if f.payload is not f.arrays}
+        corrections = {str(i): f.correction.to_torch_state_dict() for i, f in enumerate(flights)
+                       if f.correction is not None}
         plan = self.plan.state_dict() if self.plan is not None else {"scheduler": None, "planned_steps": None}
         downlink, downlink_models = self.downlink.state_dict()
         meta = {"offsets": self.offsets, "shares": self.roster.shares, **plan,
@@ -498,6 +508,7 @@ class GeoStrategy(Strategy):
         norms, last = self.screen.state_dict()
         self.book.save({**meta, "screen_norms": norms},
                        {"optimizer": self.optimizer.state_dict(), "sent": sent, "payloads": payloads,
+                        "corrections": corrections,
                         "downlink": downlink_models, "screen": last, "extra": self._extra_tensors()})
         self.downlink.pin((f.region, key) for f in flights for key in (f.order.base, f.order.offset)
                           if key is not None)  # regions may forget what this checkpoint cannot ask for
@@ -505,6 +516,16 @@ class GeoStrategy(Strategy):
     def _amend_order(self, region: str, order: protocol.WorkOrder) -> protocol.WorkOrder:
         """A subclass's additions to a region's work order (MA: drift correction)."""
         return order
+
+    @property
+    def drift_codec(self) -> Codec:
+        """How a drift correction crosses the WAN: in the run's codec, or int8 if the run sends models whole (a
+        correction is a small, smooth pull on each step; int8 keeps its extra download a quarter of a model's)."""
+        return self.downlink.codec if self.downlink.codec.lossy else Int8()
+
+    def _drift_correction(self, region: str) -> dict[str, Any] | None:
+        """What a region's next job adds to each local step's gradient, sent with it (ASGD-GA: `c − c_r`)."""
+        return None
 
     def _extra_state(self) -> dict[str, Any]:
         """A subclass's own JSON-able state for the checkpoint."""
@@ -534,10 +555,12 @@ class GeoStrategy(Strategy):
             node = by_name.get(saved["region"])
             if node is None:
                 continue  # its region did not come back: the job is lost with it
-            payload = tensors["payloads"].get(str(i))
+            payload, correction = tensors["payloads"].get(str(i)), tensors.get("corrections", {}).get(str(i))
             flight = InFlight.from_state_dict(saved, node, ArrayRecord(tensors["sent"][str(saved["version"])]),
-                                              None if payload is None else ArrayRecord(payload))
-            messages.append(self.jobs.stage(self._train_message(node, flight.payload, config, flight.order), flight))
+                                              None if payload is None else ArrayRecord(payload),
+                                              None if correction is None else ArrayRecord(correction))
+            messages.append(self.jobs.stage(self._train_message(node, flight.payload, config, flight.order,
+                                                                flight.correction), flight))
         self.jobs.push(grid, messages)
         self._load_extra_state(meta, tensors.get("extra", {}))
         log.info("resumed from %s at step %d (t=%.1f s)", self.book.checkpointer.path, self.step,

@@ -1,6 +1,7 @@
-"""MA's side of drift correction: which job each region corrects from, and the scale of the step since.
+"""The server's side of drift correction (SCAFFOLD, Karimireddy et al., ICML 2020): MA's and ASGD-GA's.
 
-A region derives SCAFFOLD's `c` from the server's step (`training/region_link.py`):
+**MA** (`DriftBooks`): which job each region corrects from, and the scale of
+the step since. A region derives SCAFFOLD's `c` from the server's step (`training/region_link.py`):
 `(x' − x) / scale`. That is the regions' mean gradient only while the last
 step's `c` was the weighted mean of the regions' `c_i` with that step's own
 weights. A step that leaves a sent region out (held back, late, lost), scales
@@ -20,12 +21,21 @@ off). So the screen is shown the change with the correction taken out — what
 the region's own gradients did, `change − lr · H · correction` — which the
 server works out as the region does: it mirrors each region's mean gradient
 from that region's last change.
+
+**ASGD-GA** (`ControlVariates`): no step of the server's is the regions'
+average, so nothing can be read off the model; each job is sent its correction
+`c − c_r` (SCAFFOLD's doubled download, in the job's codec). The server mirrors
+`c_r`, the region's mean gradient over its last job, from that job's change as
+applied: `K` steps at rate `lr`, each corrected by `corr`, move the model by
+`lr · K · (c_r + corr)`. `c` is the data-share mean of the live regions' `c_r`,
+so the corrections sent at one moment sum to zero weighted by share. Measured
+on the tabular study: README, "ASGD-GA's drift correction".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -119,3 +129,49 @@ class DriftBooks:
         self.previous_start = tensors.get("previous_start")
         self.gradients = {key.split("/", 1)[1]: g for key, g in tensors.items() if key.startswith("gradient/")}
         self.pin()
+
+
+class ControlVariates:
+    """ASGD-GA's drift correction: each region's mean gradient mirrored from its changes, and each job's
+    correction `c − c_r` from them.
+
+    Parameters
+    ----------
+    parameters : names, optional
+        The model's parameters: the entries a region corrects (not buffers). None: every floating-point entry.
+    """
+
+    def __init__(self, parameters: Iterable[str] | None = None) -> None:
+        self.parameters = None if parameters is None else frozenset(parameters)
+        self.gradients: dict[str, Tensors] = {}  # region → its last admitted job's mean gradient (c_r)
+        self.ignored: set[str] = set()  # regions whose ClientApp trained a corrected job plainly (a stock one)
+
+    def correction(self, region: str, shares: Mapping[str, float]) -> Tensors | None:
+        """`c − c_r` for `region`'s next job, `c` the mean of the `shares` regions' gradients weighted by share;
+        None until each of them has one, or if the region's ClientApp does not correct."""
+        if region in self.ignored or any(r not in self.gradients for r in shares):
+            return None
+        total = sum(shares.values())
+        own = self.gradients[region]
+        return {k: sum((s / total) * self.gradients[r][k] for r, s in shares.items()) - g for k, g in own.items()}
+
+    def observe(self, region: str, order: WorkOrder, change: Tensors, correction: Tensors | None,
+                corrected: bool | None) -> None:
+        """An admitted `change` (start − result, as applied) of `order`'s job; `correction` what it was sent,
+        `corrected` what the region said (None: nothing, a ClientApp that knows no drift correction)."""
+        if correction is not None and corrected is None:
+            self.ignored.add(region)  # it will not correct: stop sending what it ignores
+        if order.lr <= 0:  # at the cooldown's end a change says nothing of the gradient
+            return
+        work = order.lr * order.steps
+        taken = correction if correction is not None and corrected else None
+        self.gradients[region] = {k: v.float() / work - (0.0 if taken is None else taken[k])
+                                  for k, v in change.items() if self.parameters is None or k in self.parameters}
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensors]]:
+        """(JSON-able books, tensors) for the checkpoint."""
+        return {"ignored": sorted(self.ignored)}, {f"gradient/{r}": g for r, g in self.gradients.items()}
+
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, Tensors]) -> None:
+        self.ignored = set(state["ignored"])
+        self.gradients = {key.split("/", 1)[1]: g for key, g in tensors.items() if key.startswith("gradient/")}

@@ -177,6 +177,7 @@ class InFlight:
     order: protocol.WorkOrder
     arrays: ArrayRecord  # the model it was sent: a checkpoint re-sends it on resume
     payload: ArrayRecord | None = None  # what crossed the WAN for it, if not `arrays` (a compressed change)
+    correction: ArrayRecord | None = None  # the drift correction it was sent, encoded (ASGD-GA's)
     sent_at: float = field(default_factory=time.monotonic)  # real time, for reply timeouts
 
     def __post_init__(self) -> None:
@@ -190,13 +191,13 @@ class InFlight:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], node_id: int, arrays: ArrayRecord,
-                        payload: ArrayRecord | None = None) -> InFlight:
+                        payload: ArrayRecord | None = None, correction: ArrayRecord | None = None) -> InFlight:
         """The job a checkpoint kept, to be re-sent to `node_id` (its region's node now)."""
         job = dict(state["job"])
         timing = job.pop("timing")
         return cls(node_id, state["region"], int(state["version"]),
                    Job(**job, timing=None if timing is None else JobTiming(**timing)),
-                   protocol.WorkOrder.from_config(ConfigRecord(state["order"])), arrays, payload)
+                   protocol.WorkOrder.from_config(ConfigRecord(state["order"])), arrays, payload, correction=correction)
 
 
 class InFlightJobs:

@@ -18,6 +18,7 @@ from ..config_schema import BOOL, COUNT, OPTIONAL_SECONDS, POSITIVE, Choice, Num
 from ..control.meter import Meter
 from ..control.scheduler import Scheduler, Workload, evaluate_plan
 from ..errors import ConfigError
+from ..training import protocol
 from ..training.compression import Codec
 from .base import ROLL_CALLS
 from .asgd_ga import STALENESS_FUNCTIONS, UPDATES, AsyncGradAccum
@@ -182,11 +183,18 @@ def build_ma(s: dict[str, Any], b: Build) -> Strategy:
 
 
 def build_asgd_ga(s: dict[str, Any], b: Build) -> Strategy:
+    local_steps = s["update"] == protocol.MODE_DELTA
+    if s["drift_correction"] is True and not (local_steps and s["aggregation"] == "mean"):
+        raise ConfigError("strategy.drift_correction corrects local steps and trusts every admitted update: it "
+                          "needs strategy.update=delta and strategy.aggregation=mean (or set "
+                          "strategy.drift_correction=false or auto)")
+    drift = local_steps and s["aggregation"] == "mean" if s["drift_correction"] == AUTO else s["drift_correction"]
     return AsyncGradAccum(lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"],
                           accumulation_steps=s["accumulation_steps"], batch_size=s["batch_size"],
                           tau_max=s["tau_max"], staleness=s["staleness"], update=s["update"], local_lr=s["local_lr"],
                           balance=s["balance"], max_weight=s["max_weight"], aggregation=s["aggregation"],
-                          trim_fraction=s["trim_fraction"], buffer_regions=s["buffer_regions"], **_geo_common(s, b))
+                          trim_fraction=s["trim_fraction"], buffer_regions=s["buffer_regions"], drift_correction=drift,
+                          drift_warmup=s["drift_warmup"], parameter_names=b.parameter_names, **_geo_common(s, b))
 
 
 _ASGD_GA_SCHEMA: dict[str, Rule] = {
@@ -196,6 +204,7 @@ _ASGD_GA_SCHEMA: dict[str, Rule] = {
     "strategy.staleness": Choice(tuple(STALENESS_FUNCTIONS)), "strategy.update": Choice(UPDATES),
     "strategy.local_lr": POSITIVE, "strategy.balance": BOOL, "strategy.max_weight": Number(1),
     **_ROBUST, "strategy.buffer_regions": Number(3, integer=True),
+    "strategy.drift_correction": Choice((True, False, AUTO)), "strategy.drift_warmup": Number(0, 1),
 }
 
 

@@ -4,6 +4,9 @@ Server → region (ConfigRecord "config"): which model to build, how much local
 work, at which stream offset, and in which mode. Region → server: ArrayRecord
 "arrays" (weights, or a gradient in `gradient` mode), MetricRecord "metrics"
 and ConfigRecord "info" (the region's name: MetricRecords hold numbers only).
+A train message may carry a second ArrayRecord, "drift-correction" (ASGD-GA's
+drift correction, `strategy/drift.py`); a ClientApp that knows nothing of it
+trains plainly, and the server stops sending it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from ..control.jobs import Reported
-from .records import ARRAYS, CONFIG, INFO, METRICS  # noqa: F401 - the protocol's names
+from .records import ARRAYS, CONFIG, CORRECTION, INFO, METRICS  # noqa: F401 - the protocol's names
 
 # Local-work modes a train message can ask for.
 MODE_WEIGHTS = "weights"  # local SGD; reply with the new weights (FedAvg, MA)
@@ -82,6 +85,7 @@ class WorkOrder:
     drift: bool = False  # keep this job's start model and mean gradient for the next job's drift correction
     drift_from: int | None = None  # correct local steps for drift from what this earlier job kept (region_link.py)
     drift_scale: float | None = None  # the global model's move since that job, per unit of mean gradient
+    drift_encoding: str | None = None  # the codec of the `drift-correction` record the job carries, if it does
 
     def to_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"lr": float(self.lr), "batch-size": int(self.batch_size), "mode": self.mode,
@@ -103,6 +107,8 @@ class WorkOrder:
             cfg["drift-correction"] = True
         if self.drift_from is not None:
             cfg["drift-from-job"], cfg["drift-scale"] = int(self.drift_from), float(self.drift_scale)
+        if self.drift_encoding is not None:
+            cfg["drift-encoding"] = self.drift_encoding
         return cfg
 
     @classmethod
@@ -129,7 +135,8 @@ class WorkOrder:
                    layout=str(config["model-layout"]) if "model-layout" in config else None,
                    drift=bool(config.get("drift-correction", False)),
                    drift_from=int(config["drift-from-job"]) if "drift-from-job" in config else None,
-                   drift_scale=scale)
+                   drift_scale=scale,
+                   drift_encoding=str(config["drift-encoding"]) if "drift-encoding" in config else None)
 
     def job_key(self) -> int:
         """What names this job among its region's jobs: its stream offset, or the round of a synchronous

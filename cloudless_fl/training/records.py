@@ -5,3 +5,4 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 INFO = "info"
+CORRECTION = "drift-correction"  # ASGD-GA's drift correction `c − c_r` for a job's local steps, in the job's codec

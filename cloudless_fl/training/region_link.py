@@ -9,14 +9,16 @@ region's sample stream, which is unique and checkpointed by the server):
 - `gradient`: the job's mean raw gradient per local step, when MA corrects
   local steps for drift (`WorkOrder.drift`).
 
-Drift correction is SCAFFOLD's (Karimireddy et al., ICML 2020, option II)
+MA's drift correction is SCAFFOLD's (Karimireddy et al., ICML 2020, option II)
 with no extra WAN bytes. Each local step uses `g + c − c_i`, where `c_i` is
 the region's mean gradient over its last job (kept here) and `c` the regions'
 weighted mean of theirs. SCAFFOLD sends `c`; here the region reads it off the
 model it is sent: the server's (FedNova-normalised) step from the model `x'`
 that job started from to this job's `x` is `scale · c`, with `scale =
 outer_lr · lr · τ_eff` of that period (`WorkOrder.drift_scale`), so the
-correction is `(x' − x) / scale − c_i`.
+correction is `(x' − x) / scale − c_i`. ASGD-GA's server takes no such step
+(it applies one region at a time), so it sends each job its correction
+(`strategy/drift.py`), and the region keeps nothing for it.
 
 In deployment every message gets a fresh ClientApp process, so snapshots live
 on disk, in the SuperNode's `state-dir` (node config; `launch` sets one per
@@ -40,7 +42,7 @@ from flwr.app import ArrayRecord
 from ..atomic import atomic_write
 from ..errors import DataError
 from .compression import ErrorFeedback, codec_from_spec
-from .protocol import WorkOrder, layout_tensors
+from .protocol import WorkOrder, layout_tensors, unpack_tensors
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +133,14 @@ class RegionLink:
             self.start = {k: v + change[k] for k, v in self.base.model.items()}
         return self.start
 
-    def drift_correction(self) -> dict[str, torch.Tensor] | None:
-        """What each local step adds to its gradient (`(x' − x) / scale − c_i`, module docstring); None when
-        the order asks for none or the region no longer holds the job it names (it then trains uncorrected)."""
+    def drift_correction(self, sent: ArrayRecord | None = None) -> dict[str, torch.Tensor] | None:
+        """What each local step adds to its gradient: the correction `sent` with the job (ASGD-GA's), else
+        `(x' − x) / scale − c_i` (MA's, module docstring); None when the order asks for none or the region no
+        longer holds the job it names (it then trains uncorrected)."""
+        if sent is not None:
+            codec = codec_from_spec(self.order.drift_encoding or "none")
+            named = set(unpack_tensors(sent) if codec.lossy else sent.keys())
+            return codec.decode(sent, {k: v for k, v in self.start.items() if k in named})
         if self.order.drift_from is None or self.state is None:
             return None
         kept = self.state.find(self.order.drift_from)
