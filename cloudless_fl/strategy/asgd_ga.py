@@ -116,8 +116,8 @@ class AsyncGradAccum(GeoStrategy):
         Regions whose updates make one buffered step (at least 3: a median of 3 outvotes one bad region).
     drift_correction : bool
         Delta mode: SCAFFOLD's drift correction of the regions' local steps (Karimireddy et al., ICML 2020),
-        each job sent its correction `c − c_r` beside the model (strategy/drift.py: the download doubles
-        while it is on). A ClientApp that ignores it (a stock one) trains plainly and is no longer sent it.
+        each job sent its correction `c − c_r` beside the model (strategy/drift.py; in int8 unless the run
+        compresses: a quarter of an uncompressed model more per download while it is on). A ClientApp that ignores it (a stock one) trains plainly and is no longer sent it.
     drift_warmup : float
         With `drift_correction`: the share of the time or cost budget spent before the correction starts (as
         MA's: early on, while the model moves fast, a region's last gradient is a poor guess of its next).

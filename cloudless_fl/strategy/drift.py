@@ -24,7 +24,8 @@ from that region's last change.
 
 **ASGD-GA** (`ControlVariates`): no step of the server's is the regions'
 average, so nothing can be read off the model; each job is sent its correction
-`c − c_r` (SCAFFOLD's doubled download, in the job's codec). The server mirrors
+`c − c_r` (SCAFFOLD sends `c` with the model too; here in int8, or the run's
+codec if it compresses: `GeoStrategy.drift_codec`). The server mirrors
 `c_r`, the region's mean gradient over its last job, from that job's change as
 applied: `K` steps at rate `lr`, each corrected by `corr`, move the model by
 `lr · K · (c_r + corr)`. `c` is the data-share mean of the live regions' `c_r`,
