@@ -46,7 +46,7 @@ def train(content: RecordDict, context: Context, data_root: str | Path | None = 
     model.load_state_dict(link.received(content[protocol.ARRAYS]))
     batches = make_batches(len(data.train), order.batch_size, seed=order.data_seed, offset=position,
                            samples=order.samples(len(data.train)))
-    update = order.mode
+    update, correction = order.mode, None  # a gradient job takes no local steps, so nothing to correct
     group, agents = _group_size(context, order), _agents(context, spec, data.input_shape)
     if order.mode == protocol.MODE_GRADIENT:
         grads, stats = workers.accumulate_gradient(model, data.train, batches, group, agents)
