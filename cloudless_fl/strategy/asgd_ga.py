@@ -241,7 +241,9 @@ class AsyncGradAccum(GeoStrategy):
             tau = self.version - flight.version
             staleness, balance = self.staleness(tau), self._balance_weight(flight.region)
             scale = self._admitted(flight, update, staleness * balance)
-            if scale is not None and self.drift is not None:  # the change as the screen lets it in
+            if self.drift is not None and scale is None:
+                self.drift.distrust(flight.region)
+            elif self.drift is not None:  # the change as the screen lets it in
                 self._mirror(flight, {k: v * scale for k, v in update.items()}, metrics)
             self._applied[flight.region] = moving_average(self._applied.get(flight.region), float(scale is not None),
                                                           RATE_EMA)
@@ -408,7 +410,7 @@ class AsyncGradAccum(GeoStrategy):
         model with (measured: a fast attacker held back on every update drove geo4 to 0.58); in
         the shares, it shrinks them, as if its data were still being learnt.
         """
-        live = self.roster.live_names()
+        live = sorted(self.roster.live_names())  # sums in one order: a run does not depend on the hash seed
         if not self.balance or len(live) < 2 or any(r not in self._intervals or r not in self._work for r in live):
             return 1.0
         # work relative to this region's: with equal steps everywhere, the arrival rates bit for bit

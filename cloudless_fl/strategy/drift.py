@@ -31,6 +31,15 @@ applied: `K` steps at rate `lr`, each corrected by `corr`, move the model by
 `lr · K · (c_r + corr)`. `c` is the data-share mean of the live regions' `c_r`,
 so the corrections sent at one moment sum to zero weighted by share. Measured
 on the tabular study: README, "ASGD-GA's drift correction".
+
+A mirror is only as good as the update it came from, and one bad mirror
+reaches every region's correction by its data share. So a region whose latest
+update was not admitted (held back by the screen, refused, too stale) is left
+out of `c` and sent no correction until an update of its is admitted again:
+an attacker whose bad update slips through once poisons `c` only until its
+next one is held back (measured, one region sending × −10: README), and an
+honest region whose corrected update the screen holds back (the feedback in
+"ASGD-GA's drift correction") founds its mirror afresh from a plain job.
 """
 
 from __future__ import annotations
@@ -146,15 +155,22 @@ class ControlVariates:
         self.parameters = None if parameters is None else frozenset(parameters)
         self.gradients: dict[str, Tensors] = {}  # region → its last admitted job's mean gradient (c_r)
         self.ignored: set[str] = set()  # regions whose ClientApp trained a corrected job plainly (a stock one)
+        self.distrusted: set[str] = set()  # regions whose latest update was not admitted: out of `c`, uncorrected
 
     def correction(self, region: str, shares: Mapping[str, float]) -> Tensors | None:
-        """`c − c_r` for `region`'s next job, `c` the mean of the `shares` regions' gradients weighted by share;
-        None until each of them has one, or if the region's ClientApp does not correct."""
-        if region in self.ignored or any(r not in self.gradients for r in shares):
+        """`c − c_r` for `region`'s next job, `c` the mean of the `shares` regions' trusted gradients weighted by
+        share; None until each of them has had one, or if the region's own is distrusted or its ClientApp does not
+        correct."""
+        if region in self.ignored or region in self.distrusted or any(r not in self.gradients for r in shares):
             return None
-        total = sum(shares.values())
+        trusted = {r: shares[r] for r in sorted(shares) if r not in self.distrusted}  # summed in one order always
+        total = sum(trusted.values())
         own = self.gradients[region]
-        return {k: sum((s / total) * self.gradients[r][k] for r, s in shares.items()) - g for k, g in own.items()}
+        return {k: sum((s / total) * self.gradients[r][k] for r, s in trusted.items()) - g for k, g in own.items()}
+
+    def distrust(self, region: str) -> None:
+        """The region's latest update was not admitted: its mirror leaves `c` until one is."""
+        self.distrusted.add(region)
 
     def observe(self, region: str, order: WorkOrder, change: Tensors, correction: Tensors | None,
                 corrected: bool | None) -> None:
@@ -162,6 +178,7 @@ class ControlVariates:
         `corrected` what the region said (None: nothing, a ClientApp that knows no drift correction)."""
         if correction is not None and corrected is None:
             self.ignored.add(region)  # it will not correct: stop sending what it ignores
+        self.distrusted.discard(region)
         if order.lr <= 0:  # at the cooldown's end a change says nothing of the gradient
             return
         work = order.lr * order.steps
@@ -171,8 +188,9 @@ class ControlVariates:
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensors]]:
         """(JSON-able books, tensors) for the checkpoint."""
-        return {"ignored": sorted(self.ignored)}, {f"gradient/{r}": g for r, g in self.gradients.items()}
+        return ({"ignored": sorted(self.ignored), "distrusted": sorted(self.distrusted)},
+                {f"gradient/{r}": g for r, g in self.gradients.items()})
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, Tensors]) -> None:
-        self.ignored = set(state["ignored"])
+        self.ignored, self.distrusted = set(state["ignored"]), set(state.get("distrusted", ()))
         self.gradients = {key.split("/", 1)[1]: g for key, g in tensors.items() if key.startswith("gradient/")}
