@@ -404,22 +404,28 @@ def _decoded(record: ArrayRecord | None, order: WorkOrder, like: dict) -> dict |
     return codec_from_spec(order.drift_encoding).decode(record, like)
 
 
-def test_asgd_ga_sends_each_job_c_minus_its_regions_gradient_mirrored_from_its_changes(tmp_path):
-    """Replayed by hand from what was sent and what came back: a region's mean gradient is its change over `lr ·
-    K` minus the correction its job added; each job is sent `c − c_r`, `c` the share-weighted mean, once every
-    region has a gradient; each corrected region says so; the correction's bytes are charged to its download."""
+def _corrected_run_recording_sends(tmp_path):
+    """(federation, ASGD-GA delta correcting from the first answers, its events, the model's parameters): each
+    job's send is recorded in events as ("send", region, the correction as the region decodes it)."""
     fed = Federation(tmp_path / "data", topology())
-    steps, lr = {"fast": 6, "slow": 3}, 0.1
-    s = AsyncGradAccum(update="delta", local_lr=lr, accumulation_steps=steps, batch_size=16, meter=fed.meter(),
-                       limits=NO_SCREEN, drift_correction=True, average_decay=None)
-    events = []
-    make, complete = s._train_message, s._complete
-
-    like = dict(fed.model.named_parameters())
+    s = AsyncGradAccum(update="delta", local_lr=0.1, accumulation_steps={"fast": 6, "slow": 3}, batch_size=16,
+                       meter=fed.meter(), limits=NO_SCREEN, drift_correction=True, average_decay=None)
+    events, make, like = [], s._train_message, dict(fed.model.named_parameters())
 
     def send(node_id, arrays, config, order, correction=None):
         events.append(("send", s.roster.live[node_id].name, _decoded(correction, order, like)))
         return make(node_id, arrays, config, order, correction)
+
+    s._train_message = send
+    return fed, s, events, like
+
+
+def test_asgd_ga_sends_each_job_c_minus_its_regions_gradient_mirrored_from_its_changes(tmp_path):
+    """Replayed by hand from what was sent and what came back: a region's mean gradient is its change over `lr ·
+    K` minus the correction its job added; each job is sent `c − c_r`, `c` the share-weighted mean, once every
+    region has a gradient; each corrected region says so; the correction's bytes are charged to its download."""
+    fed, s, events, like = _corrected_run_recording_sends(tmp_path)
+    complete = s._complete
 
     def reply(flight, message, mode):
         change, metrics = complete(flight, message, mode)
@@ -429,7 +435,7 @@ def test_asgd_ga_sends_each_job_c_minus_its_regions_gradient_mirrored_from_its_c
             0 if flight.correction is None else record_bytes(flight.correction))
         return change, metrics
 
-    s._train_message, s._complete = send, reply
+    s._complete = reply
     s.start(fed.grid, fed.initial, num_rounds=30, train_config=fed.config)
 
     shares, gradients, corrected = s.roster.shares, {}, 0
@@ -595,16 +601,8 @@ def test_a_region_whose_update_was_not_admitted_leaves_c_until_one_is():
 def test_asgd_ga_sends_a_held_back_regions_next_job_uncorrected_and_leaves_it_out_of_c(tmp_path):
     """Every third update of the fast region held back: its next job goes out plain and the slow region's jobs
     meanwhile are corrected towards the slow region's own gradient alone (a zero correction with two regions)."""
-    fed = Federation(tmp_path / "data", topology())
-    s = AsyncGradAccum(update="delta", local_lr=0.1, accumulation_steps={"fast": 6, "slow": 3}, batch_size=16,
-                       meter=fed.meter(), limits=NO_SCREEN, drift_correction=True, average_decay=None)
-    events, replies = [], {"fast": 0}
-    make, admitted = s._train_message, s._admitted
-    like = dict(fed.model.named_parameters())
-
-    def send(node_id, arrays, config, order, correction=None):
-        events.append(("send", s.roster.live[node_id].name, _decoded(correction, order, like)))
-        return make(node_id, arrays, config, order, correction)
+    fed, s, events, _ = _corrected_run_recording_sends(tmp_path)
+    replies, admitted = {"fast": 0}, s._admitted
 
     def screen(flight, update, weight):
         scale = admitted(flight, update, weight)
@@ -614,7 +612,7 @@ def test_asgd_ga_sends_a_held_back_regions_next_job_uncorrected_and_leaves_it_ou
         events.append(("reply", flight.region, scale is not None))
         return scale
 
-    s._train_message, s._admitted = send, screen
+    s._admitted = screen
     s.start(fed.grid, fed.initial, num_rounds=30, train_config=fed.config)
 
     fast_held = False
