@@ -117,7 +117,9 @@ class AsyncGradAccum(GeoStrategy):
     drift_correction : bool
         Delta mode: SCAFFOLD's drift correction of the regions' local steps (Karimireddy et al., ICML 2020),
         each job sent its correction `c − c_r` beside the model (strategy/drift.py; in int8 unless the run
-        compresses: a quarter of an uncompressed model more per download while it is on). A ClientApp that ignores it (a stock one) trains plainly and is no longer sent it.
+        compresses: a quarter of an uncompressed model more per download while it is on). A ClientApp that
+        ignores it (a stock one) trains plainly and is no longer sent it; a region whose update was not admitted
+        is left out of `c` until one is.
     drift_warmup : float
         With `drift_correction`: the share of the time or cost budget spent before the correction starts (as
         MA's: early on, while the model moves fast, a region's last gradient is a poor guess of its next).
@@ -241,10 +243,11 @@ class AsyncGradAccum(GeoStrategy):
             tau = self.version - flight.version
             staleness, balance = self.staleness(tau), self._balance_weight(flight.region)
             scale = self._admitted(flight, update, staleness * balance)
-            if self.drift is not None and scale is None:
-                self.drift.distrust(flight.region)
-            elif self.drift is not None:  # the change as the screen lets it in
-                self._mirror(flight, {k: v * scale for k, v in update.items()}, metrics)
+            if self.drift is not None:
+                if scale is None:  # its mirror leaves `c` until an update of its is admitted
+                    self.drift.distrust(flight.region)
+                else:  # mirrored from the change as the screen lets it in
+                    self._mirror(flight, {k: v * scale for k, v in update.items()}, metrics)
             self._applied[flight.region] = moving_average(self._applied.get(flight.region), float(scale is not None),
                                                           RATE_EMA)
             if scale is None:  # the region simply gets the newest model again
